@@ -1,0 +1,1 @@
+"""pyblend's benchmark suite (importable as ``pyblend.benchmarks``); ``pyblend bench`` / ``make bench`` run it."""

@@ -1,0 +1,34 @@
+"""pyblend: fused kernels and drop-in layers for multimodal molecular representation learning.
+
+``import pyblend`` needs neither a GPU nor the compiled C++ engine, and does not import RDKit or Triton: those
+load when first used. Layouts (padded / packed) are documented in :mod:`pyblend.layout`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import layout, ops, reference
+from ._version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .chem import Failure, MolGraph, default_molecules, featurize, featurize_many, read_csv, read_sdf
+    from .data import MolBatch, collate
+
+_LAZY = {
+    "featurize": "chem", "featurize_many": "chem", "MolGraph": "chem", "Failure": "chem",
+    "default_molecules": "chem", "read_csv": "chem", "read_sdf": "chem",
+    "collate": "data", "MolBatch": "data",
+    "chem": None, "data": None, "nn": None,
+}
+
+__all__ = ["__version__", "layout", "ops", "reference", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pyblend' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value

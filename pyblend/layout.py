@@ -1,0 +1,110 @@
+"""The two batch layouts every pyblend op uses, and conversions between them.
+
+**Padded**: per-atom tensors are ``(B, N, ...)`` and per-pair tensors ``(B, N, N, ...)``, with ``mask (B, N)``
+bool, True = real atom. Entries that touch a masked atom carry no meaning and are never read as data.
+
+**Packed** (flash-attn's varlen convention): per-atom tensors are ``(T, ...)`` with ``T = sum N_i``, described by
+``cu_seqlens (B+1,)`` int32 (molecule ``i`` owns atoms ``cu_seqlens[i]:cu_seqlens[i+1]``) and ``max_seqlen``
+(an int). Per-pair tensors are ``(P, ...)`` with ``P = sum N_i^2``: molecule ``i``'s ``(N_i, N_i)`` block is
+stored row-major starting at ``pair_offsets(cu_seqlens)[i] = sum_{j<i} N_j^2``.
+
+Both layouts keep atom order: packing a padded batch keeps its real atoms in order, molecule after molecule.
+This module imports nothing from the rest of pyblend, so every layer may use it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_cu_seqlens", "cu_seqlens_from_mask", "pack_atoms", "pack_pairs", "pad_atoms", "pad_pairs",
+    "pair_offsets", "seqlens",
+]
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, *, total: int | None = None, name: str = "cu_seqlens") -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens`` is a 1-D int32 tensor starting at 0 and non-decreasing.
+
+    With ``total``, also require ``cu_seqlens[-1] == total``. The value checks read the tensor on the host.
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"{name}: expected an int32 tensor of shape (B+1,), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    values = cu_seqlens.cpu()
+    if values[0].item() != 0:
+        raise ValueError(f"{name}: expected {name}[0] == 0, got {values[0].item()}")
+    steps = values[1:] - values[:-1]
+    if (steps < 0).any():
+        at = int(torch.nonzero(steps < 0)[0, 0]) + 1
+        raise ValueError(f"{name}: expected non-decreasing values, got {name}[{at}] = {values[at].item()} "
+                         f"< {values[at - 1].item()}")
+    if total is not None and values[-1].item() != total:
+        raise ValueError(f"{name}: describes {values[-1].item()} atoms but the input holds {total}")
+
+
+def seqlens(cu_seqlens: Tensor) -> Tensor:
+    """Atoms per molecule, ``(B,)`` int64."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+
+def pair_offsets(cu_seqlens: Tensor) -> Tensor:
+    """Start of each molecule's pair block in a packed per-pair tensor: ``(B+1,)`` int64, last = ``P``."""
+    counts = seqlens(cu_seqlens) ** 2
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def cu_seqlens_from_mask(mask: Tensor) -> tuple[Tensor, int]:
+    """``mask (B, N)`` bool -> ``(cu_seqlens (B+1,) int32, max_seqlen)`` counting the real atoms per row."""
+    counts = mask.sum(1)
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
+    cu[1:] = torch.cumsum(counts, 0)
+    return cu, int(counts.max()) if counts.numel() else 0
+
+
+def pack_atoms(x: Tensor, mask: Tensor) -> Tensor:
+    """``x (B, N, ...)`` with ``mask (B, N)`` -> ``(T, ...)`` holding the real atoms in order."""
+    return x[mask]
+
+
+def pack_pairs(x: Tensor, mask: Tensor) -> Tensor:
+    """``x (B, N, N, ...)`` with ``mask (B, N)`` -> ``(P, ...)``: each molecule's real block, row-major."""
+    return x[mask[:, :, None] & mask[:, None, :]]
+
+
+def _molecule_index(cu_seqlens: Tensor, counts: Tensor) -> Tensor:
+    return torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), counts)
+
+
+def _padded_width(lengths: Tensor, max_seqlen: int | None) -> int:
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_seqlen is None:
+        return longest
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen: expected >= the longest molecule ({longest} atoms), got {max_seqlen}")
+    return max_seqlen
+
+
+def pad_atoms(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, value=0) -> Tensor:
+    """``x (T, ...)`` -> ``(B, max_seqlen, ...)``, filling padding with ``value``."""
+    lengths = seqlens(cu_seqlens)
+    width = _padded_width(lengths, max_seqlen)
+    out = x.new_full((lengths.numel(), width, *x.shape[1:]), value)
+    molecule = _molecule_index(cu_seqlens, lengths)
+    position = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[molecule]
+    out[molecule, position] = x
+    return out
+
+
+def pad_pairs(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, value=0) -> Tensor:
+    """``x (P, ...)`` -> ``(B, max_seqlen, max_seqlen, ...)``, filling padding with ``value``."""
+    lengths = seqlens(cu_seqlens)
+    width = _padded_width(lengths, max_seqlen)
+    out = x.new_full((lengths.numel(), width, width, *x.shape[1:]), value)
+    molecule = _molecule_index(cu_seqlens, lengths**2)
+    local = torch.arange(x.shape[0], device=x.device) - pair_offsets(cu_seqlens)[molecule]
+    n = lengths[molecule]
+    out[molecule, local // n, local % n] = x
+    return out
