@@ -1,1 +1,9 @@
-"""pyblend ops."""
+"""pyblend ops: validation, backend dispatch (triton | cpp | reference) and torch.library registration.
+
+Every op takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++ engine or the reference for CPU
+tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all ops.
+"""
+from .gaussian_basis import gaussian_basis, pair_distances
+from .shortest_path import shortest_path, shortest_path_routes
+
+__all__ = ["gaussian_basis", "pair_distances", "shortest_path", "shortest_path_routes"]

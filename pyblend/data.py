@@ -1,0 +1,196 @@
+"""Collation of featurized molecules into padded or packed batches (layouts: :mod:`pyblend.layout`)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .layout import cu_seqlens_from_mask, pack_atoms, pack_pairs, pad_atoms, pad_pairs, seqlens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .chem import MolGraph
+
+__all__ = ["MolBatch", "collate"]
+
+LAYOUTS = ("padded", "packed")
+
+
+@dataclass
+class MolBatch:
+    """A batch of molecules. Shapes per layout (``F_a = 9`` atom and ``F_b = 3`` bond features, int64):
+
+    ============== =============================== ====================================================
+    field          padded                          packed
+    ============== =============================== ====================================================
+    atom_features  ``(B, N, F_a)``                 ``(T, F_a)``
+    mask           ``(B, N)`` bool, True = real    None
+    cu_seqlens     None                            ``(B+1,)`` int32
+    max_seqlen     ``N``                           longest molecule
+    adjacency      ``(B, N, N)`` bool              ``(P,)`` bool, pair blocks as in pyblend.layout
+    bond_ids       ``(B, N, N)`` int32             ``(P,)`` int32
+    bond_features  ``(B, E, F_b)``                 ``(E_total, F_b)``
+    edge_index     ``(B, 2, E)``, -1 = padding     ``(2, E_total)``, atom indices into the packed atoms
+    positions      ``(B, N, 3)`` float32 or None   ``(T, 3)`` float32 or None
+    ============== =============================== ====================================================
+
+    ``bond_ids`` holds, for every bonded atom pair (both directions), the index of that bond in
+    ``bond_features`` — per molecule in the padded layout (``bond_features[b, id]``), over the whole batch in
+    the packed one (``bond_features[id]``) — and -1 where there is no bond; ``adjacency == (bond_ids >= 0)``.
+    ``num_atoms``/``num_bonds`` are ``(B,)`` int64. ``positions`` is present when any molecule has
+    coordinates; ``has_positions (B,)`` says which do, and a molecule without a conformer has NaN positions
+    (never a silent zero geometry). ``labels (B, L)`` float32, NaN = missing, when the graphs carry labels.
+    """
+
+    layout: str
+    atom_features: Tensor
+    adjacency: Tensor
+    bond_ids: Tensor
+    bond_features: Tensor
+    edge_index: Tensor
+    num_atoms: Tensor
+    num_bonds: Tensor
+    max_seqlen: int
+    mask: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+    positions: Tensor | None = None
+    has_positions: Tensor | None = None
+    labels: Tensor | None = None
+    smiles: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.num_atoms.shape[0]
+
+    def to(self, device) -> MolBatch:
+        """Move every tensor to ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    def to_packed(self) -> MolBatch:
+        """The same batch in the packed layout (a no-op when already packed)."""
+        if self.layout == "packed":
+            return self
+        mask = self.mask
+        cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+        bond_mask = torch.arange(self.bond_features.shape[1], device=mask.device)[None, :] < self.num_bonds[:, None]
+        bond_start = _starts(self.num_bonds)
+        ids = self.bond_ids + torch.where(self.bond_ids >= 0, bond_start[:, None, None], 0).to(torch.int32)
+        atom_start = _starts(self.num_atoms)
+        edge_index = (self.edge_index + atom_start[:, None, None]).transpose(0, 1)[:, bond_mask]
+        return replace(
+            self, layout="packed", mask=None, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+            atom_features=pack_atoms(self.atom_features, mask), adjacency=pack_pairs(self.adjacency, mask),
+            bond_ids=pack_pairs(ids, mask), bond_features=self.bond_features[bond_mask], edge_index=edge_index,
+            positions=None if self.positions is None else pack_atoms(self.positions, mask))
+
+    def to_padded(self) -> MolBatch:
+        """The same batch in the padded layout (a no-op when already padded)."""
+        if self.layout == "padded":
+            return self
+        cu, width = self.cu_seqlens, self.max_seqlen
+        batch, device = len(self), cu.device
+        molecule_of_pair = torch.repeat_interleave(torch.arange(batch, device=device), seqlens(cu) ** 2)
+        bond_start = _starts(self.num_bonds)
+        local_ids = self.bond_ids - torch.where(self.bond_ids >= 0, bond_start[molecule_of_pair], 0).to(torch.int32)
+        cu_bonds = torch.cat([bond_start, self.num_bonds.sum().reshape(1)]).to(torch.int32)
+        max_bonds = int(self.num_bonds.max()) if batch else 0
+        molecule_of_bond = torch.repeat_interleave(torch.arange(batch, device=device), self.num_bonds)
+        local_edges = self.edge_index - cu.long()[:-1][molecule_of_bond]
+        edge_index = pad_atoms(local_edges.T, cu_bonds, max_bonds, value=-1).transpose(1, 2)
+        return replace(
+            self, layout="padded", cu_seqlens=None,
+            mask=pad_atoms(torch.ones(int(cu[-1]), dtype=torch.bool, device=device), cu, width, value=False),
+            atom_features=pad_atoms(self.atom_features, cu, width),
+            adjacency=pad_pairs(self.adjacency, cu, width, value=False),
+            bond_ids=pad_pairs(local_ids, cu, width, value=-1),
+            bond_features=pad_atoms(self.bond_features, cu_bonds, max_bonds), edge_index=edge_index,
+            positions=None if self.positions is None else pad_atoms(self.positions, cu, width))
+
+    def pair_bond_features(self) -> Tensor:
+        """Dense bond features of every atom pair: ``(B, N, N, F_b)`` / ``(P, F_b)`` int64, each feature + 1,
+        0 where the pair has no bond (Graphormer's edge-type convention)."""
+        ids = self.bond_ids.long()
+        if self.layout == "padded":
+            molecule = torch.arange(len(self), device=ids.device)[:, None, None].expand_as(ids)
+            gathered = self.bond_features[molecule, ids.clamp(min=0)]
+        else:
+            gathered = self.bond_features[ids.clamp(min=0)]
+        return torch.where((ids >= 0)[..., None], gathered + 1, 0)
+
+
+def _starts(counts: Tensor) -> Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
+    """Batch :class:`pyblend.chem.MolGraph` objects.
+
+    Args:
+        graphs: the molecules, in batch order (may be empty).
+        layout: "padded" (``(B, N, ...)`` + ``mask``) or "packed" (``(T, ...)`` + ``cu_seqlens``).
+
+    Returns:
+        A :class:`MolBatch` of CPU tensors (move it with ``.to(device)``).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    graphs = list(graphs)
+    for index, graph in enumerate(graphs):
+        if not hasattr(graph, "atom_features") or not hasattr(graph, "edge_index"):
+            raise TypeError(f"graphs[{index}]: expected a pyblend MolGraph, got {type(graph).__name__}")
+    batch = len(graphs)
+    num_atoms = np.array([g.atom_features.shape[0] for g in graphs], dtype=np.int64)
+    num_bonds = np.array([g.edge_index.shape[1] for g in graphs], dtype=np.int64)
+    width = int(num_atoms.max()) if batch else 0
+    max_bonds = int(num_bonds.max()) if batch else 0
+    atom_dim = graphs[0].atom_features.shape[1] if batch else 9
+    bond_dim = graphs[0].bond_features.shape[1] if batch else 3
+
+    atom_features = np.zeros((batch, width, atom_dim), dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=bool)
+    bond_ids = np.full((batch, width, width), -1, dtype=np.int32)
+    bond_features = np.zeros((batch, max_bonds, bond_dim), dtype=np.int64)
+    edge_index = np.full((batch, 2, max_bonds), -1, dtype=np.int64)
+    for b, graph in enumerate(graphs):
+        n, e = num_atoms[b], num_bonds[b]
+        atom_features[b, :n] = graph.atom_features
+        mask[b, :n] = True
+        begin, end = graph.edge_index
+        bond_ids[b, begin, end] = bond_ids[b, end, begin] = np.arange(e, dtype=np.int32)
+        bond_features[b, :e] = graph.bond_features
+        edge_index[b, :, :e] = graph.edge_index
+
+    padded = MolBatch(
+        layout="padded", atom_features=torch.from_numpy(atom_features), mask=torch.from_numpy(mask),
+        adjacency=torch.from_numpy(bond_ids >= 0), bond_ids=torch.from_numpy(bond_ids),
+        bond_features=torch.from_numpy(bond_features), edge_index=torch.from_numpy(edge_index),
+        num_atoms=torch.from_numpy(num_atoms), num_bonds=torch.from_numpy(num_bonds), max_seqlen=width,
+        smiles=[g.smiles for g in graphs], labels=_labels(graphs), **_positions(graphs, width))
+    return padded if layout == "padded" else padded.to_packed()
+
+
+def _positions(graphs: Sequence[MolGraph], width: int) -> dict:
+    present = np.array([g.positions is not None for g in graphs], dtype=bool)
+    if not present.any():
+        return {}
+    positions = np.zeros((len(graphs), width, 3), dtype=np.float32)
+    for b, graph in enumerate(graphs):
+        n = graph.atom_features.shape[0]
+        positions[b, :n] = graph.positions if present[b] else np.nan
+    return {"positions": torch.from_numpy(positions), "has_positions": torch.from_numpy(present)}
+
+
+def _labels(graphs: Sequence[MolGraph]) -> Tensor | None:
+    widths = {np.asarray(g.labels).reshape(-1).shape[0] for g in graphs if getattr(g, "labels", None) is not None}
+    if not widths:
+        return None
+    if len(widths) > 1:
+        raise ValueError(f"graphs: labels must have one width across the batch, got widths {sorted(widths)}")
+    labels = np.full((len(graphs), widths.pop()), np.nan, dtype=np.float32)
+    for b, graph in enumerate(graphs):
+        if getattr(graph, "labels", None) is not None:
+            labels[b] = np.asarray(graph.labels, dtype=np.float32).reshape(-1)
+    return torch.from_numpy(labels)

@@ -1,0 +1,55 @@
+"""Input validation shared by the ops: every message names the argument, what was expected and what came."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(x: Tensor) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+
+
+def as_tensor(value, name: str, *, optional: bool = False) -> Tensor | None:
+    """Accept a torch.Tensor or a numpy array (shared, not copied); reject anything else by name."""
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{name}: expected a tensor, got None")
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def check_dtype(x: Tensor, name: str, allowed: Iterable[torch.dtype]) -> None:
+    allowed = tuple(allowed)
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name}: expected dtype {names}; got {describe(x)}")
+
+
+def check_shape(x: Tensor, name: str, expected: tuple, meaning: str) -> None:
+    """``expected`` holds ints, or None for any size; ``meaning`` spells the shape, e.g. "(B, N, N)"."""
+    if x.dim() != len(expected) or any(e is not None and s != e for s, e in zip(x.shape, expected)):
+        want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        raise ValueError(f"{name}: expected shape {meaning} = {want}; got {describe(x)}")
+
+
+def check_pair_matrix(x: Tensor, name: str) -> None:
+    """A padded per-pair tensor: ``(B, N, N)``."""
+    if x.dim() != 3 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"{name}: expected shape (B, N, N); got {describe(x)}")
+
+
+def check_same_device(reference: Tensor, reference_name: str, **others: Tensor | None) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}; "
+                             f"got {describe(x)}")

@@ -1,0 +1,79 @@
+"""Backend choice for pyblend ops.
+
+Each op lists the backends it has; each backend says why it cannot run given inputs (an empty list means it
+can). Without a request, CUDA tensors go to Triton and CPU tensors to the C++ engine (data-pipeline ops) or the
+plain-PyTorch reference. A request comes from the op's ``backend=`` argument or the ``PYBLEND_BACKEND``
+environment variable; a request that cannot be met raises with every reason, never silently falls back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .._extension import extension_available
+
+logger = logging.getLogger("pyblend.ops")
+
+BACKENDS = ("triton", "cpp", "reference")
+_PREFERENCE = {"cuda": ["triton", "reference", "cpp"], "cpu": ["cpp", "reference", "triton"]}
+
+
+def triton_reasons(device: torch.device) -> list[str]:
+    reasons = []
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reasons.append(f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                       "before triton is imported, to run its interpreter on the CPU)")
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        reasons.append(f"triton is not importable ({error})")
+    return reasons
+
+
+def cpp_reasons(device: torch.device) -> list[str]:
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"the C++ engine runs on CPU tensors, got {device.type} tensors")
+    if not extension_available():
+        reasons.append("pyblend._C is not built (`make build`, or `pip install --no-build-isolation -e .`)")
+    return reasons
+
+
+def choose_backend(op: str, requested: str | None, device: torch.device,
+                   candidates: dict[str, Callable[[], Sequence[str]]]) -> str:
+    """Return the backend ``op`` runs on.
+
+    Args:
+        op: the op's name, for messages.
+        requested: ``backend=`` as the caller gave it (None: ``PYBLEND_BACKEND``, else automatic).
+        device: where the inputs live.
+        candidates: the op's backends: name -> function returning the reasons it cannot run (empty: it can).
+            Automatic choice prefers Triton on CUDA, and the C++ engine then the reference on the CPU (Triton's
+            interpreter runs only on request).
+    """
+    if requested is None:
+        requested = os.environ.get("PYBLEND_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {requested!r}")
+        if requested not in candidates:
+            raise ValueError(f"{op}: has no {requested!r} backend; "
+                             f"it has {sorted(candidates)}")
+        reasons = list(candidates[requested]())
+        if reasons:
+            raise ValueError(f"{op}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
+        return requested
+    preference = _PREFERENCE["cuda" if device.type == "cuda" else "cpu"]
+    refused = {}
+    for name in sorted(candidates, key=preference.index):
+        reasons = list(candidates[name]())
+        if not reasons:
+            if refused:
+                logger.debug("%s: chose %s; skipped %s", op, name, refused)
+            return name
+        refused[name] = reasons
+    raise ValueError(f"{op}: no backend can run these inputs: " +
+                     "; ".join(f"{name}: {', '.join(r)}" for name, r in refused.items()))

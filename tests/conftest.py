@@ -1,0 +1,41 @@
+"""Test configuration: Triton's interpreter without CUDA, the `gpu` marker, and the quick/full tiers."""
+import os
+
+import torch
+
+# Must happen before anything imports triton: without a GPU the Triton kernels run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="also run the full tier (larger sweeps)")
+
+
+def pytest_configure(config):
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreting and tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.exit(f"numpy {np.__version__} breaks Triton's interpreter (loops with run-time bounds); "
+                    "use numpy < 2.4, as `make test` does", returncode=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    run_full = config.getoption("--full")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "full" in item.keywords and not run_full:
+            item.add_marker(pytest.mark.skip(reason="full tier: run with --full"))
+
+
+@pytest.fixture
+def generator():
+    """A torch.Generator with a fresh seed per test, printed on failure through the test id's output."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"generator seed: {seed}")
+    return torch.Generator().manual_seed(seed)

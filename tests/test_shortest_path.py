@@ -1,0 +1,307 @@
+"""Shortest paths and routes: every backend against networkx and against each other, exactly."""
+import os
+import subprocess
+import sys
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from pyblend import layout, ops
+from pyblend.reference import shortest_path_routes as reference_routes
+
+from graphs import as_batch, fused_rings, lexicographic_route, molecule_like, networkx_distances
+
+BACKENDS = ["reference", "cpp", "triton"]
+
+
+def run(graphs_or_batch, backend, max_hops=None, packed=False):
+    bond_ids, mask = graphs_or_batch if isinstance(graphs_or_batch, tuple) else as_batch(graphs_or_batch)
+    kwargs = {"backend": backend}
+    if packed:
+        cu_seqlens, _ = layout.cu_seqlens_from_mask(mask)
+        bond_ids, mask = layout.pack_pairs(bond_ids, mask), None
+        kwargs["cu_seqlens"] = cu_seqlens
+    if max_hops is None:
+        return ops.shortest_path(bond_ids >= 0, mask, **kwargs), None
+    return ops.shortest_path_routes(bond_ids, mask, max_hops=max_hops, **kwargs)
+
+
+def check_against_networkx(graphs, distances, routes, max_hops):
+    width = distances.shape[-1]
+    for b, graph in enumerate(graphs):
+        expected = networkx_distances(graph, width)
+        assert torch.equal(distances[b], expected), f"molecule {b}: distances differ from networkx at " \
+            f"{torch.nonzero(distances[b] != expected)[:5].tolist()}"
+        if routes is None:
+            continue
+        n = graph.number_of_nodes()
+        for i in range(n):
+            for j in range(n):
+                want = lexicographic_route(graph, i, j, max_hops)
+                assert routes[b, i, j].tolist() == want, f"molecule {b}: route {i}->{j}"
+        assert (routes[b, n:] == -1).all() and (routes[b, :, n:] == -1).all()
+
+
+ADVERSARIAL = {
+    "single_atom": [nx.empty_graph(1)],
+    "two_fragments": [nx.disjoint_union(nx.path_graph(3), nx.cycle_graph(4))],
+    "macrocycle_30": [nx.cycle_graph(30)],
+    "fused_rings": [fused_rings(2, 3)],
+    "mixed_sizes": [nx.empty_graph(1), nx.path_graph(7), nx.cycle_graph(5), fused_rings(1, 2), nx.empty_graph(3)],
+    "directed": [nx.gnp_random_graph(12, 0.2, seed=3, directed=True)],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_adversarial_graphs_match_networkx(case, backend, packed):
+    graphs = ADVERSARIAL[case]
+    distances, routes = run(graphs, backend, max_hops=4, packed=packed)
+    if packed:
+        _, mask = as_batch(graphs)
+        cu_seqlens, width = layout.cu_seqlens_from_mask(mask)
+        distances = layout.pad_pairs(distances, cu_seqlens, mask.shape[1], value=-1)
+        routes = layout.pad_pairs(routes, cu_seqlens, mask.shape[1], value=-1)
+    check_against_networkx(graphs, distances, routes, max_hops=4)
+    plain, _ = run(graphs, backend, packed=packed)
+    assert torch.equal(plain, run(graphs, backend, max_hops=4, packed=packed)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 7, 127, 128, 129])
+def test_sizes_around_tile_boundaries(n, backend):
+    graphs = [molecule_like(n, seed=n) if n > 4 else nx.path_graph(n), nx.path_graph(min(n, 5))]
+    distances, routes = run(graphs, backend, max_hops=3)
+    bond_ids, mask = as_batch(graphs)
+    expected_distances, expected_routes = reference_routes(bond_ids, mask, max_hops=3)
+    assert torch.equal(distances, expected_distances)
+    assert torch.equal(routes, expected_routes)
+    check_against_networkx(graphs, distances, None, 3)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("graph", [nx.path_graph(129), nx.cycle_graph(128), fused_rings(5, 5)],
+                         ids=["path129", "macrocycle128", "fused_rings_5x5"])
+def test_long_and_large_graphs(graph, backend):
+    distances, routes = run([graph], backend, max_hops=5)
+    check_against_networkx([graph], distances, routes, max_hops=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_is_never_read(backend):
+    graphs = [nx.path_graph(4), nx.cycle_graph(6), nx.path_graph(2)]
+    bond_ids, mask = as_batch(graphs, width=9)
+    poisoned = bond_ids.clone()
+    poisoned[~(mask[:, :, None] & mask[:, None, :])] = 7  # bonds to and between padded atoms
+    clean = run((bond_ids, mask), backend, max_hops=3)
+    dirty = run((poisoned, mask), backend, max_hops=3)
+    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+    assert (clean[0][~mask[:, :, None].expand(-1, -1, 9)] == -1).all(), "padded rows must be -1, diagonal too"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_atoms_inside_a_molecule_and_fully_padded_molecules(backend):
+    graph = nx.path_graph(6)
+    bond_ids, mask = as_batch([graph, graph, nx.empty_graph(0)], width=6)
+    mask[1, 2] = False  # a hole: atom 2 is removed, cutting the path in two
+    distances, routes = run((bond_ids, mask), backend, max_hops=2)
+    cut = graph.copy()
+    cut.remove_node(2)
+    expected = torch.full((6, 6), -1, dtype=torch.int32)
+    for source, lengths in nx.all_pairs_shortest_path_length(cut):
+        for target, length in lengths.items():
+            expected[source, target] = length
+    assert torch.equal(distances[1], expected)
+    assert (distances[2] == -1).all() and (routes[2] == -1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (2, 0)])
+def test_empty_batches(shape, backend):
+    batch, width = shape
+    adjacency = torch.zeros(batch, width, width, dtype=torch.bool)
+    assert ops.shortest_path(adjacency, backend=backend).shape == (batch, width, width)
+    distances, routes = ops.shortest_path_routes(torch.full((batch, width, width), -1), max_hops=3, backend=backend)
+    assert routes.shape == (batch, width, width, 3) and distances.dtype == torch.int32
+    empty_packed = ops.shortest_path(torch.zeros(0, dtype=torch.bool), cu_seqlens=torch.zeros(1, dtype=torch.int32),
+                                     backend=backend)
+    assert empty_packed.shape == (0,)
+
+
+def test_default_set_matches_networkx_and_backends_agree(default_batch):
+    graphs, batch = default_batch
+    distances, routes = ops.shortest_path_routes(batch.bond_ids, batch.mask, max_hops=5, backend="cpp")
+    nx_graphs = [nx.Graph(list(map(tuple, g.edge_index.T.tolist()))) for g in graphs]
+    for b, (graph, nx_graph) in enumerate(zip(graphs, nx_graphs)):
+        nx_graph.add_nodes_from(range(graph.num_atoms))
+        assert torch.equal(distances[b], networkx_distances(nx_graph, distances.shape[-1])), f"molecule {b}"
+    assert_routes_are_shortest_paths(batch, distances, routes)
+    reference = ops.shortest_path_routes(batch.bond_ids, batch.mask, max_hops=5, backend="reference")
+    assert torch.equal(distances, reference[0]) and torch.equal(routes, reference[1])
+    packed = batch.to_packed()
+    packed_out = ops.shortest_path_routes(packed.bond_ids, max_hops=5, cu_seqlens=packed.cu_seqlens, backend="cpp")
+    assert torch.equal(packed_out[0], layout.pack_pairs(distances, batch.mask))
+    # packed bond ids are batch-wide: compare through the padded layout's local ids
+    assert torch.equal(packed.to_padded().bond_ids, batch.bond_ids)
+
+
+def assert_routes_are_shortest_paths(batch, distances, routes):
+    """Every route walks bonds that chain from i towards j, one hop per step, for min(d, max_hops) hops."""
+    max_hops = routes.shape[-1]
+    edge_index = batch.edge_index  # (B, 2, E)
+    for b in range(len(batch)):
+        n = int(batch.num_atoms[b])
+        d = distances[b, :n, :n]
+        r = routes[b, :n, :n]
+        hops = (r >= 0).sum(-1)
+        assert torch.equal(hops, d.clamp(min=0, max=max_hops)), f"molecule {b}: route lengths"
+        at = torch.arange(n)[:, None].expand(n, n).clone()
+        target = torch.arange(n)[None, :].expand(n, n)
+        for k in range(max_hops):
+            active = r[..., k] >= 0
+            ends = edge_index[b][:, r[..., k].clamp(min=0).long()]  # (2, n, n)
+            forward = ends[0] == at
+            assert (~active | forward | (ends[1] == at)).all(), f"molecule {b}: hop {k} does not start at the walker"
+            at = torch.where(active, torch.where(forward, ends[1], ends[0]), at)
+            assert (~active | (d[at, target] == d - (k + 1))).all(), f"molecule {b}: hop {k} leaves the shortest path"
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_triton_agrees_with_cpp_on_real_molecules(default_batch, backend):
+    _, batch = default_batch
+    small = slice(0, 12)
+    bond_ids, mask = batch.bond_ids[small], batch.mask[small]
+    expected = ops.shortest_path_routes(bond_ids, mask, max_hops=5, backend="cpp")
+    got = ops.shortest_path_routes(bond_ids, mask, max_hops=5, backend=backend)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.full
+def test_triton_agrees_with_cpp_on_the_default_set_with_hydrogens(default_batch_with_hydrogens):
+    _, batch = default_batch_with_hydrogens
+    packed = batch.to_packed()
+    expected, got = (ops.shortest_path_routes(packed.bond_ids, max_hops=5, cu_seqlens=packed.cu_seqlens,
+                                              backend=backend) for backend in ("cpp", "triton"))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_numpy_in_numpy_out():
+    bond_ids, mask = as_batch([nx.cycle_graph(5), nx.path_graph(3)])
+    distances = ops.shortest_path(bond_ids.numpy() >= 0, mask.numpy())
+    assert isinstance(distances, np.ndarray) and distances.dtype == np.int32
+    distances, routes = ops.shortest_path_routes(bond_ids.numpy(), mask.numpy(), max_hops=2)
+    assert isinstance(routes, np.ndarray) and routes.shape == (2, 5, 5, 2)
+    assert np.array_equal(distances, ops.shortest_path(bond_ids >= 0, mask).numpy())
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: ops.shortest_path(torch.zeros(2, 3, 3)), TypeError, ["adjacency", "bool", "float32"]),
+    (lambda: ops.shortest_path(torch.zeros(2, 3, 4, dtype=torch.bool)), ValueError, ["adjacency", "(B, N, N)"]),
+    (lambda: ops.shortest_path(torch.zeros(2, 3, 3, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)),
+     ValueError, ["mask", "(2, 3)"]),
+    (lambda: ops.shortest_path(torch.zeros(2, 3, 3, dtype=torch.bool), torch.ones(2, 3)), TypeError, ["mask"]),
+    (lambda: ops.shortest_path(torch.zeros(5, dtype=torch.bool), cu_seqlens=torch.tensor([0, 2], dtype=torch.int32)),
+     ValueError, ["4 pairs", "5"]),
+    (lambda: ops.shortest_path(torch.zeros(4, dtype=torch.bool), cu_seqlens=torch.tensor([0, 2]),),
+     ValueError, ["cu_seqlens", "int32"]),
+    (lambda: ops.shortest_path(torch.zeros(4, dtype=torch.bool), cu_seqlens=torch.tensor([1, 3], dtype=torch.int32)),
+     ValueError, ["cu_seqlens[0] == 0"]),
+    (lambda: ops.shortest_path(torch.zeros(4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool),
+                               cu_seqlens=torch.tensor([0, 2], dtype=torch.int32)), ValueError, ["mask", "packed"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -2)), ValueError, ["bond_ids", "-1"]),
+    (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.bool)), TypeError, ["bond_ids"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=0), ValueError, ["max_hops"]),
+    (lambda: ops.shortest_path(torch.zeros(1, 3, 3, dtype=torch.bool), backend="fast"), ValueError, ["backend"]),
+    (lambda: ops.shortest_path([[True]]), TypeError, ["adjacency", "list"]),
+    (lambda: ops.shortest_path(torch.zeros(1, 2, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool,
+                                                                                   device="meta")),
+     ValueError, ["mask", "meta"]),
+])
+def test_bad_input_is_named(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{word!r} missing from: {info.value}"
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="Triton needs CUDA tensors"):
+        ops.shortest_path(torch.zeros(1, 2, 2, dtype=torch.bool), backend="triton")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("PYBLEND_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        ops.shortest_path(torch.zeros(1, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    bond_ids, mask = as_batch([nx.cycle_graph(5), nx.path_graph(3)])
+    cu_seqlens, _ = layout.cu_seqlens_from_mask(mask)
+    packed = layout.pack_pairs(bond_ids, mask)
+    for args in [(bond_ids >= 0, mask, None, 0, backend), (bond_ids, mask, None, 3, backend),
+                 (bond_ids >= 0, None, None, 0, backend), (packed, None, cu_seqlens, 2, backend)]:
+        torch.library.opcheck(torch.ops.pyblend.shortest_path, args)
+
+
+def test_torch_compile_traces_the_op():
+    bond_ids, mask = as_batch([nx.cycle_graph(6), nx.path_graph(4)])
+
+    def relation_features(adjacency, mask):
+        distances = ops.shortest_path(adjacency, mask, backend="cpp")
+        return distances.clamp(min=0).float().sum(-1)
+
+    compiled = torch.compile(relation_features, fullgraph=False)
+    assert torch.equal(compiled(bond_ids >= 0, mask), relation_features(bond_ids >= 0, mask))
+
+
+HOPPER_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pyblend.kernels.shortest_path import _shortest_path_kernel
+
+for bond_ids, masked, packed, hops, block in [(True, True, False, 5, 64), (False, False, True, 0, 16)]:
+    signature = {"graph_ptr": "*i32" if bond_ids else "*u8", "mask_ptr": "*u8", "dist_ptr": "*i32",
+                 "next_ptr": "*i32", "routes_ptr": "*i32", "lengths_ptr": "*i32", "pair_offsets_ptr": "*i64",
+                 "padded_stride": "i32", "mask_stride": "i32"}
+    constants = {"GRAPH_IS_BOND_IDS": bond_ids, "HAS_MASK": masked, "PACKED": packed, "MAX_HOPS": hops,
+                 "BLOCK": block}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(fn=_shortest_path_kernel, signature=signature, constexprs=constants)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    print("barriers", ptx.count("bar.sync"), "mma", ptx.count("mma"))
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """Lowers the kernel to PTX for sm_90 without a GPU, so CI catches what the interpreter cannot (types,
+    layouts, barriers). Runs in a subprocess: under TRITON_INTERPRET=1 kernels cannot be compiled."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
+    if "ptxas" in result.stderr and result.returncode:
+        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.strip().splitlines():
+        barriers, mma = int(line.split()[1]), int(line.split()[3])
+        assert barriers > 0, "levels must be separated by barriers"
+        assert mma > 0, "the frontier expansion should use the tensor cores"
+
+
+@pytest.mark.gpu
+def test_cuda_triton_matches_cpp_on_the_default_set(default_batch_with_hydrogens):
+    _, batch = default_batch_with_hydrogens
+    expected = ops.shortest_path_routes(batch.bond_ids, batch.mask, max_hops=5, backend="cpp")
+    cuda = batch.to("cuda")
+    got = ops.shortest_path_routes(cuda.bond_ids, cuda.mask, max_hops=5)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+    packed = cuda.to_packed()
+    got_packed = ops.shortest_path(packed.adjacency, cu_seqlens=packed.cu_seqlens)
+    assert torch.equal(got_packed.cpu(), layout.pack_pairs(expected[0], batch.mask))
