@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyblend import layout, ops
-from pyblend.reference import shortest_path_routes as reference_routes
+from pyblend.reference import check_routes, shortest_path_routes as reference_routes
 
 from graphs import as_batch, fused_rings, lexicographic_route, molecule_like, networkx_distances
 
@@ -150,24 +150,25 @@ def test_default_set_matches_networkx_and_backends_agree(default_batch):
 
 
 def assert_routes_are_shortest_paths(batch, distances, routes):
-    """Every route walks bonds that chain from i towards j, one hop per step, for min(d, max_hops) hops."""
-    max_hops = routes.shape[-1]
-    edge_index = batch.edge_index  # (B, 2, E)
     for b in range(len(batch)):
         n = int(batch.num_atoms[b])
-        d = distances[b, :n, :n]
-        r = routes[b, :n, :n]
-        hops = (r >= 0).sum(-1)
-        assert torch.equal(hops, d.clamp(min=0, max=max_hops)), f"molecule {b}: route lengths"
-        at = torch.arange(n)[:, None].expand(n, n).clone()
-        target = torch.arange(n)[None, :].expand(n, n)
-        for k in range(max_hops):
-            active = r[..., k] >= 0
-            ends = edge_index[b][:, r[..., k].clamp(min=0).long()]  # (2, n, n)
-            forward = ends[0] == at
-            assert (~active | forward | (ends[1] == at)).all(), f"molecule {b}: hop {k} does not start at the walker"
-            at = torch.where(active, torch.where(forward, ends[1], ends[0]), at)
-            assert (~active | (d[at, target] == d - (k + 1))).all(), f"molecule {b}: hop {k} leaves the shortest path"
+        try:
+            check_routes(batch.bond_ids[b, :n, :n], distances[b, :n, :n], routes[b, :n, :n])
+        except AssertionError as failure:
+            raise AssertionError(f"molecule {b} ({batch.smiles[b]}): {failure}") from None
+
+
+def test_check_routes_accepts_other_ties_and_rejects_detours():
+    bond_ids, _ = as_batch([nx.cycle_graph(6)])  # bonds: 0:(0,1) 1:(0,5) 2:(1,2) 3:(2,3) 4:(3,4) 5:(4,5)
+    distances, routes = ops.shortest_path_routes(bond_ids, max_hops=3)
+    assert routes[0, 0, 3].tolist() == [0, 2, 3]  # 0-1-2-3, the smaller of the two ties
+    other_tie = routes.clone()
+    other_tie[0, 0, 3] = torch.tensor([1, 5, 4])  # 0-5-4-3: as short, the other way round
+    check_routes(bond_ids[0], distances[0], other_tie[0])
+    detour = routes.clone()
+    detour[0, 0, 2, :2] = torch.tensor([1, 5])  # 0-5-4 has two hops but moves away from atom 2
+    with pytest.raises(AssertionError, match="route 0->2: hop 0"):
+        check_routes(bond_ids[0], distances[0], detour[0])
 
 
 @pytest.mark.parametrize("backend", ["triton"])

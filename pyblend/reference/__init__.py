@@ -1,9 +1,10 @@
 """Plain-PyTorch implementations of every pyblend op: ground truth for tests, baseline for benchmarks, and the
 CPU path. Nothing here imports a kernel."""
 from .gaussian_basis import gaussian_basis, pair_distances, pair_distances_packed
-from .shortest_path import shortest_path, shortest_path_packed, shortest_path_routes, shortest_path_routes_packed
+from .shortest_path import (check_routes, shortest_path, shortest_path_packed, shortest_path_routes,
+                            shortest_path_routes_packed)
 
 __all__ = [
     "gaussian_basis", "pair_distances", "pair_distances_packed",
-    "shortest_path", "shortest_path_packed", "shortest_path_routes", "shortest_path_routes_packed",
+    "check_routes", "shortest_path", "shortest_path_packed", "shortest_path_routes", "shortest_path_routes_packed",
 ]

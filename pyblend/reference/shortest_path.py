@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..layout import pack_pairs, pad_pairs, seqlens
 
-__all__ = ["shortest_path", "shortest_path_packed", "shortest_path_routes", "shortest_path_routes_packed"]
+__all__ = ["check_routes", "shortest_path", "shortest_path_packed", "shortest_path_routes",
+           "shortest_path_routes_packed"]
 
 
 def _real_edges(adjacency: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -83,3 +84,39 @@ def shortest_path_routes_packed(bond_ids: Tensor, cu_seqlens: Tensor, max_hops: 
     mask = _padded_mask(cu_seqlens, padded.shape[1])
     distances, routes = shortest_path_routes(padded, mask, max_hops)
     return pack_pairs(distances, mask), pack_pairs(routes, mask)
+
+
+def check_routes(bond_ids: Tensor, distances: Tensor, routes: Tensor) -> None:
+    """Raise ``AssertionError`` unless ``routes`` are shortest paths of one undirected molecule.
+
+    Accepts any tie rule (peers such as scipy or networkx break ties their own way): every pair i -> j must
+    have ``min(d, max_hops)`` hops, each hop a bond leaving the current atom and one step closer to j.
+
+    Args:
+        bond_ids: ``(n, n)`` int, -1 = no bond. distances: ``(n, n)`` int. routes: ``(n, n, max_hops)`` int.
+    """
+    bond_ids, distances, routes = bond_ids.long(), distances.long(), routes.long()
+    n, max_hops = distances.shape[0], routes.shape[-1]
+    num_bonds = int(bond_ids.max()) + 1 if bond_ids.numel() else 0
+    ends = torch.zeros(max(num_bonds, 1), 2, dtype=torch.long)
+    u, v = torch.nonzero(bond_ids >= 0, as_tuple=True)
+    ends[bond_ids[u, v]] = torch.stack([torch.minimum(u, v), torch.maximum(u, v)], 1)
+    hops = (routes >= 0).sum(-1)
+    expected_hops = distances.clamp(min=0, max=max_hops)
+    if not torch.equal(hops, expected_hops):
+        i, j = torch.nonzero(hops != expected_hops)[0].tolist()
+        raise AssertionError(f"route {i}->{j} has {hops[i, j]} hops, expected {expected_hops[i, j]}")
+    at = torch.arange(n)[:, None].expand(n, n)
+    target = torch.arange(n)[None, :].expand(n, n)
+    for hop in range(max_hops):
+        active = routes[..., hop] >= 0
+        bond = ends[routes[..., hop].clamp(min=0)]
+        leaves = (bond[..., 0] == at) | (bond[..., 1] == at)
+        step = torch.where(bond[..., 0] == at, bond[..., 1], bond[..., 0])
+        closer = distances[step, target] == distances - (hop + 1)
+        bad = active & ~(leaves & closer)
+        if bad.any():
+            i, j = torch.nonzero(bad)[0].tolist()
+            raise AssertionError(f"route {i}->{j}: hop {hop} (bond {routes[i, j, hop]}) does not leave atom "
+                                 f"{at[i, j]} towards {j} along a shortest path")
+        at = torch.where(active, step, at)

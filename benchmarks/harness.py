@@ -1,0 +1,218 @@
+"""Benchmark harness: check, then time every provider of a case in the same run, and record rows.
+
+A row is one (entry, case, provider) measurement: median / p20 / p80 time, throughput, peak memory (CUDA),
+speedups over every other provider timed in the same run, and where it ran (device, versions, timestamp).
+Rows are appended to ``benchmarks/results/<device>.json``, replacing older rows with the same key.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class CheckFailed(AssertionError):
+    """A provider's output disagrees with the reference: it is reported, never timed."""
+
+
+@dataclass
+class Case:
+    """One workload measured across providers.
+
+    ``providers`` maps a name to a zero-argument callable doing the whole work once; ``check(name, output)``
+    raises (AssertionError) when that output is wrong; ``units``/``unit`` give throughput (e.g. molecules).
+    ``targets`` are (provider, over, ratio) claims: provider must be at least ``ratio`` times faster.
+    """
+
+    entry: str
+    name: str
+    providers: dict[str, Callable[[], Any]]
+    check: Callable[[str, Any], None]
+    units: float
+    unit: str
+    config: dict = field(default_factory=dict)
+    targets: list[tuple[str, str, float]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    time_budget_s: float = 5.0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"{device.type} {device_name(device)}".lower()).strip("-")
+
+
+def _environment(device: torch.device) -> dict:
+    from pyblend import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "device_type": device.type, "pyblend": __version__,
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _quantiles(times_ms: list[float]) -> dict:
+    ordered = sorted(times_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return {"median_ms": statistics.median(ordered), "p20_ms": pick(0.2), "p80_ms": pick(0.8),
+            "repeats": len(ordered)}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 5.0) -> dict:
+    """Time ``fn``: CUDA events through triton.testing.do_bench on a GPU, wall clock on the CPU.
+
+    The first call (compilation, caches) is never timed. On the CPU, calls repeat until the budget is spent
+    (at least 3, at most 50; a single call over the budget is measured 3 times anyway).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - baseline
+        times = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(time_budget_s * 200)),
+                                        return_mode="all")
+        return {**_quantiles(list(times)), "peak_memory_bytes": int(peak)}
+    fn()
+    times, started = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < 50 and time.perf_counter() - started < time_budget_s):
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return {**_quantiles(times), "peak_memory_bytes": None}
+
+
+def run_case(case: Case, device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
+    """Check every provider's output, time the ones that pass, and return one row per provider."""
+    environment = _environment(device)
+    rows = []
+    for provider, fn in case.providers.items():
+        row = {"entry": case.entry, "case": case.name, "provider": provider, "unit": case.unit,
+               "units": case.units, "config": case.config, **environment}
+        try:
+            case.check(provider, fn())
+        except AssertionError as failure:
+            log(f"  {case.name} / {provider}: WRONG OUTPUT, not timed: {failure}")
+            rows.append({**row, "status": "wrong", "error": str(failure)})
+            continue
+        timing = measure(fn, device, case.time_budget_s)
+        rows.append({**row, "status": "ok", **timing,
+                     "throughput": case.units / (timing["median_ms"] / 1e3)})
+        log(f"  {case.name} / {provider}: {timing['median_ms']:.3f} ms median over {timing['repeats']}")
+    for provider, reason in case.skipped.items():
+        rows.append({"entry": case.entry, "case": case.name, "provider": provider, "status": "skipped",
+                     "reason": reason, "config": case.config, **environment})
+    timed = {r["provider"]: r["median_ms"] for r in rows if r["status"] == "ok"}
+    for row in rows:
+        if row["status"] == "ok":
+            row["speedup_over"] = {other: t / row["median_ms"] for other, t in timed.items()
+                                   if other != row["provider"]}
+    for provider, over, ratio in case.targets:
+        for row in rows:
+            if row["provider"] == provider and row["status"] == "ok" and over in timed:
+                measured = row["speedup_over"][over]
+                row.setdefault("targets", []).append(
+                    {"over": over, "at_least": ratio, "measured": measured, "met": measured >= ratio})
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    return (row["entry"], row["case"], row["provider"], row["device"],
+            json.dumps(row.get("config", {}), sort_keys=True))
+
+
+def record(rows: list[dict], path: Path) -> None:
+    """Merge ``rows`` into the JSON list at ``path``: a new row replaces an old one with the same key."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = {_key(row): row for row in old}
+    merged.update({_key(row): row for row in rows})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sorted(merged.values(), key=_key), indent=1) + "\n")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ("case", "provider", "median ms", "p20 ms", "p80 ms", "throughput", "speedups")
+    lines = []
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append((row["case"], row["provider"], row["status"], "", "", "",
+                          row.get("reason", row.get("error", ""))[:60]))
+            continue
+        speedups = ", ".join(f"{v:.1f}x vs {k}" for k, v in row["speedup_over"].items() if v >= 1)
+        lines.append((row["case"], row["provider"], f"{row['median_ms']:.3f}", f"{row['p20_ms']:.3f}",
+                      f"{row['p80_ms']:.3f}", f"{row['throughput']:.4g} {row['unit']}/s", speedups))
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
+    render = lambda line: "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()  # noqa
+    return "\n".join([render(header), render(tuple("-" * w for w in widths)), *map(render, lines)])
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        for target in row.get("targets", []):
+            verdict = "met" if target["met"] else "MISSED"
+            lines.append(f"{row['case']}: {row['provider']} is {target['measured']:.1f}x {target['over']} "
+                         f"(target >= {target['at_least']:g}x): {verdict}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Bar chart of median time per provider, one panel per case (log scale). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timed = [r for r in rows if r["status"] == "ok"]
+    cases = list(dict.fromkeys((r["entry"], r["case"]) for r in timed))
+    if not cases:
+        return False
+    figure, axes = plt.subplots(len(cases), 1, figsize=(9, 2.2 * len(cases) + 0.6), squeeze=False)
+    for axis, (entry, name) in zip(axes[:, 0], cases):
+        chosen = [r for r in timed if (r["entry"], r["case"]) == (entry, name)]
+        axis.barh([r["provider"] for r in chosen], [r["median_ms"] for r in chosen],
+                  xerr=[[r["median_ms"] - r["p20_ms"] for r in chosen], [r["p80_ms"] - r["median_ms"] for r in chosen]],
+                  color="tab:blue")
+        axis.set_xscale("log")
+        axis.set_title(f"{entry}: {name}", fontsize=9)
+        axis.set_xlabel("median time (ms), whiskers p20-p80", fontsize=8)
+        axis.tick_params(labelsize=8)
+    figure.suptitle(f"pyblend benchmarks on {timed[0]['device']}", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True

@@ -1,0 +1,51 @@
+"""The ``pyblend`` command: ``pyblend bench`` (the benchmark suite) and ``pyblend featurize``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _featurize(argv) -> int:
+    parser = argparse.ArgumentParser(prog="pyblend featurize",
+                                     description="Featurize molecules (SMILES file, CSV or SDF) into a .pt file.")
+    parser.add_argument("input", help=".smi/.txt (one SMILES per line), .csv[.gz] or .sdf[.gz]")
+    parser.add_argument("output", help="where to write the list of MolGraph objects (torch.save)")
+    parser.add_argument("--conformer", action="store_true", help="generate 3D coordinates (ETKDG + MMFF)")
+    parser.add_argument("--hydrogens", action="store_true", help="keep explicit hydrogen atoms")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: one)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from . import chem
+
+    labels = None
+    if args.input.endswith((".csv", ".csv.gz")):
+        table = chem.read_csv(args.input)
+        items, labels = table.smiles, table.labels
+    elif args.input.endswith((".sdf", ".sdf.gz")):
+        items = chem.read_sdf(args.input)
+    else:
+        with open(args.input) as lines:
+            items = [line.split()[0] for line in lines if line.strip()]
+    graphs, failures = chem.featurize_many(items, errors="skip", workers=args.workers, labels=labels,
+                                           conformer=args.conformer, hydrogens=args.hydrogens)
+    torch.save(graphs, args.output)
+    for failure in failures:
+        print(f"skipped input {failure.index} ({failure.text}): {failure.reason}", file=sys.stderr)
+    print(f"{len(graphs)} molecules written to {args.output}; {len(failures)} failed", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"bench": "run the benchmark suite", "featurize": "featurize a molecule file"}
+    if not argv or argv[0] not in commands:
+        print("usage: pyblend {bench,featurize} ...\n" +
+              "\n".join(f"  {name:10s} {what}" for name, what in commands.items()), file=sys.stderr)
+        return 2
+    if argv[0] == "bench":
+        from .benchmarks.run import main as bench
+
+        return bench(argv[1:])
+    return _featurize(argv[1:])

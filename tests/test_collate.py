@@ -1,0 +1,138 @@
+"""Collation of real molecules into padded and packed batches, round trips, and the layout helpers."""
+import numpy as np
+import pytest
+import torch
+
+from pyblend import collate, featurize, layout
+from pyblend.data import MolBatch
+
+MOLECULES = ["CCO", "c1ccccc1", "C", "[Na+].[Cl-]", "CC(=O)[O-].[Na+]", "C1CCC2CCCCC2C1", "N.N.Cl[Pt]Cl",
+             "[13CH4]", "OC(=O)C1=CC=CC=C1OC(C)=O", "C#N"]
+FIELDS = ["atom_features", "adjacency", "bond_ids", "bond_features", "edge_index", "num_atoms", "num_bonds",
+          "mask", "cu_seqlens", "positions", "has_positions", "labels"]
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    return [featurize(s) for s in MOLECULES]
+
+
+def assert_same_batch(a: MolBatch, b: MolBatch):
+    assert a.layout == b.layout and a.max_seqlen == b.max_seqlen and a.smiles == b.smiles
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x.nan_to_num(-7) if x.is_floating_point() else x,
+                                                      y.nan_to_num(-7) if y.is_floating_point() else y), name
+
+
+def test_padded_batch_holds_every_molecule(graphs):
+    batch = collate(graphs)
+    assert batch.atom_features.shape == (len(graphs), batch.max_seqlen, 9)
+    assert batch.max_seqlen == max(g.num_atoms for g in graphs)
+    for b, graph in enumerate(graphs):
+        n, e = graph.num_atoms, graph.num_bonds
+        assert batch.mask[b].sum() == n and batch.mask[b, :n].all()
+        assert np.array_equal(batch.atom_features[b, :n].numpy(), graph.atom_features)
+        assert np.array_equal(batch.bond_features[b, :e].numpy(), graph.bond_features)
+        ids = batch.bond_ids[b]
+        assert torch.equal(ids, ids.T) and torch.equal(batch.adjacency[b], ids >= 0)
+        begin, end = graph.edge_index
+        assert (ids[begin, end].numpy() == np.arange(e)).all(), "bond id k must join the atoms of bond k"
+        assert int((ids >= 0).sum()) == 2 * e
+    assert batch.positions is None and batch.has_positions is None and batch.labels is None
+
+
+def test_packed_blocks_equal_padded_blocks(graphs):
+    padded, packed = collate(graphs), collate(graphs, layout="packed")
+    assert packed.cu_seqlens.dtype == torch.int32
+    assert packed.cu_seqlens.tolist() == [0, *np.cumsum([g.num_atoms for g in graphs]).tolist()]
+    offsets = layout.pair_offsets(packed.cu_seqlens)
+    bond_start = 0
+    for b, graph in enumerate(graphs):
+        n = graph.num_atoms
+        block = packed.adjacency[offsets[b]:offsets[b + 1]].reshape(n, n)
+        assert torch.equal(block, padded.adjacency[b, :n, :n])
+        ids = packed.bond_ids[offsets[b]:offsets[b + 1]].reshape(n, n)
+        local = padded.bond_ids[b, :n, :n]
+        assert torch.equal(ids, torch.where(local >= 0, local + bond_start, -1)), "packed bond ids are batch-wide"
+        bond_start += graph.num_bonds
+
+
+def test_round_trips(graphs):
+    padded, packed = collate(graphs), collate(graphs, layout="packed")
+    assert_same_batch(padded.to_packed(), packed)
+    assert_same_batch(packed.to_padded(), padded)
+    assert_same_batch(padded.to_packed().to_padded(), padded)
+
+
+def test_pair_bond_features_agree_across_layouts(graphs):
+    padded, packed = collate(graphs), collate(graphs, layout="packed")
+    dense = padded.pair_bond_features()
+    assert dense.shape == (len(graphs), padded.max_seqlen, padded.max_seqlen, 3)
+    assert torch.equal(layout.pack_pairs(dense, padded.mask), packed.pair_bond_features())
+    b = MOLECULES.index("c1ccccc1")
+    u, v = graphs[b].edge_index[:, 0]
+    assert dense[b, u, v].tolist() == (graphs[b].bond_features[0] + 1).tolist()
+    assert (dense[b][~padded.adjacency[b]] == 0).all()
+
+
+def test_positions_and_missing_conformers():
+    with_conformer = featurize("CCO", conformer=True)
+    without = featurize("CCN")
+    batch = collate([with_conformer, without])
+    assert batch.has_positions.tolist() == [True, False]
+    assert torch.equal(batch.positions[0, :3], torch.from_numpy(with_conformer.positions))
+    assert torch.isnan(batch.positions[1, :3]).all(), "a molecule without a conformer must not look like one"
+    packed = collate([with_conformer, without], layout="packed")
+    assert packed.positions.shape == (6, 3)
+    assert_same_batch(packed.to_padded(), batch)
+
+
+def test_labels(graphs):
+    labelled = [featurize("CCO"), featurize("CCN")]
+    labelled[0].labels = np.array([1.0, np.nan], dtype=np.float32)
+    batch = collate(labelled)
+    assert batch.labels.shape == (2, 2) and batch.labels[0, 0] == 1 and torch.isnan(batch.labels[1]).all()
+    labelled[1].labels = np.array([1.0], dtype=np.float32)
+    with pytest.raises(ValueError, match="labels"):
+        collate(labelled)
+
+
+def test_empty_batch_and_bad_input(graphs):
+    empty = collate([])
+    assert len(empty) == 0 and empty.atom_features.shape == (0, 0, 9)
+    assert len(collate([], layout="packed")) == 0
+    with pytest.raises(ValueError, match="layout"):
+        collate(graphs, layout="ragged")
+    with pytest.raises(TypeError, match=r"graphs\[1\]"):
+        collate([graphs[0], "CCO"])
+
+
+def test_batch_moves_between_devices(graphs):
+    moved = collate(graphs).to("meta")
+    assert moved.atom_features.device.type == "meta" and moved.mask.device.type == "meta"
+
+
+def test_layout_helpers_round_trip(generator):
+    lengths = [3, 1, 0, 5]
+    cu_seqlens = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    atoms = torch.randn(sum(lengths), 4, generator=generator)
+    pairs = torch.randn(sum(n * n for n in lengths), generator=generator)
+    padded_atoms = layout.pad_atoms(atoms, cu_seqlens, value=float("nan"))
+    mask = ~torch.isnan(padded_atoms[..., 0])
+    assert mask.sum(1).tolist() == lengths
+    assert torch.equal(layout.pack_atoms(padded_atoms, mask), atoms)
+    padded_pairs = layout.pad_pairs(pairs, cu_seqlens, max_seqlen=7, value=float("nan"))
+    assert padded_pairs.shape == (4, 7, 7)
+    assert torch.equal(layout.pack_pairs(padded_pairs, torch.arange(7) < torch.tensor(lengths)[:, None]), pairs)
+    derived, longest = layout.cu_seqlens_from_mask(mask)
+    assert torch.equal(derived, cu_seqlens) and longest == 5
+    with pytest.raises(ValueError, match="max_seqlen"):
+        layout.pad_atoms(atoms, cu_seqlens, max_seqlen=4)
+    for bad, words in [(torch.tensor([0, 2, 1], dtype=torch.int32), "non-decreasing"),
+                       (torch.tensor([[0, 1]], dtype=torch.int32), "(B+1,)"),
+                       (torch.tensor([0, 2], dtype=torch.int64), "int32")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+            layout.check_cu_seqlens(bad)

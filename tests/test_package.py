@@ -1,0 +1,99 @@
+"""Package hygiene: what `import pyblend` costs, a missing extension, import direction, the CLI."""
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pyblend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+
+
+def test_import_is_light_and_queries_no_device():
+    result = python("import sys, pyblend, torch\n"
+                    "print(sorted(m for m in ('rdkit', 'triton', 'pyblend._C', 'pyblend.kernels') if m in sys.modules))\n"
+                    "print(torch.cuda.is_initialized())")
+    assert result.returncode == 0, result.stderr
+    loaded, cuda_initialized = result.stdout.split("\n")[:2]
+    assert loaded == "[]", f"import pyblend loaded {loaded}"
+    assert cuda_initialized == "False"
+
+
+def test_version_and_typing_marker():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pyblend.__version__)
+    assert (Path(pyblend.__file__).parent / "py.typed").exists()
+
+
+BLOCK_EXTENSION = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyblend._C":
+            raise ImportError("simulated: extension not built")
+sys.meta_path.insert(0, Block())
+import torch, pyblend
+from pyblend import ops
+adjacency = torch.tensor([[[False, True], [True, False]]])
+print(ops.shortest_path(adjacency).tolist())
+try:
+    ops.shortest_path(adjacency, backend="cpp")
+except ValueError as error:
+    print("refused:", error)
+"""
+
+
+def test_works_without_the_extension():
+    result = python(BLOCK_EXTENSION)
+    assert result.returncode == 0, result.stderr
+    first, refusal = result.stdout.strip().split("\n")
+    assert first == "[[[0, 1], [1, 0]]]", "automatic dispatch must fall back to the reference"
+    assert "pyblend._C is not built" in refusal and "make build" in refusal
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+def test_imports_point_down():
+    for path in (ROOT / "kernels").glob("*.py"):
+        assert not any("pyblend" in name or name.startswith(".") and name != "." for name in imported_modules(path)
+                       if name.startswith((".", "pyblend"))), f"{path.name} imports from pyblend"
+    for path in (ROOT / "pyblend" / "reference").glob("*.py"):
+        assert not any("kernels" in name or ".ops" in name or name == "..ops" for name in imported_modules(path)), \
+            f"reference/{path.name} must not import kernels or ops"
+    for path in (ROOT / "pyblend" / "ops").glob("*.py"):
+        assert not any(name.startswith("..nn") for name in imported_modules(path)), f"ops/{path.name} imports nn"
+
+
+def test_cli_usage():
+    result = subprocess.run([sys.executable, "-m", "pyblend"], capture_output=True, text=True)
+    assert result.returncode == 2 and "bench" in result.stderr and "featurize" in result.stderr
+
+
+def test_cli_featurize(tmp_path):
+    source = tmp_path / "molecules.smi"
+    source.write_text("CCO first\nnot_a_smiles second\nc1ccccc1 third\n")
+    result = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(source), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "skipped input 1 (not_a_smiles)" in result.stderr and "2 molecules written" in result.stderr
+    import torch
+
+    graphs = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert [g.smiles for g in graphs] == ["CCO", "c1ccccc1"]
