@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all test test-full test-gpu bench build clean
+.PHONY: all test test-full bench build gpu-wheels clean
 
 all: build
 
@@ -29,6 +29,13 @@ test-full: build
 # The main job: every benchmark entry the device supports, on the default molecule set.
 bench: build
 	$(PY) -m pyblend bench $(BENCH_ARGS)
+
+# Wheels the offline GPU machines lack (their python3 is 3.12): carry .whl/ with the device tool.
+RDKIT_VERSION ?= 2026.9.1
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl rdkit==$(RDKIT_VERSION)
 
 clean:
 	rm -rf $(VENV) build *.egg-info pyblend/_C*.so

@@ -102,7 +102,11 @@ def install_missing() -> int:
         print(f"bootstrap: {dist}: {why} -> installing {spec}", flush=True)
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
     if WHEELS.is_dir():
-        pip += ["--find-links", str(WHEELS)]
+        # Carried wheels first and without the index, so an offline machine never waits on the network; one at
+        # a time, since pip installs nothing from a command naming one requirement it cannot find.
+        for _, spec, _, _ in wanted:
+            subprocess.run(pip + ["--no-index", "--find-links", str(WHEELS), spec], stderr=subprocess.DEVNULL)
+        wanted = [(dist, spec, needed, why) for dist, spec, needed, _ in wanted if (why := unfit(dist))]
     failed = []
     # torch first and alone, so that nothing else can drag in a different torch build.
     for group in ([w for w in wanted if w[0] == "torch"], [w for w in wanted if w[0] != "torch"]):

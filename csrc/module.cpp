@@ -60,6 +60,14 @@ PackedOffsets packed_offsets(const Array<int32_t>& cu_seqlens, int64_t total, bo
   return off;
 }
 
+void check_mask(const std::optional<Array<bool>>& mask, int64_t batch, int64_t n) {
+  if (mask) {
+    require(mask->ndim() == 2 && mask->shape(0) == batch && mask->shape(1) == n,
+            "mask: expected shape (" + std::to_string(batch) + ", " + std::to_string(n) + "), got " +
+                shape_of(*mask));
+  }
+}
+
 int parallel_threads() {
 #ifdef PYBLEND_HAS_OPENMP
   return omp_get_max_threads();
@@ -93,11 +101,7 @@ py::tuple shortest_path_padded(const std::optional<Array<bool>>& adjacency,
   require(a.ndim() == 3 && a.shape(1) == a.shape(2),
           "adjacency/bond_ids: expected shape (B, N, N), got " + shape_of(a));
   const int64_t batch = a.shape(0), n = a.shape(1);
-  if (mask) {
-    require(mask->ndim() == 2 && mask->shape(0) == batch && mask->shape(1) == n,
-            "mask: expected shape (" + std::to_string(batch) + ", " + std::to_string(n) + "), got " +
-                shape_of(*mask));
-  }
+  check_mask(mask, batch, n);
   Array<int32_t> distances({batch, n, n});
   std::optional<Array<int32_t>> routes;
   if (max_hops > 0) routes.emplace(std::vector<int64_t>{batch, n, n, static_cast<int64_t>(max_hops)});
@@ -155,11 +159,7 @@ template <typename T>
 Array<T> pair_distances_padded(const Array<T>& pos, const std::optional<Array<bool>>& mask) {
   require(pos.ndim() == 3 && pos.shape(2) == 3, "pos: expected shape (B, N, 3), got " + shape_of(pos));
   const int64_t batch = pos.shape(0), n = pos.shape(1);
-  if (mask) {
-    require(mask->ndim() == 2 && mask->shape(0) == batch && mask->shape(1) == n,
-            "mask: expected shape (" + std::to_string(batch) + ", " + std::to_string(n) + "), got " +
-                shape_of(*mask));
-  }
+  check_mask(mask, batch, n);
   Array<T> out({batch, n, n});
   const T* p = pos.data();
   const bool* m = mask ? mask->data() : nullptr;

@@ -20,6 +20,14 @@ def _is_edge(value, GRAPH_IS_BOND_IDS: tl.constexpr):
 
 
 @triton.jit
+def _pair_tile(dist, i, j, n, stride):
+    """Offsets of the (i, j) tile, which of them lie inside the molecule, and their distances (-1 outside)."""
+    inside = (i[:, None] < n) & (j[None, :] < n)
+    tile = i[:, None] * stride + j[None, :]
+    return tile, inside, tl.load(dist + tile, mask=inside, other=-1)
+
+
+@triton.jit
 def _shortest_path_kernel(
     graph_ptr,          # (pairs,) uint8 adjacency or int32 bond ids (-1 = no bond)
     mask_ptr,           # (B, mask_stride) uint8, True = real atom; unused without HAS_MASK
@@ -88,9 +96,7 @@ def _shortest_path_kernel(
             i = i0 + offsets
             for j0 in range(0, n, BLOCK):
                 j = j0 + offsets
-                inside = (i[:, None] < n) & (j[None, :] < n)
-                tile = i[:, None] * stride + j[None, :]
-                d_ij = tl.load(dist + tile, mask=inside, other=-1)
+                tile, inside, d_ij = _pair_tile(dist, i, j, n, stride)
                 best = tl.full((BLOCK, BLOCK), -1, tl.int32)
                 for v in range(0, n):
                     edge_iv = _is_edge(tl.load(graph + i * stride + v, mask=i < n, other=0), GRAPH_IS_BOND_IDS)
@@ -105,9 +111,7 @@ def _shortest_path_kernel(
             i = i0 + offsets
             for j0 in range(0, n, BLOCK):
                 j = j0 + offsets
-                inside = (i[:, None] < n) & (j[None, :] < n)
-                tile = i[:, None] * stride + j[None, :]
-                d_ij = tl.load(dist + tile, mask=inside, other=-1)
+                tile, inside, d_ij = _pair_tile(dist, i, j, n, stride)
                 at = tl.broadcast_to(i[:, None], (BLOCK, BLOCK))
                 for hop in tl.static_range(MAX_HOPS):
                     active = d_ij > hop
@@ -148,11 +152,10 @@ def shortest_path_padded(graph: torch.Tensor, mask: torch.Tensor | None, max_hop
     Returns ``(dist (B, N, N) int32, routes (B, N, N, max_hops) int32)``; routes need int32 bond ids.
     """
     batch, n = graph.shape[0], graph.shape[1]
-    if mask is not None:
+    if mask is not None and n > 0:
         # Atoms past the last real one are never visited: lengths = last real index + 1.
         positions = torch.arange(1, n + 1, device=graph.device, dtype=torch.int32)
-        lengths = (mask.to(torch.int32) * positions).amax(1).to(torch.int32) if n else \
-            torch.zeros(batch, dtype=torch.int32, device=graph.device)
+        lengths = (mask.to(torch.int32) * positions).amax(1).to(torch.int32)
     else:
         lengths = torch.full((batch,), n, dtype=torch.int32, device=graph.device)
     pair_offsets = torch.arange(batch, device=graph.device, dtype=torch.int64) * (n * n)

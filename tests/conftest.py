@@ -39,3 +39,23 @@ def generator():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def _default_batch(count: int, hydrogens: bool):
+    from pyblend import collate, featurize_many
+    from pyblend.chem import default_molecules
+
+    graphs, _ = featurize_many(default_molecules(count), errors="skip", progress=False, hydrogens=hydrogens)
+    return graphs, collate(graphs)
+
+
+@pytest.fixture(scope="session")
+def default_batch():
+    """The first 300 SMILES of the default set (RDKit's NCI file), heavy atoms: (graphs, padded MolBatch)."""
+    return _default_batch(300, hydrogens=False)
+
+
+@pytest.fixture(scope="session")
+def default_batch_with_hydrogens():
+    """The first 1000 SMILES of the default set with explicit hydrogens (up to ~130 atoms)."""
+    return _default_batch(1000, hydrogens=True)

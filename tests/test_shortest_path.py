@@ -8,24 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from pyblend import layout, ops
+from pyblend import collate, layout, ops
 from pyblend.reference import check_routes, shortest_path_routes as reference_routes
 
-from graphs import as_batch, fused_rings, lexicographic_route, molecule_like, networkx_distances
+from graphs import (as_batch, backend_device, brute_force_route, fused_rings, lexicographic_route, molecule_like,
+                    networkx_distances, on_backend)
 
 BACKENDS = ["reference", "cpp", "triton"]
 
 
 def run(graphs_or_batch, backend, max_hops=None, packed=False):
     bond_ids, mask = graphs_or_batch if isinstance(graphs_or_batch, tuple) else as_batch(graphs_or_batch)
-    kwargs = {"backend": backend}
+    kwargs = {}
     if packed:
         cu_seqlens, _ = layout.cu_seqlens_from_mask(mask)
         bond_ids, mask = layout.pack_pairs(bond_ids, mask), None
         kwargs["cu_seqlens"] = cu_seqlens
     if max_hops is None:
-        return ops.shortest_path(bond_ids >= 0, mask, **kwargs), None
-    return ops.shortest_path_routes(bond_ids, mask, max_hops=max_hops, **kwargs)
+        return on_backend(ops.shortest_path, backend, bond_ids >= 0, mask, **kwargs), None
+    return on_backend(ops.shortest_path_routes, backend, bond_ids, mask, max_hops=max_hops, **kwargs)
 
 
 def check_against_networkx(graphs, distances, routes, max_hops):
@@ -37,9 +38,10 @@ def check_against_networkx(graphs, distances, routes, max_hops):
         if routes is None:
             continue
         n = graph.number_of_nodes()
+        lengths = dict(nx.all_pairs_shortest_path_length(graph))
         for i in range(n):
             for j in range(n):
-                want = lexicographic_route(graph, i, j, max_hops)
+                want = lexicographic_route(graph, i, j, max_hops, lengths)
                 assert routes[b, i, j].tolist() == want, f"molecule {b}: route {i}->{j}"
         assert (routes[b, n:] == -1).all() and (routes[b, :, n:] == -1).all()
 
@@ -68,6 +70,17 @@ def test_adversarial_graphs_match_networkx(case, backend, packed):
     check_against_networkx(graphs, distances, routes, max_hops=4)
     plain, _ = run(graphs, backend, packed=packed)
     assert torch.equal(plain, run(graphs, backend, max_hops=4, packed=packed)[0])
+
+
+@pytest.mark.parametrize("graph", [fused_rings(2, 3), nx.gnp_random_graph(12, 0.2, seed=3, directed=True),
+                                   nx.disjoint_union(nx.cycle_graph(6), nx.path_graph(3))],
+                         ids=["fused_rings", "directed", "fragments"])
+def test_the_greedy_oracle_is_the_lexicographic_minimum(graph):
+    """The test oracle walks greedily; check by brute force that this is the smallest of all shortest paths."""
+    lengths = dict(nx.all_pairs_shortest_path_length(graph))
+    for i in graph.nodes:
+        for j in graph.nodes:
+            assert lexicographic_route(graph, i, j, 6, lengths) == brute_force_route(graph, i, j, 6), (i, j)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -124,11 +137,12 @@ def test_masked_atoms_inside_a_molecule_and_fully_padded_molecules(backend):
 def test_empty_batches(shape, backend):
     batch, width = shape
     adjacency = torch.zeros(batch, width, width, dtype=torch.bool)
-    assert ops.shortest_path(adjacency, backend=backend).shape == (batch, width, width)
-    distances, routes = ops.shortest_path_routes(torch.full((batch, width, width), -1), max_hops=3, backend=backend)
+    assert on_backend(ops.shortest_path, backend, adjacency).shape == (batch, width, width)
+    distances, routes = on_backend(ops.shortest_path_routes, backend, torch.full((batch, width, width), -1),
+                                   max_hops=3)
     assert routes.shape == (batch, width, width, 3) and distances.dtype == torch.int32
-    empty_packed = ops.shortest_path(torch.zeros(0, dtype=torch.bool), cu_seqlens=torch.zeros(1, dtype=torch.int32),
-                                     backend=backend)
+    empty_packed = on_backend(ops.shortest_path, backend, torch.zeros(0, dtype=torch.bool),
+                              cu_seqlens=torch.zeros(1, dtype=torch.int32))
     assert empty_packed.shape == (0,)
 
 
@@ -177,16 +191,19 @@ def test_triton_agrees_with_cpp_on_real_molecules(default_batch, backend):
     small = slice(0, 12)
     bond_ids, mask = batch.bond_ids[small], batch.mask[small]
     expected = ops.shortest_path_routes(bond_ids, mask, max_hops=5, backend="cpp")
-    got = ops.shortest_path_routes(bond_ids, mask, max_hops=5, backend=backend)
+    got = on_backend(ops.shortest_path_routes, backend, bond_ids, mask, max_hops=5)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.full
-def test_triton_agrees_with_cpp_on_the_default_set_with_hydrogens(default_batch_with_hydrogens):
-    _, batch = default_batch_with_hydrogens
-    packed = batch.to_packed()
-    expected, got = (ops.shortest_path_routes(packed.bond_ids, max_hops=5, cu_seqlens=packed.cu_seqlens,
-                                              backend=backend) for backend in ("cpp", "triton"))
+def test_triton_agrees_with_cpp_on_molecules_with_hydrogens(default_batch_with_hydrogens):
+    """The first 100 molecules with hydrogens plus the four largest (up to ~190 atoms: three tiles a side);
+    the interpreter needs about a second per molecule, so the whole set is left to the GPU test."""
+    graphs, _ = default_batch_with_hydrogens
+    largest = sorted(range(len(graphs)), key=lambda i: graphs[i].num_atoms)[-4:]
+    packed = collate([graphs[i] for i in [*range(100), *largest]], layout="packed")
+    expected, got = (on_backend(ops.shortest_path_routes, backend, packed.bond_ids, max_hops=5,
+                                cu_seqlens=packed.cu_seqlens) for backend in ("cpp", "triton"))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
@@ -246,6 +263,8 @@ def test_opcheck(backend):
     bond_ids, mask = as_batch([nx.cycle_graph(5), nx.path_graph(3)])
     cu_seqlens, _ = layout.cu_seqlens_from_mask(mask)
     packed = layout.pack_pairs(bond_ids, mask)
+    device = backend_device(backend)
+    bond_ids, mask, cu_seqlens, packed = (x.to(device) for x in (bond_ids, mask, cu_seqlens, packed))
     for args in [(bond_ids >= 0, mask, None, 0, backend), (bond_ids, mask, None, 3, backend),
                  (bond_ids >= 0, None, None, 0, backend), (packed, None, cu_seqlens, 2, backend)]:
         torch.library.opcheck(torch.ops.pyblend.shortest_path, args)
