@@ -232,6 +232,7 @@ def test_numpy_in_numpy_out():
                                cu_seqlens=torch.tensor([0, 2], dtype=torch.int32)), ValueError, ["mask", "packed"]),
     (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -2)), ValueError, ["bond_ids", "-1"]),
     (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.bool)), TypeError, ["bond_ids"]),
+    (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.uint8)), TypeError, ["bond_ids", "uint8"]),
     (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=0), ValueError, ["max_hops"]),
     (lambda: ops.shortest_path(torch.zeros(1, 3, 3, dtype=torch.bool), backend="fast"), ValueError, ["backend"]),
     (lambda: ops.shortest_path([[True]]), TypeError, ["adjacency", "list"]),

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+INTEGER_DTYPES = (*SIGNED_INTEGER_DTYPES, torch.uint8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from .._extension import load_extension
 from ..layout import check_cu_seqlens, pair_offsets
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_pair_matrix, check_same_device, check_shape
+from ._checks import SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_pair_matrix, check_same_device, check_shape
 from ._dispatch import choose_backend, cpp_reasons, triton_reasons
 
 __all__ = ["shortest_path", "shortest_path_routes"]
@@ -69,7 +69,7 @@ def _run(op: str, graph, graph_name: str, mask, cu_seqlens, max_hops: int, backe
     cu_seqlens = as_tensor(cu_seqlens, "cu_seqlens", optional=True)
     routes_wanted = max_hops > 0
     if routes_wanted:
-        check_dtype(graph, graph_name, INTEGER_DTYPES)
+        check_dtype(graph, graph_name, SIGNED_INTEGER_DTYPES)  # -1 marks "no bond"
     else:
         check_dtype(graph, graph_name, (torch.bool,))
     check_same_device(graph, graph_name, mask=mask, cu_seqlens=cu_seqlens)
