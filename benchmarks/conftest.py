@@ -3,7 +3,6 @@
 The same cases as `pyblend bench`, one test per (case, provider); each output is checked before it is timed.
 `--bench-molecules N` limits the default molecule set (default: all).
 """
-import pytest
 import torch
 
 

@@ -49,6 +49,16 @@ def check_pair_matrix(x: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected shape (B, N, N); got {describe(x)}")
 
 
+def check_mask(mask: Tensor | None, batch_and_atoms: tuple, cu_seqlens: Tensor | None) -> None:
+    """The padded layout takes ``mask (B, N)`` bool (or None); the packed one (``cu_seqlens`` given) has none."""
+    if mask is None:
+        return
+    if cu_seqlens is not None:
+        raise ValueError("mask: the packed layout (cu_seqlens given) has no padding; pass mask=None")
+    check_dtype(mask, "mask", (torch.bool,))
+    check_shape(mask, "mask", tuple(batch_and_atoms), "(B, N)")
+
+
 def check_same_device(reference: Tensor, reference_name: str, **others: Tensor | None) -> None:
     for name, x in others.items():
         if x is not None and x.device != reference.device:

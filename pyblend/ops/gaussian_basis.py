@@ -15,8 +15,8 @@ from torch import Tensor
 from .. import reference
 from .._extension import load_extension
 from ..layout import check_cu_seqlens
-from ._checks import (FLOAT_DTYPES, INTEGER_DTYPES, as_tensor, check_dtype, check_same_device, check_shape,
-                      describe)
+from ._checks import (FLOAT_DTYPES, INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device,
+                      check_shape, describe)
 from ._dispatch import choose_backend, cpp_reasons
 
 __all__ = ["gaussian_basis", "pair_distances"]
@@ -55,14 +55,10 @@ def pair_distances(pos, mask=None, *, cu_seqlens=None, backend: str | None = Non
     check_same_device(pos, "pos", mask=mask, cu_seqlens=cu_seqlens)
     if cu_seqlens is None:
         check_shape(pos, "pos", (None, None, 3), "(B, N, 3)")
-        if mask is not None:
-            check_dtype(mask, "mask", (torch.bool,))
-            check_shape(mask, "mask", tuple(pos.shape[:2]), "(B, N)")
     else:
-        if mask is not None:
-            raise ValueError("mask: the packed layout (cu_seqlens given) has no padding; pass mask=None")
         check_shape(pos, "pos", (None, 3), "(T, 3)")
         check_cu_seqlens(cu_seqlens, total=pos.shape[0])
+    check_mask(mask, pos.shape[:2], cu_seqlens)
     chosen = choose_backend("pair_distances", backend, pos.device,
                             {"cpp": lambda: _cpp_reasons([pos]), "reference": lambda: []})
     if chosen == "cpp":

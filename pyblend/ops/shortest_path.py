@@ -16,7 +16,8 @@ from torch import Tensor
 from .. import reference
 from .._extension import load_extension
 from ..layout import check_cu_seqlens, pair_offsets
-from ._checks import SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_pair_matrix, check_same_device, check_shape
+from ._checks import (SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_pair_matrix, check_same_device,
+                      check_shape)
 from ._dispatch import choose_backend, cpp_reasons, triton_reasons
 
 __all__ = ["shortest_path", "shortest_path_routes"]
@@ -76,18 +77,14 @@ def _run(op: str, graph, graph_name: str, mask, cu_seqlens, max_hops: int, backe
 
     if cu_seqlens is None:
         check_pair_matrix(graph, graph_name)
-        if mask is not None:
-            check_dtype(mask, "mask", (torch.bool,))
-            check_shape(mask, "mask", tuple(graph.shape[:2]), "(B, N)")
     else:
-        if mask is not None:
-            raise ValueError("mask: the packed layout (cu_seqlens given) has no padding; pass mask=None")
         check_shape(graph, graph_name, (None,), "(P,)")
         check_cu_seqlens(cu_seqlens)
         pairs = int(pair_offsets(cu_seqlens.cpu())[-1])
         if pairs != graph.shape[0]:
             raise ValueError(f"{graph_name}: cu_seqlens describes {pairs} pairs (sum of N_i^2) but "
                              f"{graph_name} holds {graph.shape[0]}")
+    check_mask(mask, graph.shape[:2], cu_seqlens)
     if routes_wanted:
         if graph.numel() and int(graph.min()) < -1:
             raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {int(graph.min())}")
