@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layout import cu_seqlens_from_mask, pack_atoms, pack_pairs, pad_atoms, pad_pairs, seqlens
+from .layout import (cu_seqlens_from_mask, mask_from_cu_seqlens, pack_atoms, pack_pairs, pad_atoms, pad_pairs,
+                     seqlens)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .chem import MolGraph
@@ -102,7 +103,7 @@ class MolBatch:
         edge_index = pad_atoms(local_edges.T, cu_bonds, max_bonds, value=-1).transpose(1, 2)
         return replace(
             self, layout="padded", cu_seqlens=None,
-            mask=pad_atoms(torch.ones(int(cu[-1]), dtype=torch.bool, device=device), cu, width, value=False),
+            mask=mask_from_cu_seqlens(cu, width),
             atom_features=pad_atoms(self.atom_features, cu, width),
             adjacency=pad_pairs(self.adjacency, cu, width, value=False),
             bond_ids=pad_pairs(local_ids, cu, width, value=-1),

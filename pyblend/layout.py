@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_cu_seqlens", "cu_seqlens_from_mask", "pack_atoms", "pack_pairs", "pad_atoms", "pad_pairs",
+    "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs", "pad_atoms", "pad_pairs",
     "pair_offsets", "seqlens",
 ]
 
@@ -62,6 +62,11 @@ def cu_seqlens_from_mask(mask: Tensor) -> tuple[Tensor, int]:
     cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
     cu[1:] = torch.cumsum(counts, 0)
     return cu, int(counts.max()) if counts.numel() else 0
+
+
+def mask_from_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """``cu_seqlens (B+1,)`` -> ``mask (B, max_seqlen)`` bool, True for each molecule's first N_i positions."""
+    return torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < seqlens(cu_seqlens)[:, None]
 
 
 def pack_atoms(x: Tensor, mask: Tensor) -> Tensor:

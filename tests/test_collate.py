@@ -123,6 +123,7 @@ def test_layout_helpers_round_trip(generator):
     padded_atoms = layout.pad_atoms(atoms, cu_seqlens, value=float("nan"))
     mask = ~torch.isnan(padded_atoms[..., 0])
     assert mask.sum(1).tolist() == lengths
+    assert torch.equal(layout.mask_from_cu_seqlens(cu_seqlens, padded_atoms.shape[1]), mask)
     assert torch.equal(layout.pack_atoms(padded_atoms, mask), atoms)
     padded_pairs = layout.pad_pairs(pairs, cu_seqlens, max_seqlen=7, value=float("nan"))
     assert padded_pairs.shape == (4, 7, 7)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..layout import pack_pairs, pad_atoms, seqlens
+from ..layout import mask_from_cu_seqlens, pack_pairs, pad_atoms
 
 __all__ = ["gaussian_basis", "pair_distances", "pair_distances_packed"]
 
@@ -35,7 +35,7 @@ def pair_distances(pos: Tensor, mask: Tensor | None = None) -> Tensor:
 def pair_distances_packed(pos: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Packed form: ``pos (T, 3)``, ``cu_seqlens (B+1,)`` int32 -> ``(P,)`` distances."""
     padded = pad_atoms(pos, cu_seqlens)
-    mask = torch.arange(padded.shape[1], device=pos.device)[None, :] < seqlens(cu_seqlens)[:, None]
+    mask = mask_from_cu_seqlens(cu_seqlens, padded.shape[1])
     return pack_pairs(pair_distances(padded, mask), mask)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layout import pack_pairs, pad_pairs, seqlens
+from ..layout import mask_from_cu_seqlens, pack_pairs, pad_pairs
 
 __all__ = ["check_routes", "shortest_path", "shortest_path_packed", "shortest_path_routes",
            "shortest_path_routes_packed"]
@@ -67,21 +67,17 @@ def shortest_path_routes(bond_ids: Tensor, mask: Tensor | None = None, max_hops:
     return distances, routes
 
 
-def _padded_mask(cu_seqlens: Tensor, width: int) -> Tensor:
-    return torch.arange(width, device=cu_seqlens.device)[None, :] < seqlens(cu_seqlens)[:, None]
-
-
 def shortest_path_packed(adjacency: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Packed form: ``adjacency (P,)`` bool, ``cu_seqlens (B+1,)`` int32 -> distances ``(P,)`` int32."""
     padded = pad_pairs(adjacency.bool(), cu_seqlens, value=False)
-    mask = _padded_mask(cu_seqlens, padded.shape[1])
+    mask = mask_from_cu_seqlens(cu_seqlens, padded.shape[1])
     return pack_pairs(shortest_path(padded, mask), mask)
 
 
 def shortest_path_routes_packed(bond_ids: Tensor, cu_seqlens: Tensor, max_hops: int = 5) -> tuple[Tensor, Tensor]:
     """Packed form: ``bond_ids (P,)`` -> ``(distances (P,), routes (P, max_hops))`` int32."""
     padded = pad_pairs(bond_ids, cu_seqlens, value=-1)
-    mask = _padded_mask(cu_seqlens, padded.shape[1])
+    mask = mask_from_cu_seqlens(cu_seqlens, padded.shape[1])
     distances, routes = shortest_path_routes(padded, mask, max_hops)
     return pack_pairs(distances, mask), pack_pairs(routes, mask)
 
