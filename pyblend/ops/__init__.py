@@ -4,6 +4,7 @@ Every op takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++ eng
 tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all ops.
 """
 from .gaussian_basis import gaussian_basis, pair_distances
+from .relation_attention import relation_attention
 from .shortest_path import shortest_path, shortest_path_routes
 
-__all__ = ["gaussian_basis", "pair_distances", "shortest_path", "shortest_path_routes"]
+__all__ = ["gaussian_basis", "pair_distances", "relation_attention", "shortest_path", "shortest_path_routes"]

@@ -1,0 +1,599 @@
+"""Fused relation-biased attention in Triton: ``O = softmax(Q K^T * scale + Bias + key_mask) V`` per head.
+
+Flash-style: scores live in registers only, tile by tile, with an online softmax; the backward recomputes them
+from the saved log-sum-exp. The bias is read through strides (a size-1 or stride-0 batch/head dimension is
+broadcast in place), gathered from a ``(R, H)`` relation table by an integer relation matrix, or both.
+Semantics (padded rows, fully masked rows, logits, dropout): :mod:`pyblend.reference.relation_attention`.
+
+Programs: forward and dQ run one per (query tile, molecule, head); dK/dV one per (key tile, molecule, head).
+dBias for a full bias is written by the dK/dV program that owns its key tile. A bias broadcast over batch or
+heads and the relation table get their gradients from programs that own an output slice and recompute the
+score gradient of every (molecule, head) they cover: every sum has one fixed order, so the backward is
+deterministic and uses no atomics.
+
+Pair tensors (bias, relation ids) are addressed as padded ``(B, H, N, N)`` through strides or packed
+``(H, P)``, molecule ``b``'s block at ``pair_offsets[b]``. Logits, their gradient and dropout use the canonical
+contiguous index of that shape, so the dropout pattern is ``rand(seed, flat index) >= dropout_p``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Relation ids handled per step of the table gradient's one-hot reduction.
+RELATION_CHUNK = 16
+
+
+@triton.jit
+def _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED: tl.constexpr):
+    """First token, length and first pair of molecule ``b``."""
+    if PACKED:
+        start = tl.load(cu_seqlens_ptr + b)
+        seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+        pair_start = tl.load(pair_offsets_ptr + b)
+    else:
+        start = 0
+        seqlen = padded_len
+        pair_start = 0
+    return start, seqlen, pair_start
+
+
+@triton.jit
+def _pair_offsets(rows, cols, b, h, pair_start, seqlen, s_b, s_h, s_i, s_j, PACKED: tl.constexpr):
+    """Offsets of a pair tensor's (rows, cols) tile; packed tensors are ``(H, P)`` with P-stride ``s_j``."""
+    if PACKED:
+        return h * s_h + (pair_start + rows[:, None] * seqlen + cols[None, :]) * s_j
+    else:
+        return b * s_b + h * s_h + rows[:, None] * s_i + cols[None, :] * s_j
+
+
+@triton.jit
+def _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs,
+                       PACKED: tl.constexpr):
+    """Flat index of (b, h, rows, cols) in a contiguous ``(B, H, N, N)`` (packed: ``(H, P)``) tensor."""
+    if PACKED:
+        return h * total_pairs + pair_start + rows[:, None] * seqlen + cols[None, :]
+    else:
+        return ((b * num_heads + h) * padded_len + rows[:, None]) * padded_len + cols[None, :]
+
+
+@triton.jit
+def _atom_mask(mask_ptr, b, positions, inside, s_m_b, s_m_n, HAS_MASK: tl.constexpr):
+    """True for positions inside the molecule that the mask calls real."""
+    if HAS_MASK:
+        return inside & (tl.load(mask_ptr + b * s_m_b + positions * s_m_n, mask=inside, other=0) != 0)
+    else:
+        return inside
+
+
+@triton.jit
+def _load_atoms(ptr, b, h, tokens, inside, offs_d, head_dim, s_b, s_n, s_h):
+    return tl.load(ptr + b * s_b + tokens[:, None] * s_n + h * s_h + offs_d[None, :],
+                   mask=inside[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+
+
+@triton.jit
+def _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+            bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+            index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+            HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr):
+    """S = Q K^T * scale + bias + rel_table[rel_index] for one tile, float32."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if HAS_BIAS:
+        offsets = _pair_offsets(rows, cols, b, h, pair_start, seqlen, s_bias_b, s_bias_h, s_bias_i, s_bias_j, PACKED)
+        s += tl.load(bias_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    if HAS_TABLE:
+        offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
+        relation = tl.load(index_ptr + offsets, mask=inside, other=0).to(tl.int32)
+        # Ids were validated by the caller; the mask keeps a bad id from reading outside the table.
+        known = inside & (relation >= 0) & (relation < num_relations)
+        s += tl.load(table_ptr + relation * s_table_r + h * s_table_h, mask=known, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, offsets, dropout_p):
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _relation_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, logits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n,
+    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, WRITE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_in = rows < seqlen
+    rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for col_start in range(0, seqlen, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        cols_in = cols < seqlen
+        keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
+        k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+        v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+        inside = rows_in[:, None] & cols_in[None, :]
+        s = _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+                    bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                    index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                    HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
+        canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs,
+                                       PACKED)
+        if WRITE_LOGITS:
+            real = rows_real[:, None] & keys_real[None, :]
+            tl.store(logits_ptr + canonical, tl.where(real, s, 0.0).to(logits_ptr.dtype.element_ty), mask=inside)
+        s = tl.where(keys_real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no finite score yet keeps a finite stand-in maximum, so exp never sees inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, canonical, dropout_p), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    live = rows_real & (l_i > 0.0)
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = out / (1.0 - dropout_p)
+    out = tl.where(live[:, None], out, 0.0)
+    tl.store(out_ptr + b * s_o_b + (start + rows)[:, None] * s_o_n + h * s_o_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < head_dim))
+    # +inf for dead rows: the backward's exp(s - lse) is then 0 there.
+    m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(live, m_final + tl.log(tl.where(live, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, lse, mask=rows_in)
+
+
+@triton.jit
+def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen,
+                    scale, bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                    index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                    dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
+                    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr,
+                    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Recompute a tile's probabilities and return (P after dropout, dL/dS), both float32."""
+    s = _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+                bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
+    p = tl.where(keys_real[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs, PACKED)
+    if DROPOUT:
+        keep = _dropout_keep(seed, canonical, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    if HAS_DLOGITS:
+        real = rows_real[:, None] & keys_real[None, :]
+        ds += tl.load(dlogits_ptr + canonical, mask=real, other=0.0).to(tl.float32)
+    return p_dropped, ds
+
+
+@triton.jit
+def _relation_attention_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr, dlogits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n,
+    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, WRITE_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK and dV for one key tile (``do``, ``dk``, ``dv`` share the contiguous strides ``s_o_*``). With
+    WRITE_DBIAS the score gradient goes straight to a contiguous float32 dBias of the bias's full shape."""
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(0) * BLOCK_N >= seqlen:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    cols_in = cols < seqlen
+    keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
+    k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+    v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for row_start in range(0, seqlen, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        rows_in = rows < seqlen
+        rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
+        q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+        do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+        lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
+        delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
+        inside = rows_in[:, None] & cols_in[None, :]
+        p_dropped, ds = _score_gradient(
+            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+            bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+            index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+            dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
+            HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+        if WRITE_DBIAS:
+            canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs,
+                                           PACKED)
+            tl.store(dbias_ptr + canonical, ds, mask=inside)
+        dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    atoms = b * s_o_b + (start + cols)[:, None] * s_o_n + h * s_o_h + offs_d[None, :]
+    inside_d = cols_in[:, None] & (offs_d[None, :] < head_dim)
+    tl.store(dk_ptr + atoms, (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_d)
+    tl.store(dv_ptr + atoms, dv.to(dv_ptr.dtype.element_ty), mask=inside_d)
+
+
+@triton.jit
+def _relation_attention_bwd_q_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dlogits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n,
+    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ for one query tile, summing over key tiles in order."""
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tl.program_id(0) * BLOCK_M >= seqlen:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_in = rows < seqlen
+    rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
+    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for col_start in range(0, seqlen, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        cols_in = cols < seqlen
+        keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
+        k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+        v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+        inside = rows_in[:, None] & cols_in[None, :]
+        _, ds = _score_gradient(
+            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+            bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+            index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+            dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
+            HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + b * s_o_b + (start + rows)[:, None] * s_o_n + h * s_o_h + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < head_dim))
+
+
+@triton.jit
+def _tile_score_gradient(
+    b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside)."""
+    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    rows_in = rows < seqlen
+    cols_in = cols < seqlen
+    rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
+    keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+    v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
+    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
+    inside = rows_in[:, None] & cols_in[None, :]
+    _, ds = _score_gradient(
+        q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+        bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+        index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+        dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
+        HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+    return tl.where(inside, ds, 0.0), inside, pair_start, seqlen
+
+
+@triton.jit
+def _relation_attention_bwd_bias_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dbias_ptr, dlogits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n,
+    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed, num_batch,
+    s_db_b, s_db_h, s_db_i, s_db_j,
+    SUM_BATCH: tl.constexpr, SUM_HEADS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dBias of a broadcast bias: one program per (row tile, column tile, bias slice), summing the score
+    gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
+    output ``dbias`` has the bias's own shape, strides ``s_db_*`` (packed: ``(1, P)``)."""
+    slice_id = tl.program_id(2).to(tl.int64)
+    if SUM_HEADS:
+        b_first = slice_id
+        h_first = slice_id * 0
+        head_count = num_heads
+    else:
+        b_first = slice_id // num_heads
+        h_first = slice_id % num_heads
+        head_count = 1
+    if SUM_BATCH:
+        b_first = slice_id * 0
+        batch_count = num_batch
+    else:
+        batch_count = 1
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(b_first, b_first + batch_count):
+        for h in range(h_first, h_first + head_count):
+            ds, _, _, _ = _tile_score_gradient(
+                b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+                bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+                s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
+                s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+                s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+                HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+            total += ds
+    # The output slice is (b_first, h_first): 0 along a summed dimension, whose dbias stride is 0 anyway.
+    start, seqlen, pair_start = _sequence(b_first, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    inside = (rows < seqlen)[:, None] & (cols < seqlen)[None, :]
+    offsets = _pair_offsets(rows, cols, b_first, h_first, pair_start, seqlen, s_db_b, s_db_h, s_db_i, s_db_j, PACKED)
+    tl.store(dbias_ptr + offsets, total, mask=inside)
+
+
+@triton.jit
+def _relation_attention_bwd_table_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, partial_ptr, dlogits_ptr,
+    bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+    s_m_b, s_m_n,
+    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed, num_batch, molecules_per_group,
+    tiles_per_side,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """d(rel_table) partial sums: program (h, g) owns ``partial[h, g, :]`` (float32, zeroed) and adds the score
+    gradient of head h over molecule group g, one relation chunk at a time (only the chunks a tile uses)."""
+    h = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    own = partial_ptr + (h * tl.num_programs(1) + group) * num_relations
+    offs_d = tl.arange(0, BLOCK_D)
+    chunk = tl.arange(0, CHUNK)
+    b_first = group * molecules_per_group
+    b_last = tl.minimum(b_first + molecules_per_group, num_batch)
+    for b in range(b_first, b_last):
+        for tile in range(0, tiles_per_side * tiles_per_side):
+            rows = (tile // tiles_per_side) * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = (tile % tiles_per_side) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ds, inside, pair_start, seqlen = _tile_score_gradient(
+                b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+                bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
+                s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
+                s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
+                s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+                HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+            offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
+            relation = tl.load(index_ptr + offsets, mask=inside, other=-1).to(tl.int32)
+            lowest = tl.min(tl.where(inside, relation, num_relations), axis=1)
+            lowest = tl.min(lowest, axis=0)
+            highest = tl.max(tl.max(relation, axis=1), axis=0)
+            for chunk_start in range((lowest // CHUNK) * CHUNK, highest + 1, CHUNK):
+                ids = chunk_start + chunk
+                hits = relation[:, :, None] == ids[None, None, :]
+                sums = tl.sum(tl.sum(tl.where(hits, ds[:, :, None], 0.0), axis=0), axis=0)
+                in_table = ids < num_relations
+                # Same program, same addresses: the barrier orders this read after the previous write.
+                tl.debug_barrier()
+                tl.store(own + ids, tl.load(own + ids, mask=in_table, other=0.0) + sums, mask=in_table)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dropout_keep_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(keep_ptr + offsets, _dropout_keep(seed, offsets, dropout_p).to(tl.int8), mask=offsets < numel)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _blocks(max_seqlen: int, head_dim: int) -> tuple[int, int, int]:
+    block = 16 if max_seqlen <= 16 else 32 if max_seqlen <= 32 else 64
+    return block, block, max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul setting (TF32 only when the user allowed it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+class _Problem:
+    """Pointers, strides and flags shared by every kernel of one call."""
+
+    def __init__(self, q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+        self.packed = cu_seqlens is not None
+        self.q, self.k, self.v = q, k, v
+        self.head_dim = q.shape[-1]
+        self.num_heads = q.shape[-2]
+        dummy = q.new_empty(1, dtype=torch.int32)  # a valid pointer for arguments a flag disables
+        if self.packed:
+            self.batch = cu_seqlens.numel() - 1
+            self.padded_len = max_seqlen
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            self.pair_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths * lengths, 0)])
+            self.total_pairs = int(self.pair_offsets[-1]) if bias is None and rel_index is None else (
+                bias.shape[-1] if bias is not None else rel_index.shape[0])
+            atom_strides = lambda x: (0, x.stride(0), x.stride(1))  # noqa: E731
+        else:
+            self.batch, self.padded_len = q.shape[0], q.shape[1]
+            self.pair_offsets = dummy
+            self.total_pairs = 0
+            atom_strides = lambda x: (x.stride(0), x.stride(1), x.stride(2))  # noqa: E731
+        self.atom_strides = atom_strides
+        self.cu_seqlens = cu_seqlens if self.packed else dummy
+        # out, grad_out, dq, dk, dv: contiguous with q's shape.
+        self.contiguous_strides = ((0,) if self.packed else (q[0].numel(),)) + \
+            (self.num_heads * self.head_dim, self.head_dim)
+        lse_like = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        self.lse_strides = (0, lse_like.stride(0), lse_like.stride(1)) if self.packed else lse_like.stride()
+        self.bias = bias if bias is not None else dummy
+        if bias is None:
+            self.bias_strides = (0, 0, 0, 0)
+        elif self.packed:
+            self.bias_strides = (0, bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1), bias.stride(1))
+        else:
+            self.bias_strides = tuple(s if n > 1 else 0 for s, n in zip(bias.stride(), bias.shape))
+        self.rel_index = rel_index if rel_index is not None else dummy
+        if rel_index is None:
+            self.index_strides = (0, 0, 0)
+        elif self.packed:
+            self.index_strides = (0, rel_index.stride(0), rel_index.stride(0))
+        else:
+            self.index_strides = tuple(rel_index.stride())
+        self.rel_table = rel_table if rel_table is not None else dummy
+        self.table_strides = (rel_table.stride(0), rel_table.stride(1), rel_table.shape[0]) if rel_table is not None \
+            else (0, 0, 0)
+        self.mask = mask.view(torch.uint8) if mask is not None else dummy
+        self.mask_strides = mask.stride() if mask is not None else (0, 0)
+        self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
+        self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
+                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype))
+        self.block_m, self.block_n, self.block_d = _blocks(self.padded_len, self.head_dim)
+        self.dummy = dummy
+
+    def shared_arguments(self):
+        """Everything after the per-kernel pointers, through ``seed``."""
+        return (self.bias, self.rel_index, self.rel_table, self.mask, self.cu_seqlens, self.pair_offsets,
+                *self.atom_strides(self.q), *self.atom_strides(self.k), *self.atom_strides(self.v),
+                *self.contiguous_strides, *self.lse_strides, *self.bias_strides, *self.index_strides,
+                *self.table_strides, *self.mask_strides,
+                self.padded_len, self.num_heads, self.head_dim, self.total_pairs, self.scale, self.dropout_p,
+                self.seed)
+
+    def blocks(self):
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
+                    num_warps=4 if self.block_m * self.block_d >= 2048 else 2)
+
+
+def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
+                               dropout_p, seed, return_logits):
+    """Launch the forward. q, k, v: ``(B, N, H, D)`` or ``(T, H, D)`` with unit stride in D.
+
+    Returns ``(out, lse, logits)``: out like q (contiguous); lse float32 ``q.shape[:-1]`` (+inf on rows with no
+    live key); logits ``(B, H, N, N)`` / ``(H, P)`` in q's dtype when ``return_logits``, else an empty tensor.
+    """
+    problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    if return_logits:
+        shape = (q.shape[-2], problem.total_pairs) if problem.packed else \
+            (problem.batch, q.shape[-2], problem.padded_len, problem.padded_len)
+        logits = torch.empty(shape, dtype=q.dtype, device=q.device)
+    else:
+        logits = q.new_empty(0)
+    if q.numel():
+        grid = (triton.cdiv(problem.padded_len, problem.block_m), problem.batch, problem.num_heads)
+        _relation_attention_fwd_kernel[grid](q, k, v, out, lse, logits if return_logits else problem.dummy,
+                                             *problem.shared_arguments(), WRITE_LOGITS=return_logits,
+                                             **problem.flags, **problem.blocks())
+    return out, lse, logits
+
+
+def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask,
+                                cu_seqlens, max_seqlen, scale, dropout_p, seed, bias_grad, table_grad):
+    """Launch the backward. Returns ``(dq, dk, dv, dbias, dtable)``: dbias float32 with the bias's shape (or
+    None), dtable float32 ``(R, H)`` (or None). ``grad_logits`` (contiguous, logits' shape) may be None."""
+    problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    has_dlogits = grad_logits is not None
+    dlogits = grad_logits.contiguous() if has_dlogits else problem.dummy
+    flags = dict(problem.flags, HAS_DLOGITS=has_dlogits)
+    dbias = dtable = None
+    heads, batch = problem.num_heads, problem.batch
+    if bias_grad:
+        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
+        if problem.packed:
+            sum_batch, sum_heads = False, bias.shape[0] == 1 and heads > 1
+        else:
+            sum_batch, sum_heads = bias.shape[0] == 1 and batch > 1, bias.shape[1] == 1 and heads > 1
+        direct = not (sum_batch or sum_heads)
+    if not q.numel():
+        return dq, dk, dv, dbias, (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
+                                   if table_grad else None)
+    tiles = triton.cdiv(problem.padded_len, problem.block_m)
+    common = (*problem.shared_arguments(),)
+    _relation_attention_bwd_kv_kernel[(tiles, batch, heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
+        WRITE_DBIAS=bias_grad and direct, **flags, **problem.blocks())
+    _relation_attention_bwd_q_kernel[(tiles, batch, heads)](
+        q, k, v, grad_out, lse, delta, dq, dlogits, *common, **flags, **problem.blocks())
+    if bias_grad and not direct:
+        if problem.packed:
+            slices, db_strides = batch, (0, 0, dbias.stride(1), dbias.stride(1))
+        else:
+            slices = (1 if sum_batch else batch) * (1 if sum_heads else heads)
+            db_strides = tuple(s if n > 1 else 0 for s, n in zip(dbias.stride(), dbias.shape))
+        _relation_attention_bwd_bias_kernel[(tiles, tiles, slices)](
+            q, k, v, grad_out, lse, delta, dbias, dlogits, *common, batch, *db_strides,
+            SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, **flags, **problem.blocks())
+    if table_grad:
+        groups = max(1, min(batch, 64))
+        per_group = triton.cdiv(batch, groups)
+        groups = triton.cdiv(batch, per_group)
+        partial = torch.zeros((heads, groups, rel_table.shape[0]), dtype=torch.float32, device=q.device)
+        table_flags = {name: value for name, value in flags.items() if name != "HAS_TABLE"}
+        _relation_attention_bwd_table_kernel[(heads, groups)](
+            q, k, v, grad_out, lse, delta, partial, dlogits, *common, batch, per_group, tiles,
+            **table_flags, CHUNK=RELATION_CHUNK, **problem.blocks())
+        dtable = partial.sum(1).transpose(0, 1).contiguous()
+    return dq, dk, dv, dbias, dtable
+
+
+def dropout_keep(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The kernels' dropout pattern for a contiguous pair tensor of ``shape`` ((B, H, N, N) or (H, P)): bool."""
+    keep = torch.empty(shape, dtype=torch.int8, device=device)
+    if keep.numel():
+        block = 1024
+        _dropout_keep_kernel[(triton.cdiv(keep.numel(), block),)](keep, keep.numel(), float(dropout_p), int(seed),
+                                                                  BLOCK=block)
+    return keep.bool()

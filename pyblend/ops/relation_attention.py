@@ -1,0 +1,282 @@
+"""Relation-biased attention: ``O = softmax(Q K^T * scale + Bias + key_mask) V`` with the gradient of the bias.
+
+Backends: Triton (CUDA tensors, or the interpreter on request) and the plain-PyTorch reference. Both are
+registered as torch.library custom ops (``pyblend::relation_attention`` and its backward) with fake
+implementations, so ``torch.compile`` traces through them. Semantics: :mod:`pyblend.reference.relation_attention`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..layout import check_cu_seqlens, pair_offsets
+from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device, describe
+from ._dispatch import choose_backend, triton_reasons
+
+__all__ = ["relation_attention"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_MAX_HEAD_DIM = 256
+
+
+def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_seqlen: int | None = None,
+                       scale: float | None = None, dropout_p: float = 0.0, return_logits: bool = False,
+                       rel_index=None, rel_table=None, generator: torch.Generator | None = None,
+                       backend: str | None = None):
+    """Multi-head attention over each molecule with an additive per-head pair bias, differentiable in every
+    floating-point input (q, k, v, bias, rel_table).
+
+    Args:
+        q, k, v: padded ``(B, N, H, D)`` or packed ``(T, H, D)`` (flash-attn's layouts), float16, bfloat16 or
+            float32 (float64: reference backend only), one dtype. Any D (8, 16, 24, ... up to 256); no padding.
+        bias: float, padded ``(B|1, H|1, N, N)``; packed ``(H|1, P)`` with ``P = sum N_i^2`` and molecule i's
+            ``(N_i, N_i)`` block row-major at ``sum_{j<i} N_j^2``. A size-1 dimension is broadcast in place and
+            its gradient summed without materialising the broadcast; a stride-0 (expanded) dimension is read in
+            place too, but gets the full-shape gradient autograd expects of it.
+        mask: ``(B, N)`` bool, True = real atom (padded layout). Default: every atom is real.
+        cu_seqlens: ``(B+1,)`` int32, selects the packed layout; ``max_seqlen``: the longest molecule (read from
+            ``cu_seqlens`` when None).
+        scale: default ``1 / sqrt(D)``.
+        dropout_p: dropout on the attention probabilities, with a seed drawn from ``generator`` (default: torch's
+            global generator), so ``torch.manual_seed`` makes it reproducible. Backends draw different patterns.
+        return_logits: also return ``S = Q K^T * scale + Bias`` (padded ``(B, H, N, N)``, packed ``(H, P)``,
+            0 at pairs touching a padded atom), differentiable: a Uni-Mol-style pair update may feed on it.
+        rel_index, rel_table: integer ``(B, N, N)`` (packed ``(P,)``) relation ids, int8/int16/int32/int64, and a
+            float ``(R, H)`` table; adds ``rel_table[rel_index]`` to the bias inside the kernel, never
+            allocating a ``(B, H, N, N)`` tensor. Combines with ``bias``.
+        backend: "triton" | "reference" | None (automatic: Triton for CUDA tensors; ``PYBLEND_BACKEND``).
+
+    Returns:
+        ``out`` shaped like ``q`` (zeros at padded atoms and rows with no live key), or ``(out, logits)``.
+
+    Validation reads ``cu_seqlens`` and, outside ``torch.compile``, the relation ids' range: one small
+    device-to-host copy each.
+    """
+    q, k, v = (as_tensor(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    bias = as_tensor(bias, "bias", optional=True)
+    mask = as_tensor(mask, "mask", optional=True)
+    cu_seqlens = as_tensor(cu_seqlens, "cu_seqlens", optional=True)
+    rel_index = as_tensor(rel_index, "rel_index", optional=True)
+    rel_table = as_tensor(rel_table, "rel_table", optional=True)
+    packed = cu_seqlens is not None
+    check_dtype(q, "q", _FLOAT_DTYPES)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}); got {describe(x)}")
+        if x.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}; got {describe(x)}")
+    check_same_device(q, "q", k=k, v=v, bias=bias, mask=mask, cu_seqlens=cu_seqlens, rel_index=rel_index,
+                      rel_table=rel_table)
+    if q.dim() != (3 if packed else 4):
+        layout = "packed (T, H, D) since cu_seqlens is given" if packed else "padded (B, N, H, D)"
+        raise ValueError(f"q: expected the {layout} layout; got {describe(q)}")
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    if packed:
+        check_cu_seqlens(cu_seqlens, total=q.shape[0])
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if max_seqlen is None:
+            max_seqlen = longest
+        elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+            raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
+        pairs = int(pair_offsets(cu_seqlens.cpu())[-1])
+        batch = cu_seqlens.numel() - 1
+    else:
+        batch, atoms = q.shape[0], q.shape[1]
+        check_mask(mask, (batch, atoms), None)
+        max_seqlen = atoms
+    _check_bias(bias, packed, batch, heads, max_seqlen, pairs if packed else None)
+    _check_relations(rel_index, rel_table, packed, batch, heads, max_seqlen, pairs if packed else None)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float; got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1); got {dropout_p!r}")
+
+    chosen = choose_backend("relation_attention", backend, q.device, {
+        "triton": lambda: _triton_reasons(q),
+        "reference": lambda: [],
+    })
+    if chosen == "triton" and q.stride(-1) != 1:
+        q = q.contiguous()
+    if chosen == "triton":
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    out, _, logits = torch.ops.pyblend.relation_attention(
+        q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale), float(dropout_p), seed,
+        bool(return_logits), chosen)
+    return (out, logits) if return_logits else out
+
+
+def _triton_reasons(q: Tensor) -> list[str]:
+    reasons = triton_reasons(q.device)
+    if q.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    return reasons
+
+
+def _check_bias(bias, packed, batch, heads, atoms, pairs):
+    if bias is None:
+        return
+    check_dtype(bias, "bias", _FLOAT_DTYPES)
+    if packed:
+        ok = bias.dim() == 2 and bias.shape[0] in (1, heads) and bias.shape[1] == pairs
+        want = f"(H|1, P) = ({heads} or 1, {pairs})"
+    else:
+        ok = bias.dim() == 4 and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads) and \
+            tuple(bias.shape[2:]) == (atoms, atoms)
+        want = f"(B|1, H|1, N, N) = ({batch} or 1, {heads} or 1, {atoms}, {atoms})"
+    if not ok:
+        raise ValueError(f"bias: expected shape {want}; got {describe(bias)}")
+
+
+def _check_relations(rel_index, rel_table, packed, batch, heads, atoms, pairs):
+    if (rel_index is None) != (rel_table is None):
+        missing = "rel_table" if rel_table is None else "rel_index"
+        raise ValueError(f"{missing}: rel_index and rel_table come together; got only one of them")
+    if rel_index is None:
+        return
+    check_dtype(rel_index, "rel_index", INTEGER_DTYPES)
+    check_dtype(rel_table, "rel_table", _FLOAT_DTYPES)
+    if rel_table.dim() != 2 or rel_table.shape[1] != heads or rel_table.shape[0] < 1:
+        raise ValueError(f"rel_table: expected shape (R, H) = (R >= 1, {heads}); got {describe(rel_table)}")
+    want = (pairs,) if packed else (batch, atoms, atoms)
+    if tuple(rel_index.shape) != want:
+        meaning = "(P,)" if packed else "(B, N, N)"
+        raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
+    if rel_index.numel() and not torch.compiler.is_compiling():
+        low, high = int(rel_index.min()), int(rel_index.max())
+        if low < 0 or high >= rel_table.shape[0]:
+            raise ValueError(f"rel_index: expected ids in [0, {rel_table.shape[0]}) (rows of rel_table); "
+                             f"got ids from {low} to {high}")
+
+
+# --------------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("pyblend::relation_attention", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], rel_index: Optional[Tensor],
+                rel_table: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
+                scale: float, dropout_p: float, seed: int, return_logits: bool,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, lse, logits); lse is float32 ``q.shape[:-1]`` for Triton and empty for the reference,
+    logits empty unless ``return_logits``."""
+    if backend == "triton":
+        from ..kernels import relation_attention as kernel
+
+        return kernel.relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
+                                                 scale, dropout_p, seed, return_logits)
+    with torch.no_grad():
+        result = _reference(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p,
+                            seed, return_logits)
+    out, logits = result if return_logits else (result, q.new_empty(0))
+    return out, q.new_empty(0, dtype=torch.float32), logits
+
+
+def _reference(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
+               return_logits):
+    generator = None
+    if dropout_p > 0.0:
+        generator = torch.Generator(q.device).manual_seed(seed)
+    return reference.relation_attention(q, k, v, bias, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                        scale=scale, dropout_p=dropout_p, return_logits=return_logits,
+                                        rel_index=rel_index, rel_table=rel_table, generator=generator)
+
+
+def _logits_shape(q, cu_seqlens, rel_index, bias, max_seqlen):
+    if cu_seqlens is None:
+        return (q.shape[0], q.shape[2], q.shape[1], q.shape[1])
+    if bias is not None:
+        return (q.shape[1], bias.shape[1])
+    if rel_index is not None:
+        return (q.shape[1], rel_index.shape[0])
+    return (q.shape[1], torch.library.get_ctx().new_dynamic_size())
+
+
+@_forward_op.register_fake
+def _(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits,
+      backend):
+    lse = q.new_empty(q.shape[:-1] if backend == "triton" else (0,), dtype=torch.float32)
+    logits = q.new_empty(_logits_shape(q, cu_seqlens, rel_index, bias, max_seqlen) if return_logits else (0,))
+    return torch.empty_like(q), lse, logits
+
+
+@torch.library.custom_op("pyblend::relation_attention_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, grad_logits: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                 lse: Tensor, bias: Optional[Tensor], rel_index: Optional[Tensor], rel_table: Optional[Tensor],
+                 mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int, scale: float,
+                 dropout_p: float, seed: int, bias_grad: bool, table_grad: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dbias, dtable); dbias/dtable are empty when not asked for."""
+    if backend == "triton":
+        from ..kernels import relation_attention as kernel
+
+        dq, dk, dv, dbias, dtable = kernel.relation_attention_backward(
+            grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
+            scale, dropout_p, seed, bias_grad, table_grad)
+    else:
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            wanted = list(inputs)
+            bias_in = bias.detach().requires_grad_(bias_grad) if bias is not None else None
+            table_in = rel_table.detach().requires_grad_(table_grad) if rel_table is not None else None
+            wanted += [x for x, asked in ((bias_in, bias_grad), (table_in, table_grad)) if asked]
+            result = _reference(*inputs, bias_in, rel_index, table_in, mask, cu_seqlens, max_seqlen, scale,
+                                dropout_p, seed, grad_logits is not None)
+            outputs, grads = (list(result), [grad_out, grad_logits]) if grad_logits is not None else \
+                ([result], [grad_out])
+            found = list(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+        found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wanted)]
+        dq, dk, dv = found[:3]
+        rest = iter(found[3:])
+        dbias = next(rest) if bias_grad else None
+        dtable = next(rest) if table_grad else None
+    empty = q.new_empty(0)
+    return (dq, dk, dv, empty if dbias is None else dbias.to(bias.dtype),
+            empty if dtable is None else dtable.to(rel_table.dtype))
+
+
+@_backward_op.register_fake
+def _(grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
+      dropout_p, seed, bias_grad, table_grad, backend):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(bias) if bias_grad else q.new_empty(0),
+            torch.empty_like(rel_table) if table_grad else q.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits, \
+        backend = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens)
+    ctx.settings = (max_seqlen, scale, dropout_p, seed, return_logits, backend)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_logits):
+    q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens = ctx.saved_tensors
+    max_seqlen, scale, dropout_p, seed, return_logits, backend = ctx.settings
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    table_grad = rel_table is not None and ctx.needs_input_grad[5]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if not return_logits:
+        grad_logits = None
+    dq, dk, dv, dbias, dtable = torch.ops.pyblend.relation_attention_backward(
+        grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
+        dropout_p, seed, bias_grad, table_grad, backend)
+    return (dq, dk, dv, dbias if bias_grad else None, None, dtable if table_grad else None,
+            None, None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""Plain-PyTorch relation-biased attention: ``O = softmax(Q K^T * scale + Bias + key_mask) V`` per head.
+
+Semantics every backend follows (the kernel in :mod:`pyblend.kernels.relation_attention` matches them):
+
+- Layouts as flash-attn: padded ``q, k, v (B, N, H, D)`` + ``mask (B, N)`` (True = real atom); packed
+  ``(T, H, D)`` + ``cu_seqlens (B+1,)`` with per-pair tensors ``(H, P)`` (:mod:`pyblend.layout`).
+- Keys of padded atoms are excluded. Rows of padded atoms output zeros and pass no gradient, so a padded batch
+  and its packed twin give the same numbers. A row whose every key is excluded (a -inf bias everywhere) outputs
+  zeros, never NaN.
+- The bias is the sum of a float ``bias`` (broadcast over batch and/or heads) and ``rel_table[rel_index]``.
+- ``return_logits`` also gives ``S = Q K^T * scale + Bias``, 0 at pairs touching a padded atom.
+- Dropout zeroes probabilities where ``dropout_keep`` is False and scales the rest by ``1 / (1 - dropout_p)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..layout import mask_from_cu_seqlens, pack_atoms, pad_atoms, pad_pairs, seqlens
+
+__all__ = ["bias_from_relations", "relation_attention"]
+
+
+def bias_from_relations(rel_index: Tensor, rel_table: Tensor) -> Tensor:
+    """Gather a dense bias: ``rel_index (B, N, N)`` (packed ``(P,)``), ``rel_table (R, H)`` ->
+    ``(B, H, N, N)`` (packed ``(H, P)``), in ``rel_table``'s dtype."""
+    gathered = rel_table[rel_index.long()]  # (..., H)
+    return gathered.movedim(-1, 1 if rel_index.dim() == 3 else 0)
+
+
+def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *, mask: Tensor | None = None,
+                       cu_seqlens: Tensor | None = None, max_seqlen: int | None = None, scale: float | None = None,
+                       dropout_p: float = 0.0, dropout_keep: Tensor | None = None, return_logits: bool = False,
+                       rel_index: Tensor | None = None, rel_table: Tensor | None = None,
+                       generator: torch.Generator | None = None):
+    """Differentiable reference of :func:`pyblend.ops.relation_attention`; computes in the inputs' dtype.
+
+    Args:
+        q, k, v: padded ``(B, N, H, D)`` or packed ``(T, H, D)``.
+        bias: padded ``(B|1, H|1, N, N)``; packed ``(H|1, P)``. Any float dtype.
+        mask: padded ``(B, N)`` bool. cu_seqlens, max_seqlen: the packed layout.
+        dropout_keep: bool, the padded ``(B, H, N, N)`` (packed ``(H, P)``) keep pattern; drawn from
+            ``generator`` when None and ``dropout_p > 0``.
+        rel_index, rel_table: integer ``(B, N, N)`` (packed ``(P,)``) relation ids and a ``(R, H)`` table.
+
+    Returns:
+        ``out`` shaped like ``q``; with ``return_logits`` also ``S`` (padded ``(B, H, N, N)``, packed ``(H, P)``).
+    """
+    if cu_seqlens is not None:
+        return _packed(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, dropout_keep, return_logits,
+                       rel_index, rel_table, generator)
+    batch, atoms, heads, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if mask is None:
+        mask = torch.ones(batch, atoms, dtype=torch.bool, device=q.device)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    if rel_table is not None:
+        logits = logits + bias_from_relations(rel_index, rel_table).to(logits.dtype)
+    pair_real = (mask[:, :, None] & mask[:, None, :])[:, None]  # (B, 1, N, N)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    scores = torch.where(mask[:, None, None, :], logits, float("-inf"))
+    # A row with no finite score gets zeros: softmax runs on a finite stand-in so no NaN reaches the gradient.
+    row_live = torch.isfinite(scores.amax(-1, keepdim=True)) & mask[:, None, :, None]
+    probs = torch.where(row_live, torch.softmax(torch.where(row_live, scores, zero), dim=-1), zero)
+    if dropout_p > 0.0:
+        if dropout_keep is None:
+            dropout_keep = torch.rand(probs.shape, generator=generator, device=probs.device) >= dropout_p
+        probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), zero)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    if not return_logits:
+        return out
+    return out, torch.where(pair_real, logits, zero)
+
+
+def _packed(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, dropout_keep, return_logits, rel_index,
+            rel_table, generator):
+    """The packed layout through the padded one: pad, attend, pack back (a reference, not a fast path)."""
+    width = int(seqlens(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
+    width = max(width, max_seqlen or 0)
+    mask = mask_from_cu_seqlens(cu_seqlens, width)
+    pairs = mask[:, :, None] & mask[:, None, :]
+
+    def pad_per_pair(x):  # (H|1, P) -> (B, H|1, N, N)
+        return pad_pairs(x.transpose(0, 1), cu_seqlens, width).permute(0, 3, 1, 2)
+
+    padded = relation_attention(
+        pad_atoms(q, cu_seqlens, width), pad_atoms(k, cu_seqlens, width), pad_atoms(v, cu_seqlens, width),
+        None if bias is None else pad_per_pair(bias), mask=mask, scale=scale, dropout_p=dropout_p,
+        dropout_keep=None if dropout_keep is None else pad_per_pair(dropout_keep), return_logits=return_logits,
+        rel_index=None if rel_index is None else pad_pairs(rel_index, cu_seqlens, width),
+        rel_table=rel_table, generator=generator)
+    if not return_logits:
+        return pack_atoms(padded, mask)
+    out, logits = padded
+    return pack_atoms(out, mask), logits.permute(1, 0, 2, 3)[:, pairs]
