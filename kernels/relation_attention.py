@@ -72,20 +72,20 @@ def _load_atoms(ptr, b, h, tokens, inside, offs_d, head_dim, s_b, s_n, s_h):
 
 
 @triton.jit
-def _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+def _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr):
-    """S = Q K^T * scale + bias + rel_table[rel_index] for one tile, float32."""
+    """S = Q K^T * scale + bias + rel_table[rel_index] for one tile, float32; the bias is read on real pairs."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     if HAS_BIAS:
         offsets = _pair_offsets(rows, cols, b, h, pair_start, seqlen, s_bias_b, s_bias_h, s_bias_i, s_bias_j, PACKED)
-        s += tl.load(bias_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        s += tl.load(bias_ptr + offsets, mask=real, other=0.0).to(tl.float32)
     if HAS_TABLE:
         offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
-        relation = tl.load(index_ptr + offsets, mask=inside, other=0).to(tl.int32)
+        relation = tl.load(index_ptr + offsets, mask=real, other=0).to(tl.int32)
         # Ids were validated by the caller; the mask keeps a bad id from reading outside the table.
-        known = inside & (relation >= 0) & (relation < num_relations)
+        known = real & (relation >= 0) & (relation < num_relations)
         s += tl.load(table_ptr + relation * s_table_r + h * s_table_h, mask=known, other=0.0).to(tl.float32)
     return s
 
@@ -116,7 +116,7 @@ def _relation_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -125,17 +125,17 @@ def _relation_attention_fwd_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-        v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
         inside = rows_in[:, None] & cols_in[None, :]
-        s = _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+        real = rows_real[:, None] & keys_real[None, :]
+        s = _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
                     bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                     index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
                     HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
         canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs,
                                        PACKED)
         if WRITE_LOGITS:
-            real = rows_real[:, None] & keys_real[None, :]
             tl.store(logits_ptr + canonical, tl.where(real, s, 0.0).to(logits_ptr.dtype.element_ty), mask=inside)
         s = tl.where(keys_real[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,14 +163,15 @@ def _relation_attention_fwd_kernel(
 
 
 @triton.jit
-def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen,
+def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen,
                     scale, bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                     index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
                     dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
                     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr,
                     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr):
-    """Recompute a tile's probabilities and return (P after dropout, dL/dS), both float32."""
-    s = _logits(q, k, rows, cols, inside, b, h, pair_start, seqlen, scale,
+    """Recompute a tile's probabilities and return (P after dropout, dL/dS), both float32; 0 off real pairs."""
+    real = rows_real[:, None] & keys_real[None, :]
+    s = _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
                 bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
                 HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
@@ -185,7 +186,6 @@ def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, i
         p_dropped = p
     ds = p * (dp - delta[:, None])
     if HAS_DLOGITS:
-        real = rows_real[:, None] & keys_real[None, :]
         ds += tl.load(dlogits_ptr + canonical, mask=real, other=0.0).to(tl.float32)
     return p_dropped, ds
 
@@ -213,21 +213,21 @@ def _relation_attention_bwd_kv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols_in = cols < seqlen
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-    v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for row_start in range(0, seqlen, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         rows_in = rows < seqlen
         rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-        q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-        do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
-        lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
-        delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
+        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+        lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+        delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
         inside = rows_in[:, None] & cols_in[None, :]
         p_dropped, ds = _score_gradient(
-            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -266,20 +266,19 @@ def _relation_attention_bwd_q_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
-    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
-    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for col_start in range(0, seqlen, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-        v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
-        inside = rows_in[:, None] & cols_in[None, :]
+        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
         _, ds = _score_gradient(
-            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -305,20 +304,19 @@ def _tile_score_gradient(
     cols_in = cols < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_in, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
-    k = _load_atoms(k_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-    v = _load_atoms(v_ptr, b, h, start + cols, cols_in, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
-    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=float("inf"))
-    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_in, other=0.0)
-    inside = rows_in[:, None] & cols_in[None, :]
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
+    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
     _, ds = _score_gradient(
-        q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, inside, b, h, pair_start, seqlen, scale,
+        q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
         bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
         index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
         dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
         HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
-    return tl.where(inside, ds, 0.0), inside, pair_start, seqlen
+    return ds, rows_real[:, None] & keys_real[None, :], pair_start, seqlen
 
 
 @triton.jit
@@ -400,7 +398,7 @@ def _relation_attention_bwd_table_kernel(
         for tile in range(0, tiles_per_side * tiles_per_side):
             rows = (tile // tiles_per_side) * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = (tile % tiles_per_side) * BLOCK_N + tl.arange(0, BLOCK_N)
-            ds, inside, pair_start, seqlen = _tile_score_gradient(
+            ds, real, pair_start, seqlen = _tile_score_gradient(
                 b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
@@ -409,8 +407,8 @@ def _relation_attention_bwd_table_kernel(
                 s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
                 HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
             offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
-            relation = tl.load(index_ptr + offsets, mask=inside, other=-1).to(tl.int32)
-            lowest = tl.min(tl.where(inside, relation, num_relations), axis=1)
+            relation = tl.load(index_ptr + offsets, mask=real, other=-1).to(tl.int32)
+            lowest = tl.min(tl.where(real, relation, num_relations), axis=1)
             lowest = tl.min(lowest, axis=0)
             highest = tl.max(tl.max(relation, axis=1), axis=0)
             for chunk_start in range((lowest // CHUNK) * CHUNK, highest + 1, CHUNK):

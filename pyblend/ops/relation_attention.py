@@ -91,7 +91,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         check_mask(mask, (batch, atoms), None)
         max_seqlen = atoms
     _check_bias(bias, packed, batch, heads, max_seqlen, pairs if packed else None)
-    _check_relations(rel_index, rel_table, packed, batch, heads, max_seqlen, pairs if packed else None)
+    _check_relations(rel_index, rel_table, mask, packed, batch, heads, max_seqlen, pairs if packed else None)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -141,7 +141,7 @@ def _check_bias(bias, packed, batch, heads, atoms, pairs):
         raise ValueError(f"bias: expected shape {want}; got {describe(bias)}")
 
 
-def _check_relations(rel_index, rel_table, packed, batch, heads, atoms, pairs):
+def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pairs):
     if (rel_index is None) != (rel_table is None):
         missing = "rel_table" if rel_table is None else "rel_index"
         raise ValueError(f"{missing}: rel_index and rel_table come together; got only one of them")
@@ -155,6 +155,8 @@ def _check_relations(rel_index, rel_table, packed, batch, heads, atoms, pairs):
     if tuple(rel_index.shape) != want:
         meaning = "(P,)" if packed else "(B, N, N)"
         raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
+    if mask is not None:  # padded pairs may hold any id: they are never read
+        rel_index = rel_index[mask[:, :, None] & mask[:, None, :]]
     if rel_index.numel() and not torch.compiler.is_compiling():
         low, high = int(rel_index.min()), int(rel_index.max())
         if low < 0 or high >= rel_table.shape[0]:

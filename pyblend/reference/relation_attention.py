@@ -55,13 +55,17 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if mask is None:
         mask = torch.ones(batch, atoms, dtype=torch.bool, device=q.device)
+    # Padded atoms are never read: whatever they hold (NaN included) cannot reach the output or a gradient.
+    real_atom = mask[:, :, None, None]
+    q, k, v = (torch.where(real_atom, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in (q, k, v))
     logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    if bias is not None:
-        logits = logits + bias
-    if rel_table is not None:
-        logits = logits + bias_from_relations(rel_index, rel_table).to(logits.dtype)
     pair_real = (mask[:, :, None] & mask[:, None, :])[:, None]  # (B, 1, N, N)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if bias is not None:
+        logits = logits + torch.where(pair_real, bias, zero)
+    if rel_table is not None:
+        gathered = bias_from_relations(torch.where(pair_real[:, 0], rel_index, 0), rel_table)
+        logits = logits + torch.where(pair_real, gathered.to(logits.dtype), zero)
     scores = torch.where(mask[:, None, None, :], logits, float("-inf"))
     # A row with no finite score gets zeros: softmax runs on a finite stand-in so no NaN reaches the gradient.
     row_live = torch.isfinite(scores.amax(-1, keepdim=True)) & mask[:, None, :, None]
