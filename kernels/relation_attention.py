@@ -468,8 +468,8 @@ class _Problem:
         self.atom_strides = atom_strides
         self.cu_seqlens = cu_seqlens if self.packed else dummy
         # out, grad_out, dq, dk, dv: contiguous with q's shape.
-        self.contiguous_strides = ((0,) if self.packed else (q[0].numel(),)) + \
-            (self.num_heads * self.head_dim, self.head_dim)
+        row = self.num_heads * self.head_dim
+        self.contiguous_strides = (0 if self.packed else q.shape[1] * row, row, self.head_dim)
         lse_like = q.new_empty(q.shape[:-1], dtype=torch.float32)
         self.lse_strides = (0, lse_like.stride(0), lse_like.stride(1)) if self.packed else lse_like.stride()
         self.bias = bias if bias is not None else dummy

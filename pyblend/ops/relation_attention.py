@@ -1,8 +1,9 @@
 """Relation-biased attention: ``O = softmax(Q K^T * scale + Bias + key_mask) V`` with the gradient of the bias.
 
-Backends: Triton (CUDA tensors, or the interpreter on request) and the plain-PyTorch reference. Both are
-registered as torch.library custom ops (``pyblend::relation_attention`` and its backward) with fake
-implementations, so ``torch.compile`` traces through them. Semantics: :mod:`pyblend.reference.relation_attention`.
+Backends: Triton (CUDA tensors, or the interpreter on request) and the plain-PyTorch reference. The Triton
+path is a torch.library custom op (``pyblend::relation_attention``, its backward another, both with fake
+implementations) so ``torch.compile`` traces it; the reference path is plain differentiable torch ops.
+Semantics: :mod:`pyblend.reference.relation_attention`.
 """
 from __future__ import annotations
 
@@ -73,10 +74,11 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     check_same_device(q, "q", k=k, v=v, bias=bias, mask=mask, cu_seqlens=cu_seqlens, rel_index=rel_index,
                       rel_table=rel_table)
     if q.dim() != (3 if packed else 4):
-        layout = "packed (T, H, D) since cu_seqlens is given" if packed else "padded (B, N, H, D)"
-        raise ValueError(f"q: expected the {layout} layout; got {describe(q)}")
+        layout = "packed layout (T, H, D), as cu_seqlens is given" if packed else "padded layout (B, N, H, D)"
+        raise ValueError(f"q: expected the {layout}; got {describe(q)}")
     heads, head_dim = q.shape[-2], q.shape[-1]
     if packed:
+        check_mask(mask, (), cu_seqlens)
         check_cu_seqlens(cu_seqlens, total=q.shape[0])
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         longest = int(lengths.max()) if lengths.numel() else 0
@@ -103,17 +105,16 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         "triton": lambda: _triton_reasons(q),
         "reference": lambda: [],
     })
-    if chosen == "triton" and q.stride(-1) != 1:
-        q = q.contiguous()
-    if chosen == "triton":
-        k = k if k.stride(-1) == 1 else k.contiguous()
-        v = v if v.stride(-1) == 1 else v.contiguous()
-    seed = 0
-    if dropout_p > 0.0:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    if chosen == "reference":
+        # Plain differentiable torch ops: autograd and torch.compile see straight through them.
+        return reference.relation_attention(q, k, v, bias, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                            scale=scale, dropout_p=dropout_p, return_logits=return_logits,
+                                            rel_index=rel_index, rel_table=rel_table, generator=generator)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if dropout_p > 0.0 else 0
     out, _, logits = torch.ops.pyblend.relation_attention(
         q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale), float(dropout_p), seed,
-        bool(return_logits), chosen)
+        bool(return_logits))
     return (out, logits) if return_logits else out
 
 
@@ -170,104 +171,65 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
 @torch.library.custom_op("pyblend::relation_attention", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], rel_index: Optional[Tensor],
                 rel_table: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
-                scale: float, dropout_p: float, seed: int, return_logits: bool,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, lse, logits); lse is float32 ``q.shape[:-1]`` for Triton and empty for the reference,
-    logits empty unless ``return_logits``."""
-    if backend == "triton":
-        from ..kernels import relation_attention as kernel
+                scale: float, dropout_p: float, seed: int, return_logits: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton forward: (out, lse float32 ``q.shape[:-1]``, logits or an empty tensor)."""
+    from ..kernels import relation_attention as kernel
 
-        return kernel.relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
-                                                 scale, dropout_p, seed, return_logits)
-    with torch.no_grad():
-        result = _reference(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p,
-                            seed, return_logits)
-    out, logits = result if return_logits else (result, q.new_empty(0))
-    return out, q.new_empty(0, dtype=torch.float32), logits
-
-
-def _reference(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed,
-               return_logits):
-    generator = None
-    if dropout_p > 0.0:
-        generator = torch.Generator(q.device).manual_seed(seed)
-    return reference.relation_attention(q, k, v, bias, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                        scale=scale, dropout_p=dropout_p, return_logits=return_logits,
-                                        rel_index=rel_index, rel_table=rel_table, generator=generator)
-
-
-def _logits_shape(q, cu_seqlens, rel_index, bias, max_seqlen):
-    if cu_seqlens is None:
-        return (q.shape[0], q.shape[2], q.shape[1], q.shape[1])
-    if bias is not None:
-        return (q.shape[1], bias.shape[1])
-    if rel_index is not None:
-        return (q.shape[1], rel_index.shape[0])
-    return (q.shape[1], torch.library.get_ctx().new_dynamic_size())
+    return kernel.relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
+                                             scale, dropout_p, seed, return_logits)
 
 
 @_forward_op.register_fake
-def _(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits,
-      backend):
-    lse = q.new_empty(q.shape[:-1] if backend == "triton" else (0,), dtype=torch.float32)
-    logits = q.new_empty(_logits_shape(q, cu_seqlens, rel_index, bias, max_seqlen) if return_logits else (0,))
-    return torch.empty_like(q), lse, logits
+def _(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits):
+    if not return_logits:
+        logits_shape = (0,)
+    elif cu_seqlens is None:
+        logits_shape = (q.shape[0], q.shape[2], q.shape[1], q.shape[1])
+    elif bias is not None:
+        logits_shape = (q.shape[1], bias.shape[1])
+    elif rel_index is not None:
+        logits_shape = (q.shape[1], rel_index.shape[0])
+    else:
+        logits_shape = (q.shape[1], torch.library.get_ctx().new_dynamic_size())
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(logits_shape))
 
 
 @torch.library.custom_op("pyblend::relation_attention_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, grad_logits: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  lse: Tensor, bias: Optional[Tensor], rel_index: Optional[Tensor], rel_table: Optional[Tensor],
                  mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int, scale: float,
-                 dropout_p: float, seed: int, bias_grad: bool, table_grad: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dbias, dtable); dbias/dtable are empty when not asked for."""
-    if backend == "triton":
-        from ..kernels import relation_attention as kernel
+                 dropout_p: float, seed: int, bias_grad: bool,
+                 table_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward: (dq, dk, dv, dbias, dtable); dbias and dtable are empty when not asked for."""
+    from ..kernels import relation_attention as kernel
 
-        dq, dk, dv, dbias, dtable = kernel.relation_attention_backward(
-            grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
-            scale, dropout_p, seed, bias_grad, table_grad)
-    else:
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-            wanted = list(inputs)
-            bias_in = bias.detach().requires_grad_(bias_grad) if bias is not None else None
-            table_in = rel_table.detach().requires_grad_(table_grad) if rel_table is not None else None
-            wanted += [x for x, asked in ((bias_in, bias_grad), (table_in, table_grad)) if asked]
-            result = _reference(*inputs, bias_in, rel_index, table_in, mask, cu_seqlens, max_seqlen, scale,
-                                dropout_p, seed, grad_logits is not None)
-            outputs, grads = (list(result), [grad_out, grad_logits]) if grad_logits is not None else \
-                ([result], [grad_out])
-            found = list(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
-        found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wanted)]
-        dq, dk, dv = found[:3]
-        rest = iter(found[3:])
-        dbias = next(rest) if bias_grad else None
-        dtable = next(rest) if table_grad else None
-    empty = q.new_empty(0)
-    return (dq, dk, dv, empty if dbias is None else dbias.to(bias.dtype),
-            empty if dtable is None else dtable.to(rel_table.dtype))
+    dq, dk, dv, dbias, dtable = kernel.relation_attention_backward(
+        grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
+        dropout_p, seed, bias_grad, table_grad)
+    return (dq, dk, dv, q.new_empty(0) if dbias is None else dbias.to(bias.dtype),
+            q.new_empty(0) if dtable is None else dtable.to(rel_table.dtype))
 
 
 @_backward_op.register_fake
 def _(grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
-      dropout_p, seed, bias_grad, table_grad, backend):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(bias) if bias_grad else q.new_empty(0),
-            torch.empty_like(rel_table) if table_grad else q.new_empty(0))
+      dropout_p, seed, bias_grad, table_grad):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device),
+            bias.new_empty(bias.shape) if bias_grad else q.new_empty(0),
+            rel_table.new_empty(rel_table.shape) if table_grad else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits, \
-        backend = inputs
+    q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits = inputs
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens)
-    ctx.settings = (max_seqlen, scale, dropout_p, seed, return_logits, backend)
+    ctx.settings = (max_seqlen, scale, dropout_p, seed, return_logits)
 
 
 def _backward(ctx, grad_out, grad_lse, grad_logits):
     q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens = ctx.saved_tensors
-    max_seqlen, scale, dropout_p, seed, return_logits, backend = ctx.settings
+    max_seqlen, scale, dropout_p, seed, return_logits = ctx.settings
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     table_grad = rel_table is not None and ctx.needs_input_grad[5]
     if grad_out is None:
@@ -276,9 +238,9 @@ def _backward(ctx, grad_out, grad_lse, grad_logits):
         grad_logits = None
     dq, dk, dv, dbias, dtable = torch.ops.pyblend.relation_attention_backward(
         grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
-        dropout_p, seed, bias_grad, table_grad, backend)
+        dropout_p, seed, bias_grad, table_grad)
     return (dq, dk, dv, dbias if bias_grad else None, None, dtable if table_grad else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
