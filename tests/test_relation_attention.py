@@ -414,13 +414,16 @@ def test_opcheck(generator, return_logits):
     torch.library.opcheck(torch.ops.pyblend.relation_attention.default, args)
 
 
-def test_torch_compile_traces_the_op(generator):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_traces_the_op(generator, backend):
     q, k, v, mask = random_padded(generator, [6, 4], heads=2, head_dim=8, dtype=torch.float32)
-    q, k, v = (x.nan_to_num().requires_grad_() for x in (q, k, v))
-    bias = torch.randn(2, 2, 6, 6, generator=generator, requires_grad=True)
+    target = backend_device(backend)
+    q, k, v = (x.nan_to_num().to(target).requires_grad_() for x in (q, k, v))
+    bias = torch.randn(2, 2, 6, 6, generator=generator).to(target).requires_grad_()
+    mask = mask.to(target)
 
     def layer(q, k, v, bias):
-        return ops.relation_attention(q, k, v, bias, mask=mask, backend="reference").relu().sum()
+        return ops.relation_attention(q, k, v, bias, mask=mask, backend=backend).relu().sum()
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     expected = torch.autograd.grad(layer(q, k, v, bias), (q, k, v, bias))
