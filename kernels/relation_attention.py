@@ -203,7 +203,7 @@ def _relation_attention_bwd_kv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV for one key tile (``do``, ``dk``, ``dv`` share the contiguous strides ``s_o_*``). With
-    WRITE_DBIAS the score gradient goes straight to a contiguous float32 dBias of the bias's full shape."""
+    WRITE_DBIAS the score gradient goes straight to a contiguous dBias of the bias's full shape and dtype."""
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -235,7 +235,7 @@ def _relation_attention_bwd_kv_kernel(
         if WRITE_DBIAS:
             canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs,
                                            PACKED)
-            tl.store(dbias_ptr + canonical, ds, mask=inside)
+            tl.store(dbias_ptr + canonical, ds.to(dbias_ptr.dtype.element_ty), mask=inside)
         dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     atoms = b * s_o_b + (start + cols)[:, None] * s_o_n + h * s_o_h + offs_d[None, :]
@@ -246,7 +246,7 @@ def _relation_attention_bwd_kv_kernel(
 
 @triton.jit
 def _relation_attention_bwd_q_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dlogits_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dlogits_ptr, out_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
@@ -256,7 +256,8 @@ def _relation_attention_bwd_q_kernel(
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ for one query tile, summing over key tiles in order."""
+    """dQ for one query tile, summing over key tiles in order. Runs first: it also writes
+    ``delta = rowsum(dO * O)`` (float32, the layout of lse) for the kernels after it."""
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -268,8 +269,10 @@ def _relation_attention_bwd_q_kernel(
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
     q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
     do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    out = _load_atoms(out_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
     lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
-    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, delta, mask=rows_in)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for col_start in range(0, seqlen, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
@@ -537,11 +540,11 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
 
 def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask,
                                 cu_seqlens, max_seqlen, scale, dropout_p, seed, bias_grad, table_grad):
-    """Launch the backward. Returns ``(dq, dk, dv, dbias, dtable)``: dbias float32 with the bias's shape (or
-    None), dtable float32 ``(R, H)`` (or None). ``grad_logits`` (contiguous, logits' shape) may be None."""
+    """Launch the backward. Returns ``(dq, dk, dv, dbias, dtable)``: dbias with the bias's shape (or None),
+    dtable float32 ``(R, H)`` (or None). ``grad_logits`` (logits' shape) may be None."""
     problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
     grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)
+    delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     has_dlogits = grad_logits is not None
     dlogits = grad_logits.contiguous() if has_dlogits else problem.dummy
@@ -549,22 +552,23 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
     dbias = dtable = None
     heads, batch = problem.num_heads, problem.batch
     if bias_grad:
-        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
         if problem.packed:
             sum_batch, sum_heads = False, bias.shape[0] == 1 and heads > 1
         else:
             sum_batch, sum_heads = bias.shape[0] == 1 and batch > 1, bias.shape[1] == 1 and heads > 1
         direct = not (sum_batch or sum_heads)
+        # Direct: one value per element, written once in the bias's dtype. Summed: float32, cast at the end.
+        dbias = torch.empty(bias.shape, dtype=bias.dtype if direct else torch.float32, device=q.device)
     if not q.numel():
-        return dq, dk, dv, dbias, (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
+        return dq, dk, dv, None if dbias is None else dbias.zero_(), (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
                                    if table_grad else None)
     tiles = triton.cdiv(problem.padded_len, problem.block_m)
     common = (*problem.shared_arguments(),)
+    _relation_attention_bwd_q_kernel[(tiles, batch, heads)](
+        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **problem.blocks())
     _relation_attention_bwd_kv_kernel[(tiles, batch, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
         WRITE_DBIAS=bias_grad and direct, **flags, **problem.blocks())
-    _relation_attention_bwd_q_kernel[(tiles, batch, heads)](
-        q, k, v, grad_out, lse, delta, dq, dlogits, *common, **flags, **problem.blocks())
     if bias_grad and not direct:
         if problem.packed:
             slices, db_strides = batch, (0, 0, dbias.stride(1), dbias.stride(1))
