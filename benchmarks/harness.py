@@ -1,7 +1,8 @@
 """Benchmark harness: check, then time every provider of a case in the same run, and record rows.
 
 A row is one (entry, case, provider) measurement: median / p20 / p80 time, throughput, peak memory (CUDA),
-speedups over every other provider timed in the same run, and where it ran (device, versions, timestamp).
+speedups over every other provider timed in the same run, where the case gives them achieved GB/s (against the
+device's measured copy bandwidth) and TFLOP/s, and where it ran (device, versions, timestamp).
 Rows are appended to ``benchmarks/results/<device>.json``, replacing older rows with the same key.
 """
 from __future__ import annotations
@@ -33,7 +34,11 @@ class Case:
 
     ``providers`` maps a name to a zero-argument callable doing the whole work once; ``check(name, output)``
     raises (AssertionError) when that output is wrong; ``units``/``unit`` give throughput (e.g. molecules).
-    ``targets`` are (provider, over, ratio) claims: provider must be at least ``ratio`` times faster.
+    ``targets`` are (provider, over, ratio) claims: provider must be at least ``ratio`` times faster; ``over``
+    may be a tuple of providers (the claim is then over the fastest of them timed in the run, "the best peer");
+    a 4th item ``"memory"`` makes it a peak-memory claim (CUDA only): provider's peak memory at least ``ratio``
+    times below ``over``'s (the leanest of them for a tuple). ``bytes_moved`` (provider -> bytes the work must
+    move) and ``flops`` (useful FLOPs, the same for every provider) add achieved GB/s and TFLOP/s to the rows.
     """
 
     entry: str
@@ -43,9 +48,11 @@ class Case:
     units: float
     unit: str
     config: dict = field(default_factory=dict)
-    targets: list[tuple[str, str, float]] = field(default_factory=list)
+    targets: list[tuple] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     time_budget_s: float = 5.0
+    bytes_moved: dict[str, float] = field(default_factory=dict)
+    flops: float | None = None
 
 
 def device_name(device: torch.device) -> str:
@@ -114,6 +121,55 @@ def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 
     return {**_quantiles(times), "peak_memory_bytes": None}
 
 
+_COPY_BANDWIDTH: dict[str, float] = {}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """The device's measured memory roofline in GB/s: read + write bytes of a 256 MiB device-to-device copy
+    (median; measured once per device and process)."""
+    key = str(device)
+    if key not in _COPY_BANDWIDTH:
+        size = 256 << 20
+        source = torch.empty(size, dtype=torch.uint8, device=device)
+        target = torch.empty_like(source)
+        timing = measure(lambda: target.copy_(source), device, time_budget_s=0.5)
+        _COPY_BANDWIDTH[key] = 2 * size / (timing["median_ms"] / 1e3) / 1e9
+        del source, target
+    return _COPY_BANDWIDTH[key]
+
+
+def _throughput_fields(case: Case, provider: str, median_ms: float, device: torch.device) -> dict:
+    fields = {}
+    if provider in case.bytes_moved:
+        fields["bytes_moved"] = case.bytes_moved[provider]
+        fields["gbps"] = case.bytes_moved[provider] / (median_ms / 1e3) / 1e9
+        fields["gbps_roofline"] = copy_bandwidth(device)
+    if case.flops is not None:
+        fields["flops"] = case.flops
+        fields["tflops"] = case.flops / (median_ms / 1e3) / 1e12
+    return fields
+
+
+def _apply_targets(case: Case, rows: list[dict]) -> None:
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    for target in case.targets:
+        provider, over, ratio = target[:3]
+        kind = target[3] if len(target) > 3 else "time"
+        candidates = [over] if isinstance(over, str) else list(over)
+        metric = "median_ms" if kind == "time" else "peak_memory_bytes"
+        values = {name: ok[name][metric] for name in candidates if name in ok and ok[name].get(metric) is not None}
+        if provider not in ok or ok[provider].get(metric) in (None, 0) or not values:
+            continue
+        best = min(values, key=values.get)
+        measured = values[best] / ok[provider][metric]
+        record = {"over": best, "at_least": ratio, "measured": measured, "met": measured >= ratio}
+        if kind != "time":
+            record["kind"] = kind
+        if not isinstance(over, str):
+            record["best_of"] = candidates
+        ok[provider].setdefault("targets", []).append(record)
+
+
 def run_case(case: Case, device: torch.device, log: Callable[[str], None] = print) -> list[dict]:
     """Check every provider's output, time the ones that pass, and return one row per provider."""
     environment = _environment(device)
@@ -129,8 +185,8 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
             continue
         # The checked call above was the warm-up.
         timing = measure(fn, device, case.time_budget_s, warmed_up=True)
-        rows.append({**row, "status": "ok", **timing,
-                     "throughput": case.units / (timing["median_ms"] / 1e3)})
+        rows.append({**row, "status": "ok", **timing, "throughput": case.units / (timing["median_ms"] / 1e3),
+                     **_throughput_fields(case, provider, timing["median_ms"], device)})
         log(f"  {case.name} / {provider}: {timing['median_ms']:.3f} ms median over {timing['repeats']}")
     for provider, reason in case.skipped.items():
         rows.append({"entry": case.entry, "case": case.name, "provider": provider, "status": "skipped",
@@ -140,12 +196,7 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
         if row["status"] == "ok":
             row["speedup_over"] = {other: t / row["median_ms"] for other, t in timed.items()
                                    if other != row["provider"]}
-    for provider, over, ratio in case.targets:
-        for row in rows:
-            if row["provider"] == provider and row["status"] == "ok" and over in timed:
-                measured = row["speedup_over"][over]
-                row.setdefault("targets", []).append(
-                    {"over": over, "at_least": ratio, "measured": measured, "met": measured >= ratio})
+    _apply_targets(case, rows)
     return rows
 
 
@@ -164,16 +215,22 @@ def record(rows: list[dict], path: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("case", "provider", "median ms", "p20 ms", "p80 ms", "throughput", "speedups")
+    header = ("case", "provider", "median ms", "p20 ms", "p80 ms", "throughput", "GB/s", "TFLOP/s", "peak MiB",
+              "speedups")
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append((row["case"], row["provider"], row["status"], "", "", "",
+            lines.append((row["case"], row["provider"], row["status"], "", "", "", "", "", "",
                           row.get("reason", row.get("error", ""))[:60]))
             continue
         speedups = ", ".join(f"{v:.1f}x vs {k}" for k, v in row["speedup_over"].items() if v >= 1)
+        gbps = (f"{row['gbps']:.4g} ({100 * row['gbps'] / row['gbps_roofline']:.0f}%)"
+                if row.get("gbps") is not None else "")
+        tflops = f"{row['tflops']:.3g}" if row.get("tflops") is not None else ""
+        peak = f"{row['peak_memory_bytes'] / 2**20:.1f}" if row.get("peak_memory_bytes") is not None else ""
         lines.append((row["case"], row["provider"], f"{row['median_ms']:.3f}", f"{row['p20_ms']:.3f}",
-                      f"{row['p80_ms']:.3f}", f"{row['throughput']:.4g} {row['unit']}/s", speedups))
+                      f"{row['p80_ms']:.3f}", f"{row['throughput']:.4g} {row['unit']}/s", gbps, tflops, peak,
+                      speedups))
     widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
     render = lambda line: "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()  # noqa
     return "\n".join([render(header), render(tuple("-" * w for w in widths)), *map(render, lines)])
@@ -184,8 +241,12 @@ def format_targets(rows: list[dict]) -> str:
     for row in rows:
         for target in row.get("targets", []):
             verdict = "met" if target["met"] else "MISSED"
-            lines.append(f"{row['case']}: {row['provider']} is {target['measured']:.1f}x {target['over']} "
-                         f"(target >= {target['at_least']:g}x): {verdict}")
+            over = target["over"] + (f" (the best of {len(target['best_of'])})" if "best_of" in target else "")
+            if target.get("kind") == "memory":
+                claim = f"uses {target['measured']:.1f}x less peak memory than {over}"
+            else:
+                claim = f"is {target['measured']:.1f}x {over}"
+            lines.append(f"{row['case']}: {row['provider']} {claim} (target >= {target['at_least']:g}x): {verdict}")
     return "\n".join(lines)
 
 

@@ -3,9 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from pyblend.benchmarks.harness import Case, format_targets, record, run_case
+from pyblend.benchmarks.harness import Case, _apply_targets, format_table, format_targets, record, run_case
 
 
 def test_wrong_provider_is_reported_not_timed():
@@ -48,3 +49,107 @@ def test_runner_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pyblend C++ (packed)" in result.stdout and "scipy csgraph (per molecule)" in result.stdout
     assert "WRONG" not in result.stdout and "partial run" in result.stdout
+
+
+def test_bytes_flops_and_memory_targets():
+    case = Case(entry="toy", name="sum", providers={"a": lambda: 4, "b": lambda: 4}, check=lambda p, o: None,
+                units=1, unit="items", bytes_moved={"a": 1e6}, flops=2e9, time_budget_s=0.01,
+                targets=[("a", ("b",), 1.0), ("a", "b", 2.0, "memory")])
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert rows["a"]["gbps"] == pytest.approx(1e6 / (rows["a"]["median_ms"] / 1e3) / 1e9)
+    assert rows["a"]["gbps_roofline"] > 0 and "gbps" not in rows["b"]
+    assert rows["b"]["tflops"] == pytest.approx(2e9 / (rows["b"]["median_ms"] / 1e3) / 1e12)
+    # A best-of target names the fastest of its list; no peak memory on the CPU, so no memory verdict.
+    assert [t["over"] for t in rows["a"]["targets"]] == ["b"] and rows["a"]["targets"][0]["best_of"] == ["b"]
+    assert "GB/s" in format_table(list(rows.values()))
+
+    fake = [{"provider": "lean", "status": "ok", "median_ms": 2.0, "peak_memory_bytes": 100, "case": "c"},
+            {"provider": "fat", "status": "ok", "median_ms": 1.0, "peak_memory_bytes": 900, "case": "c"},
+            {"provider": "fatter", "status": "ok", "median_ms": 3.0, "peak_memory_bytes": 1800, "case": "c"}]
+    _apply_targets(Case(entry="toy", name="c", providers={}, check=None, units=1, unit="items",
+                        targets=[("lean", ("fat", "fatter"), 8.0, "memory"), ("lean", "fat", 1.0)]), fake)
+    memory, speed = fake[0]["targets"]
+    assert memory["kind"] == "memory" and memory["over"] == "fat" and memory["measured"] == 9.0 and memory["met"]
+    assert speed["measured"] == 0.5 and not speed["met"]
+    text = format_targets(fake)
+    assert "9.0x less peak memory than fat (the best of 2)" in text and "MISSED" in text
+
+
+def test_relation_attention_cases_build_with_gpu_shapes_on_cpu():
+    """The GPU plan, scaled down to run on the CPU: every provider's plumbing (layouts, gradients, the table
+    form, the gathered form) through the reference standing in for Triton, the eager peers, bytes and targets."""
+    from types import SimpleNamespace
+
+    from pyblend import reference
+    from pyblend.benchmarks import bench_relation_attention as bench
+
+    sizes = [5, 17, 9, 30, 2, 12, 60, 1, 44, 23] * 120
+    molecules = lambda hydrogens: [SimpleNamespace(num_atoms=n * (2 if hydrogens else 1)) for n in sizes]  # noqa
+    for quick, expected in ((False, 12), (True, 4)):
+        specs = bench.plan(SimpleNamespace(quick=quick, molecules=molecules))
+        assert len(specs) == expected
+    assert {len(s["sizes"]) for s in specs} == {bench.HEAVY_BATCH, bench.HYDROGEN_BATCH, bench.POCKETS,
+                                                bench.MEMORY_BATCH}
+    stand_in = lambda *args, **kwargs: reference.relation_attention(*args, **kwargs)  # noqa: E731
+    names = {bench.TRITON_PACKED, bench.TRITON_TABLE, bench.TRITON_PADDED, bench.TRITON_GATHERED, *bench.PEERS,
+             bench.EAGER}
+    for spec in bench.plan(SimpleNamespace(quick=False, molecules=molecules)):
+        small = spec["sizes"][:3] if spec["sizes"][0] > 100 else spec["sizes"][:12]
+        problem = bench.Problem(small, 2, spec["head_dim"], torch.float32, torch.device("cpu"), spec["backward"])
+        case = bench.build_case(problem, "dry", targets=spec["targets"], attention=stand_in,
+                                gathered=spec.get("gathered", False), peers=(bench.EAGER, bench.SDPA))
+        assert not case.skipped, case.skipped
+        for provider, fn in case.providers.items():
+            case.check(provider, fn())
+            assert case.bytes_moved[provider] > 0
+        assert case.flops > 0 and case.config["mode"] == ("forward+backward" if spec["backward"] else "forward")
+        for target in case.targets:
+            assert target[0] in names and all(over in names for over in (
+                [target[1]] if isinstance(target[1], str) else target[1]))
+
+
+def test_relation_attention_check_rejects_a_wrong_gradient():
+    from pyblend.benchmarks import bench_relation_attention as bench
+
+    problem = bench.Problem([7, 3, 11], 2, 16, torch.float32, torch.device("cpu"), True)
+    case = bench.build_case(problem, "dry", pyblend_skip="needs a CUDA device", peers=(bench.EAGER,))
+    out, dq, dk, dv, dbias = case.providers[bench.EAGER]()
+    with pytest.raises(AssertionError, match="dk: relative error"):
+        case.check(bench.EAGER, (out, dq, dk * 1.1, dv, dbias))
+    raised = bench._guarded(lambda: 1 / 0)()
+    with pytest.raises(AssertionError, match="ZeroDivisionError"):
+        case.check(bench.EAGER, raised)
+
+
+def test_relation_attention_entry_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pyblend", "bench", "--molecules", "24", "--entries",
+                             "relation_attention", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "reference eager (padded)" in result.stdout and "SDPA float mask (padded)" in result.stdout
+    assert "WRONG" not in result.stdout and "ENTRY FAILED" not in result.stdout
+
+
+@pytest.mark.full
+def test_relation_attention_compiled_peers_on_cpu():
+    """The compiled peers' plumbing (FlexAttention's padded bias score_mod, its packed document mask reading the
+    bias by pair offset, the compiled reference) on the CPU, forward only: FlexAttention has no CPU backward."""
+    from pyblend.benchmarks import bench_relation_attention as bench
+
+    problem = bench.Problem([5, 9, 1, 3, 7, 20], 2, 24, torch.float32, torch.device("cpu"), backward=False)
+    case = bench.build_case(problem, "dry", pyblend_skip="needs a CUDA device",
+                            peers=(bench.COMPILED, bench.FLEX_PADDED, bench.FLEX_PACKED))
+    assert set(case.providers) == {bench.COMPILED, bench.FLEX_PADDED, bench.FLEX_PACKED}, case.skipped
+    for provider, fn in case.providers.items():
+        case.check(provider, fn())
+
+
+def test_relation_attention_case_selection(monkeypatch):
+    from pyblend.benchmarks import bench_relation_attention as bench
+
+    name = bench._case_name("pockets (synthetic)", [300, 400], 32, 24, torch.bfloat16, True)
+    assert bench._selected(name)
+    monkeypatch.setenv("PYBLEND_BENCH_RELATION_ATTENTION", "d=16, N = 128")
+    assert not bench._selected(name)
+    monkeypatch.setenv("PYBLEND_BENCH_RELATION_ATTENTION", "d=16,pockets&d=24&forward+backward")
+    assert bench._selected(name)

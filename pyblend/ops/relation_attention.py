@@ -156,9 +156,11 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
     if tuple(rel_index.shape) != want:
         meaning = "(P,)" if packed else "(B, N, N)"
         raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
+    if torch.compiler.is_compiling():  # reading values would break the graph; the kernel masks bad ids
+        return
     if mask is not None:  # padded pairs may hold any id: they are never read
         rel_index = rel_index[mask[:, :, None] & mask[:, None, :]]
-    if rel_index.numel() and not torch.compiler.is_compiling():
+    if rel_index.numel():
         low, high = int(rel_index.min()), int(rel_index.max())
         if low < 0 or high >= rel_table.shape[0]:
             raise ValueError(f"rel_index: expected ids in [0, {rel_table.shape[0]}) (rows of rel_table); "

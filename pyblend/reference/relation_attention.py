@@ -62,7 +62,7 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
     pair_real = (mask[:, :, None] & mask[:, None, :])[:, None]  # (B, 1, N, N)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     if bias is not None:
-        logits = logits + torch.where(pair_real, bias, zero)
+        logits = logits + torch.where(pair_real, bias.to(logits.dtype), zero)
     if rel_table is not None:
         gathered = bias_from_relations(torch.where(pair_real[:, 0], rel_index, 0), rel_table)
         logits = logits + torch.where(pair_real, gathered.to(logits.dtype), zero)
