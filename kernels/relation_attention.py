@@ -434,9 +434,21 @@ def _dropout_keep_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _blocks(max_seqlen: int, head_dim: int) -> tuple[int, int, int]:
-    block = 16 if max_seqlen <= 16 else 32 if max_seqlen <= 32 else 64
-    return block, block, max(16, triton.next_power_of_2(head_dim))
+def _launch_config(kernel: str, max_seqlen: int, head_dim: int) -> dict:
+    """Tiles and warps per kernel. Chosen so that ptxas (sm_90, every feature on) spills no register; not yet
+    tuned on a GPU. Forward: wide query tiles; the backward kernels hold more live tiles, so smaller ones."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if kernel == "forward":
+        block_m = 16 if max_seqlen <= 16 else 32 if max_seqlen <= 32 else 64
+        return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
+    if kernel == "bias":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
+    block = 16 if max_seqlen <= 16 else 32
+    if kernel == "table":
+        warps = 8 if block == 32 or block_d > 64 else 4
+    else:  # dq, dkdv
+        warps = 4 if block_d <= 32 else 8
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -497,7 +509,6 @@ class _Problem:
         self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
                           PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype))
-        self.block_m, self.block_n, self.block_d = _blocks(self.padded_len, self.head_dim)
         self.dummy = dummy
 
     def shared_arguments(self):
@@ -509,9 +520,10 @@ class _Problem:
                 self.padded_len, self.num_heads, self.head_dim, self.total_pairs, self.scale, self.dropout_p,
                 self.seed)
 
-    def blocks(self):
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
-                    num_warps=4 if self.block_m * self.block_d >= 2048 else 2)
+    def config(self, kernel: str) -> tuple[dict, int]:
+        """The kernel's launch configuration and its number of row tiles."""
+        config = _launch_config(kernel, self.padded_len, self.head_dim)
+        return config, triton.cdiv(self.padded_len, config["BLOCK_M"])
 
 
 def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
@@ -531,10 +543,10 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
     else:
         logits = q.new_empty(0)
     if q.numel():
-        grid = (triton.cdiv(problem.padded_len, problem.block_m), problem.batch, problem.num_heads)
-        _relation_attention_fwd_kernel[grid](q, k, v, out, lse, logits if return_logits else problem.dummy,
-                                             *problem.shared_arguments(), WRITE_LOGITS=return_logits,
-                                             **problem.flags, **problem.blocks())
+        config, tiles = problem.config("forward")
+        _relation_attention_fwd_kernel[(tiles, problem.batch, problem.num_heads)](
+            q, k, v, out, lse, logits if return_logits else problem.dummy, *problem.shared_arguments(),
+            WRITE_LOGITS=return_logits, **problem.flags, **config)
     return out, lse, logits
 
 
@@ -562,31 +574,33 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
     if not q.numel():
         return dq, dk, dv, None if dbias is None else dbias.zero_(), (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
                                    if table_grad else None)
-    tiles = triton.cdiv(problem.padded_len, problem.block_m)
+    config, tiles = problem.config("gradients")
     common = (*problem.shared_arguments(),)
     _relation_attention_bwd_q_kernel[(tiles, batch, heads)](
-        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **problem.blocks())
+        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **config)
     _relation_attention_bwd_kv_kernel[(tiles, batch, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
-        WRITE_DBIAS=bias_grad and direct, **flags, **problem.blocks())
+        WRITE_DBIAS=bias_grad and direct, **flags, **config)
     if bias_grad and not direct:
         if problem.packed:
             slices, db_strides = batch, (0, 0, dbias.stride(1), dbias.stride(1))
         else:
             slices = (1 if sum_batch else batch) * (1 if sum_heads else heads)
             db_strides = tuple(s if n > 1 else 0 for s, n in zip(dbias.stride(), dbias.shape))
-        _relation_attention_bwd_bias_kernel[(tiles, tiles, slices)](
+        bias_config, bias_tiles = problem.config("bias")
+        _relation_attention_bwd_bias_kernel[(bias_tiles, bias_tiles, slices)](
             q, k, v, grad_out, lse, delta, dbias, dlogits, *common, batch, *db_strides,
-            SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, **flags, **problem.blocks())
+            SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, **flags, **bias_config)
     if table_grad:
         groups = max(1, min(batch, 64))
         per_group = triton.cdiv(batch, groups)
         groups = triton.cdiv(batch, per_group)
         partial = torch.zeros((heads, groups, rel_table.shape[0]), dtype=torch.float32, device=q.device)
+        table_config, table_tiles = problem.config("table")
         table_flags = {name: value for name, value in flags.items() if name != "HAS_TABLE"}
         _relation_attention_bwd_table_kernel[(heads, groups)](
-            q, k, v, grad_out, lse, delta, partial, dlogits, *common, batch, per_group, tiles,
-            **table_flags, CHUNK=RELATION_CHUNK, **problem.blocks())
+            q, k, v, grad_out, lse, delta, partial, dlogits, *common, batch, per_group, table_tiles,
+            **table_flags, CHUNK=RELATION_CHUNK, **table_config)
         dtable = partial.sum(1).transpose(0, 1).contiguous()
     return dq, dk, dv, dbias, dtable
 

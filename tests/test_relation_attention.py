@@ -485,46 +485,64 @@ def test_triton_refuses_float64_with_a_reason():
 
 
 HOPPER_COMPILE = """
+import os, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pyblend.kernels import relation_attention as kernels
 
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32", "partial_ptr": "*fp32",
             "index_ptr": "*i8", "table_ptr": "*bf16", "mask_ptr": "*u8", "cu_seqlens_ptr": "*i32",
             "pair_offsets_ptr": "*i64"}
-flags = dict(HAS_BIAS=True, HAS_MASK=False, PACKED=True, DROPOUT=True, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64,
-             BLOCK_D=32)
-for kernel, extra in [(kernels._relation_attention_fwd_kernel, dict(HAS_TABLE=True, WRITE_LOGITS=True)),
-                      (kernels._relation_attention_bwd_kv_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
-                                                                       WRITE_DBIAS=True)),
-                      (kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=False, CHUNK=16))]:
-    constants = dict(flags, **extra)
+flags = dict(HAS_BIAS=True, HAS_MASK=False, PACKED=True, DROPOUT=True, PRECISION="ieee")
+for name, kernel, extra in [
+        ("forward", kernels._relation_attention_fwd_kernel, dict(HAS_TABLE=True, WRITE_LOGITS=True)),
+        ("gradients", kernels._relation_attention_bwd_kv_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
+                                                                      WRITE_DBIAS=True)),
+        ("gradients", kernels._relation_attention_bwd_q_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True)),
+        ("bias", kernels._relation_attention_bwd_bias_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
+                                                                   SUM_BATCH=False, SUM_HEADS=True)),
+        ("table", kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=True, CHUNK=16))]:
+    config = kernels._launch_config(name, 64, 24)
+    warps = config.pop("num_warps")
+    constants = dict(flags, **extra, **config)
     signature = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = POINTERS.get(name, "*bf16")
+    for arg in kernel.arg_names:
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = POINTERS.get(arg, "*bf16")
         else:
-            signature[name] = {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(name, "i32")
+            signature[arg] = {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(arg, "i32")
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    print(kernel.fn.__name__, "mma", ptx.count("mma"))
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
+                 for part in line.split(",") if "spill stores" in part)
+    print(kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
 """
 
 
-def test_kernels_compile_for_hopper():
-    """Lowers forward, dK/dV and the table gradient (bf16, packed, every feature on) to sm_90 PTX: the
-    interpreter accepts programs the compiler rejects. A subprocess: TRITON_INTERPRET=1 forbids compiling."""
+def test_kernels_compile_for_hopper_without_spills():
+    """Lowers every kernel (bf16, packed, every feature on, D = 24, N = 64) with its launch configuration to
+    sm_90 PTX and runs ptxas on it: the interpreter accepts programs the compiler rejects, and a register spill
+    is a performance bug. A subprocess: TRITON_INTERPRET=1 forbids compiling."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
     if "ptxas" in result.stderr and result.returncode:
         pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in result.stdout.strip().splitlines():
-        assert int(line.split()[-1]) > 0, f"{line}: the matmuls should use the tensor cores"
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5, result.stdout
+    for line in lines:
+        words = line.split()
+        assert int(words[2]) > 0, f"{line}: the matmuls should use the tensor cores"
+        assert int(words[4]) == 0, f"{line}: registers spill"
 
 
 # ------------------------------------------------------------------------------------------------- GPU
