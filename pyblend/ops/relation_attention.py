@@ -79,14 +79,15 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     heads, head_dim = q.shape[-2], q.shape[-1]
     if packed:
         check_mask(mask, (), cu_seqlens)
-        check_cu_seqlens(cu_seqlens, total=q.shape[0])
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        host = cu_seqlens.cpu()  # the one device-to-host copy of the packed layout
+        check_cu_seqlens(host, total=q.shape[0])
+        lengths = host[1:] - host[:-1]
         longest = int(lengths.max()) if lengths.numel() else 0
         if max_seqlen is None:
             max_seqlen = longest
         elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
             raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-        pairs = int(pair_offsets(cu_seqlens.cpu())[-1])
+        pairs = int(pair_offsets(host)[-1])
         batch = cu_seqlens.numel() - 1
     else:
         batch, atoms = q.shape[0], q.shape[1]
@@ -158,10 +159,11 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
         raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
     if torch.compiler.is_compiling():  # reading values would break the graph; the kernel masks bad ids
         return
-    if mask is not None:  # padded pairs may hold any id: they are never read
-        rel_index = rel_index[mask[:, :, None] & mask[:, None, :]]
     if rel_index.numel():
-        low, high = int(rel_index.min()), int(rel_index.max())
+        ids = rel_index
+        if mask is not None:  # padded pairs may hold any id: they are never read (0 is always valid)
+            ids = torch.where(mask[:, :, None] & mask[:, None, :], ids, 0)
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device-to-host copy
         if low < 0 or high >= rel_table.shape[0]:
             raise ValueError(f"rel_index: expected ids in [0, {rel_table.shape[0]}) (rows of rel_table); "
                              f"got ids from {low} to {high}")
