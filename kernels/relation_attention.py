@@ -422,7 +422,6 @@ def _relation_attention_bwd_table_kernel(
                 # Same program, same addresses: the barrier orders this read after the previous write.
                 tl.debug_barrier()
                 tl.store(own + ids, tl.load(own + ids, mask=in_table, other=0.0) + sums, mask=in_table)
-    tl.debug_barrier()
 
 
 @triton.jit

@@ -244,9 +244,6 @@ class RelationBiasedAttention(nn.Module):
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected its last dimension to be embed_dim = {self.embed_dim}; got "
                              f"{x.dtype} tensor of shape {tuple(x.shape)}")
-        if (rel_index is None) != (rel_table is None):
-            raise ValueError("rel_index and rel_table come together; got only "
-                             f"{'rel_index' if rel_table is None else 'rel_table'}")
         heads = self.num_heads
         if attn_bias is not None and not packed and attn_bias.dim() == 3:  # Uni-Mol's (B*H, N, N)
             batch, atoms = x.shape[0], x.shape[1]

@@ -112,7 +112,10 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
                                             scale=scale, dropout_p=dropout_p, return_logits=return_logits,
                                             rel_index=rel_index, rel_table=rel_table, generator=generator)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if dropout_p > 0.0 else 0
+    seed = 0
+    if dropout_p > 0.0:
+        where = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where).item())
     out, _, logits = torch.ops.pyblend.relation_attention(
         q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale), float(dropout_p), seed,
         bool(return_logits))
