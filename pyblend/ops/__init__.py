@@ -4,7 +4,9 @@ Every op takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++ eng
 tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all ops.
 """
 from .gaussian_basis import gaussian_basis, pair_distances
+from .multi_infonce import multi_infonce
 from .relation_attention import relation_attention
 from .shortest_path import shortest_path, shortest_path_routes
 
-__all__ = ["gaussian_basis", "pair_distances", "relation_attention", "shortest_path", "shortest_path_routes"]
+__all__ = ["gaussian_basis", "multi_infonce", "pair_distances", "relation_attention", "shortest_path",
+           "shortest_path_routes"]

@@ -1,11 +1,13 @@
 """Plain-PyTorch implementations of every pyblend op: ground truth for tests, baseline for benchmarks, and the
 CPU path. Nothing here imports a kernel."""
 from .gaussian_basis import gaussian_basis, pair_distances, pair_distances_packed
+from .multi_infonce import multi_infonce
 from .relation_attention import bias_from_relations, relation_attention
 from .shortest_path import (check_routes, shortest_path, shortest_path_packed, shortest_path_routes,
                             shortest_path_routes_packed)
 
 __all__ = [
-    "gaussian_basis", "pair_distances", "pair_distances_packed", "bias_from_relations", "relation_attention",
+    "gaussian_basis", "pair_distances", "pair_distances_packed", "multi_infonce",
+    "bias_from_relations", "relation_attention",
     "check_routes", "shortest_path", "shortest_path_packed", "shortest_path_routes", "shortest_path_routes_packed",
 ]

@@ -1,0 +1,240 @@
+"""Blockwise row/column log-sum-exp of a scaled similarity matrix in Triton, for the InfoNCE loss.
+
+For one modality pair the kernels see ``x (B, D)``, ``y (B, D)`` (any strides, one dtype), float32 scales
+``x_scale (B,)`` and ``y_scale (B,)`` and an optional ``present (B,)`` bool mask, and work on
+
+    S_ij = (x_i . y_j) * x_scale_i * y_scale_j        over present rows i and present columns j
+
+(the op folds L2 normalisation and the temperature into the scales, so the dot runs in the input dtype with
+float32 accumulation and nothing is rescaled in memory). S is never written: every tile lives in registers.
+
+Forward, one program per row block (``_multi_infonce_fwd_kernel``): an online log-sum-exp along the row gives
+``row_lse``; each column tile's log-sum-exp over the program's rows is written to ``col_partial[row_block, j]``
+and the launcher reduces those ``(cdiv(B, BLOCK_M), B)`` partials with one ``torch.logsumexp`` into ``col_lse``:
+the matrix product runs once.
+
+Backward, for upstream gradients ``g_row``, ``g_col`` of the two log-sum-exps,
+``dS_ij = g_row_i exp(S_ij - row_lse_i) + g_col_j exp(S_ij - col_lse_j)`` on present pairs, 0 elsewhere.
+``_multi_infonce_bwd_rows_kernel`` (one program per row block, looping over column blocks) recomputes each tile
+and accumulates ``u_i = sum_j dS_ij y_scale_j y_j``; ``_multi_infonce_bwd_cols_kernel`` (one program per column
+block, looping over row blocks) accumulates ``v_j = sum_i dS_ij x_scale_i x_i``. They write ``dx = x_scale * u``,
+``dy = y_scale * v`` and the scales' gradients ``x . u`` and ``y . v``. Each output element has one owner and
+one summation order: deterministic, no atomics.
+
+Absent samples (``present`` False) are never read: their loads are masked, their LSEs are 0 and their gradients
+exactly 0, so a NaN stored there cannot reach anything.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _present(present_ptr, index, inside, HAS_MASK: tl.constexpr):
+    """True where ``index`` is inside the batch and (with a mask) present."""
+    if HAS_MASK:
+        return inside & (tl.load(present_ptr + index, mask=inside, other=0) != 0)
+    else:
+        return inside
+
+
+@triton.jit
+def _load_rows(ptr, rows, live, offs_d, dim, s_n, s_d):
+    return tl.load(ptr + rows[:, None] * s_n + offs_d[None, :] * s_d,
+                   mask=live[:, None] & (offs_d[None, :] < dim), other=0.0)
+
+
+@triton.jit
+def _similarity(x, y, x_scale, y_scale, PRECISION: tl.constexpr):
+    """One float32 tile of S = (x y^T) * x_scale[:, None] * y_scale[None, :]."""
+    s = tl.dot(x, tl.trans(y), input_precision=PRECISION)
+    return s * x_scale[:, None] * y_scale[None, :]
+
+
+@triton.jit
+def _multi_infonce_fwd_kernel(
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_partial_ptr,
+    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < batch
+    rows_live = _present(present_ptr, rows, rows_in, HAS_MASK)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
+    x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    partial_row = col_partial_ptr + block.to(tl.int64) * batch
+    for col_start in range(0, batch, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        cols_in = cols < batch
+        cols_live = _present(present_ptr, cols, cols_in, HAS_MASK)
+        y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
+        y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
+        s = _similarity(x, y, x_scale, y_scale, PRECISION)
+        s = tl.where(rows_live[:, None] & cols_live[None, :], s, float("-inf"))
+        # Rows: online log-sum-exp. A row with no finite score yet keeps a finite stand-in maximum.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+        # Columns: this row block's log-sum-exp of the tile, -inf where it holds no present pair.
+        c_max = tl.max(s, 0)
+        c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+        c_sum = tl.sum(tl.exp(s - c_safe[None, :]), 0)
+        partial = tl.where(c_sum > 0.0, c_safe + tl.log(tl.where(c_sum > 0.0, c_sum, 1.0)), float("-inf"))
+        tl.store(partial_row + cols, partial, mask=cols_in)
+
+    live = rows_live & (l_i > 0.0)
+    m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(live, m_final + tl.log(tl.where(live, l_i, 1.0)), 0.0)
+    tl.store(row_lse_ptr + rows, lse, mask=rows_in)
+
+
+@triton.jit
+def _score_gradient(s, row_lse, col_lse, g_row, g_col, real):
+    """dL/dS for one tile (float32), 0 off present pairs."""
+    ds = g_row[:, None] * tl.exp(s - row_lse[:, None]) + g_col[None, :] * tl.exp(s - col_lse[None, :])
+    return tl.where(real, ds, 0.0)
+
+
+@triton.jit
+def _multi_infonce_bwd_rows_kernel(
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    dx_ptr, dx_scale_ptr,
+    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = rows < batch
+    rows_live = _present(present_ptr, rows, rows_in, HAS_MASK)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
+    x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
+    row_lse = tl.load(row_lse_ptr + rows, mask=rows_live, other=0.0)
+    g_row = tl.load(g_row_ptr + rows, mask=rows_live, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for col_start in range(0, batch, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        cols_live = _present(present_ptr, cols, cols < batch, HAS_MASK)
+        y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
+        y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
+        col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
+        g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+        s = _similarity(x, y, x_scale, y_scale, PRECISION)
+        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :])
+        acc += tl.dot((ds * y_scale[None, :]).to(y.dtype), y, input_precision=PRECISION)
+
+    inside = rows_in[:, None] & (offs_d[None, :] < dim)
+    tl.store(dx_ptr + rows[:, None] * dim + offs_d[None, :], (acc * x_scale[:, None]).to(dx_ptr.dtype.element_ty),
+             mask=inside)
+    tl.store(dx_scale_ptr + rows, tl.sum(x.to(tl.float32) * acc, 1), mask=rows_in)
+
+
+@triton.jit
+def _multi_infonce_bwd_cols_kernel(
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    dy_ptr, dy_scale_ptr,
+    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = cols < batch
+    cols_live = _present(present_ptr, cols, cols_in, HAS_MASK)
+    offs_d = tl.arange(0, BLOCK_D)
+    y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
+    y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
+    col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
+    g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for row_start in range(0, batch, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        rows_live = _present(present_ptr, rows, rows < batch, HAS_MASK)
+        x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
+        x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
+        row_lse = tl.load(row_lse_ptr + rows, mask=rows_live, other=0.0)
+        g_row = tl.load(g_row_ptr + rows, mask=rows_live, other=0.0)
+        s = _similarity(x, y, x_scale, y_scale, PRECISION)
+        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :])
+        acc += tl.dot(tl.trans((ds * x_scale[:, None]).to(x.dtype)), x, input_precision=PRECISION)
+
+    inside = cols_in[:, None] & (offs_d[None, :] < dim)
+    tl.store(dy_ptr + cols[:, None] * dim + offs_d[None, :], (acc * y_scale[:, None]).to(dy_ptr.dtype.element_ty),
+             mask=inside)
+    tl.store(dy_scale_ptr + cols, tl.sum(y.to(tl.float32) * acc, 1), mask=cols_in)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _launch_config(batch: int, dim: int) -> dict:
+    """Square tiles, smaller for wide embeddings (the backward holds a (BLOCK, D) float32 accumulator).
+    Not yet tuned on a GPU."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    block = 16 if batch <= 16 else 32 if batch <= 32 or block_d > 64 else 64
+    if block_d > 256:
+        block = 16
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4 if block * block_d <= 64 * 64 else 8)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul setting (TF32 only when the user allowed it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _common(x, y, present):
+    batch, dim = x.shape
+    mask = present.view(torch.uint8) if present is not None else x.new_empty(1, dtype=torch.uint8)
+    flags = dict(HAS_MASK=present is not None, PRECISION=_precision(x.dtype), **_launch_config(batch, dim))
+    return batch, dim, mask, flags
+
+
+def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
+    """Row and column log-sum-exps of ``S = (x y^T) * x_scale[:, None] * y_scale[None, :]`` over present pairs.
+
+    x, y: ``(B, D)``, one dtype, any strides; x_scale, y_scale: float32 ``(B,)`` contiguous; present: bool
+    ``(B,)`` contiguous or None (all present). Returns ``(row_lse, col_lse)``, float32 ``(B,)``, 0 at absent
+    samples.
+    """
+    batch, dim, mask, flags = _common(x, y, present)
+    row_lse = torch.empty(batch, dtype=torch.float32, device=x.device)
+    if batch == 0:
+        return row_lse, torch.empty_like(row_lse)
+    blocks = triton.cdiv(batch, flags["BLOCK_M"])
+    col_partial = torch.empty((blocks, batch), dtype=torch.float32, device=x.device)
+    _multi_infonce_fwd_kernel[(blocks,)](
+        x, y, x_scale, y_scale, mask, row_lse, col_partial, batch, dim, *x.stride(), *y.stride(), **flags)
+    col_lse = torch.logsumexp(col_partial, 0)  # a fixed-order reduction over the row blocks
+    col_lse = torch.where(col_lse == float("-inf"), 0.0, col_lse)  # absent columns
+    return row_lse, col_lse
+
+
+def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, row_lse, col_lse):
+    """Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)``: ``(dx, dy, dx_scale, dy_scale)``, dx and dy
+    contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples."""
+    batch, dim, mask, flags = _common(x, y, present)
+    dx = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
+    dy = torch.empty((batch, dim), dtype=y.dtype, device=y.device)
+    dx_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
+    dy_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
+    if batch == 0:
+        return dx, dy, dx_scale, dy_scale
+    g_row = g_row.float().contiguous()
+    g_col = g_col.float().contiguous()
+    arguments = (x, y, x_scale, y_scale, mask, row_lse, col_lse, g_row, g_col)
+    sizes = (batch, dim, *x.stride(), *y.stride())
+    _multi_infonce_bwd_rows_kernel[(triton.cdiv(batch, flags["BLOCK_M"]),)](
+        *arguments, dx, dx_scale, *sizes, **flags)
+    _multi_infonce_bwd_cols_kernel[(triton.cdiv(batch, flags["BLOCK_N"]),)](
+        *arguments, dy, dy_scale, *sizes, **flags)
+    return dx, dy, dx_scale, dy_scale

@@ -1,0 +1,346 @@
+"""Multi-pair InfoNCE: the Triton kernels (interpreter on the CPU) and the reference against float64.
+
+Every check draws fresh inputs, poisons absent samples with NaN, and compares the loss and every gradient
+(each embedding, a learnable temperature) with the float64 reference.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyblend import ops, reference
+
+from graphs import backend_device
+from tolerances import RELATIVE_ERROR, assert_close, relative_error
+
+HAS_CUDA = torch.cuda.is_available()
+# bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+
+
+def random_embeddings(generator, batch, dims, dtype, masks=None, scale=1.0):
+    """{name: (B, d)} with NaN in the rows a mask calls absent (they must never be read)."""
+    out = {}
+    for name, dim in dims.items():
+        x = torch.randn(batch, dim, generator=generator, dtype=torch.float64) * scale
+        if masks is not None and name in masks:
+            x[~masks[name]] = float("nan")
+        out[name] = x.to(dtype)
+    return out
+
+
+def random_mask(generator, batch, keep=0.7):
+    return torch.rand(batch, generator=generator) < keep
+
+
+def run(backend, embeddings, pairs, *, temperature=0.1, masks=None, dtype=None, **options):
+    """Loss and gradients {name: tensor on the CPU}; ``dtype`` converts the inputs first (the reference in
+    float64). A tensor temperature is a leaf whose gradient is returned as "dtemperature"."""
+    target = torch.device("cpu") if backend == "reference" else backend_device("triton")
+    leaves = {name: x.detach().to(target, dtype or x.dtype).requires_grad_() for name, x in embeddings.items()}
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().to(target, torch.float64 if dtype == torch.float64 else torch.float32)
+        temperature.requires_grad_()
+    if masks is not None:
+        masks = {name: m.to(target) for name, m in masks.items()}
+    fn = reference.multi_infonce if backend == "reference" else ops.multi_infonce
+    if backend != "reference":
+        options["backend"] = backend
+    loss = fn(leaves, pairs, temperature=temperature, masks=masks, **options)
+    loss.backward()
+    found = {"loss": loss.detach().cpu()}
+    found.update({f"d{name}": leaf.grad.detach().cpu() for name, leaf in leaves.items()})
+    if isinstance(temperature, torch.Tensor):
+        found["dtemperature"] = temperature.grad.detach().cpu()
+    return found
+
+
+def compare(got, expected, dtype, masks=None, low_precision=None):
+    """Compare on present samples (absent ones must get exactly 0). With ``low_precision`` (the reference run
+    in ``dtype``), an error above the table's bound still passes when it is within 3x PyTorch's own error
+    (flash-attn's rule): near-tied logits of size ~1e4 make the softmax itself ill-conditioned."""
+    for name, ref in expected.items():
+        out = got[name]
+        torch_result = None if low_precision is None else low_precision[name]
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(out).all(), f"{name}: inf or NaN"
+        modality = name[1:]
+        if masks is not None and modality in masks:
+            absent = ~masks[modality]
+            assert (out[absent] == 0).all(), f"{name}: nonzero gradient at absent samples"
+            out, ref = out[~absent], ref[~absent]
+            torch_result = None if torch_result is None else torch_result[~absent]
+        if ref.norm() == 0:
+            assert out.abs().max() < 10 * RELATIVE_ERROR[dtype], f"{name}: expected zeros, got {out.abs().max()}"
+            continue
+        if torch_result is not None:
+            ours, theirs = relative_error(out, ref), relative_error(torch_result, ref)
+            if ours <= 3 * theirs:
+                assert torch.isfinite(out).all(), f"{name}: inf or NaN"
+                continue
+        assert_close(out, ref, dtype, name)
+
+
+def check_against_reference(embeddings, pairs, dtype, against_torch=False, **options):
+    got = run("triton", embeddings, pairs, **options)
+    expected = run("reference", embeddings, pairs, dtype=torch.float64, **options)
+    low = run("reference", embeddings, pairs, **options) if against_torch else None
+    compare(got, expected, dtype, options.get("masks"), low)
+    return got, expected
+
+
+# ------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("batch, dim", [(1, 16), (7, 24), (33, 16), (130, 24)])
+def test_one_pair_matches_reference(generator, batch, dim, dtype):
+    embeddings = random_embeddings(generator, batch, {"graph": dim, "text": dim}, dtype)
+    temperature = torch.tensor(0.05 + 0.1 * torch.rand((), generator=generator).item())
+    check_against_reference(embeddings, [("graph", "text")], dtype, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_unnormalized_float_temperature(generator, dtype):
+    embeddings = random_embeddings(generator, 45, {"a": 32, "b": 32}, dtype, scale=0.3)
+    check_against_reference(embeddings, [("a", "b")], dtype, temperature=0.5, normalize=False)
+
+
+def test_wide_embeddings(generator):
+    embeddings = random_embeddings(generator, 40, {"conformer": 512, "text": 512}, torch.float32)
+    check_against_reference(embeddings, [("conformer", "text")], torch.float32, temperature=torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_three_modalities_masks_and_weights(generator, dtype):
+    """Missing samples in two modalities, three pairs with weights, one pair with nothing in common."""
+    batch = 37
+    masks = {"graph": random_mask(generator, batch), "pocket": torch.arange(batch) < 15,
+             "text": torch.arange(batch) >= 15}
+    masks["graph"][:3] = True
+    dims = {"graph": 24, "conformer": 24, "pocket": 24, "text": 24}
+    embeddings = random_embeddings(generator, batch, dims, dtype, masks)
+    pairs = [("graph", "conformer"), ("conformer", "pocket"), ("pocket", "text"), ("graph", "text")]
+    weights = [0.4, 0.3, 0.2, 0.1]
+    got, expected = check_against_reference(embeddings, pairs, dtype, masks=masks, weights=weights,
+                                            temperature=torch.tensor(0.07))
+    # pocket and text share no sample: their pair adds exactly 0.
+    without = run("reference", embeddings, [p for p in pairs if p != ("pocket", "text")], dtype=torch.float64,
+                  masks=masks, weights=[0.4, 0.3, 0.1], temperature=0.07)
+    torch.testing.assert_close(expected["loss"], without["loss"])
+
+
+def test_pair_with_nothing_in_common_is_zero(generator):
+    masks = {"a": torch.arange(9) < 4, "b": torch.arange(9) >= 4}
+    embeddings = random_embeddings(generator, 9, {"a": 16, "b": 16}, torch.float32, masks)
+    got = run("triton", embeddings, [("a", "b")], masks=masks, temperature=torch.tensor(0.1))
+    assert got["loss"] == 0
+    for name in ("da", "db", "dtemperature"):
+        assert (got[name] == 0).all(), name
+
+
+def test_default_weights_are_equal(generator):
+    embeddings = random_embeddings(generator, 20, {"a": 16, "b": 16, "c": 16}, torch.float32)
+    pairs = [("a", "b"), ("b", "c"), ("a", "c")]
+    got = run("triton", embeddings, pairs)
+    expected = run("reference", embeddings, pairs, dtype=torch.float64, weights=[1 / 3] * 3)
+    compare(got, expected, torch.float32)
+
+
+def test_large_logits_are_stable(generator):
+    """Unnormalised inputs of norm ~30 at temperature 0.01: logits ~1e4-1e5, no overflow, still the reference
+    (within 1e-5, or 3x float32 PyTorch's own error when two logits of a row nearly tie)."""
+    embeddings = random_embeddings(generator, 70, {"a": 16, "b": 16}, torch.float32, scale=30 / 4)
+    masks = {"a": random_mask(generator, 70, 0.8)}
+    embeddings["a"][~masks["a"]] = float("nan")
+    got, _ = check_against_reference(embeddings, [("a", "b")], torch.float32, temperature=torch.tensor(0.01),
+                                     normalize=False, masks=masks, against_torch=True)
+    assert got["loss"] > 100
+
+
+def test_nan_in_absent_rows_does_not_leak_and_is_deterministic(generator):
+    batch = 50
+    masks = {"a": random_mask(generator, batch), "b": random_mask(generator, batch)}
+    poisoned = random_embeddings(generator, batch, {"a": 24, "b": 24}, torch.float32, masks)
+    clean = {name: torch.where(masks[name][:, None], x, 0.0) for name, x in poisoned.items()}
+    first = run("triton", poisoned, [("a", "b")], masks=masks, temperature=torch.tensor(0.1))
+    second = run("triton", poisoned, [("a", "b")], masks=masks, temperature=torch.tensor(0.1))
+    zeros = run("triton", clean, [("a", "b")], masks=masks, temperature=torch.tensor(0.1))
+    for name in first:
+        assert torch.isfinite(first[name]).all(), name
+        assert torch.equal(first[name], second[name]), f"{name}: not deterministic"
+        assert torch.equal(first[name], zeros[name]), f"{name}: depends on the absent rows' values"
+
+
+def test_reference_gradcheck_float64(generator):
+    masks = {"a": torch.tensor([True, True, False, True, True])}
+    a = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, t: reference.multi_infonce({"a": a, "b": b}, [("a", "b")], temperature=t, masks=masks),
+        (a, b, t))
+
+
+def test_reference_matches_cross_entropy(generator):
+    """The reference spelled with F.cross_entropy on the present samples."""
+    a, b = torch.randn(2, 12, 8, generator=generator, dtype=torch.float64)
+    present = random_mask(generator, 12)
+    present[0] = True
+    x = torch.nn.functional.normalize(a[present], dim=-1)
+    y = torch.nn.functional.normalize(b[present], dim=-1)
+    logits = x @ y.T / 0.1
+    target = torch.arange(len(x))
+    expected = (torch.nn.functional.cross_entropy(logits, target) +
+                torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    got = reference.multi_infonce({"a": a, "b": b}, [("a", "b")], masks={"a": present}, temperature=0.1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_automatic_backend_on_cpu_is_the_reference(generator):
+    if HAS_CUDA:
+        pytest.skip("on a GPU machine CPU tensors still go to the reference, but TRITON_INTERPRET is unset")
+    embeddings = random_embeddings(generator, 6, {"a": 8, "b": 8}, torch.float32)
+    torch.testing.assert_close(ops.multi_infonce(embeddings, [("a", "b")]),
+                               reference.multi_infonce(embeddings, [("a", "b")]))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(generator, masked):
+    target = backend_device("triton")
+    x = torch.randn(11, 8, generator=generator).to(target).requires_grad_()
+    y = torch.randn(11, 8, generator=generator).to(target).requires_grad_()
+    x_scale = (torch.rand(11, generator=generator) + 0.5).to(target).requires_grad_()
+    y_scale = (torch.rand(11, generator=generator) + 0.5).to(target).requires_grad_()
+    present = random_mask(generator, 11).to(target) if masked else None
+    torch.library.opcheck(torch.ops.pyblend.multi_infonce_lse.default, (x, y, x_scale, y_scale, present))
+    row_lse, col_lse = torch.ops.pyblend.multi_infonce_lse(x, y, x_scale, y_scale, present)
+    grads = (torch.randn(11, generator=generator).to(target), torch.randn(11, generator=generator).to(target))
+    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    inputs = (x, y, x_scale, y_scale, present, row_lse, col_lse)
+    torch.library.opcheck(torch.ops.pyblend.multi_infonce_lse_backward.default,
+                          (*grads, *(None if t is None else t.detach() for t in inputs)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_traces_the_op(generator, backend):
+    target = backend_device(backend)
+    masks = {"b": random_mask(generator, 19).to(target)}
+    a = torch.randn(19, 16, generator=generator).to(target).requires_grad_()
+    b = torch.randn(19, 16, generator=generator).to(target).requires_grad_()
+    t = torch.tensor(0.1, device=target, requires_grad=True)
+
+    def loss(a, b, t):
+        return ops.multi_infonce({"a": a, "b": b}, [("a", "b")], temperature=t, masks=masks, backend=backend)
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(loss(a, b, t), (a, b, t))
+    got = torch.autograd.grad(compiled(a, b, t), (a, b, t))
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def test_errors_name_the_argument(generator):
+    a = torch.randn(4, 8, generator=generator)
+    cases = [
+        (dict(pairs=[("a", "c")]), ValueError, "pairs: modality 'c'"),
+        (dict(pairs=[]), ValueError, "pairs: expected a non-empty list"),
+        (dict(embeddings={"a": a, "b": torch.randn(5, 8)}), ValueError, "embeddings['b']: expected batch size B = 4"),
+        (dict(embeddings={"a": a, "b": torch.randn(4, 6)}), ValueError,
+         "embeddings['a'] has d = 8 and embeddings['b'] has d = 6"),
+        (dict(embeddings={"a": a, "b": a.half()}), TypeError, "embeddings['b']: expected the dtype"),
+        (dict(embeddings={"a": a, "b": a.long()}), TypeError, "embeddings['b']: expected dtype"),
+        (dict(embeddings={"a": a, "b": a[0]}), ValueError, "embeddings['b']: expected shape (B, d)"),
+        (dict(masks={"a": torch.ones(4)}), TypeError, "masks['a']: expected dtype bool"),
+        (dict(masks={"a": torch.ones(5, dtype=torch.bool)}), ValueError, "masks['a']: expected shape (B,)"),
+        (dict(masks={"z": torch.ones(4, dtype=torch.bool)}), ValueError, "masks: modality 'z'"),
+        (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
+        (dict(temperature=torch.tensor(-1.0)), ValueError, "temperature: expected a finite value > 0"),
+        (dict(temperature=torch.tensor([0.1])), TypeError, "temperature: expected a float or a 0-dim"),
+        (dict(weights=[1.0, 2.0]), ValueError, "weights: expected one weight per pair (1); got 2"),
+        (dict(weights=["x"]), TypeError, "weights: expected finite floats"),
+        (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
+        (dict(embeddings={"a": a.double(), "b": a.double()}, backend="triton"), ValueError,
+         "float16, bfloat16 or float32"),
+    ]
+    for overrides, error, message in cases:
+        arguments = dict(embeddings={"a": a, "b": a.clone()}, pairs=[("a", "b")])
+        arguments.update(overrides)
+        embeddings, pairs = arguments.pop("embeddings"), arguments.pop("pairs")
+        with pytest.raises(error) as caught:
+            ops.multi_infonce(embeddings, pairs, **arguments)
+        assert message in str(caught.value), f"{overrides}: {caught.value}"
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+
+HOPPER_COMPILE = """
+import os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pyblend.kernels import multi_infonce as kernels
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+VECTORS = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr")
+for dim in (24, 128, 512):
+    for kernel in (kernels._multi_infonce_fwd_kernel, kernels._multi_infonce_bwd_rows_kernel,
+                   kernels._multi_infonce_bwd_cols_kernel):
+        config = kernels._launch_config(4096, dim)
+        warps = config.pop("num_warps")
+        constants = dict(HAS_MASK=True, PRECISION="ieee", **config)
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constants:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*bf16" if arg in VECTORS else "*u8" if arg == "present_ptr" else "*fp32"
+            else:
+                signature[arg] = "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+            handle.write(ptx)
+        verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
+                     for part in line.split(",") if "spill stores" in part)
+        print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+"""
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Lowers the three kernels (bf16, masked, d = 24, 128, 512; B = 4096 launch configuration) to sm_90 PTX and
+    runs ptxas: the interpreter accepts programs the compiler rejects. A subprocess: TRITON_INTERPRET=1 forbids
+    compiling."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
+    if "ptxas" in result.stderr and result.returncode:
+        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 9, result.stdout
+    for line in lines:
+        words = line.split()
+        assert int(words[3]) > 0, f"{line}: the matmuls should use the tensor cores"
+        assert int(words[5]) == 0, f"{line}: registers spill"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dtypes(generator, dtype):
+    batch = 300
+    masks = {"graph": random_mask(generator, batch, 0.9), "pocket": random_mask(generator, batch, 0.5)}
+    embeddings = random_embeddings(generator, batch, {"graph": 512, "text": 512, "pocket": 512}, dtype, masks)
+    check_against_reference(embeddings, [("graph", "text"), ("graph", "pocket"), ("text", "pocket")], dtype,
+                            masks=masks, weights=[0.5, 0.25, 0.25], temperature=torch.tensor(0.1))
