@@ -153,3 +153,16 @@ def test_relation_attention_case_selection(monkeypatch):
     assert not bench._selected(name)
     monkeypatch.setenv("PYBLEND_BENCH_RELATION_ATTENTION", "d=16,pockets&d=24&forward+backward")
     assert bench._selected(name)
+
+
+def test_multi_infonce_case_checks_every_provider_with_the_kernel():
+    """The GPU case's construction and checks, run small on the CPU with Triton's interpreter."""
+    from pyblend.benchmarks import bench_multi_infonce
+
+    case = bench_multi_infonce.build_case(48, 3, 32, torch.float32, torch.device("cpu"), missing=0.2,
+                                          time_budget_s=0.01, targets=[(bench_multi_infonce.TRITON,
+                                                                        (bench_multi_infonce.EAGER,), 0.0)])
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert set(rows) == {bench_multi_infonce.TRITON, bench_multi_infonce.EAGER, bench_multi_infonce.COMPILED}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows[bench_multi_infonce.TRITON]["targets"][0]["over"] == bench_multi_infonce.EAGER
