@@ -21,6 +21,12 @@ block, looping over row blocks) accumulates ``v_j = sum_i dS_ij x_scale_i x_i``.
 ``dy = y_scale * v`` and the scales' gradients ``x . u`` and ``y . v``. Each output element has one owner and
 one summation order: deterministic, no atomics.
 
+Rectangular problems (the distributed path, ``multi_infonce_row_lse_*``): a rank's local rows ``x (M, D)``
+against the columns gathered from every rank ``y (N, D)``, with separate row and column masks. Only the row
+log-sum-exps are computed (``COLUMNS=False``: no column partials in the forward, no ``g_col`` term in the
+backward); the same three kernels serve both shapes, and the square single-process path passes one mask twice
+with ``COLUMNS=True``, as before.
+
 Absent samples (``present`` False) are never read: their loads are masked, their LSEs are 0 and their gradients
 exactly 0, so a NaN stored there cannot reach anything.
 """
@@ -53,26 +59,26 @@ def _similarity(x, y, x_scale, y_scale, PRECISION: tl.constexpr):
 
 @triton.jit
 def _multi_infonce_fwd_kernel(
-    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_partial_ptr,
-    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, row_present_ptr, col_present_ptr, row_lse_ptr, col_partial_ptr,
+    n_rows, n_cols, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block = tl.program_id(0)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < batch
-    rows_live = _present(present_ptr, rows, rows_in, HAS_MASK)
+    rows_in = rows < n_rows
+    rows_live = _present(row_present_ptr, rows, rows_in, HAS_MASK)
     offs_d = tl.arange(0, BLOCK_D)
     x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
     x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    partial_row = col_partial_ptr + block.to(tl.int64) * batch
-    for col_start in range(0, batch, BLOCK_N):
+    partial_row = col_partial_ptr + block.to(tl.int64) * n_cols
+    for col_start in range(0, n_cols, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        cols_in = cols < batch
-        cols_live = _present(present_ptr, cols, cols_in, HAS_MASK)
+        cols_in = cols < n_cols
+        cols_live = _present(col_present_ptr, cols, cols_in, HAS_MASK)
         y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
         y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
         s = _similarity(x, y, x_scale, y_scale, PRECISION)
@@ -82,12 +88,13 @@ def _multi_infonce_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m_i = m_new
-        # Columns: this row block's log-sum-exp of the tile, -inf where it holds no present pair.
-        c_max = tl.max(s, 0)
-        c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-        c_sum = tl.sum(tl.exp(s - c_safe[None, :]), 0)
-        partial = tl.where(c_sum > 0.0, c_safe + tl.log(tl.where(c_sum > 0.0, c_sum, 1.0)), float("-inf"))
-        tl.store(partial_row + cols, partial, mask=cols_in)
+        if COLUMNS:
+            # Columns: this row block's log-sum-exp of the tile, -inf where it holds no present pair.
+            c_max = tl.max(s, 0)
+            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp(s - c_safe[None, :]), 0)
+            partial = tl.where(c_sum > 0.0, c_safe + tl.log(tl.where(c_sum > 0.0, c_sum, 1.0)), float("-inf"))
+            tl.store(partial_row + cols, partial, mask=cols_in)
 
     live = rows_live & (l_i > 0.0)
     m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -96,23 +103,26 @@ def _multi_infonce_fwd_kernel(
 
 
 @triton.jit
-def _score_gradient(s, row_lse, col_lse, g_row, g_col, real):
-    """dL/dS for one tile (float32), 0 off present pairs."""
-    ds = g_row[:, None] * tl.exp(s - row_lse[:, None]) + g_col[None, :] * tl.exp(s - col_lse[None, :])
+def _score_gradient(s, row_lse, col_lse, g_row, g_col, real, COLUMNS: tl.constexpr):
+    """dL/dS for one tile (float32), 0 off present pairs; without ``COLUMNS`` only the row term."""
+    ds = g_row[:, None] * tl.exp(s - row_lse[:, None])
+    if COLUMNS:
+        ds += g_col[None, :] * tl.exp(s - col_lse[None, :])
     return tl.where(real, ds, 0.0)
 
 
 @triton.jit
 def _multi_infonce_bwd_rows_kernel(
-    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, row_present_ptr, col_present_ptr, row_lse_ptr, col_lse_ptr,
+    g_row_ptr, g_col_ptr,
     dx_ptr, dx_scale_ptr,
-    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    n_rows, n_cols, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_in = rows < batch
-    rows_live = _present(present_ptr, rows, rows_in, HAS_MASK)
+    rows_in = rows < n_rows
+    rows_live = _present(row_present_ptr, rows, rows_in, HAS_MASK)
     offs_d = tl.arange(0, BLOCK_D)
     x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
     x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
@@ -120,15 +130,19 @@ def _multi_infonce_bwd_rows_kernel(
     g_row = tl.load(g_row_ptr + rows, mask=rows_live, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for col_start in range(0, batch, BLOCK_N):
+    for col_start in range(0, n_cols, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        cols_live = _present(present_ptr, cols, cols < batch, HAS_MASK)
+        cols_live = _present(col_present_ptr, cols, cols < n_cols, HAS_MASK)
         y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
         y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
-        col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
-        g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+        if COLUMNS:
+            col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
+            g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+        else:
+            col_lse = y_scale
+            g_col = y_scale
         s = _similarity(x, y, x_scale, y_scale, PRECISION)
-        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :])
+        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :], COLUMNS)
         acc += tl.dot((ds * y_scale[None, :]).to(y.dtype), y, input_precision=PRECISION)
 
     inside = rows_in[:, None] & (offs_d[None, :] < dim)
@@ -139,31 +153,36 @@ def _multi_infonce_bwd_rows_kernel(
 
 @triton.jit
 def _multi_infonce_bwd_cols_kernel(
-    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, present_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, row_present_ptr, col_present_ptr, row_lse_ptr, col_lse_ptr,
+    g_row_ptr, g_col_ptr,
     dy_ptr, dy_scale_ptr,
-    batch, dim, s_x_n, s_x_d, s_y_n, s_y_d,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    n_rows, n_cols, dim, s_x_n, s_x_d, s_y_n, s_y_d,
+    HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_in = cols < batch
-    cols_live = _present(present_ptr, cols, cols_in, HAS_MASK)
+    cols_in = cols < n_cols
+    cols_live = _present(col_present_ptr, cols, cols_in, HAS_MASK)
     offs_d = tl.arange(0, BLOCK_D)
     y = _load_rows(y_ptr, cols, cols_live, offs_d, dim, s_y_n, s_y_d)
     y_scale = tl.load(y_scale_ptr + cols, mask=cols_live, other=0.0)
-    col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
-    g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+    if COLUMNS:
+        col_lse = tl.load(col_lse_ptr + cols, mask=cols_live, other=0.0)
+        g_col = tl.load(g_col_ptr + cols, mask=cols_live, other=0.0)
+    else:
+        col_lse = y_scale
+        g_col = y_scale
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for row_start in range(0, batch, BLOCK_M):
+    for row_start in range(0, n_rows, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
-        rows_live = _present(present_ptr, rows, rows < batch, HAS_MASK)
+        rows_live = _present(row_present_ptr, rows, rows < n_rows, HAS_MASK)
         x = _load_rows(x_ptr, rows, rows_live, offs_d, dim, s_x_n, s_x_d)
         x_scale = tl.load(x_scale_ptr + rows, mask=rows_live, other=0.0)
         row_lse = tl.load(row_lse_ptr + rows, mask=rows_live, other=0.0)
         g_row = tl.load(g_row_ptr + rows, mask=rows_live, other=0.0)
         s = _similarity(x, y, x_scale, y_scale, PRECISION)
-        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :])
+        ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :], COLUMNS)
         acc += tl.dot(tl.trans((ds * x_scale[:, None]).to(x.dtype)), x, input_precision=PRECISION)
 
     inside = cols_in[:, None] & (offs_d[None, :] < dim)
@@ -192,11 +211,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common(x, y, present):
-    batch, dim = x.shape
-    mask = present.view(torch.uint8) if present is not None else x.new_empty(1, dtype=torch.uint8)
-    flags = dict(HAS_MASK=present is not None, PRECISION=_precision(x.dtype), **_launch_config(batch, dim))
-    return batch, dim, mask, flags
+def _mask_bytes(present, like):
+    return present.view(torch.uint8) if present is not None else like.new_empty(1, dtype=torch.uint8)
+
+
+def _flags(x, present, rows: int, cols: int, columns: bool) -> dict:
+    return dict(HAS_MASK=present is not None, COLUMNS=columns, PRECISION=_precision(x.dtype),
+                **_launch_config(min(rows, cols), x.shape[1]))
 
 
 def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
@@ -206,14 +227,17 @@ def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
     ``(B,)`` contiguous or None (all present). Returns ``(row_lse, col_lse)``, float32 ``(B,)``, 0 at absent
     samples.
     """
-    batch, dim, mask, flags = _common(x, y, present)
+    batch, dim = x.shape
+    mask = _mask_bytes(present, x)
+    flags = _flags(x, present, batch, batch, True)
     row_lse = torch.empty(batch, dtype=torch.float32, device=x.device)
     if batch == 0:
         return row_lse, torch.empty_like(row_lse)
     blocks = triton.cdiv(batch, flags["BLOCK_M"])
     col_partial = torch.empty((blocks, batch), dtype=torch.float32, device=x.device)
     _multi_infonce_fwd_kernel[(blocks,)](
-        x, y, x_scale, y_scale, mask, row_lse, col_partial, batch, dim, *x.stride(), *y.stride(), **flags)
+        x, y, x_scale, y_scale, mask, mask, row_lse, col_partial, batch, batch, dim, *x.stride(), *y.stride(),
+        **flags)
     col_lse = torch.logsumexp(col_partial, 0)  # a fixed-order reduction over the row blocks
     col_lse = torch.where(col_lse == float("-inf"), 0.0, col_lse)  # absent columns
     return row_lse, col_lse
@@ -222,7 +246,9 @@ def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
 def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, row_lse, col_lse):
     """Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)``: ``(dx, dy, dx_scale, dy_scale)``, dx and dy
     contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples."""
-    batch, dim, mask, flags = _common(x, y, present)
+    batch, dim = x.shape
+    mask = _mask_bytes(present, x)
+    flags = _flags(x, present, batch, batch, True)
     dx = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
     dy = torch.empty((batch, dim), dtype=y.dtype, device=y.device)
     dx_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
@@ -231,10 +257,62 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
         return dx, dy, dx_scale, dy_scale
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous()
-    arguments = (x, y, x_scale, y_scale, mask, row_lse, col_lse, g_row, g_col)
-    sizes = (batch, dim, *x.stride(), *y.stride())
+    arguments = (x, y, x_scale, y_scale, mask, mask, row_lse, col_lse, g_row, g_col)
+    sizes = (batch, batch, dim, *x.stride(), *y.stride())
     _multi_infonce_bwd_rows_kernel[(triton.cdiv(batch, flags["BLOCK_M"]),)](
         *arguments, dx, dx_scale, *sizes, **flags)
     _multi_infonce_bwd_cols_kernel[(triton.cdiv(batch, flags["BLOCK_N"]),)](
         *arguments, dy, dy_scale, *sizes, **flags)
+    return dx, dy, dx_scale, dy_scale
+
+
+# Rectangular: the distributed path. A rank's local rows x (M, D) against the gathered columns y (N, D); only the
+# row log-sum-exps are wanted (the columns' would need every rank's rows), so the column partials are skipped.
+
+
+def multi_infonce_row_lse_forward(x, y, x_scale, y_scale, row_present, col_present):
+    """Row log-sum-exps of ``S = (x y^T) * x_scale[:, None] * y_scale[None, :]`` over present pairs.
+
+    x: ``(M, D)``, y: ``(N, D)``, one dtype, any strides; x_scale: float32 ``(M,)``, y_scale: float32 ``(N,)``,
+    contiguous; row_present ``(M,)`` and col_present ``(N,)``: bool, contiguous, both or neither (None: all
+    present). Returns float32 ``(M,)``, 0 at absent rows and at rows with no present column.
+    """
+    rows, dim = x.shape
+    cols = y.shape[0]
+    flags = _flags(x, row_present, rows, cols, False)
+    row_lse = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return row_lse
+    if cols == 0:
+        return row_lse.zero_()
+    blocks = triton.cdiv(rows, flags["BLOCK_M"])
+    _multi_infonce_fwd_kernel[(blocks,)](
+        x, y, x_scale, y_scale, _mask_bytes(row_present, x), _mask_bytes(col_present, x), row_lse, row_lse,
+        rows, cols, dim, *x.stride(), *y.stride(), **flags)
+    return row_lse
+
+
+def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, col_present, row_lse,
+                                   columns: bool = True):
+    """Gradients of ``sum(g_row * row_lse)``: ``(dx (M, D), dy (N, D), dx_scale (M,), dy_scale (N,))``, dx and dy
+    contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples. Without ``columns`` dy and
+    dy_scale are returned uninitialised (the caller does not need them) and their kernel is not launched."""
+    rows, dim = x.shape
+    cols = y.shape[0]
+    flags = _flags(x, row_present, rows, cols, False)
+    dx = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
+    dy = torch.empty((cols, dim), dtype=y.dtype, device=y.device)
+    dx_scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+    dy_scale = torch.empty(cols, dtype=torch.float32, device=x.device)
+    if rows == 0 or cols == 0:
+        return dx.zero_(), dy.zero_(), dx_scale.zero_(), dy_scale.zero_()
+    g_row = g_row.float().contiguous()
+    arguments = (x, y, x_scale, y_scale, _mask_bytes(row_present, x), _mask_bytes(col_present, x), row_lse,
+                 row_lse, g_row, g_row)
+    sizes = (rows, cols, dim, *x.stride(), *y.stride())
+    _multi_infonce_bwd_rows_kernel[(triton.cdiv(rows, flags["BLOCK_M"]),)](
+        *arguments, dx, dx_scale, *sizes, **flags)
+    if columns:
+        _multi_infonce_bwd_cols_kernel[(triton.cdiv(cols, flags["BLOCK_N"]),)](
+            *arguments, dy, dy_scale, *sizes, **flags)
     return dx, dy, dx_scale, dy_scale

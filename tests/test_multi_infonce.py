@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pyblend import ops, reference
+from pyblend.reference.multi_infonce import local_multi_infonce
 
 from graphs import backend_device
 from tolerances import RELATIVE_ERROR, assert_close, relative_error
@@ -289,18 +290,20 @@ from pyblend.kernels import multi_infonce as kernels
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 VECTORS = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr")
-for dim in (24, 128, 512):
+for dim, columns in ((24, True), (128, True), (512, True), (128, False), (512, False)):
     for kernel in (kernels._multi_infonce_fwd_kernel, kernels._multi_infonce_bwd_rows_kernel,
                    kernels._multi_infonce_bwd_cols_kernel):
         config = kernels._launch_config(4096, dim)
         warps = config.pop("num_warps")
-        constants = dict(HAS_MASK=True, PRECISION="ieee", **config)
+        constants = dict(HAS_MASK=True, COLUMNS=columns, PRECISION="ieee", **config)
         signature = {}
         for arg in kernel.arg_names:
             if arg in constants:
                 signature[arg] = "constexpr"
+            elif arg in VECTORS:
+                signature[arg] = "*bf16"
             elif arg.endswith("_ptr"):
-                signature[arg] = "*bf16" if arg in VECTORS else "*u8" if arg == "present_ptr" else "*fp32"
+                signature[arg] = "*u8" if arg.endswith("present_ptr") else "*fp32"
             else:
                 signature[arg] = "i32"
         source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
@@ -311,14 +314,14 @@ for dim in (24, 128, 512):
                                  capture_output=True, text=True, check=True).stderr
         spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
                      for part in line.split(",") if "spill stores" in part)
-        print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+        print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills, "columns", columns)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Lowers the three kernels (bf16, masked, d = 24, 128, 512; B = 4096 launch configuration) to sm_90 PTX and
-    runs ptxas: the interpreter accepts programs the compiler rejects. A subprocess: TRITON_INTERPRET=1 forbids
-    compiling."""
+    """Lowers the three kernels (bf16, masked, d = 24, 128, 512 square and d = 128, 512 rectangular; B = 4096
+    launch configuration) to sm_90 PTX and runs ptxas: the interpreter accepts programs the compiler rejects.
+    A subprocess: TRITON_INTERPRET=1 forbids compiling."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
@@ -326,7 +329,7 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 9, result.stdout
+    assert len(lines) == 15, result.stdout
     for line in lines:
         words = line.split()
         assert int(words[3]) > 0, f"{line}: the matmuls should use the tensor cores"
@@ -344,3 +347,191 @@ def test_gpu_dtypes(generator, dtype):
     embeddings = random_embeddings(generator, batch, {"graph": 512, "text": 512, "pocket": 512}, dtype, masks)
     check_against_reference(embeddings, [("graph", "text"), ("graph", "pocket"), ("text", "pocket")], dtype,
                             masks=masks, weights=[0.5, 0.25, 0.25], temperature=torch.tensor(0.1))
+
+
+# ------------------------------------------------------------------------------------- rectangular kernels
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("rows, cols", [(1, 16), (5, 70), (37, 74), (70, 3)])
+def test_row_lse_rectangular_matches_torch(generator, rows, cols, masked):
+    """The distributed path's op: local rows (M, d) against gathered columns (N, d), row log-sum-exps only,
+    forward and backward (every input's gradient) against float64 torch."""
+    target = backend_device("triton")
+    dim = 24
+    x = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    y = torch.randn(cols, dim, generator=generator, dtype=torch.float64)
+    x_scale = torch.rand(rows, generator=generator, dtype=torch.float64) * 5 + 1
+    y_scale = torch.rand(cols, generator=generator, dtype=torch.float64) + 0.5
+    col_present = random_mask(generator, cols) if masked else None
+    row_present = random_mask(generator, rows) if masked else None
+    if masked:
+        x[~row_present] = float("nan")
+        y[~col_present] = float("nan")
+    upstream = torch.randn(rows, generator=generator, dtype=torch.float64)
+
+    def torch_row_lse(x, y, x_scale, y_scale):
+        live_rows = torch.ones(rows, dtype=torch.bool) if row_present is None else row_present
+        live_cols = torch.ones(cols, dtype=torch.bool) if col_present is None else col_present
+        x = torch.where(live_rows[:, None], x, 0.0)
+        y = torch.where(live_cols[:, None], y, 0.0)
+        s = (x @ y.T) * x_scale[:, None] * y_scale[None, :]
+        s = s.masked_fill(~(live_rows[:, None] & live_cols[None, :]), float("-inf"))
+        keep = live_rows & live_cols.any()
+        return torch.where(keep, torch.where(keep[:, None], s, 0.0).logsumexp(1), 0.0)
+
+    inputs = [t.clone().requires_grad_() for t in (x, y, x_scale, y_scale)]
+    expected = torch_row_lse(*inputs)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
+
+    ours = [t.detach().to(target, torch.float32).requires_grad_() for t in (x, y, x_scale, y_scale)]
+    masks = [None if m is None else m.to(target) for m in (row_present, col_present)]
+    got = torch.ops.pyblend.multi_infonce_row_lse(*ours, *masks)
+    got_grads = torch.autograd.grad((got * upstream.to(target, torch.float32)).sum(), ours)
+    assert_close(got.cpu(), expected, torch.float32, "row_lse")
+    for name, ours_grad, theirs in zip(("dx", "dy", "dx_scale", "dy_scale"), got_grads, expected_grads):
+        ours_grad = ours_grad.cpu()
+        assert torch.isfinite(ours_grad).all(), f"{name}: inf or NaN"
+        if theirs.norm() == 0:
+            assert (ours_grad == 0).all(), f"{name}: expected zeros"
+        else:
+            assert_close(ours_grad, torch.nan_to_num(theirs), torch.float32, name)
+
+
+def test_local_shares_add_up_to_the_loss(generator):
+    """Without processes: the reference's per-rank shares over 3 emulated ranks sum to the single-process loss
+    (value and gradient)."""
+    ranks, local = 3, 11
+    batch = ranks * local
+    masks = {"a": random_mask(generator, batch), "c": random_mask(generator, batch)}
+    embeddings = random_embeddings(generator, batch, {"a": 8, "b": 8, "c": 8}, torch.float64, masks)
+    safe = {n: torch.where(masks[n][:, None], x, 0.0) if n in masks else x for n, x in embeddings.items()}
+    leaves = {n: x.clone().requires_grad_() for n, x in safe.items()}
+    pairs, weights = [("a", "b"), ("b", "c"), ("a", "c")], [0.5, 0.25, 0.25]
+    total = sum(local_multi_infonce(
+        {n: x[r * local:(r + 1) * local] for n, x in leaves.items()}, leaves, pairs, offset=r * local,
+        weights=weights, temperature=0.1, gathered_masks=masks) for r in range(ranks))
+    leaves_full = {n: x.clone().requires_grad_() for n, x in safe.items()}
+    expected = reference.multi_infonce(leaves_full, pairs, weights=weights, temperature=0.1, masks=masks)
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    expected.backward()
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, leaves_full[name].grad)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_rectangular(generator, masked):
+    target = backend_device("triton")
+    x = torch.randn(7, 8, generator=generator).to(target).requires_grad_()
+    y = torch.randn(19, 8, generator=generator).to(target).requires_grad_()
+    x_scale = (torch.rand(7, generator=generator) + 0.5).to(target).requires_grad_()
+    y_scale = (torch.rand(19, generator=generator) + 0.5).to(target).requires_grad_()
+    present = random_mask(generator, 19).to(target) if masked else None
+    row_present = None if present is None else present[5:12]
+    torch.library.opcheck(torch.ops.pyblend.multi_infonce_row_lse.default,
+                          (x, y, x_scale, y_scale, row_present, present))
+    row_lse = torch.ops.pyblend.multi_infonce_row_lse(x, y, x_scale, y_scale, row_present, present)
+    grad = torch.randn(7, generator=generator).to(target)
+    inputs = (x, y, x_scale, y_scale, row_present, present, row_lse)
+    torch.library.opcheck(torch.ops.pyblend.multi_infonce_row_lse_backward.default,
+                          (grad, *(None if t is None else t.detach() for t in inputs), True))
+
+
+# ------------------------------------------------------------------------------------------------ module
+
+
+def test_module_learnable_temperature_gets_gradient(generator):
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    masks = {"pocket": random_mask(generator, 21)}
+    embeddings = random_embeddings(generator, 21, {"graph": 16, "text": 16, "pocket": 16}, torch.float32, masks)
+    pairs = [("graph", "text"), ("graph", "pocket")]
+    module = MultiPairContrastive(pairs, [0.7, 0.3], temperature=0.07, learnable_temperature=True,
+                                  backend="triton")
+    assert isinstance(module.logit_scale, torch.nn.Parameter)
+    torch.testing.assert_close(module.logit_scale.detach(), torch.tensor(torch.log(torch.tensor(1 / 0.07)).item()))
+    loss = module(embeddings, masks)
+    loss.backward()
+    assert module.logit_scale.grad is not None and module.logit_scale.grad != 0
+    # The same as the op with temperature = exp(-logit_scale).
+    scale = torch.tensor(module.logit_scale.item(), requires_grad=True)
+    expected = ops.multi_infonce(embeddings, pairs, weights=[0.7, 0.3], temperature=torch.exp(-scale), masks=masks,
+                                 backend="reference")
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.logit_scale.grad, scale.grad, rtol=1e-4, atol=1e-5)
+    # Clamped: beyond max_logit_scale the temperature stops at exp(-max) and the gradient is 0.
+    clamped = MultiPairContrastive(pairs, temperature=0.001, learnable_temperature=True, backend="triton")
+    torch.testing.assert_close(clamped.temperature.detach(), torch.tensor(0.01))
+    clamped(embeddings, masks).backward()
+    assert clamped.logit_scale.grad == 0
+
+
+def test_module_fixed_temperature_has_no_parameters(generator):
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    module = MultiPairContrastive([("a", "b")])
+    assert list(module.parameters()) == [] and module.temperature == 0.1
+    embeddings = random_embeddings(generator, 9, {"a": 8, "b": 8}, torch.float32)
+    torch.testing.assert_close(module(embeddings), reference.multi_infonce(embeddings, [("a", "b")]))
+    assert "temperature=0.1 (fixed)" in repr(module)
+
+
+def test_module_projections(generator):
+    """MolBind's heads: Linear(d_in, 512) per listed modality, then the op's L2 normalisation; NaN in absent rows
+    reaches neither the loss nor the heads' gradients."""
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    batch = 13
+    masks = {"text": random_mask(generator, batch)}
+    embeddings = random_embeddings(generator, batch, {"graph": 30, "text": 48, "conformer": 20}, torch.float32,
+                                   masks)
+    pairs = [("graph", "text"), ("conformer", "text"), ("graph", "conformer")]
+    module = MultiPairContrastive(pairs, [0.25, 0.25, 0.5], projections={"graph": 30, "text": 48, "conformer": 20},
+                                  learnable_temperature=True, backend="triton")
+    projected = module.project(embeddings, masks)
+    for name in embeddings:
+        assert projected[name].shape == (batch, 512), name
+        assert module.projections[name].weight.shape == (512, embeddings[name].shape[1])
+    loss = module(embeddings, masks)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    expected = reference.multi_infonce(
+        {name: x.detach() for name, x in module.project(embeddings, masks).items()}, pairs,
+        weights=[0.25, 0.25, 0.5], temperature=module.temperature.detach(), masks=masks)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    text = repr(module)
+    assert "graph-text: 0.25" in text and "learnable" in text and "projection_dim=512" in text, text
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_module_compiles(generator, backend):
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    target = backend_device(backend)
+    masks = {"b": random_mask(generator, 17).to(target)}
+    embeddings = {name: torch.randn(17, width, generator=generator).to(target)
+                  for name, width in (("a", 12), ("b", 20))}
+    module = MultiPairContrastive([("a", "b")], projections={"a": 12, "b": 20}, projection_dim=16,
+                                  learnable_temperature=True, backend=backend).to(target)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(module(embeddings, masks), list(module.parameters()))
+    got = torch.autograd.grad(compiled(embeddings, masks), list(module.parameters()))
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_module_validates():
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    with pytest.raises(ValueError, match="weights: expected one weight per pair"):
+        MultiPairContrastive([("a", "b")], [0.5, 0.5])
+    with pytest.raises(ValueError, match="temperature: expected a finite float > 0"):
+        MultiPairContrastive([("a", "b")], temperature=0)
+    with pytest.raises(ValueError, match="projections\\['a'\\]"):
+        MultiPairContrastive([("a", "b")], projections={"a": 0})
+    with pytest.raises(ValueError, match="gather"):
+        MultiPairContrastive([("a", "b")], gather="yes")

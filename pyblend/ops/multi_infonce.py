@@ -16,6 +16,34 @@ float32 ``(B,)`` reduction); the kernels read them in their own dtype and scale 
 a zero-filled copy of the modality feeds the torch-side terms (norms, diagonal) so that NaN in an absent row
 cannot reach a gradient; the kernels read the original, masked.
 Semantics: :mod:`pyblend.reference.multi_infonce`.
+
+**Across ranks** (``gather="autograd"`` or ``"no_grad"`` with ``torch.distributed`` initialised and more than one
+rank in ``process_group``): each rank passes its local batch ``(M, d)`` per modality, the same ``M`` on every
+rank; the global batch is every rank's samples in rank order (``N = world_size * M``), masks included. Each
+modality and mask used by a pair is all-gathered once. Rank ``r`` then computes only its own rows, offset
+``r * M``: the log-sum-exp of its local ``x_i`` against every gathered ``y`` and of its local ``y_i`` against
+every gathered ``x`` (the rectangular kernels, ``pyblend::multi_infonce_row_lse``: ``O(M N d)`` per pair, no
+rank forms the ``(N, N)`` matrix), minus the positives at column ``r * M + i``, over ``2 n`` with ``n`` the pair's
+global count. That is rank r's *share* ``c_r``; the single-process loss of the global batch is
+``L = sum_r c_r``.
+
+What a rank gets back, and its gradient:
+
+- **Value**: ``L``, the global loss, the same on every rank (one scalar ``all_reduce`` of the detached shares).
+- **Gradient**: that of ``c_r``. With ``gather="autograd"`` the gathered copies carry autograd history (an
+  all-gather whose backward sums every rank's gradient for a sample back to the rank that owns it: a
+  reduce-scatter on NCCL, an all-reduce and a slice on gloo), so after every rank's ``backward()`` the gradient
+  of each rank's local embeddings is exactly the single-process ``dL/d(embedding)`` of those samples. A
+  parameter replicated on every rank (a learnable temperature, the encoders' weights) receives on each rank its
+  share; the shares **sum** over the ranks to the single-process gradient. DDP **averages** gradients, so under
+  DDP the parameters see ``dL/dtheta / world_size``: multiply the loss by ``world_size`` before ``backward()``
+  to train at the single-process gradient scale (SGD; Adam is nearly invariant to it).
+- ``gather="no_grad"`` is the public MolBind code's behaviour (``concat_all_gather`` under ``torch.no_grad``):
+  the gathered copies are constants, so only the direct terms of the local rows reach the local embeddings
+  (``x_i`` through its own row's softmax and positive, not through the columns it occupies in other rows). That
+  is a different, biased gradient: the single-process one without its column terms. The public code divides by
+  the local count instead of the global one, so its per-rank gradient is ``world_size`` times this one (equal
+  local counts); the value is ``L`` either way.
 """
 from __future__ import annotations
 
@@ -27,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..reference.multi_infonce import local_multi_infonce as _reference_local
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -41,7 +70,7 @@ _NORM_EPS = 1e-12  # F.normalize's
 def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, str]], *,
                   weights: Sequence[float] | None = None, temperature: float | Tensor = 0.1,
                   masks: Mapping[str, Tensor] | None = None, normalize: bool = True,
-                  backend: str | None = None) -> Tensor:
+                  backend: str | None = None, gather: str | None = "autograd", process_group=None) -> Tensor:
     """Weighted sum over modality pairs of the symmetric InfoNCE loss, differentiable in every embedding and in
     a tensor temperature.
 
@@ -62,16 +91,30 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
             present everywhere. Absent samples are never read (they may hold NaN).
         normalize: L2-normalise the embeddings along ``d`` first (as MolBind does).
         backend: "triton" | "reference" | None (automatic: Triton for CUDA tensors; ``PYBLEND_BACKEND``).
+        gather: how to build the global batch when ``torch.distributed`` is initialised and ``process_group`` has
+            more than one rank (otherwise ignored: the inputs are the whole batch). "autograd" (default): the
+            loss and the gradients of the global batch; "no_grad": the public MolBind code's gathering, whose
+            gradient reaches the local embeddings only through their own rows (biased, see the module
+            docstring); None: no communication, each rank's batch on its own.
+        process_group: the ``torch.distributed`` group to gather over (None: the default group). Every rank of
+            it must call with the same pairs, weights, modalities, dtype and local ``B``.
 
     Returns:
-        a 0-dim tensor, float32 (float64 for float64 embeddings).
+        a 0-dim tensor, float32 (float64 for float64 embeddings). Across ranks: the global loss on every rank,
+        with the gradient of this rank's share (module docstring: under DDP, scale by the world size).
     """
     embeddings, pairs, weights, masks = _validate(embeddings, pairs, weights, temperature, masks, normalize)
+    if gather not in ("autograd", "no_grad", None):
+        raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
+    world = _world(gather, process_group)
     first = next(iter(embeddings.values()))
     chosen = choose_backend("multi_infonce", backend, first.device, {
         "triton": lambda: _triton_reasons(embeddings, pairs),
         "reference": lambda: [],
     })
+    if world is not None:
+        return _distributed(embeddings, pairs, weights, temperature, masks, normalize, chosen, gather,
+                            process_group, *world)
     if chosen == "reference":
         return reference.multi_infonce(embeddings, pairs, weights=weights, temperature=temperature, masks=masks,
                                        normalize=normalize)
@@ -108,6 +151,132 @@ def _pair_loss(x, y, x_safe, y_safe, x_scale, y_scale, present):
         return terms.sum() / (2 * max(x.shape[0], 1))
     terms = torch.where(present, terms, 0.0)
     return terms.sum() / (2 * present.sum().clamp(min=1))  # nothing in common: 0 / 2
+
+
+# --------------------------------------------------------------------------------------------- across ranks
+
+
+def _world(gather, group):
+    """(rank, world size) when gathering across ranks, else None."""
+    if gather is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    size = dist.get_world_size(group)
+    if size == 1:
+        return None
+    return dist.get_rank(group), size
+
+
+def _all_gather(x, gather, group, size):
+    """``(size * M, ...)``: every rank's ``x`` in rank order; differentiable with ``gather="autograd"``."""
+    if gather == "autograd":
+        return _GatherWithGradient.apply(x, group, size)
+    return _gather(x.detach(), group, size)
+
+
+def _gather(x, group, size):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for a rank's slice back to that rank (a reduce-scatter;
+    an all-reduce and a slice on backends without one, such as gloo). Public ``torch.distributed`` calls only
+    (``torch.distributed.nn.functional.all_gather`` does the same and is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size):
+        import torch.distributed as dist
+
+        ctx.group, ctx.size, ctx.rank, ctx.rows = group, size, dist.get_rank(group), x.shape[0]
+        return _gather(x, group, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        if "nccl" in str(dist.get_backend(ctx.group)):
+            out = torch.empty_like(grad[:ctx.rows])
+            parts = [grad[i * ctx.rows:(i + 1) * ctx.rows] for i in range(ctx.size)]
+            dist.reduce_scatter(out, parts, group=ctx.group)
+        else:
+            total = grad.clone()
+            dist.all_reduce(total, group=ctx.group)
+            out = total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return out, None, None
+
+
+def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chosen, gather, group, rank, size):
+    import torch.distributed as dist
+
+    used = sorted({name for pair in pairs for name in pair})
+    local_batch = next(iter(embeddings.values())).shape[0]
+    offset = rank * local_batch
+    # Absent local rows are zeroed before the gather, so no rank ever receives another's NaN.
+    local, gathered, gathered_masks = {}, {}, {}
+    for name in used:
+        x = embeddings[name]
+        mask = masks.get(name)
+        local[name] = x if mask is None else torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype,
+                                                                                        device=x.device))
+        gathered[name] = _all_gather(local[name], gather, group, size)
+        if mask is not None:  # gloo has no bool all_gather: as bytes
+            gathered_masks[name] = _all_gather(mask.view(torch.uint8), "no_grad", group, size).view(torch.bool)
+
+    if chosen == "reference":
+        share = _reference_local(local, gathered, pairs, offset=offset, weights=weights, temperature=temperature,
+                                 gathered_masks=gathered_masks, normalize=normalize)
+    else:
+        def inverse_norm(x):
+            if not normalize:
+                return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+            return 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp(min=_NORM_EPS)
+
+        local_scale = {name: inverse_norm(local[name]) / temperature for name in used}
+        gathered_scale = {name: inverse_norm(gathered[name]) for name in used}
+        share = None
+        for (a, b), weight in zip(pairs, weights):
+            present = _both(gathered_masks.get(a), gathered_masks.get(b))
+            loss = weight * _local_pair_loss(local[a], local[b], gathered[a], gathered[b],
+                                             local_scale[a], local_scale[b], gathered_scale[a], gathered_scale[b],
+                                             present, offset)
+            share = loss if share is None else share + loss
+
+    total = share.detach().clone()
+    dist.all_reduce(total, group=group)
+    return share + (total - share.detach())  # the global value, this rank's share's gradient
+
+
+def _local_pair_loss(x, y, x_all, y_all, x_scale, y_scale, x_all_scale, y_all_scale, present, offset):
+    """Rank's share of one pair: both directions' rows of the local samples, over ``2 n`` (global count).
+    ``x, y (M, d)`` local with absent rows zeroed, ``x_all, y_all (N, d)`` gathered, scales float32, the local
+    ones with the temperature folded in; ``present (N,)`` over the global batch or None."""
+    rows = x.shape[0]
+    local_present = None if present is None else present[offset:offset + rows]
+    x_scale = x_scale.to(torch.float32).contiguous()
+    y_scale = y_scale.to(torch.float32).contiguous()
+    x_row_lse = torch.ops.pyblend.multi_infonce_row_lse(x, y_all, x_scale, y_all_scale.contiguous(),
+                                                        local_present, present)
+    y_row_lse = torch.ops.pyblend.multi_infonce_row_lse(y, x_all, y_scale, x_all_scale.contiguous(),
+                                                        local_present, present)
+    # The positives, against the gathered copies (the same values as the local ones): with a no-grad gather the
+    # partner is a constant, as in the public code; with autograd its gradient flows back to its owner.
+    x_partner = x_all[offset:offset + rows].float()
+    y_partner = y_all[offset:offset + rows].float()
+    x_positive = (x.float() * y_partner).sum(-1) * x_scale * y_all_scale[offset:offset + rows]
+    y_positive = (y.float() * x_partner).sum(-1) * y_scale * x_all_scale[offset:offset + rows]
+    terms = x_row_lse + y_row_lse - x_positive - y_positive
+    if present is None:
+        return terms.sum() / (2 * max(x_all.shape[0], 1))
+    terms = torch.where(local_present, terms, 0.0)
+    return terms.sum() / (2 * present.sum().clamp(min=1))
 
 
 def _both(first, second):
@@ -244,6 +413,62 @@ def _backward_op(grad_row: Tensor, grad_col: Tensor, x: Tensor, y: Tensor, x_sca
 def _(grad_row, grad_col, x, y, x_scale, y_scale, present, row_lse, col_lse):
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(y.shape, dtype=y.dtype, device=y.device),
             x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("pyblend::multi_infonce_row_lse", mutates_args=())
+def _row_lse_op(x: Tensor, y: Tensor, x_scale: Tensor, y_scale: Tensor, row_present: Optional[Tensor],
+                col_present: Optional[Tensor]) -> Tensor:
+    """Row log-sum-exps (float32 ``(M,)``, 0 at absent rows) of ``S = (x y^T) * x_scale[:, None] *
+    y_scale[None, :]`` over present pairs: ``x (M, d)`` a rank's local rows, ``y (N, d)`` the gathered columns;
+    ``row_present (M,)`` and ``col_present (N,)`` both or neither."""
+    from ..kernels import multi_infonce as kernel
+
+    return kernel.multi_infonce_row_lse_forward(x, y, x_scale.contiguous(), y_scale.contiguous(),
+                                                None if row_present is None else row_present.contiguous(),
+                                                None if col_present is None else col_present.contiguous())
+
+
+@_row_lse_op.register_fake
+def _(x, y, x_scale, y_scale, row_present, col_present):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("pyblend::multi_infonce_row_lse_backward", mutates_args=())
+def _row_backward_op(grad: Tensor, x: Tensor, y: Tensor, x_scale: Tensor, y_scale: Tensor,
+                     row_present: Optional[Tensor], col_present: Optional[Tensor], row_lse: Tensor,
+                     columns: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, dx_scale, dy_scale), 0 at absent samples; dy and dy_scale are left uninitialised (not computed)
+    when ``columns`` is False."""
+    from ..kernels import multi_infonce as kernel
+
+    return kernel.multi_infonce_row_lse_backward(grad, x, y, x_scale.contiguous(), y_scale.contiguous(),
+                                                 None if row_present is None else row_present.contiguous(),
+                                                 None if col_present is None else col_present.contiguous(),
+                                                 row_lse.contiguous(), columns)
+
+
+@_row_backward_op.register_fake
+def _(grad, x, y, x_scale, y_scale, row_present, col_present, row_lse, columns):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(y.shape, dtype=y.dtype, device=y.device),
+            x.new_empty(x.shape[0], dtype=torch.float32), y.new_empty(y.shape[0], dtype=torch.float32))
+
+
+def _row_setup_context(ctx, inputs, output):
+    x, y, x_scale, y_scale, row_present, col_present = inputs
+    ctx.save_for_backward(x, y, x_scale, y_scale, row_present, col_present, output)
+
+
+def _row_backward(ctx, grad):
+    x, y, x_scale, y_scale, row_present, col_present, row_lse = ctx.saved_tensors
+    columns = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[3])  # a no-grad gather needs no dy
+    dx, dy, dx_scale, dy_scale = torch.ops.pyblend.multi_infonce_row_lse_backward(
+        grad, x, y, x_scale, y_scale, row_present, col_present, row_lse, columns)
+    if not columns:
+        return dx, None, dx_scale.to(x_scale.dtype), None, None, None
+    return dx, dy, dx_scale.to(x_scale.dtype), dy_scale.to(y_scale.dtype), None, None
+
+
+_row_lse_op.register_autograd(_row_backward, setup_context=_row_setup_context)
 
 
 def _setup_context(ctx, inputs, output):

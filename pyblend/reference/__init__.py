@@ -1,5 +1,6 @@
 """Plain-PyTorch implementations of every pyblend op: ground truth for tests, baseline for benchmarks, and the
 CPU path. Nothing here imports a kernel."""
+from .gated_fusion import gated_fusion
 from .gaussian_basis import gaussian_basis, pair_distances, pair_distances_packed
 from .multi_infonce import multi_infonce
 from .relation_attention import bias_from_relations, relation_attention
@@ -7,6 +8,7 @@ from .shortest_path import (check_routes, shortest_path, shortest_path_packed, s
                             shortest_path_routes_packed)
 
 __all__ = [
+    "gated_fusion",
     "gaussian_basis", "pair_distances", "pair_distances_packed", "multi_infonce",
     "bias_from_relations", "relation_attention",
     "check_routes", "shortest_path", "shortest_path_packed", "shortest_path_routes", "shortest_path_routes_packed",

@@ -1,0 +1,149 @@
+"""MolBind's multi-pair contrastive objective as a module, on :func:`pyblend.ops.multi_infonce`.
+
+:class:`MultiPairContrastive` holds what MolBind's model holds around its loss: the modality pairs and their
+weights, the temperature (MolBind: fixed 0.1; here also learnable, stored as CLIP's ``logit_scale = log(1 /
+temperature)``), and optionally one projection head per modality (MolBind: ``Linear(d_in, 512)`` then L2
+normalisation, which the op fuses). Across ranks it gathers as the op does (``gather=``; see
+:mod:`pyblend.ops.multi_infonce` for what each rank gets back and how to scale under DDP).
+
+Example (MolBind's four pairs, 0.25 each)::
+
+    loss_fn = MultiPairContrastive(
+        [("graph", "text"), ("conformer", "text"), ("graph", "conformer"), ("conformer", "pocket")],
+        weights=[0.25] * 4, temperature=0.1,
+        projections={"graph": 300, "text": 768, "conformer": 512, "pocket": 512})
+    loss = loss_fn({"graph": g, "text": t, "conformer": c, "pocket": p}, masks={"pocket": has_pocket})
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+__all__ = ["MultiPairContrastive"]
+
+
+class MultiPairContrastive(nn.Module):
+    """Weighted sum of symmetric InfoNCE losses over modality pairs, with masks for missing modalities.
+
+    Args:
+        pairs: ``(a, b)`` modality names.
+        weights: one float per pair (default ``1 / len(pairs)`` each).
+        temperature: the initial (learnable) or fixed temperature, a float > 0. MolBind: 0.1 fixed.
+        learnable_temperature: learn it, as the parameter ``logit_scale = log(1 / temperature)`` (CLIP's).
+        max_logit_scale: with a learnable temperature, clamp ``logit_scale`` to at most this in the forward
+            (CLIP: ``log(100)``, i.e. temperature >= 0.01); None: no clamp. Beyond it the gradient is 0.
+        projections: modality name -> input width ``d_in``: a ``Linear(d_in, projection_dim)`` head for it
+            (``self.projections[name]``); modalities not listed are used as given. None: no heads.
+        projection_dim: the heads' output width (MolBind: 512).
+        normalize: L2-normalise each embedding (after its head) before the similarities (MolBind does).
+        gather: across ranks, "autograd" (default), "no_grad" (MolBind's public code) or None; see
+            :func:`pyblend.ops.multi_infonce`.
+        process_group: the ``torch.distributed`` group to gather over (None: the default group).
+        backend: passed to the op ("triton" | "reference" | None automatic).
+
+    Shapes (forward):
+        embeddings: modality -> ``(B, d)`` float tensor (``d = d_in`` for a modality with a head; else the two
+            modalities of a pair need one ``d``); one dtype, ``B`` and device for all.
+        masks: modality -> ``(B,)`` bool, True where the sample has the modality (absent rows are never read,
+            and are zeroed before a head so that NaN there cannot reach its weight gradient).
+        returns: a 0-dim float32 tensor (float64 for float64 inputs).
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], weights: Sequence[float] | None = None, *,
+                 temperature: float = 0.1, learnable_temperature: bool = False,
+                 max_logit_scale: float | None = math.log(100.0),
+                 projections: Mapping[str, int] | None = None, projection_dim: int = 512,
+                 normalize: bool = True, gather: str | None = "autograd", process_group=None,
+                 backend: str | None = None):
+        super().__init__()
+        if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
+            raise ValueError(f"pairs: expected a non-empty list of (modality, modality) tuples; got {pairs!r}")
+        for pair in pairs:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or \
+                    not all(isinstance(name, str) for name in pair):
+                raise ValueError(f"pairs: expected (modality, modality) tuples of str; got {pair!r}")
+        self.pairs = [tuple(pair) for pair in pairs]
+        if weights is None:
+            weights = [1.0 / len(self.pairs)] * len(self.pairs)
+        if len(weights) != len(self.pairs):
+            raise ValueError(f"weights: expected one weight per pair ({len(self.pairs)}); got {len(weights)}")
+        self.weights = [float(w) for w in weights]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+        if gather not in ("autograd", "no_grad", None):
+            raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
+        self.learnable_temperature = bool(learnable_temperature)
+        self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
+        if self.learnable_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            self.fixed_temperature = None
+        else:
+            self.register_parameter("logit_scale", None)
+            self.fixed_temperature = float(temperature)
+        self.projection_dim = int(projection_dim)
+        if projections:
+            for name, width in projections.items():
+                if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+                    raise ValueError(f"projections[{name!r}]: expected an input width (int > 0); got {width!r}")
+            self.projections = nn.ModuleDict({name: nn.Linear(width, self.projection_dim)
+                                              for name, width in projections.items()})
+        else:
+            self.projections = None
+        self.normalize = bool(normalize)
+        self.gather = gather
+        self.process_group = process_group
+        self.backend = backend
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """The temperature in use: the fixed float, or ``exp(-clamp(logit_scale))`` (a 0-dim tensor)."""
+        if self.logit_scale is None:
+            return self.fixed_temperature
+        scale = self.logit_scale
+        if self.max_logit_scale is not None:
+            scale = scale.clamp(max=self.max_logit_scale)
+        return torch.exp(-scale)
+
+    def project(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict:
+        """The embeddings after their heads (unnormalised): modality -> ``(B, projection_dim)`` for a modality with
+        a head, the input ``(B, d)`` otherwise."""
+        out = dict(embeddings)
+        if self.projections is None:
+            return out
+        masks = masks or {}
+        for name, head in self.projections.items():
+            if name not in out:
+                continue
+            x = out[name]
+            if name in masks:  # NaN * 0 in the head's weight gradient would be NaN
+                x = torch.where(masks[name][:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            out[name] = head(x)
+        return out
+
+    def forward(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``embeddings``: modality -> ``(B, d)``; ``masks``: modality -> ``(B,)`` bool or None. Returns the 0-dim
+        loss (across ranks: the global loss; see :func:`pyblend.ops.multi_infonce`)."""
+        projected = self.project(embeddings, masks)
+        return ops.multi_infonce(projected, self.pairs, weights=self.weights, temperature=self.temperature,
+                                 masks=masks, normalize=self.normalize, backend=self.backend, gather=self.gather,
+                                 process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        pairs = ", ".join(f"{a}-{b}: {w:g}" for (a, b), w in zip(self.pairs, self.weights))
+        if self.logit_scale is None:
+            temperature = f"temperature={self.fixed_temperature:g} (fixed)"
+        else:
+            clamp = "" if self.max_logit_scale is None else f", max_logit_scale={self.max_logit_scale:.4g}"
+            temperature = f"temperature={math.exp(-float(self.logit_scale.detach())):.4g} (learnable{clamp})"
+        parts = [f"pairs=[{pairs}]", temperature]
+        if self.projections is not None:
+            parts.append(f"projection_dim={self.projection_dim}")
+        parts.append(f"normalize={self.normalize}")
+        parts.append(f"gather={self.gather!r}")
+        return ", ".join(parts)

@@ -1,0 +1,257 @@
+"""Dynamic multimodal fusion (IBM, "Dynamic Multi-Modal Fusion", eq. 1-5) on :func:`pyblend.ops.gated_fusion`.
+
+There is no public code; this follows the paper. Per sample, with the modalities in ``input_dims`` order:
+
+    h_m      = project_m(x_m)                       Linear(d_m, dim): every modality to the common width
+    g_m      = softmax_dim(gate_m(h_m))             eq. 1, gate_m = Linear(dim, dim) is W_s (per modality)
+    x~_m     = gate_scale * g_m * h_m               eq. 2 (gate_scale 1, or dim with rescale_gate=True)
+    s        = softmax over the present modalities of score_m(h_m),   score_m = Linear(dim, 1)
+    fused    = sum_m s_m x~_m                       eq. 3: missing modalities get s_m = 0 exactly
+    H        = -sum_m s_m log(s_m + eps)            eq. 4
+    L_rec    = mean over modalities of the MSE of decode_m(fused) = Linear(dim, d_m) against x_m, over the
+               samples where modality m is present (every present modality is reconstructed from the fused one)
+    L_total  = L_rec - entropy_weight * mean_b(H)   eq. 5, with the sign of the paper's intent (below)
+
+**The entropy sign.** Eq. 5 as printed is ``L_rec + lambda * L_entropy`` with ``L_entropy = -sum s log s`` (eq.
+4), the entropy itself; minimising it would push the weights towards one modality, the collapse the paper says
+the term counteracts ("promotes diversity", "a higher lambda enforces greater modality diversity"). We implement
+the intent: the regulariser is the *negative* entropy, ``L_total = L_rec - lambda * H``, so a larger
+``entropy_weight`` spreads the weights. ``last_entropy`` holds ``H`` itself (>= 0).
+
+**Choices the paper leaves open.** The score ``s`` is computed from each modality's projected embedding
+``h_m`` (the paper does not say from what); the gating network reads ``h_m`` (the projection to the common width
+comes first, so all gates have one shape). Reconstruction targets are the original embeddings, detached (the
+fusion learns to reconstruct them; it does not move them). Modality dropout (the paper omits modalities at
+random in training): in training mode each present modality of a sample is dropped with probability
+``modality_dropout``; where that would drop every present modality of a sample, one of them, chosen uniformly,
+is kept. A dropped modality still counts as present for the reconstruction (the fused embedding learns to
+reconstruct it from the others).
+
+**Missing modalities.** ``present[name]`` is a ``(B,)`` bool mask; a modality absent from ``embeddings`` is
+missing for every sample. A missing modality's values are never read: NaN there reaches neither the output nor
+a gradient (the inputs are zero-filled with ``torch.where`` before the projection, and the op never reads a
+missing slot). A sample with no present modality is a ValueError naming it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops._checks import describe
+
+__all__ = ["DynamicFusion"]
+
+
+class DynamicFusion(nn.Module):
+    """Intra-modal soft gating + inter-modal gated sum of M modality embeddings of different widths (IBM
+    Dynamic Fusion), with its self-supervised objective (reconstruction + entropy regulariser). See the module
+    docstring for the formulas and the entropy sign.
+
+    Args:
+        input_dims: modality name -> its embedding width ``d_m`` (e.g. ``{"smiles": 768, "selfies": 1024}``);
+            the order fixes the columns of the returned weights.
+        dim: the common width C of the fused embedding.
+        entropy_weight: lambda of eq. 5 (>= 0); the loss subtracts ``lambda * mean entropy`` (more diversity).
+        modality_dropout: probability, in training mode, of dropping each present modality of each sample (never
+            the last present one of a sample).
+        rescale_gate: multiply the gated feature by ``dim`` so that an all-equal gate is the identity (the
+            paper's eq. 2 leaves each feature scaled by ~1/dim). Default False: the paper's.
+        eps: eq. 4's stabiliser.
+        bias: whether the linear maps have a bias.
+        backend: passed to :func:`pyblend.ops.gated_fusion` (None: automatic).
+        device, dtype: where and how the parameters are created (as ``nn.Linear``).
+
+    Parameters (``nn.ModuleDict`` keyed by modality): ``project[m] = Linear(d_m, dim)``, ``gate[m] =
+    Linear(dim, dim)`` (W_s), ``score[m] = Linear(dim, 1)``, ``decode[m] = Linear(dim, d_m)``.
+
+    ``forward(embeddings, present=None, *, generator=None) -> (fused (B, dim), weights (B, M))`` and sets
+    ``last_entropy`` ``(B,)`` and ``last_present`` ``(B, M)`` (the mask after modality dropout);
+    ``loss(embeddings, present=None, *, generator=None)`` runs it and returns eq. 5's total.
+    """
+
+    def __init__(self, input_dims: Mapping[str, int], dim: int, *, entropy_weight: float = 0.01,
+                 modality_dropout: float = 0.0, rescale_gate: bool = False, eps: float = 1e-8, bias: bool = True,
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(input_dims, Mapping) or not input_dims:
+            raise ValueError(f"input_dims: expected a non-empty dict of modality name -> width; got {input_dims!r}")
+        for name, width in input_dims.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"input_dims: expected modality names as non-empty str; got {name!r}")
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"input_dims[{name!r}]: expected a positive int; got {width!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive int; got {dim!r}")
+        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) or \
+                not (math.isfinite(entropy_weight) and entropy_weight >= 0):
+            raise ValueError(f"entropy_weight: expected a finite float >= 0; got {entropy_weight!r}")
+        if isinstance(modality_dropout, bool) or not isinstance(modality_dropout, (int, float)) or \
+                not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout: expected a float in [0, 1); got {modality_dropout!r}")
+        if not isinstance(rescale_gate, bool):
+            raise TypeError(f"rescale_gate: expected a bool; got {rescale_gate!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+        self.input_dims = dict(input_dims)
+        self.modalities = list(self.input_dims)
+        self.dim = dim
+        self.entropy_weight = float(entropy_weight)
+        self.modality_dropout = float(modality_dropout)
+        self.rescale_gate = rescale_gate
+        self.eps = float(eps)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.project = nn.ModuleDict({m: nn.Linear(d, dim, bias=bias, **factory) for m, d in input_dims.items()})
+        self.gate = nn.ModuleDict({m: nn.Linear(dim, dim, bias=bias, **factory) for m in input_dims})
+        self.score = nn.ModuleDict({m: nn.Linear(dim, 1, bias=bias, **factory) for m in input_dims})
+        self.decode = nn.ModuleDict({m: nn.Linear(dim, d, bias=bias, **factory) for m, d in input_dims.items()})
+        self.last_entropy: Tensor | None = None
+        self.last_present: Tensor | None = None
+
+    @property
+    def gate_scale(self) -> float:
+        return float(self.dim) if self.rescale_gate else 1.0
+
+    def extra_repr(self) -> str:
+        return (f"input_dims={self.input_dims}, dim={self.dim}, entropy_weight={self.entropy_weight}, "
+                f"modality_dropout={self.modality_dropout}, rescale_gate={self.rescale_gate}, eps={self.eps}")
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None, *,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Fuse.
+
+        Args:
+            embeddings: modality name -> ``(B, d_m)`` float tensor; any subset of ``input_dims`` (a modality left
+                out is missing for every sample).
+            present: modality name -> ``(B,)`` bool, True = present; a modality without a mask is present in every
+                sample. None: every given modality is present.
+            generator: the ``torch.Generator`` for modality dropout (training mode only); None uses the global RNG.
+
+        Returns:
+            ``(fused (B, dim), weights (B, M))``: the weights float32, columns in ``input_dims`` order, summing to
+            1 over each sample's (kept) modalities, exactly 0 at missing or dropped ones.
+        """
+        inputs, mask = self._inputs(embeddings, present)
+        kept = self._drop(mask, generator) if self.training and self.modality_dropout > 0 else mask
+        first = next(iter(inputs.values()))
+        batch = first.shape[0]
+        h, gate_logits, score_logits = [], [], []
+        for name in self.modalities:
+            if name in inputs:
+                projected = self.project[name](inputs[name])
+            else:  # missing everywhere: never read by the op
+                weight = self.project[name].weight
+                projected = weight.new_zeros(batch, self.dim)
+            h.append(projected)
+            gate_logits.append(self.gate[name](projected))
+            score_logits.append(self.score[name](projected))
+        h = torch.stack(h, dim=1)
+        fused, weights, entropy = ops.gated_fusion(h, torch.stack(gate_logits, dim=1),
+                                                   torch.cat(score_logits, dim=1), kept, eps=self.eps,
+                                                   gate_scale=self.gate_scale, backend=self.backend)
+        self.last_entropy = entropy
+        self.last_present = kept
+        return fused, weights
+
+    def reconstruction_loss(self, fused: Tensor, embeddings: Mapping[str, Tensor],
+                            present: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Eq. 5's reconstruction term: the mean over modalities (those present in at least one sample) of
+        ``mean((decode_m(fused) - x_m)^2)`` over the samples where ``m`` is present (``present`` as given, before
+        any modality dropout), targets detached. A float32 0-dim tensor (float64 for a float64 module)."""
+        inputs, mask = self._inputs(embeddings, present)
+        if fused.dim() != 2 or fused.shape != (mask.shape[0], self.dim):
+            raise ValueError(f"fused: expected shape (B, dim) = ({mask.shape[0]}, {self.dim}); got {describe(fused)}")
+        compute = torch.float64 if fused.dtype == torch.float64 else torch.float32
+        total = fused.new_zeros((), dtype=compute)
+        count = fused.new_zeros((), dtype=compute)
+        for index, name in enumerate(self.modalities):
+            if name not in inputs:
+                continue
+            rows = mask[:, index]
+            target = inputs[name].detach().to(compute)
+            error = (self.decode[name](fused).to(compute) - target).square()
+            error = torch.where(rows[:, None], error, 0.0)
+            present_rows = rows.sum().to(compute)
+            total = total + error.sum() / (present_rows * target.shape[1]).clamp(min=1)
+            count = count + (present_rows > 0).to(compute)
+        return total / count.clamp(min=1)
+
+    def loss(self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None, *,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Eq. 5 with the diversity-promoting sign: ``reconstruction_loss - entropy_weight * mean(entropy)``.
+        Runs the forward (modality dropout included in training mode)."""
+        fused, _ = self(embeddings, present, generator=generator)
+        reconstruction = self.reconstruction_loss(fused, embeddings, present)
+        return reconstruction - self.entropy_weight * self.last_entropy.to(reconstruction.dtype).mean()
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _inputs(self, embeddings, present) -> tuple[dict[str, Tensor], Tensor]:
+        """Validated inputs, missing rows zero-filled, and the ``(B, M)`` presence mask."""
+        if not isinstance(embeddings, Mapping) or not embeddings:
+            raise TypeError("embeddings: expected a non-empty dict of modality name -> (B, d_m) tensor; got "
+                            f"{type(embeddings).__name__ if not isinstance(embeddings, Mapping) else 'an empty dict'}")
+        first_name = None
+        for name, x in embeddings.items():
+            label = f"embeddings[{name!r}]"
+            if name not in self.input_dims:
+                raise ValueError(f"{label}: unknown modality; this DynamicFusion has {self.modalities}")
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{label}: expected a torch.Tensor; got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"{label}: expected a float tensor; got {describe(x)}")
+            if x.dim() != 2 or x.shape[1] != self.input_dims[name]:
+                raise ValueError(f"{label}: expected shape (B, d_m) = (?, {self.input_dims[name]}); "
+                                 f"got {describe(x)}")
+            if first_name is None:
+                first_name, first = name, x
+            elif x.shape[0] != first.shape[0]:
+                raise ValueError(f"{label}: expected batch size B = {first.shape[0]} like "
+                                 f"embeddings[{first_name!r}]; got {describe(x)}")
+            elif x.device != first.device:
+                raise ValueError(f"{label}: expected a tensor on {first.device} like embeddings[{first_name!r}]; "
+                                 f"got {describe(x)}")
+        batch = first.shape[0]
+        present = {} if present is None else present
+        if not isinstance(present, Mapping):
+            raise TypeError(f"present: expected None or a dict of modality name -> (B,) bool tensor; got "
+                            f"{type(present).__name__}")
+        for name, mask in present.items():
+            label = f"present[{name!r}]"
+            if name not in embeddings:
+                raise ValueError(f"{label}: modality {name!r} is not in embeddings (which has {sorted(embeddings)})")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (batch,):
+                got = describe(mask) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"{label}: expected a bool tensor of shape (B,) = ({batch},); got {got}")
+            if mask.device != first.device:
+                raise ValueError(f"{label}: expected a tensor on {first.device} like the embeddings; "
+                                 f"got {describe(mask)}")
+        columns, inputs = [], {}
+        for name in self.modalities:
+            if name not in embeddings:
+                columns.append(torch.zeros(batch, dtype=torch.bool, device=first.device))
+                continue
+            x = embeddings[name]
+            if name in present:
+                x = torch.where(present[name][:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+                columns.append(present[name])
+            else:
+                columns.append(torch.ones(batch, dtype=torch.bool, device=first.device))
+            inputs[name] = x
+        return inputs, torch.stack(columns, dim=1)
+
+    def _drop(self, mask: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Drop each present modality with probability ``modality_dropout``, keeping (uniformly at random) one
+        present modality of a sample that would lose them all."""
+        where = mask.device if generator is None else generator.device
+        draws = torch.rand((2, *mask.shape), generator=generator, device=where).to(mask.device)
+        kept = mask & (draws[0] >= self.modality_dropout)
+        priority = torch.where(mask, draws[1], -1.0)
+        rescue = torch.zeros_like(mask).scatter_(1, priority.argmax(dim=1, keepdim=True), True) & mask
+        return kept | (rescue & ~kept.any(dim=1, keepdim=True))

@@ -1,0 +1,513 @@
+"""Dynamic gated fusion: the Triton kernels (interpreter on the CPU) and the reference against float64, and the
+DynamicFusion module.
+
+Every check draws fresh inputs, poisons missing modalities with NaN, and compares the three outputs (fused,
+weights, entropy) and the three gradients (h, gate logits, score logits) under random upstream gradients of all
+three outputs with the float64 reference.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyblend import ops, reference
+from pyblend.nn import DynamicFusion
+
+from graphs import backend_device
+from tolerances import RELATIVE_ERROR, assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+# bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+OUTPUTS = ("fused", "weights", "entropy")
+GRADIENTS = ("dh", "dgate", "dscore")
+
+
+def random_mask(generator, batch, modalities, keep=0.6):
+    """(B, M) bool with at least one present modality per sample."""
+    mask = torch.rand(batch, modalities, generator=generator) < keep
+    first = torch.randint(0, modalities, (batch,), generator=generator)
+    mask[torch.arange(batch), first] |= ~mask.any(1)
+    return mask
+
+
+def random_inputs(generator, batch, modalities, channels, dtype, present=None, gate_spread=2.0):
+    """(h, gate_logits, score_logits) rounded to ``dtype``, NaN in missing slots (they must never be read)."""
+    h = torch.randn(batch, modalities, channels, generator=generator, dtype=torch.float64)
+    gate = torch.randn(batch, modalities, channels, generator=generator, dtype=torch.float64) * gate_spread
+    score = torch.randn(batch, modalities, generator=generator, dtype=torch.float64) * 2
+    if present is not None:
+        h[~present] = float("nan")
+        gate[~present] = float("nan")
+        score[~present] = float("nan")
+    return h.to(dtype), gate.to(dtype), score.to(dtype)
+
+
+def upstream(generator, batch, modalities, channels):
+    return (torch.randn(batch, channels, generator=generator, dtype=torch.float64),
+            torch.randn(batch, modalities, generator=generator, dtype=torch.float64),
+            torch.randn(batch, generator=generator, dtype=torch.float64))
+
+
+def run(backend, inputs, present, grads, *, dtype=None, **options):
+    """Outputs and gradients {name: CPU tensor}; ``dtype`` converts the inputs first (the reference in float64)."""
+    target = torch.device("cpu") if backend == "reference" else backend_device("triton")
+    leaves = [x.detach().to(target, dtype or x.dtype).requires_grad_() for x in inputs]
+    mask = None if present is None else present.to(target)
+    if backend == "reference":
+        outputs = reference.gated_fusion(*leaves, mask, **options)
+    else:
+        outputs = ops.gated_fusion(*leaves, mask, backend=backend, **options)
+    objective = sum((out.double() * g.to(target)).sum() for out, g in zip(outputs, grads))
+    objective.backward()
+    found = {name: out.detach().cpu() for name, out in zip(OUTPUTS, outputs)}
+    found.update({name: leaf.grad.detach().cpu() for name, leaf in zip(GRADIENTS, leaves)})
+    return found
+
+
+def compare(got, expected, dtype, present=None):
+    for name, ref in expected.items():
+        out = got[name]
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        assert torch.isfinite(out).all(), f"{name}: inf or NaN"
+        if present is not None and name in ("dh", "dgate", "dscore", "weights"):
+            assert (out[~present] == 0).all(), f"{name}: nonzero at missing modalities"
+        if ref.abs().max() < 1e-6:  # M = 1: weights 1, entropy -log(1 + eps), no score gradient
+            assert (out.double() - ref).abs().max() < 10 * RELATIVE_ERROR[dtype], f"{name}: {out} != {ref}"
+            continue
+        assert_close(out, ref, dtype, name)
+
+
+def check_against_reference(generator, batch, modalities, channels, dtype, masked=True, **options):
+    present = random_mask(generator, batch, modalities) if masked else None
+    inputs = random_inputs(generator, batch, modalities, channels, dtype, present)
+    grads = upstream(generator, batch, modalities, channels)
+    got = run("triton", inputs, present, grads, **options)
+    expected = run("reference", inputs, present, grads, dtype=torch.float64, **options)
+    compare(got, expected, dtype, present)
+    return got, expected, present
+
+
+# ------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("batch, modalities, channels", [
+    (1, 1, 16), (7, 2, 24), (130, 4, 16), (1, 4, 24), (7, 1, 24), (130, 2, 24), (7, 4, 16)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference(generator, batch, modalities, channels, dtype, masked):
+    scale = float(channels) if batch % 2 else 1.0  # the paper's scale and the rescaled gate
+    check_against_reference(generator, batch, modalities, channels, dtype, masked, gate_scale=scale)
+
+
+@pytest.mark.parametrize("batch, modalities, channels", [(9, 3, 768), (5, 2, 1024)])
+def test_wide_embeddings(generator, batch, modalities, channels):
+    """C = 768 (SMI-TED's width) and 1024 (SELFIES-TED's), some modalities missing."""
+    check_against_reference(generator, batch, modalities, channels, torch.float32)
+
+
+def test_non_contiguous_inputs(generator):
+    """Strided views of (M, B, C) storage and a transposed mask."""
+    batch, modalities, channels = 11, 3, 20
+    present = random_mask(generator, batch, modalities)
+    h, gate, score = random_inputs(generator, batch, modalities, channels, torch.float32, present)
+    views = (h.transpose(0, 1).contiguous().transpose(0, 1), gate.transpose(0, 1).contiguous().transpose(0, 1),
+             score.t().contiguous().t())
+    mask = present.t().contiguous().t()
+    assert not views[0].is_contiguous() and not mask.is_contiguous()
+    grads = upstream(generator, batch, modalities, channels)
+    got = run("triton", views, mask, grads)
+    expected = run("reference", (h, gate, score), present, grads, dtype=torch.float64)
+    compare(got, expected, torch.float32, present)
+
+
+def test_saturated_gates_and_scores(generator):
+    """Logits of size ~1e3: the softmaxes stay finite (max-subtracted) and match the reference."""
+    present = random_mask(generator, 17, 3)
+    h, gate, score = random_inputs(generator, 17, 3, 24, torch.float32, present, gate_spread=300.0)
+    score = score * 300
+    grads = upstream(generator, 17, 3, 24)
+    got = run("triton", (h, gate, score), present, grads)
+    expected = run("reference", (h, gate, score), present, grads, dtype=torch.float64)
+    for name in got:
+        assert torch.isfinite(got[name]).all(), name
+    for name in ("fused", "weights", "dh"):
+        assert_close(got[name], expected[name], torch.float32, name)
+
+
+def test_missing_modalities_do_not_leak_and_are_deterministic(generator):
+    """NaN in every missing slot (h, gate and score logits): bit-identical to zero-filled inputs, twice."""
+    batch, modalities, channels = 40, 4, 24
+    present = random_mask(generator, batch, modalities, keep=0.5)
+    poisoned = random_inputs(generator, batch, modalities, channels, torch.float32, present)
+    clean = tuple(torch.where(present[..., None] if x.dim() == 3 else present, x, 0.0) for x in poisoned)
+    grads = upstream(generator, batch, modalities, channels)
+    first = run("triton", poisoned, present, grads)
+    second = run("triton", poisoned, present, grads)
+    zeros = run("triton", clean, present, grads)
+    for name in first:
+        assert torch.isfinite(first[name]).all(), name
+        assert torch.equal(first[name], second[name]), f"{name}: not deterministic"
+        assert torch.equal(first[name], zeros[name]), f"{name}: depends on the missing modalities' values"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_weights_are_zero_when_missing_and_sum_to_one(generator, backend):
+    batch, modalities = 33, 4
+    present = random_mask(generator, batch, modalities, keep=0.4)
+    present[0] = torch.tensor([False, False, True, False])  # a single modality: weight exactly 1
+    inputs = random_inputs(generator, batch, modalities, 16, torch.float32, present)
+    target = backend_device(backend)
+    fused, weights, entropy = ops.gated_fusion(*(x.to(target) for x in inputs), present.to(target),
+                                               backend=backend)
+    weights, entropy = weights.cpu(), entropy.cpu()
+    assert weights.dtype == torch.float32 and fused.dtype == torch.float32
+    assert (weights[~present] == 0).all()
+    assert (weights[present] > 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(batch))
+    assert weights[0, 2] == 1
+    assert abs(entropy[0]) < 1e-7
+    counts = present.sum(1).double()
+    assert (entropy >= -1e-6).all() and (entropy.double() <= counts.log() + 1e-5).all()
+
+
+def test_all_equal_gate_with_rescale_is_the_weighted_mean(generator):
+    """gate_scale = C and equal gate logits: g = 1/C, x~ = h, fused = sum_m s_m h_m."""
+    h = torch.randn(5, 3, 16, generator=generator)
+    score = torch.randn(5, 3, generator=generator)
+    fused, weights, _ = ops.gated_fusion(h, torch.zeros_like(h), score, gate_scale=16.0, backend="triton")
+    torch.testing.assert_close(fused, (weights[..., None] * h).sum(1))
+    torch.testing.assert_close(weights, torch.softmax(score, 1))
+    paper, _, _ = ops.gated_fusion(h, torch.zeros_like(h), score, backend="triton")
+    torch.testing.assert_close(paper * 16, fused)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sample_without_modality_is_an_error_naming_it(generator, backend):
+    present = random_mask(generator, 9, 3)
+    present[4] = False
+    inputs = random_inputs(generator, 9, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"present: sample 4 of the batch has no present modality"):
+        ops.gated_fusion(*inputs, present, backend=backend)
+    present[7] = False
+    with pytest.raises(ValueError, match=r"samples \[4, 7\]"):
+        ops.gated_fusion(*inputs, present, backend=backend)
+
+
+def test_reference_gradcheck_float64(generator):
+    present = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    h = torch.randn(3, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(3, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    score = torch.randn(3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, gate, score: reference.gated_fusion(h, gate, score, present, gate_scale=2.0), (h, gate, score))
+
+
+def test_reference_spelled_per_sample(generator):
+    """The reference against the paper's formulas written per sample over the present modalities only."""
+    present = random_mask(generator, 6, 3)
+    h, gate, score = (x.double() for x in random_inputs(generator, 6, 3, 8, torch.float64, present))
+    fused, weights, entropy = reference.gated_fusion(h, gate, score, present, eps=1e-8)
+    for b in range(6):
+        keep = present[b]
+        s = torch.softmax(score[b, keep], 0)
+        gated = torch.softmax(gate[b, keep], -1) * h[b, keep]          # eq. 1-2
+        torch.testing.assert_close(fused[b], (s[:, None] * gated).sum(0))  # eq. 3
+        torch.testing.assert_close(weights[b, keep], s)
+        torch.testing.assert_close(entropy[b], -(s * torch.log(s + 1e-8)).sum())  # eq. 4
+
+
+def test_automatic_backend_on_cpu_is_the_reference(generator):
+    if HAS_CUDA:
+        pytest.skip("on a GPU machine CPU tensors still go to the reference, but TRITON_INTERPRET is unset")
+    inputs = random_inputs(generator, 6, 2, 16, torch.float32)
+    for ours, theirs in zip(ops.gated_fusion(*inputs), reference.gated_fusion(*inputs)):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(generator, masked):
+    target = backend_device("triton")
+    present = random_mask(generator, 13, 3).to(target) if masked else None
+    h, gate, score = (x.to(target).requires_grad_() for x in random_inputs(generator, 13, 3, 20, torch.float32))
+    torch.library.opcheck(torch.ops.pyblend.gated_fusion.default, (h, gate, score, present, 2.0, 1e-8))
+    _, weights, _ = torch.ops.pyblend.gated_fusion(h, gate, score, present, 2.0, 1e-8)
+    grads = tuple(g.float().to(target) for g in upstream(generator, 13, 3, 20))
+    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    torch.library.opcheck(torch.ops.pyblend.gated_fusion_backward.default,
+                          (*grads, h.detach(), gate.detach(), score.detach(), present, weights.detach(), 2.0, 1e-8))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_traces_the_op(generator, backend):
+    target = backend_device(backend)
+    present = random_mask(generator, 19, 3).to(target)
+    leaves = [x.to(target).requires_grad_() for x in random_inputs(generator, 19, 3, 16, torch.float32)]
+
+    def objective(h, gate, score):
+        fused, weights, entropy = ops.gated_fusion(h, gate, score, present, backend=backend)
+        return fused.square().sum() + (weights * torch.arange(3.0, device=target)).sum() - entropy.sum()
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(objective(*leaves), leaves)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_errors_name_the_argument(generator):
+    h, gate, score = random_inputs(generator, 4, 2, 8, torch.float32)
+    cases = [
+        (dict(h=h[0]), ValueError, "h: expected shape (B, M, C)"),
+        (dict(h=h.long()), TypeError, "h: expected dtype"),
+        (dict(gate_logits=gate[:, :, :4]), ValueError, "gate_logits: expected shape (B, M, C) like h"),
+        (dict(gate_logits=gate.half()), TypeError, "gate_logits: expected the dtype of h"),
+        (dict(score_logits=score[:, :1]), ValueError, "score_logits: expected shape (B, M) like h"),
+        (dict(present=torch.ones(4, 2)), TypeError, "present: expected dtype bool"),
+        (dict(present=torch.ones(4, 3, dtype=torch.bool)), ValueError, "present: expected shape (B, M)"),
+        (dict(eps=0.0), ValueError, "eps: expected a finite float > 0"),
+        (dict(gate_scale=float("inf")), ValueError, "gate_scale: expected a finite float"),
+        (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
+        (dict(h=h.double(), gate_logits=gate.double(), score_logits=score.double(), backend="triton"),
+         ValueError, "float16, bfloat16 or float32"),
+        (dict(h=torch.zeros(4, 2, 5000), gate_logits=torch.zeros(4, 2, 5000), backend="triton"), ValueError,
+         "width C = 5000 > 4096"),
+    ]
+    for overrides, error, message in cases:
+        arguments = dict(h=h, gate_logits=gate, score_logits=score)
+        arguments.update(overrides)
+        with pytest.raises(error) as caught:
+            ops.gated_fusion(arguments.pop("h"), arguments.pop("gate_logits"), arguments.pop("score_logits"),
+                             **arguments)
+        assert message in str(caught.value), f"{overrides}: {caught.value}"
+
+
+# --------------------------------------------------------------------------------------------- module
+
+DIMS = {"smiles": 12, "selfies": 20, "graph": 7}
+
+
+def module_inputs(generator, batch, dims=DIMS, keep=0.6):
+    present = random_mask(generator, batch, len(dims), keep)
+    embeddings, masks = {}, {}
+    for index, (name, width) in enumerate(dims.items()):
+        x = torch.randn(batch, width, generator=generator)
+        x[~present[:, index]] = float("nan")
+        embeddings[name], masks[name] = x, present[:, index]
+    return embeddings, masks
+
+
+def test_module_shapes_and_repr(generator):
+    torch.manual_seed(0)
+    fusion = DynamicFusion(DIMS, 16, entropy_weight=0.1, backend="triton")
+    embeddings, masks = module_inputs(generator, 10)
+    fused, weights = fusion(embeddings, masks)
+    assert fused.shape == (10, 16) and weights.shape == (10, 3)
+    assert fusion.last_entropy.shape == (10,) and fusion.last_present.shape == (10, 3)
+    assert torch.equal(fusion.last_present, torch.stack(list(masks.values()), 1))
+    assert torch.isfinite(fused).all()
+    assert "input_dims={'smiles': 12, 'selfies': 20, 'graph': 7}, dim=16, entropy_weight=0.1" in repr(fusion)
+    # The reference backend agrees.
+    fusion.backend = "reference"
+    again, weights_again = fusion(embeddings, masks)
+    torch.testing.assert_close(again, fused)
+    torch.testing.assert_close(weights_again, weights)
+
+
+def test_module_missing_modalities_never_reach_parameters(generator):
+    """NaN in missing rows and a modality left out of the dict: every parameter gradient finite, and the same as
+    with zeros in the missing rows."""
+    torch.manual_seed(0)
+    fusion = DynamicFusion(DIMS, 16, backend="triton")
+    embeddings, masks = module_inputs(generator, 12)
+    del embeddings["graph"], masks["graph"]
+    orphans = ~(masks["smiles"] | masks["selfies"])  # had only the graph
+    embeddings["smiles"][orphans] = torch.randn(int(orphans.sum()), DIMS["smiles"], generator=generator)
+    masks["smiles"] |= orphans
+
+    def gradients(inputs):
+        fusion.zero_grad()
+        fusion.loss(inputs, masks).backward()
+        return {name: p.grad.clone() for name, p in fusion.named_parameters() if p.grad is not None}
+
+    poisoned = gradients(embeddings)
+    clean = gradients({name: torch.where(masks[name][:, None], x, 0.0) for name, x in embeddings.items()})
+    assert "project.graph.weight" not in poisoned  # never used
+    for name, grad in poisoned.items():
+        assert torch.isfinite(grad).all(), name
+        assert torch.equal(grad, clean[name]), name
+
+
+def test_module_loss_is_reconstruction_minus_entropy(generator):
+    """Eq. 5 with the diversity-promoting sign, and the reconstruction over present samples only."""
+    fusion = DynamicFusion(DIMS, 8, entropy_weight=0.5)
+    embeddings, masks = module_inputs(generator, 9)
+    total = fusion.loss(embeddings, masks)
+    fused, _ = fusion(embeddings, masks)
+    terms = []
+    for name, x in embeddings.items():
+        keep = masks[name]
+        terms.append(((fusion.decode[name](fused[keep]) - x[keep]) ** 2).mean())
+    expected = torch.stack(terms).mean() - 0.5 * fusion.last_entropy.mean()
+    torch.testing.assert_close(total, expected)
+    # A larger entropy weight pushes the score logits towards equal weights: its gradient raises the entropy.
+    h = torch.randn(6, 3, 8, generator=generator)
+    score = torch.randn(6, 3, generator=generator, requires_grad=True)
+    _, _, entropy = ops.gated_fusion(h, torch.zeros_like(h), score)
+    (-entropy.mean()).backward()
+    with torch.no_grad():
+        _, _, after = ops.gated_fusion(h, torch.zeros_like(h), score - 0.1 * score.grad)
+    assert after.mean() > entropy.mean()
+
+
+def test_module_dropout_is_reproducible_and_keeps_one_modality(generator):
+    fusion = DynamicFusion(DIMS, 8, modality_dropout=0.7).train()
+    embeddings, masks = module_inputs(generator, 200, keep=0.8)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    outputs = [fusion(embeddings, masks, generator=torch.Generator().manual_seed(seed)) for _ in range(2)]
+    kept = fusion.last_present
+    for ours, theirs in zip(*outputs):
+        assert torch.equal(ours, theirs)
+    present = torch.stack(list(masks.values()), 1)
+    assert kept.any(1).all(), "a sample lost every modality"
+    assert not (kept & ~present).any(), "dropout added a modality"
+    dropped = (present & ~kept).sum() / present.sum()
+    assert 0.4 < dropped < 0.8, f"dropped fraction {dropped:.2f} for p = 0.7"
+    _, weights = outputs[0]
+    assert (weights[~kept] == 0).all()
+    fusion.eval()
+    fusion(embeddings, masks)
+    assert torch.equal(fusion.last_present, present), "dropout in eval mode"
+
+
+def test_module_loss_decreases(generator):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    fusion = DynamicFusion(DIMS, 16, modality_dropout=0.2, backend="triton")
+    embeddings, masks = module_inputs(generator, 48, keep=0.7)
+    optimizer = torch.optim.Adam(fusion.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = fusion.loss(embeddings, masks)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    fusion.eval()
+    assert all(math.isfinite(x) for x in losses)
+    assert fusion.loss(embeddings, masks).item() < 0.8 * losses[0], losses
+
+
+def test_module_compiles(generator):
+    torch.manual_seed(0)
+    fusion = DynamicFusion(DIMS, 16, backend="triton")
+    embeddings, masks = module_inputs(generator, 10)
+
+    def step(embeddings, masks):
+        fused, weights = fusion(embeddings, masks)
+        return fused.sum() + weights.sum() + fusion.loss(embeddings, masks)
+
+    compiled = torch.compile(step, backend="aot_eager")
+    expected_value = step(embeddings, masks)
+    expected = torch.autograd.grad(expected_value, list(fusion.parameters()), allow_unused=True)
+    got_value = compiled(embeddings, masks)
+    got = torch.autograd.grad(got_value, list(fusion.parameters()), allow_unused=True)
+    torch.testing.assert_close(got_value, expected_value)
+    for ours, theirs in zip(got, expected):
+        if theirs is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_module_errors(generator):
+    embeddings, masks = module_inputs(generator, 5)
+    fusion = DynamicFusion(DIMS, 8)
+    cases = [
+        (lambda: DynamicFusion({}, 8), ValueError, "input_dims: expected a non-empty dict"),
+        (lambda: DynamicFusion({"a": 0}, 8), ValueError, "input_dims['a']: expected a positive int"),
+        (lambda: DynamicFusion(DIMS, 0), ValueError, "dim: expected a positive int"),
+        (lambda: DynamicFusion(DIMS, 8, modality_dropout=1.0), ValueError, "modality_dropout: expected a float"),
+        (lambda: DynamicFusion(DIMS, 8, entropy_weight=-1.0), ValueError, "entropy_weight: expected"),
+        (lambda: fusion({}), TypeError, "embeddings: expected a non-empty dict"),
+        (lambda: fusion({"text": torch.zeros(5, 3)}), ValueError, "embeddings['text']: unknown modality"),
+        (lambda: fusion({"smiles": torch.zeros(5, 3)}), ValueError,
+         "embeddings['smiles']: expected shape (B, d_m) = (?, 12)"),
+        (lambda: fusion({"smiles": torch.zeros(5, 12), "graph": torch.zeros(4, 7)}), ValueError,
+         "embeddings['graph']: expected batch size B = 5"),
+        (lambda: fusion(embeddings, {"smiles": torch.ones(5)}), ValueError, "present['smiles']: expected a bool"),
+        (lambda: fusion({"smiles": embeddings["smiles"]}, {"graph": masks["graph"]}), ValueError,
+         "present['graph']: modality 'graph' is not in embeddings"),
+        (lambda: fusion({"smiles": torch.zeros(5, 12)}, {"smiles": torch.arange(5) != 2}), ValueError,
+         "present: sample 2 of the batch has no present modality"),
+    ]
+    for make, error, message in cases:
+        with pytest.raises(error) as caught:
+            make()
+        assert message in str(caught.value), f"{message!r} not in {caught.value}"
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+
+HOPPER_COMPILE = """
+import os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pyblend.kernels import gated_fusion as kernels
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+FLOAT32 = ("weights_ptr", "entropy_ptr", "dweights_ptr", "dentropy_ptr")
+for channels in (24, 768, 1024, 4096):
+    for kernel in (kernels._gated_fusion_fwd_kernel, kernels._gated_fusion_bwd_kernel):
+        config = kernels._launch_config(4096, 3, channels)
+        warps = config.pop("num_warps")
+        constants = dict(HAS_MASK=True, **config)
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constants:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*u8" if arg == "present_ptr" else "*fp32" if arg in FLOAT32 else "*bf16"
+            else:
+                signature[arg] = "fp32" if arg in ("scale", "eps") else "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+            handle.write(ptx)
+        verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
+                     for part in line.split(",") if "spill stores" in part)
+        print(channels, kernel.fn.__name__, "spills", spills)
+"""
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Lowers both kernels (bf16, masked, C = 24, 768, 1024, 4096; B = 4096 launch configuration) to sm_90 PTX
+    and runs ptxas: the interpreter accepts programs the compiler rejects, and a spill is a performance bug. A
+    subprocess: TRITON_INTERPRET=1 forbids compiling."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
+    if "ptxas" in result.stderr and result.returncode:
+        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 8, result.stdout
+    for line in lines:
+        assert int(line.split()[3]) == 0, f"{line}: registers spill"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("channels", [24, 768, 1024])
+def test_gpu_dtypes(generator, dtype, channels):
+    check_against_reference(generator, 300, 3, channels, dtype)
+    check_against_reference(generator, 130, 4, channels, dtype, masked=False, gate_scale=float(channels))

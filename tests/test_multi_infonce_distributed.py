@@ -1,0 +1,287 @@
+"""Multi-pair InfoNCE across ranks: 2 CPU processes on gloo, each holding half of a global batch.
+
+One spawn serves the module: every scenario runs in both children (Triton's interpreter and the reference), each
+rank saves its loss and its gradients, and the tests compare them with the single-process op on the full batch
+(float64 reference): the loss on every rank, each rank's local embedding gradients (rows ``r * M .. r * M + M - 1``
+of the single-process gradients), and a learnable temperature's gradient summed over the ranks as DDP's
+all-reduce would (DDP then divides by the world size; see :mod:`pyblend.ops.multi_infonce`). ``gather="no_grad"``
+is checked against a hand-written expectation of the public MolBind code's gradient (F.cross_entropy of the local
+rows against constant gathered copies, labels offset by rank).
+"""
+import os
+import tempfile
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (the children inherit the environment)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pyblend import ops  # noqa: E402
+
+from tolerances import RELATIVE_ERROR, assert_close  # noqa: E402
+
+WORLD = 2
+TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+
+
+def _scenarios(seed: int) -> dict:
+    """name -> inputs over the GLOBAL batch (float64, NaN in absent rows) and the op's options."""
+    generator = torch.Generator().manual_seed(seed)
+    scenarios = {}
+
+    def embeddings(batch, dims, masks):
+        out = {}
+        for name, dim in dims.items():
+            x = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+            if name in masks:
+                x[~masks[name]] = float("nan")
+            out[name] = x
+        return out
+
+    # Three modalities, three pairs, missing samples in two (one rank holds no pocket at all), a learnable
+    # temperature. Local batch 37: odd, one row block, two column blocks.
+    global_batch = 2 * 37
+    masks = {"graph": torch.rand(global_batch, generator=generator) < 0.8,
+             "pocket": torch.arange(global_batch) < 30}
+    masks["graph"][:2] = True
+    dims = {"graph": 24, "text": 24, "pocket": 24}
+    base = dict(embeddings=embeddings(global_batch, dims, masks), masks=masks,
+                pairs=[("graph", "text"), ("text", "pocket"), ("graph", "pocket")], weights=[0.5, 0.3, 0.2],
+                temperature=torch.tensor(0.07, dtype=torch.float64), normalize=True)
+    for gather in ("autograd", "no_grad"):
+        for backend in ("triton", "reference"):
+            scenarios[f"masked-{gather}-{backend}"] = dict(base, gather=gather, backend=backend)
+    # No masks, unnormalised, a float temperature; local batch 70: several row and column blocks.
+    global_batch = 2 * 70
+    plain = dict(embeddings=embeddings(global_batch, {"a": 16, "b": 16}, {}), masks=None,
+                 pairs=[("a", "b")], weights=None, temperature=0.5, normalize=False)
+    for backend in ("triton", "reference"):
+        scenarios[f"plain-autograd-{backend}"] = dict(plain, gather="autograd", backend=backend)
+    # gather=None: each rank on its own half, no communication.
+    scenarios["masked-none-triton"] = dict(base, gather=None, backend="triton")
+    return scenarios
+
+
+def _local_run(scenario: dict, rank: int, world: int) -> dict:
+    """This rank's loss and gradients (float32 inputs: its rows of the global batch)."""
+    batch = next(iter(scenario["embeddings"].values())).shape[0]
+    local = batch // world
+    rows = slice(rank * local, (rank + 1) * local)
+    leaves = {name: x[rows].to(torch.float32).requires_grad_() for name, x in scenario["embeddings"].items()}
+    masks = None if scenario["masks"] is None else {name: m[rows] for name, m in scenario["masks"].items()}
+    temperature = scenario["temperature"]
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(torch.float32).requires_grad_()
+    loss = ops.multi_infonce(leaves, scenario["pairs"], weights=scenario["weights"], temperature=temperature,
+                             masks=masks, normalize=scenario["normalize"], backend=scenario["backend"],
+                             gather=scenario["gather"])
+    loss.backward()
+    found = {"loss": loss.detach()}
+    found.update({f"d{name}": leaf.grad.detach() for name, leaf in leaves.items()})
+    if isinstance(temperature, torch.Tensor):
+        found["dtemperature"] = temperature.grad.detach()
+    return found
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited already; set before any triton import anyway
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, scenario in _scenarios(seed).items():
+            start = time.perf_counter()
+            results[name] = _local_run(scenario, rank, world)
+            results[name]["seconds"] = time.perf_counter() - start
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results():
+    """(seed, scenarios, [rank 0 results, rank 1 results]) from one 2-process gloo run."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed: {seed}")
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "rendezvous")
+        context = mp.start_processes(_worker, args=(WORLD, init_file, out_dir, seed), nprocs=WORLD, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                pytest.fail(f"the {WORLD} gloo processes did not finish in {TIMEOUT_S} s (seed {seed})")
+        results = [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(WORLD)]
+    return seed, _scenarios(seed), results
+
+
+# --------------------------------------------------------------------------------------------- expectations
+
+
+def _single_process(scenario: dict) -> dict:
+    """The single-process op on the full batch, float64 reference: loss and gradients."""
+    leaves = {name: x.clone().requires_grad_() for name, x in scenario["embeddings"].items()}
+    temperature = scenario["temperature"]
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.clone().requires_grad_()
+    loss = ops.multi_infonce(leaves, scenario["pairs"], weights=scenario["weights"], temperature=temperature,
+                             masks=scenario["masks"], normalize=scenario["normalize"], backend="reference")
+    loss.backward()
+    found = {"loss": loss.detach()}
+    found.update({f"d{name}": leaf.grad.detach() for name, leaf in leaves.items()})
+    if isinstance(temperature, torch.Tensor):
+        found["dtemperature"] = temperature.grad.detach()
+    return found
+
+
+def _public_code(scenario: dict, rank: int, world: int) -> dict:
+    """MolBind's public ``contrastive``, written out with F.cross_entropy (float64): rank ``rank``'s local rows
+    against CONSTANT gathered copies, labels offset by rank, per pair ``(CE(x Y^T / t) + CE(y X^T / t)) / 2``,
+    extended to masks (present samples only) and summed over the local rows over the GLOBAL count (the public
+    code averages over the local rows: ``world`` times this for equal counts). Returns the local gradients and
+    this rank's temperature gradient."""
+    batch = next(iter(scenario["embeddings"].values())).shape[0]
+    local = batch // world
+    first = rank * local
+    leaves = {name: x[first:first + local].clone().requires_grad_() for name, x in scenario["embeddings"].items()}
+    temperature = scenario["temperature"].clone().requires_grad_()
+    masks = scenario["masks"] or {}
+    total = 0.0
+    for (a, b), weight in zip(scenario["pairs"], scenario["weights"]):
+        present = torch.ones(batch, dtype=torch.bool)
+        for name in (a, b):
+            if name in masks:
+                present &= masks[name]
+        everywhere = present.nonzero().squeeze(1)
+        mine = everywhere[(everywhere >= first) & (everywhere < first + local)]
+        if len(everywhere) == 0:
+            continue
+        a_all = F.normalize(scenario["embeddings"][a][everywhere], dim=-1)  # gathered under no_grad
+        b_all = F.normalize(scenario["embeddings"][b][everywhere], dim=-1)
+        x = F.normalize(leaves[a][mine - first], dim=-1)
+        y = F.normalize(leaves[b][mine - first], dim=-1)
+        labels = torch.searchsorted(everywhere, mine)  # the local samples' columns in the gathered batch
+        loss = (F.cross_entropy(x @ b_all.T / temperature, labels, reduction="sum") +
+                F.cross_entropy(y @ a_all.T / temperature, labels, reduction="sum")) / 2
+        total = total + weight * loss / len(everywhere)
+    total.backward()
+    found = {f"d{name}": leaf.grad.detach() if leaf.grad is not None else torch.zeros_like(leaf)
+             for name, leaf in leaves.items()}
+    found["dtemperature"] = temperature.grad.detach()
+    return found
+
+
+def _compare_local(got: dict, expected: dict, rank: int, local: int, masks, label: str) -> None:
+    for name, value in got.items():
+        if not name.startswith("d") or name == "dtemperature":
+            continue
+        modality = name[1:]
+        ref = expected[name]
+        if ref.shape[0] != local:
+            ref = ref[rank * local:(rank + 1) * local]
+        out = value.double()
+        assert torch.isfinite(out).all(), f"{label} rank {rank} {name}: inf or NaN"
+        if masks is not None and modality in masks:
+            absent = ~masks[modality][rank * local:(rank + 1) * local]
+            assert (out[absent] == 0).all(), f"{label} rank {rank} {name}: nonzero gradient at absent samples"
+            out, ref = out[~absent], ref[~absent]
+        if ref.numel() == 0:
+            continue
+        if ref.norm() == 0:
+            assert out.abs().max() < 10 * RELATIVE_ERROR[torch.float32], f"{label} rank {rank} {name}: expected 0"
+            continue
+        assert_close(out, ref, torch.float32, f"{label} rank {rank} {name}")
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", ["masked-autograd-triton", "masked-autograd-reference", "plain-autograd-triton",
+                                  "plain-autograd-reference"])
+def test_autograd_gather_matches_single_process(distributed_results, name):
+    """Every rank: the global loss, its local embeddings' single-process gradients; the temperature gradients
+    summed over the ranks: the single-process one."""
+    seed, scenarios, results = distributed_results
+    scenario = scenarios[name]
+    expected = _single_process(scenario)
+    local = next(iter(scenario["embeddings"].values())).shape[0] // WORLD
+    for rank in range(WORLD):
+        got = results[rank][name]
+        assert_close(got["loss"].reshape(1), expected["loss"].reshape(1), torch.float32, f"{name} rank {rank} loss")
+        _compare_local(got, expected, rank, local, scenario["masks"], name)
+    if "dtemperature" in expected:
+        summed = sum(results[rank][name]["dtemperature"].double() for rank in range(WORLD))
+        assert_close(summed.reshape(1), expected["dtemperature"].reshape(1), torch.float32,
+                     f"{name}: temperature gradient summed over ranks")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_grad_gather_is_the_public_codes_gradient(distributed_results, backend):
+    """gather="no_grad": the same (global) loss, but the gradient of the public code's local rows only: checked
+    against the hand-written expectation, and shown to differ from the single-process gradient."""
+    seed, scenarios, results = distributed_results
+    name = f"masked-no_grad-{backend}"
+    scenario = scenarios[name]
+    expected = _single_process(scenario)
+    local = next(iter(scenario["embeddings"].values())).shape[0] // WORLD
+    summed_temperature = 0.0
+    for rank in range(WORLD):
+        got = results[rank][name]
+        assert_close(got["loss"].reshape(1), expected["loss"].reshape(1), torch.float32, f"{name} rank {rank} loss")
+        public = _public_code(scenario, rank, WORLD)
+        _compare_local(got, public, rank, local, scenario["masks"], name)
+        assert_close(got["dtemperature"].reshape(1), public["dtemperature"].reshape(1), torch.float32,
+                     f"{name} rank {rank} temperature gradient")
+        summed_temperature = summed_temperature + got["dtemperature"].double()
+        # Biased: the embedding gradients are not the single-process ones.
+        full = expected["dtext"][rank * local:(rank + 1) * local]
+        gap = (got["dtext"].double() - full).norm() / full.norm()
+        assert gap > 0.1, f"{name} rank {rank}: the no-grad gradient should differ from the full one ({gap:.2e})"
+    # The temperature enters only through the local rows, so its summed gradient is still the full one.
+    assert_close(summed_temperature.reshape(1), expected["dtemperature"].reshape(1), torch.float32,
+                 f"{name}: temperature gradient summed over ranks")
+
+
+def test_gather_none_is_each_ranks_own_batch(distributed_results):
+    seed, scenarios, results = distributed_results
+    scenario = scenarios["masked-none-triton"]
+    batch = next(iter(scenario["embeddings"].values())).shape[0]
+    local = batch // WORLD
+    for rank in range(WORLD):
+        rows = slice(rank * local, (rank + 1) * local)
+        half = dict(scenario, embeddings={n: x[rows] for n, x in scenario["embeddings"].items()},
+                    masks={n: m[rows] for n, m in scenario["masks"].items()})
+        expected = _single_process(half)
+        got = results[rank]["masked-none-triton"]
+        assert_close(got["loss"].reshape(1), expected["loss"].reshape(1), torch.float32, f"rank {rank} loss")
+        _compare_local(got, expected, 0, local, half["masks"], "gather=None")
+        assert_close(got["dtemperature"].reshape(1), expected["dtemperature"].reshape(1), torch.float32,
+                     f"rank {rank} temperature gradient")
+
+
+def test_report_timings(distributed_results):
+    """Not a check: prints each scenario's time per rank (interpreter), to keep the file under a minute."""
+    seed, scenarios, results = distributed_results
+    for name in scenarios:
+        print(name, " ".join(f"{results[rank][name]['seconds']:.2f}s" for rank in range(WORLD)))
+
+
+def test_gather_option_is_validated():
+    a = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="gather: expected 'autograd', 'no_grad' or None"):
+        ops.multi_infonce({"a": a, "b": a.clone()}, [("a", "b")], gather="all")
