@@ -6,9 +6,6 @@ weights, entropy) and the three gradients (h, gate logits, score logits) under r
 three outputs with the float64 reference.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from pyblend import ops, reference
 from pyblend.nn import DynamicFusion
 
 from graphs import backend_device
+from hopper import run_compile_script
 from tolerances import RELATIVE_ERROR, assert_close
 
 HAS_CUDA = torch.cuda.is_available()
@@ -453,51 +451,26 @@ def test_module_errors(generator):
 
 
 HOPPER_COMPILE = """
-import os, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from hopper import lower
 from pyblend.kernels import gated_fusion as kernels
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FLOAT32 = ("weights_ptr", "entropy_ptr", "dweights_ptr", "dentropy_ptr")
 for channels in (24, 768, 1024, 4096):
     for kernel in (kernels._gated_fusion_fwd_kernel, kernels._gated_fusion_bwd_kernel):
         config = kernels._launch_config(4096, 3, channels)
         warps = config.pop("num_warps")
-        constants = dict(HAS_MASK=True, **config)
-        signature = {}
-        for arg in kernel.arg_names:
-            if arg in constants:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                signature[arg] = "*u8" if arg == "present_ptr" else "*fp32" if arg in FLOAT32 else "*bf16"
-            else:
-                signature[arg] = "fp32" if arg in ("scale", "eps") else "i32"
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-            handle.write(ptx)
-        verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
-                     for part in line.split(",") if "spill stores" in part)
+        pointer = lambda arg: "*u8" if arg == "present_ptr" else "*fp32" if arg in FLOAT32 else "*bf16"
+        scalar = lambda arg: "fp32" if arg in ("scale", "eps") else "i32"
+        ptx, spills = lower(kernel, dict(HAS_MASK=True, **config), warps, pointer, scalar)
         print(channels, kernel.fn.__name__, "spills", spills)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
     """Lowers both kernels (bf16, masked, C = 24, 768, 1024, 4096; B = 4096 launch configuration) to sm_90 PTX
-    and runs ptxas: the interpreter accepts programs the compiler rejects, and a spill is a performance bug. A
-    subprocess: TRITON_INTERPRET=1 forbids compiling."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    if "ptxas" in result.stderr and result.returncode:
-        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 8, result.stdout
+    and runs ptxas: the interpreter accepts programs the compiler rejects, and a spill is a performance bug."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 8, lines
     for line in lines:
         assert int(line.split()[3]) == 0, f"{line}: registers spill"
 

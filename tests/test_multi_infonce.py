@@ -3,9 +3,6 @@
 Every check draws fresh inputs, poisons absent samples with NaN, and compares the loss and every gradient
 (each embedding, a learnable temperature) with the float64 reference.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from pyblend import ops, reference
 from pyblend.reference.multi_infonce import local_multi_infonce
 
 from graphs import backend_device
+from hopper import run_compile_script
 from tolerances import RELATIVE_ERROR, assert_close, relative_error
 
 HAS_CUDA = torch.cuda.is_available()
@@ -282,13 +280,9 @@ def test_errors_name_the_argument(generator):
 
 
 HOPPER_COMPILE = """
-import os, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from hopper import lower
 from pyblend.kernels import multi_infonce as kernels
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 VECTORS = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr")
 for dim, columns in ((24, True), (128, True), (512, True), (128, False), (512, False)):
     for kernel in (kernels._multi_infonce_fwd_kernel, kernels._multi_infonce_bwd_rows_kernel,
@@ -296,40 +290,17 @@ for dim, columns in ((24, True), (128, True), (512, True), (128, False), (512, F
         config = kernels._launch_config(4096, dim)
         warps = config.pop("num_warps")
         constants = dict(HAS_MASK=True, COLUMNS=columns, PRECISION="ieee", **config)
-        signature = {}
-        for arg in kernel.arg_names:
-            if arg in constants:
-                signature[arg] = "constexpr"
-            elif arg in VECTORS:
-                signature[arg] = "*bf16"
-            elif arg.endswith("_ptr"):
-                signature[arg] = "*u8" if arg.endswith("present_ptr") else "*fp32"
-            else:
-                signature[arg] = "i32"
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-            handle.write(ptx)
-        verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
-                     for part in line.split(",") if "spill stores" in part)
+        pointer = lambda arg: "*bf16" if arg in VECTORS else "*u8" if arg.endswith("present_ptr") else "*fp32"
+        ptx, spills = lower(kernel, constants, warps, pointer, lambda arg: "i32")
         print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills, "columns", columns)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
     """Lowers the three kernels (bf16, masked, d = 24, 128, 512 square and d = 128, 512 rectangular; B = 4096
-    launch configuration) to sm_90 PTX and runs ptxas: the interpreter accepts programs the compiler rejects.
-    A subprocess: TRITON_INTERPRET=1 forbids compiling."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    if "ptxas" in result.stderr and result.returncode:
-        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 15, result.stdout
+    launch configuration) to sm_90 PTX and runs ptxas: the interpreter accepts programs the compiler rejects."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 15, lines
     for line in lines:
         words = line.split()
         assert int(words[3]) > 0, f"{line}: the matmuls should use the tensor cores"

@@ -4,9 +4,6 @@ Every check draws fresh inputs, poisons padding with NaN, and compares outputs a
 bias, rel_table) with the float64 reference. Low-precision results must also stay within 3x the error of the
 same computation done by PyTorch in that precision (flash-attn's rule).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pyblend import layout, ops, reference
 
 from graphs import backend_device
+from hopper import run_compile_script
 from tolerances import RELATIVE_ERROR, assert_close, relative_error
 
 HAS_CUDA = torch.cuda.is_available()
@@ -485,13 +483,9 @@ def test_triton_refuses_float64_with_a_reason():
 
 
 HOPPER_COMPILE = """
-import os, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from hopper import lower
 from pyblend.kernels import relation_attention as kernels
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32", "partial_ptr": "*fp32",
             "index_ptr": "*i8", "table_ptr": "*bf16", "mask_ptr": "*u8", "cu_seqlens_ptr": "*i32",
             "pair_offsets_ptr": "*i64"}
@@ -506,23 +500,8 @@ for name, kernel, extra in [
         ("table", kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=True, CHUNK=16))]:
     config = kernels._launch_config(name, 64, 24)
     warps = config.pop("num_warps")
-    constants = dict(flags, **extra, **config)
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constants:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = POINTERS.get(arg, "*bf16")
-        else:
-            signature[arg] = {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(arg, "i32")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(ptx)
-    verbose = subprocess.run([PTXAS, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
-                 for part in line.split(",") if "spill stores" in part)
+    ptx, spills = lower(kernel, dict(flags, **extra, **config), warps, lambda arg: POINTERS.get(arg, "*bf16"),
+                        lambda arg: {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(arg, "i32"))
     print(kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
 """
 
@@ -530,15 +509,9 @@ for name, kernel, extra in [
 def test_kernels_compile_for_hopper_without_spills():
     """Lowers every kernel (bf16, packed, every feature on, D = 24, N = 64) with its launch configuration to
     sm_90 PTX and runs ptxas on it: the interpreter accepts programs the compiler rejects, and a register spill
-    is a performance bug. A subprocess: TRITON_INTERPRET=1 forbids compiling."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    if "ptxas" in result.stderr and result.returncode:
-        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 5, result.stdout
+    is a performance bug."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 5, lines
     for line in lines:
         words = line.split()
         assert int(words[2]) > 0, f"{line}: the matmuls should use the tensor cores"

@@ -1,7 +1,4 @@
 """Shortest paths and routes: every backend against networkx and against each other, exactly."""
-import os
-import subprocess
-import sys
 
 import networkx as nx
 import numpy as np
@@ -13,6 +10,7 @@ from pyblend.reference import check_routes, shortest_path_routes as reference_ro
 
 from graphs import (as_batch, backend_device, brute_force_route, fused_rings, lexicographic_route, molecule_like,
                     networkx_distances, on_backend)
+from hopper import run_compile_script
 
 BACKENDS = ["reference", "cpp", "triton"]
 
@@ -283,34 +281,22 @@ def test_torch_compile_traces_the_op():
 
 
 HOPPER_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from hopper import lower
 from pyblend.kernels.shortest_path import _shortest_path_kernel
 
 for bond_ids, masked, packed, hops, block in [(True, True, False, 5, 64), (False, False, True, 0, 16)]:
-    signature = {"graph_ptr": "*i32" if bond_ids else "*u8", "mask_ptr": "*u8", "dist_ptr": "*i32",
-                 "next_ptr": "*i32", "routes_ptr": "*i32", "lengths_ptr": "*i32", "pair_offsets_ptr": "*i64",
-                 "padded_stride": "i32", "mask_stride": "i32"}
+    pointers = {"graph_ptr": "*i32" if bond_ids else "*u8", "mask_ptr": "*u8", "pair_offsets_ptr": "*i64"}
     constants = {"GRAPH_IS_BOND_IDS": bond_ids, "HAS_MASK": masked, "PACKED": packed, "MAX_HOPS": hops,
                  "BLOCK": block}
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(fn=_shortest_path_kernel, signature=signature, constexprs=constants)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    ptx, _ = lower(_shortest_path_kernel, constants, 4, lambda arg: pointers.get(arg, "*i32"), lambda arg: "i32")
     print("barriers", ptx.count("bar.sync"), "mma", ptx.count("mma"))
 """
 
 
 def test_kernel_compiles_for_hopper():
     """Lowers the kernel to PTX for sm_90 without a GPU, so CI catches what the interpreter cannot (types,
-    layouts, barriers). Runs in a subprocess: under TRITON_INTERPRET=1 kernels cannot be compiled."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    if "ptxas" in result.stderr and result.returncode:
-        pytest.skip(f"Triton cannot run ptxas here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr
-    for line in result.stdout.strip().splitlines():
+    layouts, barriers)."""
+    for line in run_compile_script(HOPPER_COMPILE):
         barriers, mma = int(line.split()[1]), int(line.split()[3])
         assert barriers > 0, "levels must be separated by barriers"
         assert mma > 0, "the frontier expansion should use the tensor cores"
