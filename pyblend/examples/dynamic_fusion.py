@@ -162,7 +162,7 @@ class Fused(nn.Module):
 
     def forward(self, features, present):
         fused, _ = self.fusion(features, present)
-        return self.head(fused), self.fusion.loss(features, present)
+        return self.head(fused), self.fusion.objective(fused, features, present)
 
 
 def train(model: nn.Module, data: Dataset, modalities: list[str], missing: float, seed: int, epochs: int,
@@ -232,14 +232,15 @@ def main(argv=None) -> int:
     for missing in (0.0, args.missing):
         print(f"\nTest ROC-AUC x 100 (mean +- std over {args.seeds} seeds), "
               f"{'every modality present' if missing == 0 else f'{missing:.0%} of modalities missing at random'}")
-        print(f"| {'model':<45} | " + " | ".join(f"{n:>11}" for n in names) + " |")
-        print(f"| {'-' * 45} | " + " | ".join("-" * 11 for _ in names) + " |")
+        width = max(len(label) for label, _, _ in rows)
+        print(f"| {'model':<{width}} | " + " | ".join(f"{n:>11}" for n in names) + " |")
+        print(f"| {'-' * width} | " + " | ".join("-" * 11 for _ in names) + " |")
         for label, _, _ in rows:
             cells = []
             for n in names:
                 values = np.array(results[(label, n, missing)]) * 100
                 cells.append(f"{values.mean():5.1f} +- {values.std():3.1f}")
-            print(f"| {label:<45} | " + " | ".join(f"{c:>11}" for c in cells) + " |")
+            print(f"| {label:<{width}} | " + " | ".join(f"{c:>11}" for c in cells) + " |")
     return 0
 
 

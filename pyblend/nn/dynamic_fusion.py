@@ -187,6 +187,12 @@ class DynamicFusion(nn.Module):
         """Eq. 5 with the diversity-promoting sign: ``reconstruction_loss - entropy_weight * mean(entropy)``.
         Runs the forward (modality dropout included in training mode)."""
         fused, _ = self(embeddings, present, generator=generator)
+        return self.objective(fused, embeddings, present)
+
+    def objective(self, fused: Tensor, embeddings: Mapping[str, Tensor],
+                  present: Mapping[str, Tensor] | None = None) -> Tensor:
+        """:meth:`loss` for a ``fused (B, dim)`` this module's last forward returned (its entropy is reused),
+        so a model that already ran the forward does not run it again."""
         reconstruction = self.reconstruction_loss(fused, embeddings, present)
         return reconstruction - self.entropy_weight * self.last_entropy.to(reconstruction.dtype).mean()
 
