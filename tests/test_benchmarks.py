@@ -166,3 +166,26 @@ def test_multi_infonce_case_checks_every_provider_with_the_kernel():
     assert set(rows) == {bench_multi_infonce.TRITON, bench_multi_infonce.EAGER, bench_multi_infonce.COMPILED}
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows[bench_multi_infonce.TRITON]["targets"][0]["over"] == bench_multi_infonce.EAGER
+
+
+def test_gated_fusion_case_checks_every_provider_with_the_kernel():
+    """The GPU case's construction and checks, run small on the CPU with Triton's interpreter."""
+    from pyblend.benchmarks import bench_gated_fusion
+
+    case = bench_gated_fusion.build_case(37, 24, torch.float32, torch.device("cpu"), time_budget_s=0.01,
+                                         targets=[(bench_gated_fusion.TRITON, (bench_gated_fusion.EAGER,), 0.0)])
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert set(rows) == {bench_gated_fusion.TRITON, bench_gated_fusion.EAGER, bench_gated_fusion.COMPILED}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows[bench_gated_fusion.TRITON]["targets"][0]["over"] == bench_gated_fusion.EAGER
+
+
+def test_gated_fusion_check_rejects_a_wrong_gradient():
+    from pyblend.benchmarks import bench_gated_fusion
+
+    case = bench_gated_fusion.build_case(16, 8, torch.float32, torch.device("cpu"), triton=False)
+    result = list(case.providers[bench_gated_fusion.EAGER]())
+    case.check(bench_gated_fusion.EAGER, result)
+    result[4] = result[4] * 1.01  # d(gate_logits) off by 1%
+    with pytest.raises(AssertionError, match="dgate_logits"):
+        case.check(bench_gated_fusion.EAGER, result)
