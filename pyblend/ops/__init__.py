@@ -3,11 +3,12 @@
 Every op takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++ engine or the reference for CPU
 tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all ops.
 """
+from .blend_relations import blend_relations, every_channel, sample_blend
 from .gated_fusion import gated_fusion
 from .gaussian_basis import gaussian_basis, pair_distances
 from .multi_infonce import multi_infonce
 from .relation_attention import relation_attention
 from .shortest_path import shortest_path, shortest_path_routes
 
-__all__ = ["gated_fusion", "gaussian_basis", "multi_infonce", "pair_distances", "relation_attention",
-           "shortest_path", "shortest_path_routes"]
+__all__ = ["blend_relations", "every_channel", "gated_fusion", "gaussian_basis", "multi_infonce", "pair_distances",
+           "relation_attention", "sample_blend", "shortest_path", "shortest_path_routes"]

@@ -1,0 +1,209 @@
+"""Modality blending (MoleBlend eq. 8-9): each atom pair takes its relation from SPD, edge or 3D.
+
+Two steps. :func:`sample_blend` draws, per atom pair, which relation channels it uses, as a bit mask (bit 0 =
+SPD, bit 1 = edge, bit 2 = 3D). :func:`blend_relations` turns the chosen channels into the inputs of
+:func:`pyblend.ops.relation_attention`: the dense biases are zeroed where not chosen and summed, and a table-based
+SPD bias stays a table: the pairs that did not choose SPD point at an extra all-zero row, so the blend of the
+SPD channel happens inside the attention kernel through the relation index and no ``(B, H, N, N)`` SPD tensor is
+made.
+
+Sampling is random-number generation and a comparison per pair, and blending one ``torch.where`` per dense
+channel: memory-bound elementwise work that torch runs at bandwidth, so there is no kernel here. The pair
+choices are int8/uint8 ``(B, N, N)`` (packed ``(P,)``), a quarter of one float bias channel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..layout import check_cu_seqlens, seqlens
+from ._checks import as_tensor, check_dtype, check_shape, describe
+
+__all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
+
+CHANNELS = ("spd", "edge", "geometry")
+SPD, EDGE, GEOMETRY = 1, 2, 4  # bits of a pair's choice
+_MODES = ("pair", "batch", "molecule")
+# mode="molecule" draws one channel subset per molecule (Transformer-M's 2D / 3D / 2D+3D modes).
+_MOLECULE_SUBSETS = (SPD | EDGE, GEOMETRY, SPD | EDGE | GEOMETRY)
+
+
+def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                 probs=(0.2, 0.2, 0.6), mode: str = "pair", symmetric: bool = False,
+                 has_geometry: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Draw the relation channels of every atom pair.
+
+    Args:
+        mask: ``(B, N)`` bool, True = real atom (padded layout). Give this or ``cu_seqlens``.
+        cu_seqlens: ``(B + 1,)`` int32 (packed layout), with ``max_seqlen`` (int, the largest molecule).
+        probs: three non-negative numbers with a positive sum (normalised here). ``mode="pair"`` and ``"batch"``:
+            the probabilities of (SPD, edge, 3D), 0.2 / 0.2 / 0.6 by default (the paper's). ``mode="molecule"``:
+            the probabilities of the subsets (2D = SPD + edge, 3D, 2D + 3D).
+        mode: "pair": an independent draw per pair of every molecule (the paper's eq. 8); "batch": one
+            ``(N, N)`` draw shared by every molecule of the batch (the public code's behaviour; molecule i uses
+            its top-left ``N_i x N_i`` block); "molecule": one subset per molecule, used by all its pairs.
+        symmetric: pair (j, i) uses pair (i, j)'s draw (the public code does not symmetrise; False).
+        has_geometry: ``(B,)`` bool, False for a molecule without a conformer: its pairs never get the 3D channel
+            (the draw is renormalised over the channels or subsets left). None = every molecule has one.
+        generator: a ``torch.Generator`` on the choice's device, for reproducible draws.
+
+    Returns:
+        uint8 ``(B, N, N)`` (padded) or ``(P,)`` (packed, pairs of molecule i row-major after those of the
+        molecules before it): bit 0 SPD, bit 1 edge, bit 2 3D; 0 on padded pairs.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}; got {mode!r}")
+    weights = _probabilities(probs)
+    mask, packed, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    (batch, atoms), device = mask.shape, mask.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator: expected a generator on {device.type} (where the choices are drawn); "
+                         f"got one on {generator.device.type}")
+
+    # Per molecule: the three outcomes and their probabilities, 3D outcomes removed where there is no conformer.
+    if mode == "molecule":
+        outcomes = torch.tensor(_MOLECULE_SUBSETS, dtype=torch.uint8, device=device)
+    else:
+        outcomes = torch.tensor((SPD, EDGE, GEOMETRY), dtype=torch.uint8, device=device)
+    allowed = (outcomes & GEOMETRY == 0) | has_geometry[:, None]                       # (B, 3)
+    per_molecule = torch.where(allowed, weights.to(device), 0.0)
+    empty = per_molecule.sum(1) == 0
+    if bool(empty.any()):
+        first = int(empty.nonzero()[0])
+        raise ValueError(f"has_geometry: molecule {first} has no conformer, and probs {tuple(weights.tolist())} "
+                         f"give its 2D outcomes probability 0 in mode {mode!r}")
+    cumulative = (per_molecule / per_molecule.sum(1, keepdim=True)).cumsum(1)            # (B, 3)
+
+    if mode == "molecule":
+        draw = torch.rand(batch, 1, 1, generator=generator, device=device)
+    elif mode == "batch":
+        draw = torch.rand(1, atoms, atoms, generator=generator, device=device).expand(batch, atoms, atoms)
+    else:
+        draw = torch.rand(batch, atoms, atoms, generator=generator, device=device)
+    if symmetric and mode != "molecule":
+        draw = torch.triu(draw) + torch.triu(draw, diagonal=1).transpose(1, 2)
+    # The outcome whose cumulative interval holds the draw; the last bound is left out, so a sum that rounds to
+    # 1 - ulp cannot push an index past the end.
+    index = (draw[..., None] >= cumulative[:, None, None, :-1]).sum(-1)
+    return _on_real_pairs(outcomes[index].expand(batch, atoms, atoms), mask, packed)
+
+
+def _on_real_pairs(choice: Tensor, mask: Tensor, packed: bool) -> Tensor:
+    pairs = mask[:, :, None] & mask[:, None, :]
+    if packed:
+        return choice[pairs]  # row-major per molecule, molecules in order: the packed pair layout
+    return torch.where(pairs, choice, torch.zeros((), dtype=torch.uint8, device=mask.device))
+
+
+def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, bool, Tensor]:
+    """Validated ``(atom mask (B, N), packed?, has_geometry (B,))``; a packed batch gets its padded mask."""
+    mask = as_tensor(mask, "mask", optional=True)
+    cu_seqlens = as_tensor(cu_seqlens, "cu_seqlens", optional=True)
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError("mask, cu_seqlens: give exactly one (padded layout: mask (B, N); packed: cu_seqlens)")
+    if mask is not None:
+        check_dtype(mask, "mask", (torch.bool,))
+        check_shape(mask, "mask", (None, None), "(B, N)")
+    else:
+        check_cu_seqlens(cu_seqlens)
+        lengths = seqlens(cu_seqlens)
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen: expected an int >= 0 with cu_seqlens; got {max_seqlen!r}")
+        if len(lengths) and int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen: {max_seqlen} is below the largest molecule in cu_seqlens "
+                             f"({int(lengths.max())} atoms)")
+        mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]
+    batch = mask.shape[0]
+    if has_geometry is None:
+        return mask, cu_seqlens is not None, torch.ones(batch, dtype=torch.bool, device=mask.device)
+    has_geometry = as_tensor(has_geometry, "has_geometry")
+    check_dtype(has_geometry, "has_geometry", (torch.bool,))
+    check_shape(has_geometry, "has_geometry", (batch,), "(B,)")
+    return mask, cu_seqlens is not None, has_geometry.to(mask.device)
+
+
+def every_channel(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                  has_geometry: Tensor | None = None) -> Tensor:
+    """The no-blending choice (inference): every real pair uses SPD, edge and 3D, or SPD and edge where its
+    molecule has no conformer. Arguments and result as :func:`sample_blend`."""
+    mask, packed, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    channels = torch.where(has_geometry, SPD | EDGE | GEOMETRY, SPD | EDGE).to(torch.uint8)
+    return _on_real_pairs(channels[:, None, None].expand(-1, *mask.shape[1:], mask.shape[1]), mask, packed)
+
+
+def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_table: Tensor | None = None,
+                    spd_bias: Tensor | None = None, edge_bias: Tensor | None = None,
+                    geometry_bias: Tensor | None = None) -> dict[str, Tensor | None]:
+    """Combine the chosen relation channels into :func:`pyblend.ops.relation_attention` inputs.
+
+    Args:
+        choice: uint8 ``(B, N, N)`` or ``(P,)`` from :func:`sample_blend`.
+        spd_index, spd_table: the SPD channel as a table, integer ids ``choice.shape`` and a float ``(R, H)``
+            table (the attention kernel gathers it). Or ``spd_bias``, the SPD channel as a dense bias.
+        spd_bias, edge_bias, geometry_bias: dense biases ``(B|1, H, N, N)`` (padded) or ``(H, P)`` (packed),
+            each optional; a channel given neither way contributes nothing.
+
+    Returns:
+        ``{"bias": Tensor | None, "rel_index": Tensor | None, "rel_table": Tensor | None}`` for
+        ``relation_attention(q, k, v, **blended, ...)``: ``bias`` is the sum of the dense channels each zeroed
+        where its bit is off (``torch.where``, so a NaN or inf in an unchosen entry does not leak); for the table
+        form, ``rel_table`` is ``spd_table`` with an extra zero row ``R`` and ``rel_index`` points the pairs
+        without the SPD bit at it. Gradients flow to every bias and to ``spd_table``.
+    """
+    choice = as_tensor(choice, "choice")
+    check_dtype(choice, "choice", (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+    packed = choice.dim() == 1
+    if not packed and choice.dim() != 3:
+        raise ValueError(f"choice: expected (B, N, N) or (P,); got {describe(choice)}")
+    if spd_bias is not None and (spd_index is not None or spd_table is not None):
+        raise ValueError("spd_bias: give the SPD channel either dense (spd_bias) or as a table "
+                         "(spd_index, spd_table), not both")
+    if (spd_index is None) != (spd_table is None):
+        raise ValueError(f"{'spd_table' if spd_table is None else 'spd_index'}: spd_index and spd_table come "
+                         "together")
+
+    def chosen(bit: int) -> Tensor:
+        on = (choice & bit) != 0
+        return on if packed else on[:, None]  # broadcast over heads: (B, 1, N, N) / (P,) against (H, P)
+
+    bias = None
+    for name, value, bit in (("spd_bias", spd_bias, SPD), ("edge_bias", edge_bias, EDGE),
+                             ("geometry_bias", geometry_bias, GEOMETRY)):
+        if value is None:
+            continue
+        value = as_tensor(value, name)
+        want = (None, choice.shape[0]) if packed else (None, None, *choice.shape[1:])
+        if value.dim() != len(want) or any(w is not None and s != w for s, w in zip(value.shape, want)) or \
+                (not packed and value.shape[0] not in (1, choice.shape[0])):
+            layout = "(H, P)" if packed else "(B|1, H, N, N)"
+            raise ValueError(f"{name}: expected {layout} matching choice {describe(choice)}; got {describe(value)}")
+        if value.device != choice.device:
+            raise ValueError(f"{name}: expected a tensor on {choice.device} like choice; got {value.device}")
+        part = torch.where(chosen(bit), value, torch.zeros((), dtype=value.dtype, device=value.device))
+        bias = part if bias is None else bias + part
+
+    rel_index = rel_table = None
+    if spd_table is not None:
+        spd_index, spd_table = as_tensor(spd_index, "spd_index"), as_tensor(spd_table, "spd_table")
+        if spd_index.shape != choice.shape:
+            raise ValueError(f"spd_index: expected the shape of choice {tuple(choice.shape)}; got "
+                             f"{describe(spd_index)}")
+        if spd_table.dim() != 2:
+            raise ValueError(f"spd_table: expected (R, H); got {describe(spd_table)}")
+        rows = spd_table.shape[0]
+        index_dtype = torch.int16 if rows + 1 <= torch.iinfo(torch.int16).max else torch.int32
+        rel_index = torch.where((choice & SPD) != 0, spd_index.to(index_dtype),
+                                torch.full((), rows, dtype=index_dtype, device=choice.device))
+        rel_table = torch.cat([spd_table, spd_table.new_zeros(1, spd_table.shape[1])])
+    return {"bias": bias, "rel_index": rel_index, "rel_table": rel_table}
+
+
+def _probabilities(probs) -> Tensor:
+    try:
+        weights = torch.as_tensor(probs, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"probs: expected three numbers; got {probs!r}") from None
+    if weights.numel() != 3 or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+            or float(weights.sum()) <= 0:
+        raise ValueError(f"probs: expected three finite non-negative numbers with a positive sum; got {probs!r}")
+    return (weights / weights.sum()).float()

@@ -1,0 +1,205 @@
+"""Modality blending (MoleBlend eq. 8-9): draw statistics, modes, reproducibility, and the blended attention."""
+import pytest
+import torch
+
+from pyblend import reference
+from pyblend.layout import cu_seqlens_from_mask, pack_pairs
+from pyblend.ops.blend_relations import EDGE, GEOMETRY, SPD, blend_relations, sample_blend
+
+
+def _mask(lengths, atoms=None):
+    atoms = atoms or max(lengths)
+    return torch.arange(atoms) < torch.tensor(lengths)[:, None]
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_pair_mode_frequencies_follow_probs():
+    mask = _mask([64] * 16)
+    choice = sample_blend(mask, probs=(0.2, 0.2, 0.6), generator=_generator())
+    assert choice.dtype == torch.uint8 and choice.shape == (16, 64, 64)
+    total = choice.numel()
+    for bit, expected in ((SPD, 0.2), (EDGE, 0.2), (GEOMETRY, 0.6)):
+        frequency = ((choice & bit) != 0).sum().item() / total
+        # 65536 Bernoulli draws: the standard error is < 0.002; 0.01 is 5 standard errors.
+        assert abs(frequency - expected) < 0.01, (bit, frequency)
+    assert torch.isin(choice, torch.tensor([SPD, EDGE, GEOMETRY], dtype=torch.uint8)).all()  # one channel each
+
+
+def test_probs_are_normalised_and_zero_probability_never_drawn():
+    choice = sample_blend(_mask([40] * 8), probs=(1, 0, 3), generator=_generator(1))
+    assert not ((choice & EDGE) != 0).any()
+    frequency = ((choice & GEOMETRY) != 0).float().mean().item()
+    assert abs(frequency - 0.75) < 0.02
+
+
+def test_same_seed_same_draw_and_different_seed_differs():
+    mask = _mask([9, 5, 12])
+    first = sample_blend(mask, generator=_generator(7))
+    assert torch.equal(first, sample_blend(mask, generator=_generator(7)))
+    assert not torch.equal(first, sample_blend(mask, generator=_generator(8)))
+
+
+def test_padding_pairs_are_zero_and_real_pairs_are_not():
+    mask = _mask([3, 6, 1], atoms=8)
+    choice = sample_blend(mask, generator=_generator())
+    pairs = mask[:, :, None] & mask[:, None, :]
+    assert (choice[~pairs] == 0).all() and (choice[pairs] != 0).all()
+
+
+def test_batch_mode_shares_one_draw_across_molecules():
+    mask = _mask([10, 10, 7])
+    choice = sample_blend(mask, mode="batch", generator=_generator(2))
+    assert torch.equal(choice[0], choice[1])
+    assert torch.equal(choice[2, :7, :7], choice[0, :7, :7])
+    assert len(torch.unique(choice[0])) == 3  # 100 pairs: every channel appears
+
+
+def test_molecule_mode_one_subset_per_molecule():
+    mask = _mask([6] * 200)
+    choice = sample_blend(mask, mode="molecule", probs=(0.25, 0.25, 0.5), generator=_generator(3))
+    per_molecule = choice.flatten(1)
+    assert (per_molecule == per_molecule[:, :1]).all()
+    values = per_molecule[:, 0]
+    assert set(values.tolist()) <= {SPD | EDGE, GEOMETRY, SPD | EDGE | GEOMETRY}
+    assert abs((values == (SPD | EDGE | GEOMETRY)).float().mean().item() - 0.5) < 0.12
+
+
+def test_symmetric_draw_is_symmetric_and_default_is_not():
+    mask = _mask([30, 30])
+    symmetric = sample_blend(mask, symmetric=True, generator=_generator(4))
+    assert torch.equal(symmetric, symmetric.transpose(1, 2))
+    plain = sample_blend(mask, generator=_generator(4))
+    assert not torch.equal(plain, plain.transpose(1, 2))
+
+
+def test_molecules_without_conformer_never_get_the_3d_channel():
+    mask = _mask([20, 20, 20])
+    has_geometry = torch.tensor([True, False, True])
+    for mode in ("pair", "batch", "molecule"):
+        choice = sample_blend(mask, mode=mode, has_geometry=has_geometry, generator=_generator(5))
+        assert not ((choice[1] & GEOMETRY) != 0).any(), mode
+        assert (choice[1] != 0).all(), mode
+    # Renormalised over SPD and edge: 0.2 / 0.4 = half each.
+    choice = sample_blend(_mask([50] * 4), has_geometry=torch.zeros(4, dtype=torch.bool), generator=_generator(6))
+    assert abs(((choice & SPD) != 0).float().mean().item() - 0.5) < 0.03
+
+
+def test_packed_layout_is_the_padded_draw_packed():
+    mask = _mask([4, 7, 2])
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    padded = sample_blend(mask, generator=_generator(9))
+    packed = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, generator=_generator(9))
+    assert packed.shape == (4 * 4 + 7 * 7 + 2 * 2,)
+    assert torch.equal(packed, pack_pairs(padded, mask))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(probs=(0.5, 0.5)), "probs"),
+    (dict(probs=(-0.1, 0.5, 0.6)), "probs"),
+    (dict(probs=(0, 0, 0)), "probs"),
+    (dict(mode="per-atom"), "mode"),
+    (dict(has_geometry=torch.ones(3, dtype=torch.bool)), "has_geometry"),
+])
+def test_sample_blend_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_blend(_mask([3, 4]), **kwargs)
+
+
+def test_sample_blend_needs_exactly_one_layout_and_a_2d_outcome_without_conformer():
+    with pytest.raises(ValueError, match="mask, cu_seqlens"):
+        sample_blend()
+    with pytest.raises(ValueError, match="has_geometry: molecule 1"):
+        sample_blend(_mask([3, 4]), probs=(0, 0, 1), has_geometry=torch.tensor([True, False]))
+
+
+def _biases(batch=2, heads=3, atoms=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    spd = torch.randint(0, 6, (batch, atoms, atoms), generator=generator)
+    table = torch.randn(6, heads, generator=generator, dtype=torch.float64)
+    edge = torch.randn(batch, heads, atoms, atoms, generator=generator, dtype=torch.float64)
+    geometry = torch.randn(batch, heads, atoms, atoms, generator=generator, dtype=torch.float64)
+    return spd, table, edge, geometry
+
+
+def test_blend_zeroes_unchosen_channels_and_sums_the_rest():
+    spd, table, edge, geometry = _biases()
+    choice = sample_blend(_mask([5, 3], atoms=5), mode="pair", generator=_generator(10))
+    dense_spd = table[spd.long()].permute(0, 3, 1, 2)
+    blended = blend_relations(choice, spd_bias=dense_spd, edge_bias=edge, geometry_bias=geometry)
+    assert blended["rel_index"] is None and blended["rel_table"] is None
+    expected = torch.zeros_like(edge)
+    for bit, value in ((SPD, dense_spd), (EDGE, edge), (GEOMETRY, geometry)):
+        expected += ((choice & bit) != 0)[:, None].double() * value
+    torch.testing.assert_close(blended["bias"], expected, rtol=0, atol=0)
+
+
+def test_unchosen_nan_does_not_leak():
+    spd, table, edge, geometry = _biases()
+    choice = torch.full(spd.shape, SPD, dtype=torch.uint8)
+    edge = torch.full_like(edge, float("nan"))
+    blended = blend_relations(choice, edge_bias=edge, geometry_bias=geometry)
+    assert torch.equal(blended["bias"], torch.zeros_like(geometry))
+
+
+def test_table_form_through_attention_equals_the_dense_blend():
+    """SPD through the relation index (zero row for unchosen pairs) gives the attention of the dense blend."""
+    spd, table, edge, geometry = _biases(seed=1)
+    mask = _mask([5, 4], atoms=5)
+    choice = sample_blend(mask, generator=_generator(11))
+    table = table.requires_grad_()
+    blended = blend_relations(choice, spd_index=spd, spd_table=table, edge_bias=edge, geometry_bias=geometry)
+    assert blended["rel_table"].shape == (7, 3) and (blended["rel_table"][6] == 0).all()
+    q, k, v = (torch.randn(2, 5, 3, 4, dtype=torch.float64) for _ in range(3))
+    out = reference.relation_attention(q, k, v, blended["bias"], mask=mask, rel_index=blended["rel_index"],
+                                       rel_table=blended["rel_table"])
+    dense_spd = table[spd.long()].permute(0, 3, 1, 2)
+    dense = blend_relations(choice, spd_bias=dense_spd, edge_bias=edge, geometry_bias=geometry)["bias"]
+    expected = reference.relation_attention(q, k, v, dense, mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad, = torch.autograd.grad(out.sum(), table)
+    expected_grad, = torch.autograd.grad(expected.sum(), table)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_blend_broadcasts_over_heads():
+    mask = _mask([3, 2])
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    choice = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, generator=_generator(12))
+    edge = torch.randn(4, choice.shape[0])
+    blended = blend_relations(choice, edge_bias=edge)
+    torch.testing.assert_close(blended["bias"], torch.where((choice & EDGE) != 0, edge, 0.0))
+
+
+def test_blend_rejects_bad_arguments():
+    spd, table, edge, geometry = _biases()
+    choice = torch.ones(spd.shape, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="spd_bias"):
+        blend_relations(choice, spd_bias=edge, spd_index=spd, spd_table=table)
+    with pytest.raises(ValueError, match="spd_table"):
+        blend_relations(choice, spd_index=spd)
+    with pytest.raises(ValueError, match="edge_bias"):
+        blend_relations(choice, edge_bias=edge[:, :, :4])
+    with pytest.raises(TypeError, match="choice"):
+        blend_relations(choice.float())
+
+
+def test_relation_blender_draws_in_training_and_uses_every_channel_in_eval():
+    from pyblend.nn import RelationBlender
+
+    mask = _mask([6, 4], atoms=6)
+    has_geometry = torch.tensor([True, False])
+    blender = RelationBlender(mode="pair")
+    drawn = blender(mask, has_geometry=has_geometry, generator=_generator(13))
+    assert torch.equal(drawn, sample_blend(mask, has_geometry=has_geometry, generator=_generator(13)))
+    blender.eval()
+    every = blender(mask, has_geometry=has_geometry)
+    assert (every[0] == (SPD | EDGE | GEOMETRY)).all()
+    assert (every[1, :4, :4] == (SPD | EDGE)).all() and (every[1, 4:] == 0).all() and (every[1, :, 4:] == 0).all()
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    packed = blender(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, has_geometry=has_geometry)
+    assert torch.equal(packed, pack_pairs(every, mask))
+    with pytest.raises(ValueError, match="probs"):
+        RelationBlender(probs=(1, 1))
