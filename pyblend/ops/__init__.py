@@ -7,8 +7,9 @@ from .blend_relations import blend_relations, every_channel, sample_blend
 from .gated_fusion import gated_fusion
 from .gaussian_basis import gaussian_basis, pair_distances
 from .multi_infonce import multi_infonce
+from .path_edge_bias import path_edge_bias
 from .relation_attention import relation_attention
 from .shortest_path import shortest_path, shortest_path_routes
 
 __all__ = ["blend_relations", "every_channel", "gated_fusion", "gaussian_basis", "multi_infonce", "pair_distances",
-           "relation_attention", "sample_blend", "shortest_path", "shortest_path_routes"]
+           "path_edge_bias", "relation_attention", "sample_blend", "shortest_path", "shortest_path_routes"]
