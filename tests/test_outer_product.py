@@ -1,0 +1,500 @@
+"""Outer-product relation heads fused with their losses: the reference against the public MoleBlend head
+(explicit outer product + nn.Linear, F.cross_entropy, F.cosine_similarity), and the Triton kernels (interpreter on
+the CPU) against the float64 reference, forward and every gradient.
+
+Every check draws fresh inputs, puts NaN in padded atoms' row/col/positions entries (they must never be read),
+and compares the loss and the gradients of row, col, weight and bias.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyblend.layout import cu_seqlens_from_mask, pack_atoms, pack_pairs
+from pyblend.ops import outer_product as ops
+from pyblend.reference import outer_product as reference
+
+from graphs import backend_device
+from hopper import run_compile_script
+from tolerances import assert_close
+
+# bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+IGNORE = -100
+GRADIENTS = ("drow", "dcol", "dweight", "dbias")
+
+
+class Problem:
+    """Inputs in float64 (rounded to ``dtype``), padded with NaN at padded atoms, and their packed form."""
+
+    def __init__(self, generator, sizes, d1, d2, classes, dtype, *, groups=1, width=None, logit_scale=1.0):
+        self.sizes, self.dtype, self.groups, self.classes = sizes, dtype, groups, classes
+        batch, width = len(sizes), width or max(sizes)
+        self.mask = torch.arange(width)[None, :] < torch.tensor(sizes)[:, None]
+
+        def draw(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype).double()
+
+        self.row = draw(batch, width, d1)
+        self.col = draw(batch, width, d2)
+        self.weight = draw(classes, d1 * d2, scale=logit_scale / (d1 * d2) ** 0.5)
+        self.bias = draw(classes)
+        self.positions = draw(batch, width, 3)
+        for x in (self.row, self.col, self.positions):
+            x[~self.mask] = float("nan")
+        per_group = classes // groups
+        target = torch.randint(0, per_group, (batch, width, width, groups), generator=generator)
+        target[torch.rand(target.shape, generator=generator) < 0.2] = IGNORE  # unreachable, past the path
+        target[:, torch.arange(width), torch.arange(width)] = IGNORE  # the diagonal
+        target[~(self.mask[:, :, None] & self.mask[:, None, :])] = 10_000  # padding: ignored whatever it holds
+        self.target = target if groups > 1 else target[..., 0]
+        self.cu_seqlens, self.max_seqlen = cu_seqlens_from_mask(self.mask)
+
+    def inputs(self, packed):
+        """(row, col, positions, target, layout keywords) in the padded or the packed layout."""
+        if packed:
+            atoms = [pack_atoms(x, self.mask) for x in (self.row, self.col, self.positions)]
+            return (*atoms, pack_pairs(self.target, self.mask),
+                    dict(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen))
+        return self.row, self.col, self.positions, self.target, dict(mask=self.mask)
+
+
+def run(problem, loss, backend, packed, *, dtype=None, bias=True, upstream=None):
+    """{"out": loss or logits, "drow", "dcol", "dweight", "dbias"} on the CPU; ``dtype`` (default the problem's)
+    converts the float inputs first."""
+    dtype = dtype or problem.dtype
+    device = backend_device(backend)
+    row, col, positions, target, layout = problem.inputs(packed)
+    leaves = [x.detach().to(device, dtype, copy=True).requires_grad_()
+              for x in (row, col, problem.weight, problem.bias)]
+    if not bias:
+        leaves[3] = None
+    layout = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in layout.items()}
+    if loss == "ce":
+        out = ops.outer_product_loss(*leaves, target.to(device), groups=problem.groups, ignore_index=IGNORE,
+                                     backend=backend, **layout)
+        objective = out * 1.7
+    elif loss == "cos":
+        out = ops.outer_product_cosine_loss(*leaves, positions.to(device, dtype), backend=backend, **layout)
+        objective = out * 1.7
+    else:
+        out = ops.outer_product_logits(*leaves, backend=backend, **layout)
+        objective = (out.double() * upstream.to(device)).sum()
+    objective.backward()
+    found = {"out": out.detach().cpu()}
+    found.update({name: leaf.grad.detach().cpu() for name, leaf in zip(GRADIENTS, leaves) if leaf is not None})
+    return found
+
+
+def check(problem, loss, packed, *, bias=True, upstream=None):
+    got = run(problem, loss, "triton", packed, bias=bias, upstream=upstream)
+    expected = run(problem, loss, "reference", packed, dtype=torch.float64, bias=bias, upstream=upstream)
+    if loss != "logits":
+        assert got["out"].dtype == torch.float32 and got["out"].shape == ()
+    for name, ref in expected.items():
+        out = got[name]
+        if name in ("drow", "dcol"):  # padded atoms: exactly 0 (the reference's NaN-free zeros too)
+            atoms = problem.mask if not packed else torch.ones(out.shape[0], dtype=torch.bool)
+            assert (out[~atoms] == 0).all(), f"{name}: nonzero at padded atoms"
+        assert_close(out, ref, problem.dtype, name)
+    return got
+
+
+def upstream_for(generator, problem, packed):
+    pairs = int((torch.tensor(problem.sizes) ** 2).sum()) if packed else None
+    width = problem.mask.shape[1]
+    shape = (pairs, problem.classes) if packed else (len(problem.sizes), width, width, problem.classes)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------- the reference
+
+
+def test_reference_is_the_public_head(generator):
+    """Per molecule: the flattened outer product through nn.Linear, F.cross_entropy over the kept targets with
+    G softmaxes, and 1 - F.cosine_similarity over i != j, in both layouts."""
+    problem = Problem(generator, [5, 3], 3, 4, 6, torch.float64, groups=2)
+    head = torch.nn.Linear(12, 6).double()
+    with torch.no_grad():
+        head.weight.copy_(problem.weight)
+        head.bias.copy_(problem.bias)
+    logits, kept, ce_targets, cos_terms = [], [], [], []
+    for b, n in enumerate(problem.sizes):
+        row, col, pos = problem.row[b, :n], problem.col[b, :n], problem.positions[b, :n]
+        outer = (row[:, None, :, None] * col[None, :, None, :]).reshape(n, n, 12)
+        mol = head(outer)
+        logits.append(mol)
+        target = problem.target[b, :n, :n]
+        keep = target != IGNORE
+        kept.append(mol.reshape(n, n, 2, 3)[keep])
+        ce_targets.append(target[keep])
+        pred = mol[..., :3]
+        delta = pos[None, :, :] - pos[:, None, :]
+        off = ~torch.eye(n, dtype=torch.bool)
+        cos_terms.append(1 - F.cosine_similarity(pred[off], delta[off], dim=-1))
+    expected_ce = F.cross_entropy(torch.cat(kept), torch.cat(ce_targets))
+    expected_cos = torch.cat(cos_terms).mean()
+    for packed in (False, True):
+        row, col, positions, target, layout = problem.inputs(packed)
+        got = reference.outer_product_logits(row, col, problem.weight, problem.bias, **layout)
+        if packed:
+            torch.testing.assert_close(got, torch.cat([x.reshape(-1, 6) for x in logits]))
+        else:
+            for b, n in enumerate(problem.sizes):
+                torch.testing.assert_close(got[b, :n, :n], logits[b])
+            assert (got[~(problem.mask[:, :, None] & problem.mask[:, None, :])] == 0).all()
+        ce = reference.outer_product_loss(row, col, problem.weight, problem.bias, target, groups=2,
+                                          ignore_index=IGNORE, **layout)
+        torch.testing.assert_close(ce, expected_ce)
+        cos = reference.outer_product_cosine_loss(row, col, problem.weight[:3], problem.bias[:3], positions, **layout)
+        torch.testing.assert_close(cos, expected_cos)
+
+
+def test_reference_gradcheck_float64(generator):
+    problem = Problem(generator, [3, 2], 2, 3, 3, torch.float64)
+    row, col, positions, target, layout = problem.inputs(True)
+    leaves = tuple(x.clone().requires_grad_() for x in (row, col, problem.weight, problem.bias))
+    target = target.clone()
+    target[0] = 1  # at least the diagonal pair of atom 0 is kept
+    assert torch.autograd.gradcheck(lambda *a: reference.outer_product_loss(*a, target, **layout), leaves)
+    assert torch.autograd.gradcheck(lambda *a: reference.outer_product_cosine_loss(*a, positions, **layout), leaves)
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("classes, groups", [(5, 1), (12, 3)])
+def test_cross_entropy_matches_reference(generator, dtype, packed, classes, groups):
+    problem = Problem(generator, [7, 11], 6, 5, classes, dtype, groups=groups)
+    check(problem, "ce", packed, bias=groups == 1)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cosine_matches_reference_with_coincident_atoms(generator, dtype, packed):
+    problem = Problem(generator, [9, 6], 4, 8, 3, dtype)
+    problem.positions[0, 3] = problem.positions[0, 5]  # a zero delta: cos = 0, no gradient through that pair
+    got = check(problem, "cos", packed)
+    assert all(torch.isfinite(g).all() for g in got.values())
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_logits_and_their_gradients_match_reference(generator, dtype, packed):
+    problem = Problem(generator, [8, 3], 4, 6, 5, dtype)
+    upstream = upstream_for(generator, problem, packed)
+    got = check(problem, "logits", packed, upstream=upstream)
+    assert got["out"].dtype == dtype
+
+
+def test_non_contiguous_inputs(generator):
+    """Strided views: row/col from (d, T) storage, the weight as the transpose of (d1 d2, C) storage, a strided
+    bias and a transposed target."""
+    problem = Problem(generator, [6, 9], 4, 5, 6, torch.float32, groups=2)
+    row, col, _, target, layout = problem.inputs(True)
+    weight = problem.weight.float()
+    bias = torch.stack([problem.bias.float(), torch.full((6,), float("nan"))], 1)[:, 0]
+    views = [row.float().t().contiguous().t(), col.float().t().contiguous().t(), weight.t().contiguous().t(), bias]
+    assert not any(x.is_contiguous() for x in views)
+    target = target.t().contiguous().t()
+    leaves = [x.detach().requires_grad_() for x in views]
+    loss = ops.outer_product_loss(*leaves, target, groups=2, ignore_index=IGNORE, backend="triton", **layout)
+    loss.backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in views]
+    expected = reference.outer_product_loss(*leaves64, target, groups=2, ignore_index=IGNORE, **layout)
+    expected.backward()
+    assert_close(loss.detach(), expected.detach(), torch.float32, "loss")
+    for name, ours, theirs in zip(GRADIENTS, leaves, leaves64):
+        assert_close(ours.grad, theirs.grad, torch.float32, name)
+
+
+def test_everything_ignored_is_zero_with_zero_gradients(generator):
+    problem = Problem(generator, [5, 4], 4, 4, 6, torch.float32, groups=2)
+    problem.target[problem.target != 10_000] = IGNORE
+    for packed in (False, True):
+        got = run(problem, "ce", "triton", packed)
+        assert got["out"].item() == 0.0
+        for name in GRADIENTS:
+            assert (got[name] == 0).all(), name
+
+
+def test_large_logits_are_stable(generator):
+    """Logits ~1e3-1e4 (exp overflows float32 past 88): the log-sum-exp is max-subtracted; the loss and gradients
+    match float64 at the float32 bound. Draws are kept only where no pair has two classes within 10 of each other:
+    near a tie the softmax of float32 logits of size 1e4 is itself off by ~1e-3 relative (representation error,
+    in torch's float32 too), which no float32 implementation can meet at 1e-5."""
+    for _ in range(50):
+        problem = Problem(generator, [7, 10], 4, 4, 5, torch.float32, logit_scale=3e3)
+        row, col, _, _, layout = problem.inputs(False)
+        logits = reference.outer_product_logits(row, col, problem.weight, problem.bias, **layout)
+        top = logits[problem.mask[:, :, None] & problem.mask[:, None, :]].topk(2, dim=-1).values
+        if ((top[..., 0] - top[..., 1]) > 10).all() and logits.abs().max() > 3e3:
+            break
+    else:
+        pytest.fail("no well-separated draw in 50")
+    got = check(problem, "ce", False)
+    assert got["out"].item() > 100
+    problem = Problem(generator, [7, 10], 4, 4, 3, torch.float32, logit_scale=3e3)
+    check(problem, "cos", True)  # scale-invariant: well conditioned at any size
+
+
+@pytest.mark.parametrize("loss", ["ce", "cos"])
+def test_padding_single_atoms_and_empty_molecules(generator, loss):
+    """One-atom molecules, a molecule with no atom (a fully padded row), NaN in every padded entry: matches the
+    reference, bit-identical to zero-filled padding, and bit-identical run to run."""
+    classes = 6 if loss == "ce" else 3
+    problem = Problem(generator, [1, 6, 1, 4], 5, 4, classes, torch.float32, groups=2 if loss == "ce" else 1,
+                      width=7)
+    problem.mask[3] = False  # molecule 3: no atom at all
+    for x in (problem.row, problem.col, problem.positions):
+        x[3] = float("nan")
+    first = check(problem, loss, False)
+    second = run(problem, loss, "triton", False)
+    for x in (problem.row, problem.col, problem.positions):
+        x[~problem.mask] = 0.0
+    zeros = run(problem, loss, "triton", False)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name}: not deterministic"
+        assert torch.equal(first[name], zeros[name]), f"{name}: depends on padded entries"
+
+
+def test_single_atom_molecules_only_give_zero(generator):
+    problem = Problem(generator, [1, 1], 4, 4, 3, torch.float32)
+    for packed in (False, True):
+        got = run(problem, "cos", "triton", packed)
+        assert got["out"].item() == 0.0
+        assert all((got[name] == 0).all() for name in GRADIENTS)
+
+
+def test_persistent_programs_agree(generator):
+    """The rows backward's partials: one program for every item or one per item give the same gradients."""
+    from pyblend.kernels import outer_product as kernel
+
+    problem = Problem(generator, [9, 5, 12], 4, 6, 6, torch.float32, groups=2)
+    row, col, _, target, layout = problem.inputs(True)
+    row, col, weight, bias = (x.float() for x in (row, col, problem.weight, problem.bias))
+    start = layout["cu_seqlens"][:-1].contiguous()
+    length = (layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).contiguous()
+    pair_start = torch.tensor([0, 81, 106], dtype=torch.int64)
+    target = target.reshape(-1, 2)
+    stats, _, count = kernel.outer_product_forward(row, col, weight, bias, target, None, start, length, pair_start,
+                                                   12, target.shape[0], kernel.MODE_CROSS_ENTROPY, 2, IGNORE)
+    scale = (1 / count).float().reshape(1)
+    results = [kernel.outer_product_backward(scale, row, col, weight, bias, target, None, start, length, pair_start,
+                                             stats, 12, kernel.MODE_CROSS_ENTROPY, 2, IGNORE, programs=programs)
+               for programs in (1, 3)]
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor a torch op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for x in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(x, torch.Tensor):
+                self.sizes.append(x.numel())
+        return result
+
+
+def test_loss_path_allocates_no_per_pair_logits_or_outer_products(generator):
+    """Forward + backward of both losses: nothing of (pairs, C) or (pairs, d1 d2) elements; the reference, run
+    under the same recorder, does allocate them (so the recorder sees such tensors)."""
+    problem = Problem(generator, [11, 10], 4, 4, 12, torch.float32, groups=3)
+    pairs = 2 * 11 * 11
+    limit = pairs * min(12, 16) // 2
+    for backend in ("triton", "reference"):
+        for loss in ("ce", "cos"):
+            if loss == "cos":
+                problem.weight, problem.bias = problem.weight[:3], problem.bias[:3]
+            with _Allocations() as record:
+                run(problem, loss, backend, False)
+            largest = max(record.sizes)
+            if backend == "triton":
+                assert largest <= limit, f"{loss}: a tensor of {largest} elements ((pairs, C) = {pairs * 12})"
+            else:
+                assert largest >= pairs * 3, f"{loss}: the recorder missed the reference's logits"
+        problem = Problem(generator, [11, 10], 4, 4, 12, torch.float32, groups=3)
+
+
+def test_automatic_backend_on_cpu_is_the_reference(generator):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine CPU tensors still go to the reference, but TRITON_INTERPRET is unset")
+    problem = Problem(generator, [4, 3], 3, 3, 4, torch.float32)
+    row, col, _, target, layout = problem.inputs(False)
+    args = (row.float(), col.float(), problem.weight.float(), problem.bias.float())
+    torch.testing.assert_close(ops.outer_product_loss(*args, target, ignore_index=IGNORE, **layout),
+                               reference.outer_product_loss(*args, target, ignore_index=IGNORE, **layout))
+
+
+def test_errors_name_the_argument(generator):
+    problem = Problem(generator, [4, 3], 3, 2, 6, torch.float32, groups=2)
+    row, col, positions, target, layout = problem.inputs(False)
+    row, col, positions = row.float(), col.float(), positions.float()
+    weight, bias = problem.weight.float(), problem.bias.float()
+    base = dict(row=row, col=col, weight=weight, bias=bias, target=target, groups=2, ignore_index=IGNORE, **layout)
+    bad_target = target.clone()
+    bad_target[1, 2, 0, 1] = 3
+    cases = [
+        (dict(row=row[0]), ValueError, r"row: expected the padded layout \(B, N, d1\)"),
+        (dict(row=row.long()), TypeError, "row: expected dtype"),
+        (dict(col=col[:, :3]), ValueError, r"col: expected shape \(B, N, d2\)"),
+        (dict(col=col.half()), TypeError, "col: expected the dtype of row"),
+        (dict(weight=weight[:, :5]), ValueError, r"weight: expected shape \(C, d1 \* d2\) = \(\?, 6\)"),
+        (dict(bias=bias[:4]), ValueError, r"bias: expected shape \(C,\)"),
+        (dict(mask=layout["mask"].int()), TypeError, "mask: expected dtype bool"),
+        (dict(groups=4), ValueError, "groups: expected a positive int dividing C = 6"),
+        (dict(ignore_index=2**40), ValueError, "ignore_index: expected an int32"),
+        (dict(target=target.float()), TypeError, "target: expected dtype"),
+        (dict(target=target[..., 0]), ValueError, r"target: expected shape \(B, N, N, G\)"),
+        (dict(target=bad_target), ValueError, r"target: expected values in \[0, 3\).*target\[1, 2, 0, 1\] = 3"),
+        (dict(max_seqlen=9), ValueError, "max_seqlen: the padded layout"),
+        (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
+        (dict(row=row.double(), col=col.double(), weight=weight.double(), bias=bias.double(), backend="triton"),
+         ValueError, "float16, bfloat16 or float32"),
+        (dict(row=torch.zeros(2, 4, 65), weight=torch.zeros(6, 130), bias=None, backend="triton"), ValueError,
+         "at most 64 features"),
+    ]
+    for overrides, error, message in cases:
+        arguments = dict(base, **overrides)
+        with pytest.raises(error, match=message):
+            ops.outer_product_loss(arguments.pop("row"), arguments.pop("col"), arguments.pop("weight"),
+                                   arguments.pop("bias"), **arguments)
+    packed_row, packed_col, packed_positions, packed_target, packed_layout = problem.inputs(True)
+    with pytest.raises(ValueError, match="cu_seqlens: describes 7 atoms but the input holds 6"):
+        ops.outer_product_logits(packed_row[:6].float(), packed_col[:6].float(), weight, bias, **packed_layout)
+    with pytest.raises(ValueError, match="max_seqlen: expected an int >= the longest molecule"):
+        ops.outer_product_logits(packed_row.float(), packed_col.float(), weight, bias,
+                                 cu_seqlens=packed_layout["cu_seqlens"], max_seqlen=2)
+    with pytest.raises(ValueError, match=r"weight: the cosine loss predicts a 3-vector"):
+        ops.outer_product_cosine_loss(row, col, weight, bias, positions, **layout)
+    with pytest.raises(ValueError, match=r"positions: expected shape \(B, N, 3\)"):
+        ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], positions[..., :2], **layout)
+    with pytest.raises(TypeError, match="positions: expected a tensor"):
+        ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], **layout)
+
+
+def _custom_op_arguments(generator, mode):
+    problem = Problem(generator, [5, 3], 4, 4, 6 if mode != 2 else 3, torch.float32, groups=2 if mode == 1 else 1)
+    device = backend_device("triton")
+    row, col, positions, target, layout = problem.inputs(True)
+    row, col, weight, bias = (x.float().to(device).requires_grad_() for x in
+                              (row, col, problem.weight, problem.bias))
+    cu = layout["cu_seqlens"].to(device)
+    start, length = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+    pair_start = torch.tensor([0, 25], dtype=torch.int64, device=device)
+    common = (start, length, pair_start, 5, 34)
+    if mode == 0:
+        return (row, col, weight, bias, None, *common)
+    aux = target.reshape(34, 2).to(device) if mode == 1 else positions.float().to(device)
+    return (row, col, weight, bias, aux, None, *common, mode, 2 if mode == 1 else 1, IGNORE)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["logits", "cross-entropy", "cosine"])
+def test_opcheck(generator, mode):
+    arguments = _custom_op_arguments(generator, mode)
+    op = torch.ops.pyblend.outer_product_logits if mode == 0 else torch.ops.pyblend.outer_product_loss
+    torch.library.opcheck(op.default, arguments)
+    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    plain = [x.detach() if isinstance(x, torch.Tensor) else x for x in arguments]
+    row, col, weight, bias = plain[:4]
+    if mode == 0:
+        aux, mask, start, length, pair_start, max_n, pairs = None, *plain[4:10]
+        grad = torch.randn(pairs, weight.shape[0], generator=generator).to(row.device)
+        stats, groups, ignore_index = None, 1, 0
+    else:
+        aux, mask, start, length, pair_start, max_n, pairs, _, groups, ignore_index = plain[4:]
+        _, stats, _ = op(*plain)
+        grad = torch.full((1,), 0.3, device=row.device)
+    torch.library.opcheck(torch.ops.pyblend.outer_product_backward.default,
+                          (grad, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode,
+                           groups, ignore_index))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_traces_the_ops(generator, backend):
+    problem = Problem(generator, [6, 4], 4, 4, 6, torch.float32, groups=2)
+    device = backend_device(backend)
+    row, col, positions, target, layout = problem.inputs(False)
+    mask = layout["mask"].to(device)
+    leaves = [x.float().to(device).requires_grad_() for x in (row, col, problem.weight, problem.bias)]
+    target, positions = target.to(device), positions.float().to(device)
+
+    def objective(row, col, weight, bias):
+        ce = ops.outer_product_loss(row, col, weight, bias, target, groups=2, ignore_index=IGNORE, mask=mask,
+                                    backend=backend)
+        cos = ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], positions, mask=mask, backend=backend)
+        return ce + 0.5 * cos
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(objective(*leaves), leaves)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+
+HOPPER_COMPILE = """
+from hopper import lower
+from pyblend.kernels import outer_product as kernels
+
+FLOAT32 = ("partial_ptr", "stats_ptr", "dw_ptr", "dbias_ptr")
+for features, classes, mode, groups in ((32, 11, 1, 1), (32, 120, 1, 5), (32, 3, 2, 1), (32, 11, 0, 1),
+                                       (64, 128, 1, 1)):
+    config = kernels.launch_config(64, features, features)
+    warps = config.pop("num_warps")
+    for kernel in (kernels._outer_product_fwd_kernel, kernels._outer_product_bwd_rows_kernel,
+                   kernels._outer_product_bwd_cols_kernel):
+        def pointer(arg):
+            # Logits (mode 0) are written, and their gradient read, in the input dtype.
+            special = {"mask_ptr": "*u8", "start_ptr": "*i32", "length_ptr": "*i32", "pair_ptr": "*i64",
+                       "aux_ptr": "*i64" if mode == 1 else "*fp32", "out_ptr": "*bf16" if mode == 0 else "*fp32",
+                       "grad_ptr": "*bf16" if mode == 0 else "*fp32"}
+            return special.get(arg, "*fp32" if arg in FLOAT32 else "*bf16")
+        constants = dict(MODE=mode, HAS_BIAS=True, HAS_MASK=True, PRECISION="ieee", **config)
+        if kernel is kernels._outer_product_bwd_rows_kernel:
+            constants["BLOCK_C"] = max(16, 1 << (classes - 1).bit_length())
+        ptx, spills = lower(kernel, constants, warps, pointer, lambda arg: "i32")
+        print(f"d={features},C={classes}", kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+"""
+
+
+def test_kernels_compile_for_hopper_with_tensor_cores_and_no_spills():
+    """The three kernels for d1 = d2 = 32, bf16, masked: the SPD head (C = 11), the edge head (C = 120, G = 5), the
+    3D head (C = 3, cosine) and the plain logits (C = 11), and the largest supported loss (d1 = d2 = 64, C = 128),
+    lowered to sm_90 and through ptxas: tensor-core mma, no register spills."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 15, lines
+    for line in lines:
+        words = line.split()
+        assert int(words[3]) > 0, f"{line}: no tensor-core mma"
+        assert int(words[5]) == 0, f"{line}: registers spill"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("loss", ["ce", "cos"])
+def test_gpu_moleblend_shapes(generator, dtype, loss):
+    """d1 = d2 = 32; the SPD head (C = 11) and the edge head (C = 120, G = 5), the 3D head; ragged molecules."""
+    sizes = [1, 7, 33, 64, 127, 20]
+    if loss == "ce":
+        for classes, groups in ((11, 1), (120, 5)):
+            problem = Problem(generator, sizes, 32, 32, classes, dtype, groups=groups)
+            for packed in (False, True):
+                check(problem, "ce", packed)
+    else:
+        problem = Problem(generator, sizes, 32, 32, 3, dtype)
+        for packed in (False, True):
+            check(problem, "cos", packed)
