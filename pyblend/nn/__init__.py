@@ -1,8 +1,9 @@
 """Drop-in ``nn.Module`` layers built on :mod:`pyblend.ops`."""
 from .contrastive import MultiPairContrastive
 from .dynamic_fusion import DynamicFusion
+from .gaussian_basis_bias import GaussianBasisBias
 from .relation_blender import RelationBlender
 from .relation_attention import RelationBiasedAttention, bias_from_relations, convert_unimol_state_dict
 
-__all__ = ["DynamicFusion", "MultiPairContrastive", "RelationBiasedAttention", "RelationBlender", "bias_from_relations",
-           "convert_unimol_state_dict"]
+__all__ = ["DynamicFusion", "GaussianBasisBias", "MultiPairContrastive", "RelationBiasedAttention", "RelationBlender",
+           "bias_from_relations", "convert_unimol_state_dict"]
