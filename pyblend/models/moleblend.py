@@ -1,0 +1,450 @@
+"""MoleBlend (seed 001): a relation-biased Transformer over 2D and 3D relations blended per atom pair, with its
+pretraining objective (recover every relation from the blend, plus noisy-node denoising) and a fine-tuning head.
+
+Built on pyblend's ops, nothing here computes a pair tensor by hand:
+
+- SPD (:func:`pyblend.ops.shortest_path_routes`): a learned ``(R, H)`` table read inside the attention kernel
+  (``rel_index`` / ``rel_table``); ids ``0..max_distance`` (longer paths share ``max_distance``), then one id for
+  unreachable pairs and one for the virtual token's distance to every atom (Graphormer's learned
+  ``graph_token_virtual_distance``).
+- Edge (:func:`pyblend.ops.path_edge_bias`): per-bond embeddings (the mean over the 3 bond features of their
+  embeddings) along the shortest path, hop k times its own H x H matrix, averaged over the hops.
+- 3D (:class:`pyblend.nn.GaussianBasisBias`): Gaussian basis of the pair distances through Linear-GELU-Linear to
+  the heads, and the per-atom sum of the Gaussians as a 3D atom feature (``Linear(K, dim) * 0.01``, as
+  Transformer-M).
+- Blending (:class:`pyblend.nn.RelationBlender`): in training every pair takes one of SPD / edge / 3D (0.2 / 0.2
+  / 0.6); in eval every pair uses every channel its molecule has (2D only without a conformer).
+- Pretraining heads (:mod:`pyblend.ops.outer_product`): per head, row and column projections Linear(dim, 32) ->
+  GELU -> LayerNorm, their outer product through Linear(1024, C), fused with the loss: SPD classes (11; longer
+  distances merged into the last), edge classes per hop (bond type of each of the ``max_hops`` hops), and 3D
+  (predicted ``pos_j - pos_i``, loss 1 - cos). Noisy node: positions get Gaussian noise (scale 0.2) before the
+  3D channel sees them and a node head predicts the noise (loss 1 - cos). Weights: 3D 0.5, SPD 0.1, edge 0.1,
+  denoising 6 (the public code's).
+
+The virtual token sits at position 0 of every molecule; the attention runs on the padded layout ``(B, 1 + N)``
+(a packed batch is padded on entry).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..chem import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
+from ..data import MolBatch
+from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs
+from ..nn import GaussianBasisBias, RelationBiasedAttention, RelationBlender
+from ..ops import (blend_relations, outer_product_cosine_loss, outer_product_loss, path_edge_bias,
+                   shortest_path_routes)
+
+__all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
+
+
+@dataclass
+class MoleBlendConfig:
+    """Hyper-parameters; the defaults are the paper's base model (Transformer-M / Graphormer base)."""
+
+    layers: int = 12
+    dim: int = 768
+    heads: int = 32
+    ffn_dim: int = 768
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    pre_layernorm: bool = False          # the public code is post-LN
+    num_kernels: int = 128               # Gaussians of the 3D channel
+    std_eps: float = 1e-2
+    max_distance: int = 64               # SPD ids 0..64 (longer paths share 64)
+    max_degree: int = 64
+    max_hops: int = 5
+    blend_probs: tuple = (0.2, 0.2, 0.6)
+    blend_mode: str = "pair"
+    atom_3d_feature: bool = True
+    head_width: int = 32                 # d1 = d2 of the outer-product heads
+    spd_classes: int = 11
+    noise_scale: float = 0.2
+    loss_weights: dict = field(default_factory=lambda: {"geometry": 0.5, "spd": 0.1, "edge": 0.1,
+                                                        "denoise": 6.0})
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        unknown = set(self.loss_weights) - {"geometry", "spd", "edge", "denoise"}
+        if unknown:
+            raise ValueError(f"loss_weights: unknown parts {sorted(unknown)}; expected geometry, spd, edge, denoise")
+
+
+@dataclass
+class _Relations:
+    """A padded batch's relations, atoms only (no virtual token yet)."""
+
+    mask: Tensor            # (B, N) bool
+    spd: Tensor             # (B, N, N) int32, -1 unreachable / padding
+    routes: Tensor          # (B, N, N, hops) global bond ids, -1 past the end
+    bond_features: Tensor   # (E, F_b) int64, every bond of the batch (global ids)
+    atom_features: Tensor   # (B, N, F_a)
+    positions: Tensor | None     # (B, N, 3), zeros where unknown
+    has_geometry: Tensor    # (B,) bool
+
+
+class EncoderLayer(nn.Module):
+    """Graphormer/Transformer-M layer: relation-biased attention and a feed-forward, post- or pre-LN."""
+
+    def __init__(self, config: MoleBlendConfig):
+        super().__init__()
+        self.pre_layernorm = config.pre_layernorm
+        self.self_attn = RelationBiasedAttention(config.dim, config.heads, dropout=config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(config.dim)
+        self.fc1 = nn.Linear(config.dim, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, config.dim)
+        self.final_layer_norm = nn.LayerNorm(config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, **bias) -> Tensor:
+        residual = x
+        if self.pre_layernorm:
+            x = self.self_attn_layer_norm(x)
+        x = residual + self.dropout(self.self_attn(x, mask=mask, **bias))
+        if not self.pre_layernorm:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.pre_layernorm:
+            x = self.final_layer_norm(x)
+        x = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+        x = residual + self.dropout(x)
+        if not self.pre_layernorm:
+            x = self.final_layer_norm(x)
+        return x
+
+
+class _PairProjection(nn.Module):
+    """Row or column projection of an outer-product head: Linear(dim, width) -> GELU -> LayerNorm."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(dim, width), nn.LayerNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.linear(x)))
+
+
+class _OuterProductHead(nn.Module):
+    def __init__(self, dim: int, width: int, classes: int):
+        super().__init__()
+        self.row, self.col = _PairProjection(dim, width), _PairProjection(dim, width)
+        self.out = nn.Linear(width * width, classes)
+
+
+class NoisyNodeHead(nn.Module):
+    """Transformer-M's atom head (``AtomTaskHead``, same parameter names): per-head attention over the atoms
+    with the 3D bias, each pair's weight times the unit vector along ``pos_j - pos_i`` applied to the values,
+    one Linear(dim, 1) per coordinate. The public code passes the whole attention bias of the last layer; this
+    head takes the 3D channel's bias (the blended 2D channels carry no geometry). Runs in torch: one layer on
+    ``(B, H, N, N, 3)`` at the end of the model."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.force_proj1, self.force_proj2, self.force_proj3 = (nn.Linear(dim, 1) for _ in range(3))
+
+    def forward(self, x: Tensor, positions: Tensor, bias: Tensor | None, mask: Tensor) -> Tensor:
+        batch, atoms, dim = x.shape
+        split = (lambda t: t.view(batch, atoms, self.heads, -1).transpose(1, 2))
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)                      # (B, H, N, N)
+        delta = positions[:, None, :] - positions[:, :, None]                          # pos_j - pos_i
+        delta = delta / (delta.norm(dim=-1, keepdim=True) + 1e-5)                      # (B, N, N, 3)
+        rotated = torch.einsum("bhij,bijc,bhjd->bichd", attention, delta, v)           # (B, N, 3, H, dh)
+        rotated = rotated.reshape(batch, atoms, 3, dim)
+        projections = (self.force_proj1, self.force_proj2, self.force_proj3)
+        return torch.cat([proj(rotated[:, :, c]) for c, proj in enumerate(projections)], dim=-1)
+
+
+class MoleBlend(nn.Module):
+    """The MoleBlend encoder and its pretraining objective.
+
+    ``model(batch)`` -> ``(B, 1 + N, dim)`` atom representations, the virtual token first (its row is the CLS
+    readout). ``model.pretrain_loss(batch)`` -> ``(loss, parts)``. ``batch`` is a :class:`pyblend.MolBatch`
+    from :func:`pyblend.collate` (padded or packed); molecules without a conformer (``has_positions`` False)
+    use the 2D channels only and skip the 3D and denoising losses.
+    """
+
+    def __init__(self, config: MoleBlendConfig | None = None):
+        super().__init__()
+        config = config or MoleBlendConfig()
+        self.config = config
+        dim, heads = config.dim, config.heads
+        self.atom_encoder = nn.Embedding(sum(ATOM_FEATURE_DIMS), dim)
+        self.register_buffer("atom_offsets", _offsets(ATOM_FEATURE_DIMS), persistent=False)
+        self.degree_encoder = nn.Embedding(config.max_degree + 1, dim)
+        self.graph_token = nn.Embedding(1, dim)
+        # SPD ids 0..max_distance, then unreachable, then the virtual token's distance.
+        self.spatial_pos_encoder = nn.Embedding(config.max_distance + 3, heads)
+        self.edge_encoder = nn.Embedding(sum(BOND_FEATURE_DIMS), heads)
+        self.register_buffer("bond_offsets", _offsets(BOND_FEATURE_DIMS), persistent=False)
+        self.edge_dis_encoder = nn.Embedding(config.max_hops * heads * heads, 1)
+        self.gaussian = GaussianBasisBias(heads, num_kernels=config.num_kernels,
+                                          num_pair_types=ATOM_FEATURE_DIMS[0], std_eps=config.std_eps)
+        self.atom_3d_proj = nn.Linear(config.num_kernels, dim)
+        self.blender = RelationBlender(config.blend_probs, config.blend_mode)
+        # As Graphormer / Transformer-M: the embeddings are normalised in the pre-LN variant only.
+        self.emb_layer_norm = nn.LayerNorm(dim) if config.pre_layernorm else None
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        width = config.head_width
+        self.spd_head = _OuterProductHead(dim, width, config.spd_classes)
+        self.edge_head = _OuterProductHead(dim, width, config.max_hops * BOND_FEATURE_DIMS[0])
+        self.geometry_head = _OuterProductHead(dim, width, 3)
+        self.atom_proc = NoisyNodeHead(dim, heads)
+        self.reset_parameters()
+
+    @property
+    def unreachable_id(self) -> int:
+        return self.config.max_distance + 1
+
+    @property
+    def virtual_id(self) -> int:
+        return self.config.max_distance + 2
+
+    def reset_parameters(self) -> None:
+        """Graphormer's init: Linear and Embedding weights N(0, 0.02), biases 0; the Gaussian layer keeps its own."""
+        gaussian = {id(module) for module in self.gaussian.modules()}
+        for module in self.modules():
+            if id(module) in gaussian:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------------------------------------- encoder
+    def forward(self, batch: MolBatch, *, positions: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Atom representations ``(B, 1 + N, dim)`` (virtual token at 0) of a padded or packed batch.
+
+        ``positions`` (padded ``(B, N, 3)``, N = the batch's ``max_seqlen``) overrides the batch's (the pretraining passes noisy ones); ``generator`` draws
+        the blend in training mode."""
+        x, _ = self._encode(self._relations(batch, positions), generator)
+        return x
+
+    def _encode(self, relations: _Relations, generator) -> tuple[Tensor, Tensor | None]:
+        x, attention, geometry_bias = self.layer_inputs(relations, generator)
+        mask = F.pad(relations.mask, (1, 0), value=True)
+        for layer in self.layers:
+            x = layer(x, mask, **attention)
+        return x, geometry_bias
+
+    def layer_inputs(self, relations: _Relations, generator: torch.Generator | None = None
+                     ) -> tuple[Tensor, dict[str, Tensor | None], Tensor | None]:
+        """What the first layer receives: the embeddings ``(B, 1 + N, dim)`` (after the embedding LayerNorm and
+        dropout), the attention's relation inputs ``{"attn_bias", "rel_index", "rel_table"}`` over ``1 + N``
+        positions, and the 3D channel's bias ``(B, H, N, N)`` (None without positions)."""
+        config = self.config
+        mask = relations.mask
+        x = self.atom_encoder(relations.atom_features + self.atom_offsets).sum(dim=-2)
+        degree = (relations.spd == 1).sum(-1).clamp(max=config.max_degree)
+        x = x + self.degree_encoder(degree)
+
+        edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
+                                   self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
+        geometry_bias = None
+        if relations.positions is not None:
+            pair_types = relations.atom_features[..., 0]
+            pair_types = torch.stack(torch.broadcast_tensors(pair_types[:, :, None], pair_types[:, None, :]), -1)
+            geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, mask=mask)
+            known = relations.has_geometry
+            geometry_bias = torch.where(known[:, None, None, None], geometry_bias, 0.0)
+            if config.atom_3d_feature:
+                x = x + torch.where(known[:, None, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
+
+        choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
+        spd_index = torch.where(relations.spd < 0, self.unreachable_id,
+                                relations.spd.clamp(max=config.max_distance))
+        blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
+                                  edge_bias=edge_bias, geometry_bias=geometry_bias)
+        # The virtual token at position 0: its pairs always take the virtual distance, no edge or 3D bias.
+        attention = {"rel_index": F.pad(blended["rel_index"], (1, 0, 1, 0), value=self.virtual_id),
+                     "attn_bias": None if blended["bias"] is None else F.pad(blended["bias"], (1, 0, 1, 0)),
+                     "rel_table": blended["rel_table"]}
+
+        x = torch.cat([self.graph_token.weight.expand(len(x), 1, -1), x], dim=1)
+        if self.emb_layer_norm is not None:
+            x = self.emb_layer_norm(x)
+        return F.dropout(x, config.dropout, self.training), attention, geometry_bias
+
+    def _bond_embeddings(self, relations: _Relations) -> Tensor:
+        """``(E, H)``: each bond's mean over its features of their embeddings."""
+        return self.edge_encoder(relations.bond_features + self.bond_offsets).mean(dim=-2)
+
+    def _relations(self, batch: MolBatch, positions: Tensor | None = None) -> _Relations:
+        """The padded atoms-only view of a padded or packed batch, with shortest paths and global bond ids."""
+        if batch.layout == "packed":
+            cu_seqlens, width = batch.cu_seqlens, batch.max_seqlen
+            mask = mask_from_cu_seqlens(cu_seqlens, width)
+            atom_features = pad_atoms(batch.atom_features, cu_seqlens, width)
+            bond_ids = pad_pairs(batch.bond_ids, cu_seqlens, width, value=-1)
+            bond_features = batch.bond_features
+            batch_positions = None if batch.positions is None else pad_atoms(batch.positions, cu_seqlens, width)
+        else:
+            mask, atom_features = batch.mask, batch.atom_features
+            bonds = batch.bond_features.shape[1]
+            start = torch.arange(len(batch), device=mask.device, dtype=torch.int32)[:, None, None] * bonds
+            bond_ids = torch.where(batch.bond_ids >= 0, batch.bond_ids + start, -1)
+            bond_features = batch.bond_features.reshape(-1, batch.bond_features.shape[-1])
+            batch_positions = batch.positions
+        spd, routes = shortest_path_routes(bond_ids, mask, max_hops=self.config.max_hops)
+        positions = batch_positions if positions is None else positions
+        has_geometry = torch.zeros(len(batch), dtype=torch.bool, device=mask.device)
+        if positions is not None:
+            has_geometry = batch.has_positions.to(mask.device) if batch.has_positions is not None else \
+                torch.ones_like(has_geometry)
+            # Molecules without a conformer carry NaN positions: zero them (their 3D channel is never chosen).
+            positions = torch.where((has_geometry[:, None] & mask)[..., None], positions, 0.0)
+        return _Relations(mask, spd, routes, bond_features, atom_features, positions, has_geometry)
+
+    # ------------------------------------------------------------------------------------------- pretraining
+    def pretrain_loss(self, batch: MolBatch, *, generator: torch.Generator | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """MoleBlend's objective on one batch: ``(weighted total, {"spd", "edge", "geometry", "denoise"})``.
+
+        Noise (scale ``noise_scale``) is added to the positions of molecules with a conformer; the blended
+        encoder then predicts, for every atom pair, the SPD class, the bond type of each hop of the shortest
+        path and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
+        ``generator`` drives both the noise and the blend (default: torch's global generator)."""
+        config = self.config
+        relations = self._relations(batch)
+        clean = relations.positions
+        noise = None
+        if clean is not None:
+            noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+            noise = noise * config.noise_scale
+            relations.positions = clean + torch.where(relations.mask[..., None], noise, 0.0)
+        x, geometry_bias = self._encode(relations, generator)
+        atoms = x[:, 1:]
+        mask = relations.mask
+
+        spd = relations.spd  # 0 on the diagonal, -1 unreachable or padding: those pairs are ignored
+        spd_target = torch.where(spd <= 0, -100, spd.clamp(max=config.spd_classes - 1).long())
+        parts = {"spd": self._pair_loss(self.spd_head, atoms, mask, target=spd_target)}
+
+        hops = relations.routes
+        bond_type = relations.bond_features[:, 0]
+        edge_target = torch.where(hops >= 0, bond_type[hops.clamp(min=0).long()], -100)
+        parts["edge"] = self._pair_loss(self.edge_head, atoms, mask, target=edge_target, groups=config.max_hops)
+
+        zero = atoms.new_zeros((), dtype=torch.float32)
+        parts["geometry"] = parts["denoise"] = zero
+        known = relations.has_geometry
+        if clean is not None and bool(known.any()):
+            geometry_mask = mask & known[:, None]
+            head = self.geometry_head
+            parts["geometry"] = outer_product_cosine_loss(head.row(atoms), head.col(atoms), head.out.weight,
+                                                          head.out.bias, positions=clean, mask=geometry_mask)
+            bias = None if geometry_bias is None else geometry_bias.to(atoms.dtype)
+            predicted = self.atom_proc(atoms, relations.positions, bias, mask)
+            cosine = F.cosine_similarity(predicted.float(), noise.float(), dim=-1, eps=1e-8)
+            parts["denoise"] = (1 - cosine)[geometry_mask].mean()
+        total = sum(config.loss_weights.get(name, 0.0) * value for name, value in parts.items())
+        return total, parts
+
+    @staticmethod
+    def _pair_loss(head: _OuterProductHead, atoms: Tensor, mask: Tensor, target: Tensor, groups: int = 1) -> Tensor:
+        return outer_product_loss(head.row(atoms), head.col(atoms), head.out.weight, head.out.bias, target=target,
+                                  groups=groups, ignore_index=-100, mask=mask)
+
+
+class MoleBlendPredictor(nn.Module):
+    """Fine-tuning: the encoder's virtual-token (CLS) row -> LayerNorm -> Linear to ``outputs``.
+
+    Runs on 2D-only batches (no positions: SPD + edge channels) or 2D + 3D ones. ``loss(batch)``: binary
+    cross-entropy per task (``task="classification"``) or MSE (``"regression"``) over the labels that are not NaN.
+    """
+
+    def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification"):
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task: expected 'classification' or 'regression'; got {task!r}")
+        self.encoder, self.task = encoder, task
+        self.norm = nn.LayerNorm(encoder.config.dim)
+        self.head = nn.Linear(encoder.config.dim, outputs)
+
+    def forward(self, batch: MolBatch) -> Tensor:
+        """``(B, outputs)`` logits (classification) or predictions (regression)."""
+        return self.head(self.norm(self.encoder(batch)[:, 0]))
+
+    def loss(self, batch: MolBatch) -> Tensor:
+        if batch.labels is None:
+            raise ValueError("batch: expected labels (MolBatch.labels); featurize with labels to fine-tune")
+        out = self(batch)
+        labels = batch.labels.to(out.device)
+        known = ~torch.isnan(labels)
+        if self.task == "classification":
+            return F.binary_cross_entropy_with_logits(out[known], labels[known])
+        return F.mse_loss(out[known], labels[known])
+
+
+def _offsets(dims) -> Tensor:
+    return torch.tensor([0, *torch.tensor(dims).cumsum(0)[:-1].tolist()], dtype=torch.long)
+
+
+
+def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlendConfig,
+                                     prefix: str = "encoder.molecule_encoder.") -> dict[str, Tensor]:
+    """Map a Graphormer / Transformer-M (MoleBlend's public code) encoder state_dict onto :class:`MoleBlend`.
+
+    Their embeddings index features shifted by the collator: atom feature ``f`` value ``v`` is row
+    ``1 + 512 f + v`` of ``atom_encoder`` (bond features likewise in ``edge_encoder``), degree ``d`` is row
+    ``d + 1`` of both ``in_degree_encoder`` and ``out_degree_encoder`` (summed: the graphs are undirected), SPD
+    ``d`` is row ``d + 1`` of ``spatial_pos_encoder`` and unreachable pairs (their sentinel 510) row 511; the
+    Gaussian layer's pair-type embeddings index atomic numbers shifted by 1. The rows pyblend's vocabularies
+    use are gathered from those; ``graph_token_virtual_distance`` becomes the virtual-token row of the SPD
+    table; paths longer than ``config.max_distance`` share its row (theirs go up to 509). The layers, the
+    embedding LayerNorm (pre-LN models), the atom (noisy-node) head and the Gaussian layer keep their names (``molecule_3d_bias.gbf`` / ``gbf_proj`` ->
+    ``gaussian.gbf`` / ``gaussian.gbf_proj``, ``edge_proj`` -> ``atom_3d_proj``). The outer-product heads are
+    MoleBlend's own and are not in a Transformer-M checkpoint: load the result with ``strict=False`` and check its report.
+
+    ``prefix`` is where the encoder sits in their checkpoint (e.g. ``"encoder.molecule_encoder."``); keys
+    without it are ignored.
+    """
+    theirs = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    out: dict[str, Tensor] = {}
+
+    def take(name: str) -> Tensor:
+        if name not in theirs:
+            raise KeyError(f"state: expected {prefix + name!r} in the checkpoint")
+        return theirs.pop(name)
+
+    def shifted_rows(table: Tensor, dims) -> Tensor:
+        rows = [1 + 512 * feature + value for feature, size in enumerate(dims) for value in range(size)]
+        return table[torch.tensor(rows)]
+
+    out["atom_encoder.weight"] = shifted_rows(take("atom_feature.atom_encoder.weight"), ATOM_FEATURE_DIMS)
+    degrees = torch.arange(config.max_degree + 1) + 1
+    out["degree_encoder.weight"] = (take("atom_feature.in_degree_encoder.weight")[degrees]
+                                    + take("atom_feature.out_degree_encoder.weight")[degrees])
+    out["graph_token.weight"] = take("atom_feature.graph_token.weight")
+    spatial = take("molecule_attn_bias.spatial_pos_encoder.weight")
+    virtual = take("molecule_attn_bias.graph_token_virtual_distance.weight")
+    out["spatial_pos_encoder.weight"] = torch.cat([spatial[1:config.max_distance + 2], spatial[511:512], virtual])
+    out["edge_encoder.weight"] = shifted_rows(take("molecule_attn_bias.edge_encoder.weight"), BOND_FEATURE_DIMS)
+    hops = config.max_hops * config.heads * config.heads
+    out["edge_dis_encoder.weight"] = take("molecule_attn_bias.edge_dis_encoder.weight")[:hops]
+    for name in list(theirs):
+        if name.startswith("molecule_3d_bias."):
+            rest = name[len("molecule_3d_bias."):]
+            value = take(name)
+            if rest in ("gbf.mul.weight", "gbf.bias.weight"):
+                value = value[1:ATOM_FEATURE_DIMS[0] + 1]  # atomic-number rows, shifted by 1
+            out["atom_3d_proj." + rest[len("edge_proj."):] if rest.startswith("edge_proj.") else
+                "gaussian." + rest] = value
+        elif name.startswith(("layers.", "emb_layer_norm.", "atom_proc.")):
+            out[name] = take(name)
+    return out

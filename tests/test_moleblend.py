@@ -1,0 +1,220 @@
+"""The MoleBlend encoder, its pretraining objective and fine-tuning head on real molecules (CPU reference path)."""
+import pytest
+import torch
+
+from pyblend import collate, featurize_many
+from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor
+
+SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C1CC1C(=O)O", "[Na+].[Cl-]", "C"]
+
+
+def _config(**overrides):
+    settings = dict(layers=2, dim=32, heads=4, ffn_dim=48, num_kernels=8, head_width=4, max_distance=8,
+                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    settings.update(overrides)
+    return MoleBlendConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    graphs, _ = featurize_many(SMILES, conformer=True, progress=False)
+    return graphs
+
+
+@pytest.fixture(scope="module")
+def graphs_2d():
+    graphs, _ = featurize_many(SMILES, progress=False)
+    return graphs
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return MoleBlend(_config(**overrides))
+
+
+def test_defaults_are_the_papers_base_model():
+    config = MoleBlendConfig()
+    assert (config.layers, config.dim, config.heads, config.blend_probs) == (12, 768, 32, (0.2, 0.2, 0.6))
+    assert config.loss_weights == {"geometry": 0.5, "spd": 0.1, "edge": 0.1, "denoise": 6.0}
+    with pytest.raises(ValueError, match="divisible"):
+        MoleBlendConfig(dim=30, heads=4)
+
+
+def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):
+    model = _model().eval()
+    padded = collate(graphs)
+    out = model(padded)
+    assert out.shape == (len(graphs), 1 + padded.max_seqlen, 32)
+    assert torch.isfinite(out[:, 0]).all()
+    packed_out = model(collate(graphs, layout="packed"))
+    real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
+    torch.testing.assert_close(packed_out[real], out[real], rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_loss_parts_are_finite_and_every_parameter_gets_a_gradient(graphs):
+    model = _model().train()
+    loss, parts = model.pretrain_loss(collate(graphs), generator=torch.Generator().manual_seed(1))
+    assert set(parts) == {"spd", "edge", "geometry", "denoise"}
+    assert all(torch.isfinite(value) and value > 0 for value in parts.values()), parts
+    expected = 0.5 * parts["geometry"] + 0.1 * parts["spd"] + 0.1 * parts["edge"] + 6.0 * parts["denoise"]
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_blend_and_noise_are_reproducible_with_a_generator(graphs):
+    model = _model().train()
+    batch = collate(graphs)
+    first, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+    again, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+    other, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(4))
+    assert first.item() == again.item() and first.item() != other.item()
+
+
+def test_2d_only_batches_and_molecules_without_conformer(graphs, graphs_2d):
+    model = _model().train()
+    loss, parts = model.pretrain_loss(collate(graphs_2d), generator=torch.Generator().manual_seed(5))
+    assert parts["geometry"] == 0 and parts["denoise"] == 0 and torch.isfinite(loss)
+    mixed = collate([graphs[0], graphs_2d[1], graphs[2]])
+    assert mixed.has_positions.tolist() == [True, False, True]
+    loss, parts = model.pretrain_loss(mixed, generator=torch.Generator().manual_seed(6))
+    assert torch.isfinite(loss) and parts["geometry"] > 0
+    model.eval()
+    out = model(mixed)
+    assert torch.isfinite(out).all()
+
+
+def test_the_3d_channel_reaches_the_output_only_with_positions(graphs):
+    model = _model().eval()
+    batch = collate(graphs[:3])
+    shifted = batch.positions.clone()
+    shifted[0, 1] += 0.5  # move one atom of the first molecule
+    base, moved = model(batch), model(batch, positions=shifted)
+    assert not torch.allclose(base[0], moved[0])
+    torch.testing.assert_close(base[1:], moved[1:])  # other molecules are unaffected
+
+
+def test_pre_layernorm_variant_runs(graphs):
+    model = _model(pre_layernorm=True).train()
+    loss, _ = model.pretrain_loss(collate(graphs[:3]), generator=torch.Generator().manual_seed(7))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_pretraining_steps_reduce_the_loss(graphs):
+    """The same blend and noise every step: the objective's gradient must drive it down (overfitting one batch)."""
+    model = _model().train()
+    batch = collate(graphs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_predictor_reads_the_virtual_token_and_ignores_missing_labels(graphs_2d):
+    labels = [[1.0, float("nan")], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [float("nan"), 0.0]]
+    graphs, _ = featurize_many(SMILES, labels=labels, progress=False)
+    model = MoleBlendPredictor(_model(), outputs=2)
+    batch = collate(graphs)
+    assert model(batch).shape == (len(graphs), 2)
+    loss = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.weight.grad is not None
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(collate(graphs_2d))
+    with pytest.raises(ValueError, match="task"):
+        MoleBlendPredictor(_model(), outputs=1, task="ranking")
+
+
+def _transformer_m_state(config, generator):
+    """A checkpoint laid out like Transformer-M's encoder (names and shapes of the public code), random values."""
+    heads, dim, kernels = config.heads, config.dim, config.num_kernels
+    shapes = {
+        "atom_feature.atom_encoder.weight": (512 * 9 + 1, dim),
+        "atom_feature.in_degree_encoder.weight": (512, dim),
+        "atom_feature.out_degree_encoder.weight": (512, dim),
+        "atom_feature.graph_token.weight": (1, dim),
+        "molecule_attn_bias.edge_encoder.weight": (512 * 3 + 1, heads),
+        "molecule_attn_bias.edge_dis_encoder.weight": (128 * heads * heads, 1),
+        "molecule_attn_bias.spatial_pos_encoder.weight": (512, heads),
+        "molecule_attn_bias.graph_token_virtual_distance.weight": (1, heads),
+        "molecule_3d_bias.gbf.means.weight": (1, kernels),
+        "molecule_3d_bias.gbf.stds.weight": (1, kernels),
+        "molecule_3d_bias.gbf.mul.weight": (512 * 3, 1),
+        "molecule_3d_bias.gbf.bias.weight": (512 * 3, 1),
+        "molecule_3d_bias.gbf_proj.layer1.weight": (kernels, kernels),
+        "molecule_3d_bias.gbf_proj.layer1.bias": (kernels,),
+        "molecule_3d_bias.gbf_proj.layer2.weight": (heads, kernels),
+        "molecule_3d_bias.gbf_proj.layer2.bias": (heads,),
+        "molecule_3d_bias.edge_proj.weight": (dim, kernels),
+        "molecule_3d_bias.edge_proj.bias": (dim,),
+    }
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        shapes[f"layers.0.self_attn.{name}.weight"] = (dim, dim)
+        shapes[f"layers.0.self_attn.{name}.bias"] = (dim,)
+    prefix = "encoder.molecule_encoder."
+    return {prefix + name: torch.randn(shape, generator=generator, dtype=torch.float64).float()
+            for name, shape in shapes.items()}
+
+
+def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
+    """Loaded through the converter, the first layer sees Transformer-M's atom embeddings and attention bias
+    (SPD + virtual distance + multi-hop edge encoding), computed here from their tables the way their code does."""
+    from pyblend.models import convert_transformer_m_state_dict
+    from pyblend.reference import bias_from_relations
+
+    config = _config(layers=1)
+    model = MoleBlend(config).eval()
+    state = _transformer_m_state(config, torch.Generator().manual_seed(0))
+    converted = convert_transformer_m_state_dict(state, config)
+    report = model.load_state_dict(converted, strict=False)
+    assert not report.unexpected_keys
+    loaded_prefixes = ("atom_encoder", "degree_encoder", "graph_token", "spatial_pos_encoder", "edge_encoder",
+                       "edge_dis_encoder", "gaussian.", "atom_3d_proj", "layers.0.self_attn.")
+    assert not [key for key in report.missing_keys if key.startswith(loaded_prefixes)], report.missing_keys
+
+    theirs = {key.split("molecule_encoder.")[1]: value for key, value in state.items()}
+    batch = collate(graphs_2d)
+    relations = model._relations(batch)
+    with torch.no_grad():
+        x, attention, _ = model.layer_inputs(relations)
+    mask, spd = relations.mask, relations.spd.long()
+
+    # Atoms: their atom_encoder rows 1 + 512 f + v summed, plus in- and out-degree rows (degree + 1).
+    rows = relations.atom_features + 1 + 512 * torch.arange(9)
+    degree = (spd == 1).sum(-1) + 1
+    expected_x = (theirs["atom_feature.atom_encoder.weight"][rows].sum(-2)
+                  + theirs["atom_feature.in_degree_encoder.weight"][degree]
+                  + theirs["atom_feature.out_degree_encoder.weight"][degree])
+    torch.testing.assert_close(x[:, 1:][mask], expected_x[mask])
+    torch.testing.assert_close(x[:, 0], theirs["atom_feature.graph_token.weight"].expand(len(batch), -1))
+
+    # Bias: spatial_pos rows spd + 1 (unreachable: 511), virtual distance on row 0 and column 0, and the
+    # multi-hop edge term: mean over bond features of edge_encoder rows, hop k times its H x H matrix, summed over
+    # the hops, divided by clamp(spd, 1, max_hops).
+    heads, hops = config.heads, config.max_hops
+    spatial = torch.where(spd < 0, 511, spd + 1)
+    expected = theirs["molecule_attn_bias.spatial_pos_encoder.weight"][spatial].permute(0, 3, 1, 2)
+    routes = relations.routes.long()
+    hop_features = relations.bond_features[routes.clamp(min=0)] + 1 + 512 * torch.arange(3)
+    hop_features = torch.where(routes[..., None] >= 0, hop_features, 0)             # their padding id 0
+    edge_table = theirs["molecule_attn_bias.edge_encoder.weight"].clone()
+    edge_table[0] = 0  # padding_idx
+    per_hop = edge_table[hop_features].mean(-2)                                       # (B, N, N, K, H)
+    weights = theirs["molecule_attn_bias.edge_dis_encoder.weight"].view(-1, heads, heads)[:hops]
+    edge = torch.einsum("bijkh,khg->bijg", per_hop, weights) / spd.clamp(1, hops)[..., None]
+    expected = expected + edge.permute(0, 3, 1, 2)
+    expected = torch.nn.functional.pad(expected, (1, 0, 1, 0))
+    virtual = theirs["molecule_attn_bias.graph_token_virtual_distance.weight"].view(1, heads, 1)
+    expected[:, :, 1:, 0] += virtual
+    expected[:, :, 0, :] += virtual
+    ours = bias_from_relations(attention["rel_index"], attention["rel_table"]) + attention["attn_bias"]
+    real = torch.nn.functional.pad(mask, (1, 0), value=True)
+    pairs = real[:, :, None] & real[:, None, :]
+    torch.testing.assert_close(ours.permute(0, 2, 3, 1)[pairs], expected.permute(0, 2, 3, 1)[pairs])
