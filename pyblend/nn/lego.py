@@ -1,0 +1,587 @@
+"""MM-Lego (seed 004): :class:`LegoBlock`, :class:`LegoMerge` / :func:`lego_merge` (no training) and
+:class:`LegoFuse` (stack / weave, for fine-tuning), plus the task losses the MM-Lego code trains with.
+
+**LegoBlock.** Wraps a modality encoder (any ``nn.Module`` giving tokens ``(B, N, E)`` or one vector ``(B, E)``,
+treated as one token; None = the input is already tokens) and a learned latent ``(l_c, l_d)``. Each of the
+``depth`` steps is one :func:`pyblend.ops.fourier_cross_attention` call (semantics:
+:mod:`pyblend.reference.fourier_cross_attention`): normalise the latent over its channels, FFT (2-D over
+(l_c, l_d) with ``fft_dims=2``, the paper; 1-D over l_c with ``fft_dims=1``, the public code), cross-attend with
+the real part as query and the (FFT of the) tokens as context, gated-SELU feed-forward, put the kept imaginary
+part back, inverse FFT except after the last step. The task head reads the frequency-domain latent:
+``Linear(LayerNorm(mean over l_c of Re L))``.
+
+Parameter names (one :class:`LegoLayer` per step, or one shared by every step with ``weight_sharing=True``)::
+
+    latent                                  (l_c, l_d)      learned latent, torch.randn init (public code)
+    layers.{i}.attention.norm               LayerNorm(l_d)  PreNorm of the query (Re FFT of the latent)
+    layers.{i}.attention.context_norm       LayerNorm(E)    PreNorm of the context
+    layers.{i}.attention.to_q               Linear(l_d, heads*head_dim, bias=False)
+    layers.{i}.attention.to_kv              Linear(E, 2*heads*head_dim, bias=False)   keys first, then values
+    layers.{i}.attention.to_out             Linear(heads*head_dim, l_d)   (then LeakyReLU(0.01), in the op)
+    layers.{i}.feed_forward.norm            LayerNorm(l_d)
+    layers.{i}.feed_forward.w_in            Linear(l_d, 2*ff_mult*l_d)    value first, then the SELU gate
+    layers.{i}.feed_forward.w_out           Linear(ff_mult*l_d, l_d)
+    head.norm, head.linear                  LayerNorm(l_d), Linear(l_d, outputs)
+    encoder.*                               the wrapped encoder
+
+**Missing modalities.** ``present (B,)`` False, or a sample whose ``mask`` row has no True, makes every step of
+the block skip that sample (the op's rule: the latent is only normalised, and the last step returns its
+spectrum). In :class:`LegoMerge` and :class:`LegoFuse` such a block does not count for that sample: the merge
+uses only the present blocks' latents; in the fused chain the block's steps pass the latent on (normalised).
+
+**LegoMerge** (no training): each block computes its frequency-domain latent from its own modality;
+:func:`pyblend.ops.merge_latents` merges them per sample over the present blocks (harmonic mean of magnitudes,
+circular mean of phases by default); the task heads are merged parameter tensor by parameter tensor with
+:func:`pyblend.ops.lego_merge.slerp` (or linearly). For M blocks the merge is a running one: ``w <- w_1``, then
+``w <- slerp(w, w_m, 1/m)`` for m = 2..M (t = 1/2 for two blocks). With ``head_method="linear"`` this is exactly
+the mean; with SLERP it is the usual incremental approximation of the spherical mean (depends on block order for
+M > 2, exact for M = 2). The merged head is a new trainable :class:`LegoHead` holding copies, made when the
+LegoMerge is built (call :meth:`LegoMerge.merge_heads` again after changing the blocks).
+
+**LegoFuse** (fine-tuning): one chain of LegoBlock steps over one latent, starting from the first block's learned
+latent. ``"stack"`` runs block 1's steps, then block 2's, ...; ``"weave"`` runs, for step j = 0, 1, ..., step j
+of every block (blocks with fewer steps drop out). The chain is treated as one long block: every step but the
+last of the whole chain applies the inverse FFT, so each step sees a spatial-domain latent as in unimodal
+training, and the merged head reads the last step's spectrum. (The public code passes the last step's
+frequency-domain real part into the next block when stacking, and weaves only the first layer of each block
+without FFTs: quirks we do not copy.) LegoFuse holds the blocks themselves, not copies: fine-tuning it trains
+them (``copy.deepcopy`` the blocks first to keep the unimodal ones).
+
+**Unpaired training.** Blocks are trained separately (each on the samples that have its modality, which need not
+overlap); at inference a sample missing a modality passes ``present`` False for that block and is merged / fused
+from the others.
+
+**Losses.** :func:`survival_nll_loss` (discrete-time survival, MCAT / PORPOISE / MM-Lego ``nll_loss``),
+:func:`survival_risk`, :func:`classification_loss`. Metrics (c-index, ROC-AUC) are in :mod:`pyblend.metrics`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops._checks import describe
+from ..ops.fourier_cross_attention import fourier_cross_attention
+from ..ops.lego_merge import MERGE_METHODS, merge_latents, slerp
+
+__all__ = [
+    "LegoAttention",
+    "LegoBlock",
+    "LegoFeedForward",
+    "LegoFuse",
+    "LegoHead",
+    "LegoLayer",
+    "LegoMerge",
+    "classification_loss",
+    "lego_merge",
+    "merge_heads",
+    "survival_nll_loss",
+    "survival_risk",
+]
+
+HEAD_METHODS = ("slerp", "linear")
+FUSE_MODES = ("stack", "weave")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int; got {value!r}")
+    return value
+
+
+class LegoAttention(nn.Module):
+    """Parameters of a LegoBlock step's cross-attention (PreNorm on the latent and on the context)."""
+
+    def __init__(self, l_d: int, context_dim: int, heads: int, head_dim: int, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(l_d, **factory)
+        self.context_norm = nn.LayerNorm(context_dim, **factory)
+        self.to_q = nn.Linear(l_d, heads * head_dim, bias=False, **factory)
+        self.to_kv = nn.Linear(context_dim, 2 * heads * head_dim, bias=False, **factory)
+        self.to_out = nn.Linear(heads * head_dim, l_d, **factory)
+
+
+class LegoFeedForward(nn.Module):
+    """Parameters of a LegoBlock step's gated-SELU feed-forward (PreNorm): ``w_out(h * selu(g))``,
+    ``(h, g) = split(w_in(norm(u)))``."""
+
+    def __init__(self, l_d: int, mult: int, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(l_d, **factory)
+        self.w_in = nn.Linear(l_d, 2 * mult * l_d, **factory)
+        self.w_out = nn.Linear(mult * l_d, l_d, **factory)
+
+
+class LegoLayer(nn.Module):
+    """One LegoBlock step's parameters: ``attention`` and ``feed_forward``."""
+
+    def __init__(self, l_d: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, *, device=None,
+                 dtype=None):
+        super().__init__()
+        self.attention = LegoAttention(l_d, context_dim, heads, head_dim, device=device, dtype=dtype)
+        self.feed_forward = LegoFeedForward(l_d, ff_mult, device=device, dtype=dtype)
+
+
+class LegoHead(nn.Module):
+    """Task head on a frequency-domain latent: ``linear(norm(mean over l_c of Re L))``.
+
+    ``forward(latent (B, l_c, l_d) complex or real) -> (B, outputs)`` in the head's dtype."""
+
+    def __init__(self, l_d: int, outputs: int, *, device=None, dtype=None):
+        super().__init__()
+        self.norm = nn.LayerNorm(l_d, device=device, dtype=dtype)
+        self.linear = nn.Linear(l_d, outputs, device=device, dtype=dtype)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        real = latent.real if latent.is_complex() else latent
+        return self.linear(self.norm(real.mean(dim=1).to(self.linear.weight.dtype)))
+
+
+class LegoBlock(nn.Module):
+    """A modality encoder wrapped with a learned latent updated by Fourier-domain cross-attention (MM-Lego).
+
+    Args:
+        input_dim: E, the width of the tokens the encoder produces (of the input itself without an encoder).
+        outputs: the task head's width (classes, or survival bins).
+        encoder: an ``nn.Module`` mapping the input ``x`` (anything it takes: a tensor, a dict, ...) to tokens
+            ``(B, N, E)`` or one vector per sample ``(B, E)``; None: ``x`` is the tokens / vector.
+        l_c, l_d: latent channels and dimensions (64, 64 as the public code).
+        depth: number of steps (2).
+        heads, head_dim: cross-attention heads and per-head width (8 x 64).
+        temperature: softmax temperature (0.5: ``softmax(2 * q k^T / sqrt(head_dim))``).
+        ff_mult: feed-forward expansion (4).
+        weight_sharing: one :class:`LegoLayer` shared by every step (True, the public code) or one per step.
+        fft_dims: 2 (the paper: 2-D FFT over (l_c, l_d)) or 1 (the public code: over l_c).
+        token_fft: attend to ``Re FFT`` of the tokens along the token axis (True, the public code) or to the raw
+            tokens.
+        normalize: L2-normalise the latent over its channels before each FFT (True).
+        backend: passed to :func:`pyblend.ops.fourier_cross_attention` (None: automatic).
+        device, dtype: where and how the parameters are created.
+
+    ``forward(x, mask=None, present=None, latent=None, return_embeddings=False, final_inverse=False)``: see
+    :meth:`forward`. Parameter names: the module docstring of :mod:`pyblend.nn.lego`.
+    """
+
+    def __init__(self, input_dim: int, outputs: int, encoder: nn.Module | None = None, *, l_c: int = 64,
+                 l_d: int = 64, depth: int = 2, heads: int = 8, head_dim: int = 64, temperature: float = 0.5,
+                 ff_mult: int = 4, weight_sharing: bool = True, fft_dims: int = 2, token_fft: bool = True,
+                 normalize: bool = True, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("input_dim", input_dim), ("outputs", outputs), ("l_c", l_c), ("l_d", l_d),
+                            ("depth", depth), ("heads", heads), ("head_dim", head_dim), ("ff_mult", ff_mult)):
+            _positive_int(value, name)
+        if encoder is not None and not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder: expected an nn.Module or None; got {type(encoder).__name__}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+        if fft_dims not in (1, 2) or isinstance(fft_dims, bool):
+            raise ValueError(f"fft_dims: expected 1 (FFT over l_c, the public code) or 2 (over (l_c, l_d), the "
+                             f"paper); got {fft_dims!r}")
+        for name, value in (("weight_sharing", weight_sharing), ("token_fft", token_fft), ("normalize", normalize)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool; got {value!r}")
+        self.input_dim, self.outputs = input_dim, outputs
+        self.l_c, self.l_d, self.depth = l_c, l_d, depth
+        self.heads, self.head_dim, self.temperature, self.ff_mult = heads, head_dim, float(temperature), ff_mult
+        self.weight_sharing, self.fft_dims, self.token_fft, self.normalize = \
+            weight_sharing, fft_dims, token_fft, normalize
+        self.backend = backend
+        self.encoder = encoder
+        self.latent = nn.Parameter(torch.randn(l_c, l_d, device=device, dtype=dtype))
+        self.layers = nn.ModuleList([LegoLayer(l_d, input_dim, heads, head_dim, ff_mult, device=device, dtype=dtype)
+                                     for _ in range(1 if weight_sharing else depth)])
+        self.head = LegoHead(l_d, outputs, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"input_dim={self.input_dim}, outputs={self.outputs}, l_c={self.l_c}, l_d={self.l_d}, "
+                f"depth={self.depth}, heads={self.heads}, head_dim={self.head_dim}, "
+                f"temperature={self.temperature}, ff_mult={self.ff_mult}, weight_sharing={self.weight_sharing}, "
+                f"fft_dims={self.fft_dims}, token_fft={self.token_fft}, normalize={self.normalize}")
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def encode(self, x, mask: Tensor | None = None, present: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Run the encoder and combine the masks.
+
+        Returns ``(tokens (B, N, E), token_mask (B, N) bool or None, present (B,) bool)``: ``token_mask`` is
+        ``mask & present`` (None when neither is given: every token is real); the returned ``present`` is True
+        where the sample has at least one real token (the samples the steps update).
+        """
+        if isinstance(present, Tensor) and present.dtype == torch.bool and isinstance(x, Tensor) \
+                and x.is_floating_point() and x.dim() >= 1 and present.shape == x.shape[:1] \
+                and present.device == x.device:
+            # An absent sample's input may hold anything (NaN): zeroed before the encoder, whose weight gradients
+            # would otherwise be 0 * NaN. Inputs that are not one batched float tensor reach the encoder as given.
+            x = torch.where(present.reshape(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype,
+                                                                                       device=x.device))
+        tokens = self.encoder(x) if self.encoder is not None else x
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"x: the encoder must return a tensor (B, N, E) or (B, E); got {type(tokens).__name__}")
+        if not tokens.is_floating_point():
+            raise TypeError(f"x: expected float tokens (B, N, E) or (B, E) from the encoder; got {describe(tokens)}")
+        if tokens.dim() == 2:
+            tokens = tokens.unsqueeze(1)
+        if tokens.dim() != 3 or tokens.shape[-1] != self.input_dim:
+            raise ValueError(f"x: expected encoder tokens of shape (B, N, E) or (B, E) with E = input_dim = "
+                             f"{self.input_dim}; got {describe(tokens)}")
+        batch, count = tokens.shape[:2]
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (batch, count):
+                got = describe(mask) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"mask: expected a bool tensor of shape (B, N) = ({batch}, {count}); got {got}")
+            if mask.device != tokens.device:
+                raise ValueError(f"mask: expected a tensor on {tokens.device} like the tokens; got {describe(mask)}")
+        if present is not None:
+            if not isinstance(present, Tensor) or present.dtype != torch.bool or present.shape != (batch,):
+                got = describe(present) if isinstance(present, Tensor) else type(present).__name__
+                raise ValueError(f"present: expected a bool tensor of shape (B,) = ({batch},); got {got}")
+            if present.device != tokens.device:
+                raise ValueError(f"present: expected a tensor on {tokens.device} like the tokens; "
+                                 f"got {describe(present)}")
+            # Absent samples' tokens may hold anything: zeroed, so that even a path that reads masked tokens
+            # (token_fft=False multiplies them by zero attention weights) cannot turn them into NaN.
+            tokens = torch.where(present[:, None, None], tokens, torch.zeros((), dtype=tokens.dtype,
+                                                                             device=tokens.device))
+            base = mask if mask is not None else torch.ones(batch, count, dtype=torch.bool, device=tokens.device)
+            mask = base & present[:, None]
+        has_tokens = mask.any(dim=1) if mask is not None else \
+            torch.full((batch,), count > 0, dtype=torch.bool, device=tokens.device)
+        return tokens, mask, has_tokens
+
+    def initial_latent(self, batch: int) -> Tensor:
+        """The learned latent broadcast to ``(B, l_c, l_d)``."""
+        return self.latent.expand(batch, -1, -1)
+
+    def step(self, latent: Tensor, tokens: Tensor, token_mask: Tensor | None, index: int, *,
+             inverse: bool) -> Tensor:
+        """Step ``index`` (0-based, < depth) on ``latent (B, l_c, l_d)`` with this block's context; returns the
+        complex latent (spatial domain with ``inverse=True``, the spectrum otherwise)."""
+        layer = self.layers[0 if self.weight_sharing else index]
+        attention, ff = layer.attention, layer.feed_forward
+        return fourier_cross_attention(
+            latent, tokens, attention.to_q.weight, attention.to_kv.weight, attention.to_out.weight,
+            attention.to_out.bias, heads=self.heads, backend=self.backend,
+            latent_norm_weight=attention.norm.weight, latent_norm_bias=attention.norm.bias,
+            context_norm_weight=attention.context_norm.weight, context_norm_bias=attention.context_norm.bias,
+            ff_norm_weight=ff.norm.weight, ff_norm_bias=ff.norm.bias, ff_in_weight=ff.w_in.weight,
+            ff_in_bias=ff.w_in.bias, ff_out_weight=ff.w_out.weight, ff_out_bias=ff.w_out.bias,
+            token_mask=token_mask, temperature=self.temperature, fft_dims=self.fft_dims, token_fft=self.token_fft,
+            normalize=self.normalize, inverse=inverse, eps=attention.norm.eps)
+
+    def _check_latent(self, latent, batch: int, device) -> Tensor:
+        if not isinstance(latent, Tensor):
+            raise TypeError(f"latent: expected a tensor (B, l_c, l_d) or None; got {type(latent).__name__}")
+        if latent.shape != (batch, self.l_c, self.l_d):
+            raise ValueError(f"latent: expected shape (B, l_c, l_d) = ({batch}, {self.l_c}, {self.l_d}); "
+                             f"got {describe(latent)}")
+        if not (latent.is_complex() or latent.is_floating_point()):
+            raise TypeError(f"latent: expected a float or complex tensor; got {describe(latent)}")
+        if latent.device != device:
+            raise ValueError(f"latent: expected a tensor on {device} like the tokens; got {describe(latent)}")
+        return latent
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(self, x, mask: Tensor | None = None, present: Tensor | None = None, latent: Tensor | None = None,
+                return_embeddings: bool = False, final_inverse: bool = False) -> Tensor:
+        """Run the block.
+
+        Args:
+            x: the encoder's input (tokens ``(B, N, E)`` / ``(B, E)`` without an encoder).
+            mask: ``(B, N)`` bool over the encoder's output tokens, True = real token.
+            present: ``(B,)`` bool, False = the sample lacks this modality (its steps are skipped).
+            latent: optional ``(B, l_c, l_d)`` real or complex spatial-domain latent to start from instead of
+                the learned one (e.g. a preceding block's ``forward(..., return_embeddings=True,
+                final_inverse=True)``): the manual form of LegoFuse's stacking.
+            return_embeddings: return the complex latent instead of the logits.
+            final_inverse: apply the inverse FFT after the last step too (only with ``return_embeddings``), to
+                hand the latent to another block.
+
+        Returns:
+            logits ``(B, outputs)`` in the parameters' dtype, or the complex latent ``(B, l_c, l_d)`` (complex64;
+            complex128 for float64 parameters), in the frequency domain unless ``final_inverse``.
+        """
+        if final_inverse and not return_embeddings:
+            raise ValueError("final_inverse: the head reads the frequency-domain latent; final_inverse=True needs "
+                             "return_embeddings=True")
+        tokens, token_mask, _ = self.encode(x, mask, present)
+        batch = tokens.shape[0]
+        state = self.initial_latent(batch) if latent is None else self._check_latent(latent, batch, tokens.device)
+        for index in range(self.depth):
+            state = self.step(state, tokens, token_mask, index, inverse=final_inverse or index < self.depth - 1)
+        return state if return_embeddings else self.head(state)
+
+
+# --------------------------------------------------------------------------------------- merging heads
+
+def merge_heads(heads: Sequence[LegoHead], method: str = "slerp") -> LegoHead:
+    """A new :class:`LegoHead` whose every parameter tensor is the running merge of the heads' tensors:
+    ``w <- w_1``, ``w <- merge(w, w_m, t = 1/m)`` for m = 2..M (SLERP or linear; linear gives the exact mean).
+    The result holds detached copies (trainable parameters of its own)."""
+    if method not in HEAD_METHODS:
+        raise ValueError(f"head_method: expected one of {HEAD_METHODS}; got {method!r}")
+    first = heads[0]
+    merged = LegoHead(first.linear.in_features, first.linear.out_features, device=first.linear.weight.device,
+                      dtype=first.linear.weight.dtype)
+    merged.norm.eps = first.norm.eps
+    sources = [dict(head.named_parameters()) for head in heads]
+    with torch.no_grad():
+        for name, target in merged.named_parameters():
+            value = sources[0][name].detach().clone()
+            for m, source in enumerate(sources[1:], start=2):
+                other = source[name].detach()
+                value = slerp(value, other, 1.0 / m) if method == "slerp" else value + (other - value) / m
+            target.copy_(value)
+    return merged
+
+
+def _check_blocks(blocks, name: str = "blocks") -> list[LegoBlock]:
+    if not isinstance(blocks, (Sequence, nn.ModuleList)) or isinstance(blocks, (str, Tensor)):
+        raise TypeError(f"{name}: expected a list of LegoBlock; got {type(blocks).__name__}")
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError(f"{name}: expected at least one LegoBlock; got none")
+    for index, block in enumerate(blocks):
+        if not isinstance(block, LegoBlock):
+            raise TypeError(f"{name}[{index}]: expected a LegoBlock; got {type(block).__name__}")
+    first = blocks[0]
+    for index, block in enumerate(blocks[1:], start=1):
+        if (block.l_c, block.l_d) != (first.l_c, first.l_d):
+            raise ValueError(f"{name}[{index}]: expected latent shape (l_c, l_d) = ({first.l_c}, {first.l_d}) like "
+                             f"{name}[0]; got ({block.l_c}, {block.l_d})")
+        if block.outputs != first.outputs or block.head.norm.normalized_shape != first.head.norm.normalized_shape:
+            raise ValueError(f"{name}[{index}]: expected a head Linear({first.l_d}, {first.outputs}) like "
+                             f"{name}[0]; got Linear({block.l_d}, {block.outputs})")
+        if block.head.linear.weight.dtype != first.head.linear.weight.dtype:
+            raise TypeError(f"{name}[{index}]: expected head parameters of dtype {first.head.linear.weight.dtype} "
+                            f"like {name}[0]; got {block.head.linear.weight.dtype}")
+        if block.fft_dims != first.fft_dims:
+            raise ValueError(f"{name}[{index}]: expected fft_dims = {first.fft_dims} like {name}[0] (the latents "
+                             f"must live in the same frequency domain); got {block.fft_dims}")
+    return blocks
+
+
+def _per_block(values, count: int, name: str) -> list:
+    if values is None:
+        return [None] * count
+    if isinstance(values, (Tensor, str)) or not isinstance(values, Sequence) or len(values) != count:
+        raise ValueError(f"{name}: expected None or a list with one entry (or None) per block ({count}); got "
+                         f"{type(values).__name__}" + (f" of length {len(values)}" if isinstance(values, Sequence)
+                                                      else ""))
+    return list(values)
+
+
+class _LegoMulti(nn.Module):
+    """Shared pieces of LegoMerge and LegoFuse: the blocks, the merged head, input handling."""
+
+    def __init__(self, blocks, head_method: str):
+        super().__init__()
+        blocks = _check_blocks(blocks)
+        if head_method not in HEAD_METHODS:
+            raise ValueError(f"head_method: expected one of {HEAD_METHODS}; got {head_method!r}")
+        self.blocks = nn.ModuleList(blocks)
+        self.head_method = head_method
+        self.head = merge_heads([block.head for block in blocks], head_method)
+
+    def merge_heads(self) -> None:
+        """Re-merge the head from the blocks' current heads (replaces ``self.head``)."""
+        self.head = merge_heads([block.head for block in self.blocks], self.head_method)
+
+    def _encode_all(self, inputs, masks, present):
+        count = len(self.blocks)
+        if isinstance(inputs, (Tensor, str)) or not isinstance(inputs, Sequence) or len(inputs) != count:
+            raise ValueError(f"inputs: expected a list with one input per block ({count}); got "
+                             f"{type(inputs).__name__}" + (f" of length {len(inputs)}"
+                                                           if isinstance(inputs, Sequence) else ""))
+        masks = _per_block(masks, count, "masks")
+        present = _per_block(present, count, "present")
+        encoded = []
+        for index, block in enumerate(self.blocks):
+            try:
+                encoded.append(block.encode(inputs[index], masks[index], present[index]))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"block {index}: {error}") from None
+        batch = encoded[0][0].shape[0]
+        for index, (tokens, _, _) in enumerate(encoded[1:], start=1):
+            if tokens.shape[0] != batch:
+                raise ValueError(f"inputs[{index}]: expected batch size {batch} like inputs[0]; got tokens "
+                                 f"{describe(tokens)}")
+        available = torch.stack([has for _, _, has in encoded])                        # (M, B)
+        missing = (~available.any(dim=0)).nonzero().flatten()
+        if len(missing):
+            raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "
+                             "present sample and a real token); every sample needs at least one")
+        return encoded, available
+
+
+class LegoMerge(_LegoMulti):
+    """LegoMerge: a multimodal model from unimodally trained LegoBlocks, without training.
+
+    Args:
+        blocks: M >= 1 LegoBlocks with equal ``(l_c, l_d)``, head shapes and ``fft_dims`` (held, not copied).
+        method: latent merge of :func:`pyblend.ops.merge_latents`: "harmonic" (the paper), "mean" or "sum".
+        head_method: "slerp" (the paper) or "linear"; see :func:`merge_heads`.
+        eps: ``merge_latents``' eps.
+
+    ``forward(inputs, masks=None, present=None, return_embeddings=False)``: ``inputs`` one input per block (in
+    block order); ``masks`` / ``present`` None or one entry (or None) per block, as :meth:`LegoBlock.forward`'s
+    ``mask`` / ``present``. Returns logits ``(B, outputs)`` from the merged head, or the merged complex latent
+    ``(B, l_c, l_d)``. Per sample only the blocks whose modality is present are merged; a sample with none is a
+    ValueError (the check reads one (B,) mask back to the host per forward).
+    """
+
+    def __init__(self, blocks: Sequence[LegoBlock], method: str = "harmonic", head_method: str = "slerp", *,
+                 eps: float = 1e-6):
+        if method not in MERGE_METHODS:
+            raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
+        super().__init__(blocks, head_method)
+        self.method = method
+        self.eps = float(eps)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, head_method={self.head_method!r}, eps={self.eps}"
+
+    def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
+                return_embeddings: bool = False) -> Tensor:
+        encoded, available = self._encode_all(inputs, masks, present)
+        latents = []
+        for block, (tokens, token_mask, _) in zip(self.blocks, encoded):
+            state = block.initial_latent(tokens.shape[0])
+            for index in range(block.depth):
+                state = block.step(state, tokens, token_mask, index, inverse=index < block.depth - 1)
+            latents.append(state)
+        merged = merge_latents(latents, self.method, eps=self.eps, present=available)
+        return merged if return_embeddings else self.head(merged)
+
+
+def lego_merge(blocks: Sequence[LegoBlock], method: str = "harmonic", head_method: str = "slerp", *,
+               eps: float = 1e-6) -> LegoMerge:
+    """:class:`LegoMerge` of ``blocks`` (no training)."""
+    return LegoMerge(blocks, method, head_method, eps=eps)
+
+
+class LegoFuse(_LegoMulti):
+    """LegoFuse: the blocks' steps chained over one latent, for fine-tuning (module docstring: the schedule).
+
+    Args:
+        blocks: M >= 1 LegoBlocks (shared, not copied) with equal ``(l_c, l_d)``, head shapes and ``fft_dims``;
+            depths may differ.
+        mode: "stack" (every step of block 1, then of block 2, ...) or "weave" (step j of every block, j = 0, 1,
+            ...).
+        head_method: how the head is initialised from the blocks' heads ("slerp" or "linear"); it is then a
+            trainable :class:`LegoHead`.
+
+    ``forward(inputs, masks=None, present=None, return_embeddings=False)`` as :class:`LegoMerge`: a block whose
+    modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); a sample
+    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient).
+    """
+
+    def __init__(self, blocks: Sequence[LegoBlock], mode: str = "stack", head_method: str = "slerp"):
+        if mode not in FUSE_MODES:
+            raise ValueError(f"mode: expected one of {FUSE_MODES}; got {mode!r}")
+        super().__init__(blocks, head_method)
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, head_method={self.head_method!r}"
+
+    def schedule(self) -> list[tuple[int, int]]:
+        """The chain as ``(block index, step index)`` pairs, in order."""
+        if self.mode == "stack":
+            return [(i, j) for i, block in enumerate(self.blocks) for j in range(block.depth)]
+        deepest = max(block.depth for block in self.blocks)
+        return [(i, j) for j in range(deepest) for i, block in enumerate(self.blocks) if j < block.depth]
+
+    def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
+                return_embeddings: bool = False) -> Tensor:
+        encoded, _ = self._encode_all(inputs, masks, present)
+        order = self.schedule()
+        state = self.blocks[0].initial_latent(encoded[0][0].shape[0])
+        for position, (i, j) in enumerate(order):
+            tokens, token_mask, _ = encoded[i]
+            state = self.blocks[i].step(state, tokens, token_mask, j, inverse=position < len(order) - 1)
+        return state if return_embeddings else self.head(state)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def _check_survival(logits: Tensor, event_bin: Tensor, censored: Tensor) -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+        got = describe(logits) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a float tensor of shape (B, bins); got {got}")
+    batch = logits.shape[0]
+    if not isinstance(event_bin, Tensor) or event_bin.dtype not in (torch.int32, torch.int64) or \
+            event_bin.shape != (batch,):
+        got = describe(event_bin) if isinstance(event_bin, Tensor) else type(event_bin).__name__
+        raise ValueError(f"event_bin: expected an int32/int64 tensor of shape (B,) = ({batch},); got {got}")
+    if not isinstance(censored, Tensor) or censored.shape != (batch,) or \
+            not (censored.dtype == torch.bool or censored.is_floating_point()):
+        got = describe(censored) if isinstance(censored, Tensor) else type(censored).__name__
+        raise ValueError(f"censored: expected a bool (or 0/1 float) tensor of shape (B,) = ({batch},); got {got}")
+
+
+def survival_nll_loss(logits: Tensor, event_bin: Tensor, censored: Tensor, *, alpha: float = 0.4,
+                      reduction: str = "mean") -> Tensor:
+    """Discrete-time survival negative log-likelihood (MCAT / PORPOISE; MM-Lego's ``nll_loss``, alpha 0.4 there).
+
+    With ``h_k = sigmoid(logits_k)`` the hazard of bin k, ``S_k = prod_{j<=k} (1 - h_j)``, ``S_{-1} = 1``, the
+    event (or censoring) bin ``y`` and ``c`` = censored:
+
+        uncensored = -(1 - c) * (log S_{y-1} + log h_y)      (survived to bin y, event in it)
+        censored   = -c * log S_y                             (survived through bin y)
+        loss       = (1 - alpha) * (uncensored + censored) + alpha * uncensored
+
+    averaged (``reduction="mean"``) or summed over the batch. Computed in log space (``log h = logsigmoid(z)``,
+    ``log(1 - h) = logsigmoid(-z)``), so no clamp is needed; the public code clamps the probabilities at 1e-7,
+    which only differs where they are below it.
+
+    Args:
+        logits: ``(B, bins)`` float. event_bin: ``(B,)`` int in [0, bins). censored: ``(B,)`` bool or 0/1 float.
+        alpha: weight of the extra uncensored term, in [0, 1].
+    """
+    _check_survival(logits, event_bin, censored)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a float in [0, 1]; got {alpha!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum'; got {reduction!r}")
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    c = censored.to(z.dtype)
+    y = event_bin.long()[:, None]
+    log_hazard = F.logsigmoid(z)
+    log_survival = F.logsigmoid(-z).cumsum(dim=1)
+    padded = torch.cat([torch.zeros_like(log_survival[:, :1]), log_survival], dim=1)     # log S_{k-1} at k
+    uncensored = -(1 - c) * (padded.gather(1, y)[:, 0] + log_hazard.gather(1, y)[:, 0])
+    censored_term = -c * padded.gather(1, y + 1)[:, 0]
+    loss = (1 - alpha) * (uncensored + censored_term) + alpha * uncensored
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def survival_risk(logits: Tensor) -> Tensor:
+    """Risk score for the c-index: ``-sum_k S_k`` (MCAT's), higher = earlier event. ``logits (B, bins)`` ->
+    ``(B,)``."""
+    return -torch.sigmoid(-logits.float()).cumprod(dim=1).sum(dim=1)
+
+
+def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Classification loss: cross-entropy for ``logits (B, K)``, K >= 2, with ``target (B,)`` int class indices;
+    binary cross-entropy with logits for ``logits (B,)`` or ``(B, 1)`` with ``target (B,)`` 0/1 (bool, int or
+    float). Mean over the batch."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() not in (1, 2):
+        got = describe(logits) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a float tensor of shape (B, K) or (B,); got {got}")
+    batch = logits.shape[0]
+    if not isinstance(target, Tensor) or target.shape != (batch,):
+        got = describe(target) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target: expected a tensor of shape (B,) = ({batch},); got {got}")
+    if logits.dim() == 1 or logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits.reshape(batch), target.to(logits.dtype))
+    if target.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8):
+        raise TypeError(f"target: expected integer class indices for logits (B, K) with K >= 2; got {describe(target)}")
+    return F.cross_entropy(logits, target.long())

@@ -1,0 +1,123 @@
+"""Plain-PyTorch Fourier-domain cross-attention: one MM-Lego LegoBlock step (seed 004, eq. 2-3).
+
+Semantics every backend follows, per sample, for a latent ``l (C, D)`` (real, or complex after an earlier step;
+C latent channels, D latent dims) and modality tokens ``x (N, E)``:
+
+1. ``normalize``: ``l <- l / max(||l||, 1e-12)``, the norm taken over the channel axis C for each of the D columns
+   (``|l|^2`` summed for a complex latent). The public code divides with no floor.
+2. Spectrum ``L = FFT(l)``: over (C, D) for ``fft_dims=2`` (the paper), over C only for ``fft_dims=1`` (the
+   public code). ``q_in = Re L``; ``Im L`` is kept for step 7.
+3. Context: ``Re FFT(x)`` along the token axis for ``token_fft=True`` (the public code), the raw tokens
+   otherwise. With a ``token_mask`` the FFT runs over the sample's real tokens only, in order (length = their
+   count), exactly as if the sample were alone; masked tokens are never read.
+4. PreNorm: LayerNorm over D of ``q_in`` and over E of the context (each optional, affine optional).
+5. Multi-head cross-attention: ``q = q_in W_q^T (C, H*Dh)``, ``k, v = split(ctx W_kv^T)`` (k first),
+   ``softmax(q_h k_h^T * Dh^-0.5 / temperature)`` over the real tokens, ``o = attn v``;
+   ``a = leaky_relu(o W_out^T + b_out, 0.01)``; residual ``u = q_in + a``.
+6. Optional gated-SELU feed-forward (PreNorm, residual): ``u <- u + W_2 (h * selu(g)) + b_2`` with
+   ``(h, g) = split(W_1 LN(u) + b_1)`` (h first).
+7. Recombination ``u + i Im L``, then the inverse FFT over the same axes when ``inverse=True`` (every step but
+   the last; the last returns the spectrum, which the task head reads).
+
+A sample with no real token (all of its ``token_mask`` False) is skipped: attention and feed-forward add
+nothing, so it gets ``normalize(l)`` back (``inverse=True``) or its spectrum ``L`` (``inverse=False``).
+
+Returns the complex latent ``(B, C, D)``: complex128 for float64/complex128 inputs, complex64 otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["fourier_cross_attention", "token_spectrum"]
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    wide = any(t.dtype in (torch.float64, torch.complex128) for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def token_spectrum(tokens: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """``Re FFT`` of ``tokens (B, N, E)`` along N over each sample's real tokens (step 3), in the tokens' dtype
+    promoted to float32/float64. Masked positions come back as zeros."""
+    compute = _compute_dtype(tokens)
+    tokens = tokens.to(compute)
+    if token_mask is None:
+        return torch.fft.fft(tokens, dim=1).real
+    out = torch.zeros_like(tokens)
+    for b in range(tokens.shape[0]):
+        real = token_mask[b].nonzero().squeeze(1)
+        if len(real):
+            out[b, real] = torch.fft.fft(tokens[b, real], dim=0).real
+    return out
+
+
+def fourier_cross_attention(
+        latent: Tensor, tokens: Tensor, q_weight: Tensor, kv_weight: Tensor, out_weight: Tensor,
+        out_bias: Tensor | None = None, *, heads: int,
+        latent_norm_weight: Tensor | None = None, latent_norm_bias: Tensor | None = None,
+        context_norm_weight: Tensor | None = None, context_norm_bias: Tensor | None = None,
+        ff_norm_weight: Tensor | None = None, ff_norm_bias: Tensor | None = None,
+        ff_in_weight: Tensor | None = None, ff_in_bias: Tensor | None = None,
+        ff_out_weight: Tensor | None = None, ff_out_bias: Tensor | None = None,
+        token_mask: Tensor | None = None, temperature: float = 0.5, fft_dims: int = 2, token_fft: bool = True,
+        normalize: bool = True, inverse: bool = True, latent_norm: bool = True, context_norm: bool = True,
+        ff_norm: bool = True, eps: float = 1e-5) -> Tensor:
+    """Differentiable reference of :func:`pyblend.ops.fourier_cross_attention` (inputs are not validated here).
+
+    Shapes: ``latent (B, C, D)`` real or complex; ``tokens (B, N, E)``; ``q_weight (H*Dh, D)``;
+    ``kv_weight (2*H*Dh, E)``; ``out_weight (D, H*Dh)``; ``out_bias (D,)``; LayerNorm weights/biases ``(D,)`` /
+    ``(E,)``; ``ff_in_weight (2*F, D)``, ``ff_in_bias (2*F,)``, ``ff_out_weight (D, F)``, ``ff_out_bias (D,)``
+    (the feed-forward runs when ``ff_in_weight`` is given); ``token_mask (B, N)`` bool, True = real token.
+    ``latent_norm`` / ``context_norm`` / ``ff_norm`` switch the three LayerNorms (their weights may be None for
+    a non-affine norm). Computes in float64 when any input is 64-bit, float32 otherwise.
+    """
+    parameters = [t for t in (q_weight, kv_weight, out_weight, out_bias, ff_in_weight) if t is not None]
+    compute = _compute_dtype(latent, tokens, *parameters)
+    cast = (lambda t: None if t is None else t.to(compute))
+    complex_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
+    axes = (1, 2) if fft_dims == 2 else (1,)
+
+    latent = latent.to(complex_dtype) if latent.is_complex() else latent.to(compute)
+    if normalize:
+        norm = latent.abs().square().sum(dim=1, keepdim=True).sqrt()
+        latent = latent / norm.clamp_min(1e-12)
+    spectrum = torch.fft.fftn(latent, dim=axes)
+    q_in, kept_imag = spectrum.real, spectrum.imag
+
+    context = token_spectrum(tokens, token_mask) if token_fft else tokens.to(compute)
+    if not token_fft and token_mask is not None:  # masked tokens are never read (0 * NaN would leak through v)
+        context = torch.where(token_mask[..., None], context, torch.zeros((), dtype=compute, device=context.device))
+    width = context.shape[-1]
+    if context_norm:
+        context = F.layer_norm(context, (width,), cast(context_norm_weight), cast(context_norm_bias), eps)
+    dim = q_in.shape[-1]
+    query = F.layer_norm(q_in, (dim,), cast(latent_norm_weight), cast(latent_norm_bias), eps) if latent_norm \
+        else q_in
+
+    batch, channels, _ = q_in.shape
+    q = (query @ cast(q_weight).T).unflatten(-1, (heads, -1)).transpose(1, 2)            # (B, H, C, Dh)
+    k, v = (context @ cast(kv_weight).T).chunk(2, dim=-1)
+    k = k.unflatten(-1, (heads, -1)).transpose(1, 2)                                     # (B, H, N, Dh)
+    v = v.unflatten(-1, (heads, -1)).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 / temperature)
+    if token_mask is not None:
+        logits = logits.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+    has_tokens = token_mask.any(dim=1) if token_mask is not None else \
+        torch.full((batch,), tokens.shape[1] > 0, device=q_in.device)
+    # A sample without tokens: finite logits (then its update is dropped below), so no NaN reaches a gradient.
+    logits = torch.where(has_tokens[:, None, None, None], logits, torch.zeros((), dtype=compute, device=q.device))
+    attended = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).flatten(2)            # (B, C, H*Dh)
+    update = F.leaky_relu(attended @ cast(out_weight).T + (0 if out_bias is None else cast(out_bias)), 0.01)
+    u = q_in + update
+
+    if ff_in_weight is not None:
+        hidden = F.layer_norm(u, (dim,), cast(ff_norm_weight), cast(ff_norm_bias), eps) if ff_norm else u
+        hidden = hidden @ cast(ff_in_weight).T + (0 if ff_in_bias is None else cast(ff_in_bias))
+        value, gate = hidden.chunk(2, dim=-1)
+        u = u + (value * F.selu(gate)) @ cast(ff_out_weight).T + (0 if ff_out_bias is None else cast(ff_out_bias))
+
+    u = torch.where(has_tokens[:, None, None], u, q_in)
+    out = torch.complex(u, kept_imag)
+    return torch.fft.ifftn(out, dim=axes) if inverse else out

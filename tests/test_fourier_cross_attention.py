@@ -1,0 +1,449 @@
+"""Fourier-domain cross-attention (MM-Lego LegoBlock step): the Triton path (interpreter on the CPU) against the
+float64 reference, forward and every gradient, and the reference against a plain per-sample re-implementation.
+
+Every check draws fresh inputs (seeded per test, printed on failure) and a random complex upstream gradient, and
+compares the output latent and the gradients of the latent, the tokens and every weight.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyblend.ops import fourier_cross_attention as op_module
+from pyblend.reference import fourier_cross_attention as reference_module
+
+from graphs import backend_device
+from hopper import run_compile_script
+from tolerances import RELATIVE_ERROR, assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+# bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+fourier_cross_attention = op_module.fourier_cross_attention
+reference = reference_module.fourier_cross_attention
+
+FF_NAMES = ("ff_norm_weight", "ff_norm_bias", "ff_in_weight", "ff_in_bias", "ff_out_weight", "ff_out_bias")
+
+
+def make_problem(generator, batch=2, channels=8, dim=16, tokens=5, width=16, heads=2, head_dim=8, hidden=12,
+                 ff=True, complex_latent=False, mask=None):
+    """float64 inputs: {"latent", "tokens", weights...}; ``mask`` (B, N) bool or None; masked token slots hold
+    NaN (they must never be read)."""
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    latent = randn(batch, channels, dim)
+    if complex_latent:
+        latent = torch.complex(latent, randn(batch, channels, dim))
+    inner = heads * head_dim
+    problem = dict(latent=latent, tokens=randn(batch, tokens, width),
+                   q_weight=randn(inner, dim, scale=dim ** -0.5),
+                   kv_weight=randn(2 * inner, width, scale=width ** -0.5),
+                   out_weight=randn(dim, inner, scale=inner ** -0.5), out_bias=randn(dim, scale=0.3),
+                   latent_norm_weight=1 + randn(dim, scale=0.2), latent_norm_bias=randn(dim, scale=0.2),
+                   context_norm_weight=1 + randn(width, scale=0.2), context_norm_bias=randn(width, scale=0.2))
+    if ff:
+        problem.update(ff_norm_weight=1 + randn(dim, scale=0.2), ff_norm_bias=randn(dim, scale=0.2),
+                       ff_in_weight=randn(2 * hidden, dim, scale=dim ** -0.5), ff_in_bias=randn(2 * hidden, scale=0.3),
+                       ff_out_weight=randn(dim, hidden, scale=hidden ** -0.5), ff_out_bias=randn(dim, scale=0.3))
+    # LeakyReLU and SELU have a kink at 0 (their derivative jumps): an element within rounding distance of it
+    # flips branch between float16 and float64 and moves the gradient by O(1) there (~2e-2 relative with ~1500
+    # elements). Biases of +-3 keep the pre-activations off the kink while both branches stay populated.
+    problem["out_bias"] = away_from_zero(randn(dim))
+    if ff:
+        problem["ff_in_bias"][hidden:] = away_from_zero(randn(hidden))
+    if mask is not None:
+        problem["tokens"][~mask] = float("nan")
+    return problem
+
+
+def away_from_zero(x):
+    return torch.where(x >= 0, 3.0, -3.0) + 0.3 * x
+
+
+def rounded(problem, dtype):
+    """The inputs as the op receives them for ``dtype`` (a complex latent stays complex64)."""
+    out = {}
+    for name, x in problem.items():
+        out[name] = x.to(torch.complex64) if x.is_complex() else x.to(dtype)
+    return out
+
+
+def run(fn, problem, mask, upstream, heads=2, backend=None, **options):
+    """Output latent and every gradient {name: CPU tensor} for the upstream gradient ``upstream (B, C, D, 2)``."""
+    target = backend_device(backend or "reference")
+    leaves = {name: x.detach().to(target).requires_grad_() for name, x in problem.items()}
+    extra = {} if backend is None else {"backend": backend}
+    inputs = dict(leaves)
+    latent, tokens = inputs.pop("latent"), inputs.pop("tokens")
+    out = fn(latent, tokens, heads=heads, token_mask=None if mask is None else mask.to(target), **inputs, **extra,
+             **options)
+    real = torch.view_as_real(out)
+    (real.double() * upstream.to(target)).sum().backward()
+    found = {"out": real.detach().cpu()}
+    # A switched-off LayerNorm's weights get no gradient from the reference (unused) and zeros from the op.
+    found.update({f"d{name}": (torch.zeros_like(leaf) if leaf.grad is None else leaf.grad).detach().cpu()
+                  for name, leaf in leaves.items()})
+    return found
+
+
+def check_against_reference(generator, dtype, *, mask=None, heads=2, **shape_and_options):
+    options = {k: shape_and_options.pop(k) for k in list(shape_and_options) if k in (
+        "fft_dims", "token_fft", "inverse", "normalize", "latent_norm", "context_norm", "ff_norm", "temperature")}
+    problem = rounded(make_problem(generator, mask=mask, heads=heads, **shape_and_options), dtype)
+    batch, channels, dim = problem["latent"].shape
+    upstream = torch.randn(batch, channels, dim, 2, generator=generator, dtype=torch.float64)
+    got = run(fourier_cross_attention, problem, mask, upstream, heads=heads, backend="triton", **options)
+    wide = {name: x.to(torch.complex128 if x.is_complex() else torch.float64) for name, x in problem.items()}
+    expected = run(reference, wide, mask, upstream, heads=heads, **options)
+    compare(got, expected, dtype, mask)
+    return got, expected
+
+
+def compare(got, expected, dtype, mask=None):
+    for name, ref in expected.items():
+        out = got[name]
+        if name == "dtokens" and mask is not None:
+            assert (out[~mask] == 0).all(), "dtokens: nonzero at masked tokens"
+            out, ref = out[mask], ref[mask]
+        assert torch.isfinite(torch.view_as_real(out) if out.is_complex() else out).all(), f"{name}: inf or NaN"
+        if ref.abs().max() == 0:  # N = 1: a softmax over one token has no query / key gradient
+            assert out.abs().max() < 10 * RELATIVE_ERROR[dtype], f"{name}: expected 0, got {out.abs().max():.2e}"
+            continue
+        assert_close(torch.view_as_real(out) if out.is_complex() else out,
+                     torch.view_as_real(ref) if ref.is_complex() else ref, dtype, name)
+
+
+def random_mask(generator, batch, tokens, keep=0.6):
+    mask = torch.rand(batch, tokens, generator=generator) < keep
+    mask[:, 0] |= ~mask.any(1)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------- numerics
+
+CONFIGS = {
+    "fft2-ff": dict(channels=8, dim=16, tokens=5),
+    "fft1-ff-N37": dict(channels=12, dim=8, tokens=37, fft_dims=1),
+    "fft2-complex-noff-N1": dict(channels=12, dim=16, tokens=1, ff=False, complex_latent=True),
+    "fft1-complex-spectrum": dict(channels=8, dim=8, tokens=5, fft_dims=1, complex_latent=True, inverse=False),
+    "fft2-raw-tokens-spectrum": dict(channels=8, dim=16, tokens=37, token_fft=False, inverse=False),
+    "fft2-no-norms": dict(channels=12, dim=8, tokens=5, normalize=False, latent_norm=False, context_norm=False,
+                          ff_norm=False, temperature=2.0),
+}
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_reference(generator, config, dtype):
+    check_against_reference(generator, dtype, **CONFIGS[config])
+
+
+@pytest.mark.parametrize("token_fft", [True, False])
+@pytest.mark.parametrize("fft_dims", [1, 2])
+def test_token_mask_and_sample_without_tokens(generator, fft_dims, token_fft):
+    """A ragged mask with one sample that has no token: NaN in every masked slot, no NaN anywhere out, the
+    empty sample gets normalize(l) back (and no attention / feed-forward gradient from it)."""
+    mask = random_mask(generator, 3, 7)
+    mask[1] = False
+    got, _ = check_against_reference(generator, torch.float32, mask=mask, batch=3, channels=8, dim=8, tokens=7,
+                                     fft_dims=fft_dims, token_fft=token_fft)
+    assert (got["dtokens"][1] == 0).all()
+
+
+def test_sample_without_tokens_returns_the_normalised_latent_or_its_spectrum(generator):
+    problem = rounded(make_problem(generator, batch=2, channels=8, dim=16, tokens=4), torch.float32)
+    mask = torch.tensor([[False] * 4, [True, False, True, True]])
+    latent = problem.pop("latent")
+    tokens = problem.pop("tokens")
+    normalised = latent / latent.norm(dim=1, keepdim=True)
+    for inverse, expected in ((True, normalised.to(torch.complex64)), (False, torch.fft.fft2(normalised))):
+        out = fourier_cross_attention(latent, tokens, heads=2, token_mask=mask, inverse=inverse, backend="triton",
+                                      **problem)
+        torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out[1], expected[1], atol=1e-3)
+
+
+def test_masked_tokens_do_not_leak_and_are_deterministic(generator):
+    """NaN in masked token slots: bit-identical to the same call with zeros there, and to a second call."""
+    mask = random_mask(generator, 2, 9, keep=0.5)
+    poisoned = rounded(make_problem(generator, channels=8, dim=8, tokens=9, mask=mask), torch.float32)
+    clean = dict(poisoned, tokens=torch.where(mask[..., None], poisoned["tokens"], 0.0))
+    upstream = torch.randn(2, 8, 8, 2, generator=generator, dtype=torch.float64)
+    first = run(fourier_cross_attention, poisoned, mask, upstream, backend="triton")
+    second = run(fourier_cross_attention, poisoned, mask, upstream, backend="triton")
+    zeros = run(fourier_cross_attention, clean, mask, upstream, backend="triton")
+    for name in first:
+        assert torch.isfinite(first[name]).all(), name
+        assert torch.equal(first[name], second[name]), f"{name}: not deterministic"
+        assert torch.equal(first[name], zeros[name]), f"{name}: depends on masked tokens"
+
+
+def test_reference_masked_tokens_do_not_leak(generator):
+    """The spec: masked tokens are never read, raw tokens (token_fft=False) included."""
+    mask = random_mask(generator, 2, 6, keep=0.5)
+    problem = make_problem(generator, channels=8, dim=8, tokens=6, mask=mask)
+    upstream = torch.randn(2, 8, 8, 2, generator=generator, dtype=torch.float64)
+    for token_fft in (True, False):
+        found = run(reference, problem, mask, upstream, token_fft=token_fft)
+        for name, x in found.items():
+            assert torch.isfinite(x).all(), f"{name} (token_fft={token_fft})"
+
+
+def test_automatic_backend_on_cpu_is_the_reference(generator):
+    if HAS_CUDA:
+        pytest.skip("on a GPU machine CPU tensors still go to the reference, but TRITON_INTERPRET is unset")
+    problem = rounded(make_problem(generator, channels=8, dim=8, tokens=3), torch.float32)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    torch.testing.assert_close(fourier_cross_attention(latent, tokens, heads=2, **problem),
+                               reference(latent, tokens, heads=2, **problem))
+
+
+def test_float64_runs_on_the_reference(generator):
+    problem = make_problem(generator, channels=8, dim=8, tokens=3)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    out = fourier_cross_attention(latent, tokens, heads=2, backend="reference", **problem)
+    assert out.dtype == torch.complex128
+    with pytest.raises(ValueError, match="64-bit"):
+        fourier_cross_attention(latent, tokens, heads=2, backend="triton", **problem)
+
+
+# -------------------------------------------------------------------------- the spec, independently
+
+
+def public_step_fft1(latent, tokens, w, heads, temperature=0.5, eps=1e-5):
+    """The public MM-Lego LegoBlock step (fft over channels), spelled per sample and per head with explicit
+    matrices: normalise columns, FFT over C, Re -> PreNorm -> cross-attention on Re FFT of the tokens, Linear +
+    LeakyReLU, residual, PreNorm gated-SELU feed-forward, residual, + i Im, inverse FFT."""
+    outs = []
+    for b in range(latent.shape[0]):
+        l = latent[b]
+        l = l / torch.sqrt((l * l).sum(0, keepdim=True))
+        spectrum = torch.fft.fft(l, dim=0)
+        real, imag = spectrum.real, spectrum.imag
+        ctx = torch.fft.fft(tokens[b], dim=0).real
+
+        def norm(x, gamma, beta):
+            mu = x.mean(-1, keepdim=True)
+            var = ((x - mu) ** 2).mean(-1, keepdim=True)
+            return (x - mu) / torch.sqrt(var + eps) * gamma + beta
+
+        query = norm(real, w["latent_norm_weight"], w["latent_norm_bias"])
+        ctx = norm(ctx, w["context_norm_weight"], w["context_norm_bias"])
+        inner = w["q_weight"].shape[0]
+        head_dim = inner // heads
+        heads_out = []
+        for h in range(heads):
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            q = query @ w["q_weight"][rows].T
+            k = ctx @ w["kv_weight"][rows].T
+            v = ctx @ w["kv_weight"][inner:][rows].T
+            logits = q @ k.T / math.sqrt(head_dim) / temperature
+            weights = torch.exp(logits - logits.max(1, keepdim=True).values)
+            heads_out.append((weights / weights.sum(1, keepdim=True)) @ v)
+        attended = torch.cat(heads_out, 1) @ w["out_weight"].T + w["out_bias"]
+        u = real + torch.where(attended > 0, attended, 0.01 * attended)
+        hidden = norm(u, w["ff_norm_weight"], w["ff_norm_bias"]) @ w["ff_in_weight"].T + w["ff_in_bias"]
+        half = hidden.shape[1] // 2
+        gate = hidden[:, half:]
+        selu = 1.0507009873554805 * torch.where(gate > 0, gate, 1.6732632423543772 * (torch.exp(gate) - 1))
+        u = u + (hidden[:, :half] * selu) @ w["ff_out_weight"].T + w["ff_out_bias"]
+        outs.append(torch.fft.ifft(torch.complex(u, imag), dim=0))
+    return torch.stack(outs)
+
+
+def test_reference_matches_the_public_step_spelled_out(generator):
+    problem = make_problem(generator, batch=3, channels=12, dim=8, tokens=7, hidden=10)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    ours = reference(latent, tokens, heads=2, fft_dims=1, **problem)
+    torch.testing.assert_close(ours, public_step_fft1(latent, tokens, problem, heads=2), rtol=1e-10, atol=1e-10)
+
+
+def test_reference_2d_is_the_1d_step_then_an_fft_over_d(generator):
+    """fft_dims=2 without attention (every sample token-less): the output is exactly the 2-D spectrum or its
+    inverse, the normalised latent; with tokens it differs from fft_dims=1."""
+    problem = make_problem(generator, channels=8, dim=8, tokens=3, ff=False)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    spectrum = reference(latent, tokens, heads=2, token_mask=none, inverse=False, **problem)
+    normalised = latent / latent.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(spectrum, torch.fft.fft2(normalised.to(torch.complex128)))
+
+
+@pytest.mark.full
+def test_reference_gradcheck_float64(generator):
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    problem = make_problem(generator, channels=4, dim=4, tokens=3, width=4, head_dim=2, hidden=3, mask=mask)
+    problem["tokens"] = torch.nan_to_num(problem["tokens"])
+    names = list(problem)
+
+    def fn(*tensors):
+        kwargs = dict(zip(names, tensors))
+        return torch.view_as_real(reference(kwargs.pop("latent"), kwargs.pop("tokens"), heads=2, token_mask=mask,
+                                            **kwargs))
+    assert torch.autograd.gradcheck(fn, tuple(x.requires_grad_() for x in problem.values()))
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def test_errors_name_the_argument(generator):
+    problem = rounded(make_problem(generator, channels=8, dim=8, tokens=3), torch.float32)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    no_ff = {k: v for k, v in problem.items() if k not in FF_NAMES}
+    cases = [
+        (dict(latent=latent[0]), ValueError, "latent: expected shape (B, C, D)"),
+        (dict(latent=latent.long()), TypeError, "latent: expected dtype"),
+        (dict(tokens=tokens[:1]), ValueError, "tokens: expected shape (B, N, E)"),
+        (dict(tokens=tokens.int()), TypeError, "tokens: expected dtype"),
+        (dict(heads=3), ValueError, "q_weight: expected shape (H*Dh, D)"),
+        (dict(heads=0), ValueError, "heads: expected a positive int"),
+        (dict(q_weight=problem["q_weight"][:, :4]), ValueError, "q_weight: expected shape"),
+        (dict(kv_weight=problem["kv_weight"][:8]), ValueError, "kv_weight: expected shape (2*H*Dh, E)"),
+        (dict(out_weight=problem["out_weight"].T), ValueError, "out_weight: expected shape (D, H*Dh)"),
+        (dict(out_bias=problem["out_bias"][:3]), ValueError, "out_bias: expected shape (D,)"),
+        (dict(context_norm_weight=torch.ones(3)), ValueError, "context_norm_weight: expected shape (E,)"),
+        (dict(latent_norm_bias=torch.ones(8, dtype=torch.int32)), TypeError, "latent_norm_bias: expected dtype"),
+        (dict(ff_out_weight=None), ValueError, "ff_out_weight: the feed-forward needs"),
+        (dict(ff_in_weight=problem["ff_in_weight"][:5]), ValueError, "ff_in_weight: expected shape (2F, D)"),
+        (dict(ff_out_weight=problem["ff_out_weight"][:, :3]), ValueError, "ff_out_weight: expected shape (D, F)"),
+        (dict(token_mask=torch.ones(2, 3)), TypeError, "token_mask: expected dtype bool"),
+        (dict(token_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "token_mask: expected shape (B, N)"),
+        (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature: expected a finite float > 0"),
+        (dict(fft_dims=3), ValueError, "fft_dims: expected 1"),
+        (dict(eps=-1.0), ValueError, "eps: expected a finite float > 0"),
+        (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
+        (dict(latent=torch.zeros(2, 300, 8), backend="triton"), ValueError, "C, D <= 256"),
+    ]
+    for overrides, error, message in cases:
+        arguments = dict(latent=latent, tokens=tokens, heads=2, **problem)
+        arguments.update(overrides)
+        with pytest.raises(error) as caught:
+            fourier_cross_attention(arguments.pop("latent"), arguments.pop("tokens"), **arguments)
+        assert message in str(caught.value), f"{overrides}: {caught.value}"
+    with pytest.raises(ValueError, match="ff_in_bias: given without"):
+        fourier_cross_attention(latent, tokens, heads=2, **no_ff, ff_in_bias=problem["ff_in_bias"])
+
+
+# ------------------------------------------------------------------------------------- torch.compile
+
+
+def op_arguments(generator, masked=True, ff=True):
+    target = backend_device("triton")
+    problem = rounded(make_problem(generator, channels=8, dim=16, tokens=5, ff=ff), torch.float32)
+    mask = random_mask(generator, 2, 5).to(target) if masked else None
+    latent = torch.stack((problem["latent"], torch.zeros_like(problem["latent"])), -1).to(target)
+    kv = (problem["tokens"] @ problem["kv_weight"].T).to(target)
+    weights = [problem.get(name) for name in op_module._WEIGHT_ORDER]
+    weights = [None if w is None else w.to(target) for w in weights]
+    options = (2, 8 ** -0.5 / 0.5, 2, True, True, True, True, 1e-5)
+    return latent, kv, mask, weights, options
+
+
+@pytest.mark.parametrize("masked, ff", [(True, True), (False, False)])
+def test_opcheck(generator, masked, ff):
+    latent, kv, mask, weights, options = op_arguments(generator, masked, ff)
+    leaves = [latent.requires_grad_(), kv.requires_grad_()] + [None if w is None else w.requires_grad_()
+                                                               for w in weights]
+    arguments = (leaves[0], leaves[1], mask, *leaves[2:], *options)
+    torch.library.opcheck(torch.ops.pyblend.fourier_cross_attention.default, arguments)
+    out, o, lse = torch.ops.pyblend.fourier_cross_attention(*arguments)
+    grad = torch.randn(out.shape, generator=generator).to(out.device)
+    plain = [None if w is None else w.detach() for w in weights]
+    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    torch.library.opcheck(torch.ops.pyblend.fourier_cross_attention_backward.default,
+                          (grad, latent.detach(), kv.detach(), mask, o.detach(), lse.detach(), *plain, *options))
+
+
+def test_torch_compile_traces_the_op(generator):
+    """fullgraph: the raw-token path with a mask (the token FFT with a ragged mask reads the token counts on the
+    host, which is a graph break by design)."""
+    problem = rounded(make_problem(generator, channels=8, dim=8, tokens=5), torch.float32)
+    target = backend_device("triton")
+    mask = random_mask(generator, 2, 5).to(target)
+    leaves = {name: x.to(target).requires_grad_() for name, x in problem.items()}
+
+    def objective(latent, tokens, **weights):
+        out = fourier_cross_attention(latent, tokens, heads=2, token_mask=mask, token_fft=False, backend="triton",
+                                      **weights)
+        return torch.view_as_real(out).square().sum()
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    expected = torch.autograd.grad(objective(**leaves), list(leaves.values()))
+    got = torch.autograd.grad(compiled(**leaves), list(leaves.values()))
+    for name, ours, theirs in zip(leaves, got, expected):
+        torch.testing.assert_close(ours, theirs, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- Hopper
+
+HOPPER_COMPILE = """
+import torch
+from hopper import lower
+from pyblend.kernels import fourier_cross_attention as kernels
+
+FLOAT32 = ("l_ptr", "wq_ptr", "wo_ptr", "bo_ptr", "lnw_ptr", "lnb_ptr", "fnw_ptr", "fnb_ptr", "w1_ptr", "b1_ptr",
+           "w2_ptr", "b2_ptr", "u_ptr", "o_ptr", "lse_ptr", "rinv_ptr", "out_ptr", "q_ptr", "do_ptr", "delta_ptr",
+           "dq_ptr", "dkv_ptr")
+pointer = lambda arg: "*fp32" if arg in FLOAT32 else "*u8" if arg == "mask_ptr" else "*bf16"
+scalar = lambda arg: "fp32" if arg in ("qk_scale", "eps", "scale") else "i32"
+for channels, dim, head_dim, fft_dims in ((64, 64, 64, 2), (64, 64, 64, 1), (256, 256, 64, 2), (256, 256, 64, 1),
+                                         (32, 128, 64, 2)):
+    for name, kernel, flags in (
+            ("forward", kernels._fca_fwd_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, LATENT_NORM=True,
+                                                      HAS_MASK=True, HAS_FF=True, FF_NORM=True)),
+            ("out", kernels._fca_out_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, INVERSE=True)),
+            ("out", kernels._fca_out_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, INVERSE=False)),
+            ("dq", kernels._fca_bwd_dq_kernel, dict(HAS_MASK=True)),
+            ("dkv", kernels._fca_bwd_dkv_kernel, dict(HAS_MASK=True))):
+        config = kernels.launch_config(name, channels, dim, head_dim, fft_dims)
+        warps = config.pop("num_warps")
+        ptx, spills = lower(kernel, dict(flags, PRECISION=kernels._precision(), **config), warps, pointer, scalar)
+        print(channels, dim, head_dim, fft_dims, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+"""
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Lowers every kernel (bf16 K/V, masked, feed-forward on) with its launch configuration to sm_90 PTX and
+    runs ptxas: the interpreter accepts programs the compiler rejects, and a register spill is a performance bug.
+    The attention dots must use tensor cores (mma)."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 25, lines
+    for line in lines:
+        words = line.split()
+        assert int(words[-1]) == 0, f"{line}: registers spill"
+        assert int(words[-3]) > 0, f"{line}: no tensor-core mma"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dtypes(generator, dtype):
+    mask = random_mask(generator, 3, 40)
+    mask[2] = False
+    check_against_reference(generator, dtype, mask=mask, batch=3, channels=12, dim=16, tokens=40)
+
+
+@pytest.mark.gpu
+def test_gpu_paper_shape(generator):
+    """Latent 64 x 64, 8 heads x 64, E = 256, N = 300, bf16 tokens."""
+    check_against_reference(generator, torch.bfloat16, batch=2, channels=64, dim=64, tokens=300, width=256,
+                            heads=8, head_dim=64, hidden=128)
+
+
+# ------------------------------------------------------------------------------------------- full tier
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("fft_dims", [1, 2])
+@pytest.mark.parametrize("channels, dim, tokens", [(17, 24, 70), (32, 8, 1), (5, 40, 129)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sizes(generator, channels, dim, tokens, fft_dims, masked, dtype):
+    mask = random_mask(generator, 2, tokens) if masked else None
+    check_against_reference(generator, dtype, mask=mask, channels=channels, dim=dim, tokens=tokens,
+                            fft_dims=fft_dims, width=24, heads=3, head_dim=12, hidden=20)

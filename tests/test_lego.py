@@ -1,0 +1,690 @@
+"""MM-Lego: merge_latents and slerp (pyblend.ops.lego_merge), LegoBlock / LegoMerge / LegoFuse (pyblend.nn.lego),
+the survival and classification losses, and the c-index / ROC-AUC metrics (pyblend.metrics).
+
+Everything runs on the CPU (automatic backend) with tiny shapes: l_c = l_d = 8, 2 heads x 4. Values are compared
+with hand formulas or brute-force loops, never with the code under test.
+"""
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyblend.metrics import concordance_index, roc_auc
+from pyblend.nn.lego import (
+    LegoBlock,
+    LegoFuse,
+    LegoMerge,
+    classification_loss,
+    lego_merge,
+    merge_heads,
+    survival_nll_loss,
+    survival_risk,
+)
+from pyblend.ops.lego_merge import merge_latents, slerp
+from pyblend.reference.fourier_cross_attention import fourier_cross_attention as reference_step
+
+SMALL = {"l_c": 8, "l_d": 8, "heads": 2, "head_dim": 4}
+
+
+def assert_near(out, ref, tol, what="output"):
+    out, ref = torch.as_tensor(out), torch.as_tensor(ref)
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(torch.view_as_real(out) if out.is_complex() else out).all(), f"{what}: inf or NaN"
+    error = (out.to(ref.dtype) - ref).abs().max().item() if out.numel() else 0.0
+    assert error <= tol, f"{what}: max abs error {error:.3e} > {tol:.1e}\n{out}\n{ref}"
+
+
+def random_complex(generator, *shape, dtype=torch.complex128, low=0.2):
+    """Complex values with magnitudes in [low, low + 2) and uniform phases (bounded away from zero)."""
+    magnitude = low + 2 * torch.rand(*shape, generator=generator, dtype=torch.float64)
+    phase = (2 * torch.rand(*shape, generator=generator, dtype=torch.float64) - 1) * math.pi
+    return torch.polar(magnitude, phase).to(dtype)
+
+
+def hand_harmonic(latents):
+    """Harmonic mean of the magnitudes, atan2 circular mean of the phases, no eps (magnitudes > 0)."""
+    stacked = torch.stack(latents)
+    magnitude = len(latents) / (1 / stacked.abs()).sum(0)
+    phase = stacked.angle()
+    mean_phase = torch.atan2(phase.sin().sum(0), phase.cos().sum(0))
+    return torch.polar(magnitude, mean_phase)
+
+
+# ------------------------------------------------------------------------------------------ merge_latents
+
+@pytest.mark.parametrize("method", ["harmonic", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_merge_single_latent_is_identity(generator, method, dtype):
+    latent = random_complex(generator, 3, 5, 4, dtype=dtype, low=0.0)
+    latent[0, 0, 0] = 0
+    tol = 1e-5 if dtype == torch.complex64 else 1e-10
+    assert_near(merge_latents([latent], method), latent, tol)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_merge_harmonic_matches_hand_formula(generator, count):
+    latents = [random_complex(generator, 2, 6, 5) for _ in range(count)]
+    assert_near(merge_latents(latents, eps=1e-12), hand_harmonic(latents), 1e-9)
+    # The default eps moves the result by O(eps) only.
+    assert_near(merge_latents(latents), hand_harmonic(latents), 1e-5)
+    single = [l.to(torch.complex64) for l in latents]
+    assert_near(merge_latents(single), hand_harmonic(latents), 1e-5, "complex64")
+
+
+def test_merge_harmonic_two_values_by_hand():
+    a = torch.tensor([2 + 0j, 1j], dtype=torch.complex128)
+    b = torch.tensor([6 + 0j, 3 + 0j], dtype=torch.complex128)
+    merged = merge_latents([a, b], eps=1e-12)
+    # magnitudes: 2 / (1/2 + 1/6) = 3, 2 / (1 + 1/3) = 1.5; phases: 0, and the mean of pi/2 and 0 = pi/4.
+    expected = torch.tensor([3 + 0j, 1.5 * complex(math.cos(math.pi / 4), math.sin(math.pi / 4))],
+                            dtype=torch.complex128)
+    assert_near(merged, expected, 1e-9)
+
+
+@pytest.mark.parametrize("method,expected", [("mean", lambda s: s.mean(0)), ("sum", lambda s: s.sum(0))])
+def test_merge_mean_and_sum(generator, method, expected):
+    latents = [random_complex(generator, 4, 3) for _ in range(3)]
+    assert_near(merge_latents(latents, method), expected(torch.stack(latents)), 1e-12)
+
+
+def test_merge_phases_wrap_around():
+    a = torch.polar(torch.ones(2, dtype=torch.float64), torch.tensor([math.pi - 0.1, 0.1], dtype=torch.float64))
+    b = torch.polar(torch.ones(2, dtype=torch.float64), torch.tensor([-math.pi + 0.1, -0.1], dtype=torch.float64))
+    merged = merge_latents([a, b])
+    assert abs(abs(merged[0].angle().item()) - math.pi) < 1e-9, f"+pi-0.1 and -pi+0.1 must merge to pi: {merged}"
+    assert abs(merged[1].angle().item()) < 1e-9
+    assert_near(merged.abs(), torch.ones(2, dtype=torch.float64), 1e-9, "magnitude")
+
+
+def test_merge_zero_and_cancelling_latents_are_finite():
+    zero = torch.zeros(3, dtype=torch.complex128, requires_grad=True)
+    other = torch.tensor([0j, 2 + 2j, -1 + 0j], dtype=torch.complex128, requires_grad=True)
+    opposite = torch.tensor([0j, 1 + 0j, 1 + 0j], dtype=torch.complex128)
+    eps = 1e-6
+    merged = merge_latents([zero, other], eps=eps)
+    assert torch.isfinite(torch.view_as_real(merged)).all()
+    assert merged[0] == 0, "two zeros merge to zero"
+    assert 0 <= merged[1].abs() <= eps, "a zero magnitude pulls the harmonic mean to ~0"
+    merged.abs().sum().backward()
+    for leaf in (zero, other):
+        assert torch.isfinite(torch.view_as_real(leaf.grad)).all()
+    # -1 and 1: unit phasors cancel -> phase defined as 0, harmonic magnitude 1.
+    cancelled = merge_latents([other.detach(), opposite], eps=eps)
+    assert abs(cancelled[2] - 1) < 1e-9, cancelled
+
+
+def test_merge_gradients(generator):
+    latents = [random_complex(generator, 2, 3).requires_grad_() for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *ls: merge_latents(list(ls), eps=1e-9), latents)
+    for method in ("mean", "sum"):
+        assert torch.autograd.gradcheck(lambda *ls, m=method: merge_latents(list(ls), m), latents)
+
+
+def test_merge_present_selects_latents_per_sample(generator):
+    latents = [random_complex(generator, 4, 3, 2) for _ in range(3)]
+    present = torch.tensor([[True, True, False, True], [True, False, True, False], [False, True, True, False]])
+    for method in ("harmonic", "mean", "sum"):
+        merged = merge_latents(latents, method, present=list(present))
+        for b in range(4):
+            subset = [latents[m][b] for m in range(3) if present[m, b]]
+            assert_near(merged[b], merge_latents(subset, method), 1e-10, f"{method} sample {b}")
+        assert_near(merge_latents(latents, method, present=present), merged, 0.0, "(M, B) tensor form")
+
+
+def test_merge_errors():
+    a = torch.zeros(2, 3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="latents: .*empty"):
+        merge_latents([])
+    with pytest.raises(TypeError, match="latents: expected a list"):
+        merge_latents(a)
+    with pytest.raises(ValueError, match=r"latents\[1\]: expected shape \(2, 3\)"):
+        merge_latents([a, torch.zeros(2, 4, dtype=torch.complex64)])
+    with pytest.raises(TypeError, match=r"latents\[1\]: expected dtype torch.complex64"):
+        merge_latents([a, a.to(torch.complex128)])
+    with pytest.raises(TypeError, match=r"latents\[0\]: expected a complex64 or complex128"):
+        merge_latents([a.real])
+    with pytest.raises(ValueError, match=r"latents\[1\]: expected a tensor on cpu"):
+        merge_latents([a, torch.zeros(2, 3, dtype=torch.complex64, device="meta")])
+    with pytest.raises(ValueError, match="method: expected one of"):
+        merge_latents([a, a], "median")
+    with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+        merge_latents([a, a], eps=0.0)
+    with pytest.raises(ValueError, match=r"present\[1\]: expected a bool tensor of shape \(B,\)"):
+        merge_latents([a, a], present=[torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="present: expected one"):
+        merge_latents([a, a], present=[torch.ones(2, dtype=torch.bool)])
+
+
+# ------------------------------------------------------------------------------------------------ slerp
+
+def textbook_slerp(a, b, t):
+    """Shoemake's SLERP of the unit vectors, rescaled by the linearly interpolated norm (float64)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    ua, ub = a / na, b / nb
+    theta = torch.acos((ua @ ub).clamp(-1, 1))
+    direction = (math.sin((1 - t) * theta) * ua + math.sin(t * theta) * ub) / math.sin(theta)
+    return ((1 - t) * na + t * nb) * direction
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_slerp_generic_matches_textbook(generator, dtype, tol):
+    a = torch.randn(3, 4, generator=generator, dtype=torch.float64).to(dtype)
+    b = torch.randn(3, 4, generator=generator, dtype=torch.float64).to(dtype)
+    for t in (0.0, 0.25, 0.5, 0.9, 1.0):
+        out = slerp(a, b, t)
+        assert out.dtype == dtype and out.shape == a.shape
+        assert_near(out.double().flatten(), textbook_slerp(a, b, t), tol, f"t={t}")
+        expected_norm = (1 - t) * a.double().norm() + t * b.double().norm()
+        assert abs(out.double().norm() - expected_norm) <= tol * 10, f"t={t}: norm"
+    assert_near(slerp(a, b, 0.0), a, tol, "t=0")
+    assert_near(slerp(a, b, 1.0), b, tol, "t=1")
+    assert_near(slerp(a, b, torch.tensor(0.3, dtype=torch.float64)), slerp(a, b, 0.3), 0.0, "0-dim tensor t")
+
+
+def test_slerp_orthogonal_midpoint():
+    a = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    # norm 2 at t = 1/2, direction at 45 degrees
+    assert_near(slerp(a, b, 0.5), torch.tensor([math.sqrt(2), math.sqrt(2)], dtype=torch.float64), 1e-12)
+
+
+def test_slerp_degenerate_cases_are_finite(generator):
+    a = torch.randn(7, generator=generator, dtype=torch.float64)
+    zero = torch.zeros(7, dtype=torch.float64)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        assert_near(slerp(a, a, t), a, 1e-12, f"equal, t={t}")
+        assert_near(slerp(a, 3 * a, t), (1 - t + 3 * t) * a, 1e-12, f"parallel, t={t}")
+        assert_near(slerp(a, -2 * a, t), (1 - t) * a - 2 * t * a, 1e-12, f"opposite, t={t}")
+        assert_near(slerp(zero, a, t), t * a, 1e-12, f"zero a, t={t}")
+        assert_near(slerp(a, zero, t), (1 - t) * a, 1e-12, f"zero b, t={t}")
+        assert_near(slerp(zero, zero, t), zero, 0.0, f"both zero, t={t}")
+    for b in (a.clone(), 3 * a, -2 * a, zero):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        slerp(x, y, 0.4).square().sum().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+
+
+def test_slerp_gradients(generator):
+    a = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: slerp(x, y, 0.37), (a, b))
+
+
+def test_slerp_errors():
+    a = torch.randn(3)
+    with pytest.raises(ValueError, match=r"t: expected a float in \[0, 1\]"):
+        slerp(a, a, 1.5)
+    with pytest.raises(ValueError, match=r"t: expected a float in \[0, 1\]"):
+        slerp(a, a, -0.1)
+    with pytest.raises(ValueError, match="t: expected"):
+        slerp(a, a, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"b: expected shape \(3,\)"):
+        slerp(a, torch.randn(4), 0.5)
+    with pytest.raises(TypeError, match="a: expected a float tensor"):
+        slerp(torch.arange(3), a, 0.5)
+
+
+# -------------------------------------------------------------------------------------------- LegoBlock
+
+def token_block(generator=None, **options):
+    """A LegoBlock over 5-wide atom-like features, a Linear encoder to 6-wide tokens, 3 outputs."""
+    config = {**SMALL, **options}
+    return LegoBlock(6, 3, nn.Sequential(nn.Linear(5, 6), nn.Tanh()), **config)
+
+
+def vector_block(**options):
+    """A LegoBlock over one 10-wide vector per sample (one token), no encoder."""
+    return LegoBlock(10, 3, None, **{**SMALL, **options})
+
+
+def token_inputs(generator, batch=4, tokens=7):
+    x = torch.randn(batch, tokens, 5, generator=generator)
+    mask = torch.rand(batch, tokens, generator=generator) < 0.7
+    mask[:, 0] = True
+    return x, mask
+
+
+def normalize(latent):
+    """Step 1 of the spec: divide by the norm over the channel axis."""
+    return latent / latent.abs().square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def axes(fft_dims):
+    return (1, 2) if fft_dims == 2 else (1,)
+
+
+def manual_block(block, x, mask):
+    """The block's forward composed by hand from the reference op and its parameter names."""
+    tokens = block.encoder(x) if block.encoder is not None else x
+    if tokens.dim() == 2:
+        tokens = tokens[:, None]
+    state = block.latent.expand(tokens.shape[0], -1, -1)
+    for step in range(block.depth):
+        layer = block.layers[0 if block.weight_sharing else step]
+        att, ff = layer.attention, layer.feed_forward
+        state = reference_step(
+            state, tokens, att.to_q.weight, att.to_kv.weight, att.to_out.weight, att.to_out.bias,
+            heads=block.heads, latent_norm_weight=att.norm.weight, latent_norm_bias=att.norm.bias,
+            context_norm_weight=att.context_norm.weight, context_norm_bias=att.context_norm.bias,
+            ff_norm_weight=ff.norm.weight, ff_norm_bias=ff.norm.bias, ff_in_weight=ff.w_in.weight,
+            ff_in_bias=ff.w_in.bias, ff_out_weight=ff.w_out.weight, ff_out_bias=ff.w_out.bias, token_mask=mask,
+            temperature=block.temperature, fft_dims=block.fft_dims, token_fft=block.token_fft,
+            inverse=step < block.depth - 1)
+    return state
+
+
+@pytest.mark.parametrize("fft_dims", [1, 2])
+@pytest.mark.parametrize("weight_sharing", [True, False])
+def test_block_matches_composed_reference(generator, fft_dims, weight_sharing):
+    torch.manual_seed(generator.initial_seed())
+    block = token_block(fft_dims=fft_dims, weight_sharing=weight_sharing, depth=3)
+    assert len(block.layers) == (1 if weight_sharing else 3)
+    x, mask = token_inputs(generator)
+    with torch.no_grad():
+        embedding = block(x, mask, return_embeddings=True)
+        expected = manual_block(block, x, mask)
+        assert_near(embedding, expected, 1e-6)
+        assert_near(block(x, mask), block.head.linear(block.head.norm(expected.real.mean(1))), 1e-6, "logits")
+
+
+def test_fft_dims_change_the_result(generator):
+    torch.manual_seed(generator.initial_seed())
+    one = token_block(fft_dims=1)
+    two = copy.deepcopy(one)
+    two.fft_dims = 2
+    x, mask = token_inputs(generator)
+    with torch.no_grad():
+        assert (one(x, mask, return_embeddings=True) - two(x, mask, return_embeddings=True)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype,complex_dtype", [(torch.float32, torch.complex64), (torch.float64, torch.complex128)])
+def test_block_shapes_and_dtypes(generator, dtype, complex_dtype):
+    block = vector_block(dtype=dtype)
+    v = torch.randn(4, 10, generator=generator, dtype=torch.float64).to(dtype)
+    logits = block(v)
+    assert logits.shape == (4, 3) and logits.dtype == dtype
+    embedding = block(v, return_embeddings=True)
+    assert embedding.shape == (4, 8, 8) and embedding.dtype == complex_dtype
+    spatial = block(v, return_embeddings=True, final_inverse=True)
+    assert_near(spatial, torch.fft.ifftn(embedding, dim=(1, 2)), 1e-5 if dtype == torch.float32 else 1e-12,
+                "final_inverse = ifft of the spectrum")
+
+
+@pytest.mark.parametrize("weight_sharing", [True, False])
+def test_block_gradients_reach_every_parameter(generator, weight_sharing):
+    block = token_block(weight_sharing=weight_sharing)
+    x, mask = token_inputs(generator)
+    target = torch.randint(0, 3, (4,), generator=generator)
+    classification_loss(block(x, mask), target).backward()
+    for name, parameter in block.named_parameters():
+        assert parameter.grad is not None, f"{name}: no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{name}: non-finite gradient"
+        assert parameter.grad.abs().sum() > 0, f"{name}: zero gradient"
+    assert any(name.startswith("encoder.") for name, _ in block.named_parameters())
+
+
+@pytest.mark.parametrize("fft_dims", [1, 2])
+def test_skipped_sample_follows_the_spec(generator, fft_dims):
+    """An absent sample (present False, or no real token) gets the spectrum of the normalised learned latent:
+    every step only normalises it (normalising twice is normalising once)."""
+    torch.manual_seed(generator.initial_seed())
+    block = token_block(fft_dims=fft_dims)
+    x, mask = token_inputs(generator)
+    x[1] = float("nan")                        # an absent sample's input is never read
+    present = torch.tensor([True, False, True, True])
+    mask[3] = False                            # no real token
+    with torch.no_grad():
+        out = block(x, mask, present, return_embeddings=True)
+        expected = torch.fft.fftn(normalize(block.latent[None].to(torch.complex64)), dim=axes(fft_dims))[0]
+        assert_near(out[1], expected, 1e-5, "present False")
+        assert_near(out[3], expected, 1e-5, "all tokens masked")
+        alone = block(x[[0, 2]], mask[[0, 2]], return_embeddings=True)
+        assert_near(out[[0, 2]], alone, 1e-5, "the present samples are unaffected")
+        assert torch.isfinite(block(x, mask, present)).all()
+
+
+def test_block_explicit_latent(generator):
+    block = vector_block()
+    v = torch.randn(3, 10, generator=generator)
+    with torch.no_grad():
+        default = block(v, return_embeddings=True)
+        given = block(v, latent=block.latent.expand(3, -1, -1).clone(), return_embeddings=True)
+    assert_near(given, default, 0.0)
+
+
+def test_block_errors(generator):
+    block = token_block()
+    x, mask = token_inputs(generator)
+    with pytest.raises(ValueError, match=r"x: expected encoder tokens .* E = input_dim = 10"):
+        vector_block()(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"mask: expected a bool tensor of shape \(B, N\) = \(4, 7\)"):
+        block(x, mask[:, :3])
+    with pytest.raises(ValueError, match=r"present: expected a bool tensor of shape \(B,\) = \(4,\)"):
+        block(x, mask, torch.ones(4))
+    with pytest.raises(ValueError, match=r"latent: expected shape \(B, l_c, l_d\) = \(4, 8, 8\)"):
+        block(x, mask, latent=torch.randn(4, 8, 7))
+    with pytest.raises(ValueError, match="final_inverse"):
+        block(x, mask, final_inverse=True)
+    with pytest.raises(ValueError, match="fft_dims: expected 1"):
+        token_block(fft_dims=3)
+    with pytest.raises(ValueError, match="temperature"):
+        token_block(temperature=0.0)
+
+
+# ----------------------------------------------------------------------------------------- LegoMerge
+
+def two_blocks(seed):
+    torch.manual_seed(seed)
+    return token_block(), vector_block()
+
+
+def paired_inputs(generator, batch=4):
+    x, mask = token_inputs(generator, batch)
+    v = torch.randn(batch, 10, generator=generator)
+    return [x, v], [mask, None]
+
+
+@pytest.mark.parametrize("method", ["harmonic", "mean", "sum"])
+@pytest.mark.parametrize("head_method", ["slerp", "linear"])
+def test_merge_without_training_is_finite(generator, method, head_method):
+    blocks = two_blocks(generator.initial_seed())
+    merged = lego_merge(blocks, method, head_method)
+    assert isinstance(merged, LegoMerge)
+    inputs, masks = paired_inputs(generator)
+    with torch.no_grad():
+        logits = merged(inputs, masks)
+        assert logits.shape == (4, 3) and torch.isfinite(logits).all()
+        latents = [block(x, m, return_embeddings=True) for block, x, m in zip(blocks, inputs, masks)]
+        assert_near(merged(inputs, masks, return_embeddings=True), merge_latents(latents, method), 1e-6,
+                    "merged latent")
+
+
+@pytest.mark.parametrize("method", ["harmonic", "mean"])
+@pytest.mark.parametrize("head_method", ["slerp", "linear"])
+def test_merge_of_identical_blocks_is_the_block(generator, method, head_method):
+    torch.manual_seed(generator.initial_seed())
+    block = token_block()
+    merged = lego_merge([block, copy.deepcopy(block)], method, head_method)
+    x, mask = token_inputs(generator)
+    with torch.no_grad():
+        assert_near(merged([x, x], [mask, mask]), block(x, mask), 1e-5)
+
+
+def test_merged_head_is_running_slerp():
+    torch.manual_seed(0)
+    heads = [vector_block().head for _ in range(3)]
+    two = merge_heads(heads[:2], "slerp")
+    for name, parameter in two.named_parameters():
+        a, b = (dict(h.named_parameters())[name].detach() for h in heads[:2])
+        assert_near(parameter.detach(), slerp(a, b, 0.5), 0.0, name)
+        assert parameter.requires_grad
+    three = merge_heads(heads, "slerp")
+    three_linear = merge_heads(heads, "linear")
+    for name, parameter in three.named_parameters():
+        a, b, c = (dict(h.named_parameters())[name].detach() for h in heads)
+        assert_near(parameter.detach(), slerp(slerp(a, b, 0.5), c, 1 / 3), 1e-7, name)
+        assert_near(dict(three_linear.named_parameters())[name].detach(), (a + b + c) / 3, 1e-6, name)
+    w = heads[0].linear.weight
+    assert not torch.equal(three.linear.weight.detach(), w.detach()), "the merged head must not be the first head"
+
+
+def test_merge_skips_a_missing_modality(generator):
+    blocks = two_blocks(generator.initial_seed())
+    merged = lego_merge(blocks)
+    inputs, masks = paired_inputs(generator)
+    inputs[1][2] = float("nan")
+    present = [torch.tensor([True, True, True, False]), torch.tensor([True, True, False, True])]
+    with torch.no_grad():
+        logits = merged(inputs, masks, present)
+        assert torch.isfinite(logits).all()
+        only_tokens = blocks[0](inputs[0], masks[0], return_embeddings=True)
+        only_vector = blocks[1](inputs[1].nan_to_num(), return_embeddings=True)
+        # M = 1: the merge returns that block's latent, read by the merged head.
+        assert_near(logits[2], merged.head(only_tokens[2:3])[0], 1e-5, "sample without the vector modality")
+        assert_near(logits[3], merged.head(only_vector[3:4])[0], 1e-5, "sample without the token modality")
+        both = merged.head(merge_latents([only_tokens[:2], only_vector[:2]]))
+        assert_near(logits[:2], both, 1e-5, "samples with both")
+
+
+def test_lego_merge_errors(generator):
+    blocks = two_blocks(generator.initial_seed())
+    inputs, masks = paired_inputs(generator)
+    with pytest.raises(ValueError, match=r"blocks\[1\]: expected latent shape \(l_c, l_d\) = \(8, 8\)"):
+        lego_merge([blocks[0], vector_block(l_c=4)])
+    with pytest.raises(ValueError, match=r"blocks\[1\]: expected a head Linear\(8, 3\)"):
+        lego_merge([blocks[0], LegoBlock(10, 2, **SMALL)])
+    with pytest.raises(TypeError, match=r"blocks\[1\]: expected a LegoBlock"):
+        lego_merge([blocks[0], nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="blocks: expected at least one"):
+        lego_merge([])
+    with pytest.raises(ValueError, match="method: expected one of"):
+        lego_merge(blocks, "max")
+    with pytest.raises(ValueError, match="head_method: expected one of"):
+        lego_merge(blocks, head_method="ties")
+    merged = lego_merge(blocks)
+    with pytest.raises(ValueError, match=r"inputs: expected a list with one input per block \(2\)"):
+        merged(inputs[:1])
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] have no modality present"):
+        merged(inputs, masks, [torch.tensor([True, False, True, True]), torch.tensor([False, False, True, True])])
+
+
+# ------------------------------------------------------------------------------------------- LegoFuse
+
+def test_fuse_schedules(generator):
+    blocks = two_blocks(generator.initial_seed())
+    deep = vector_block(depth=3)
+    assert LegoFuse(blocks, "stack").schedule() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert LegoFuse(blocks, "weave").schedule() == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert LegoFuse([blocks[0], deep], "weave").schedule() == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        LegoFuse(blocks, "zip")
+
+
+def test_fuse_stack_is_blocks_chained(generator):
+    blocks = two_blocks(generator.initial_seed())
+    fuse = LegoFuse(blocks, "stack")
+    inputs, masks = paired_inputs(generator)
+    with torch.no_grad():
+        handed = blocks[0](inputs[0], masks[0], return_embeddings=True, final_inverse=True)
+        expected = blocks[1](inputs[1], latent=handed, return_embeddings=True)
+        assert_near(fuse(inputs, masks, return_embeddings=True), expected, 1e-6)
+        assert_near(fuse(inputs, masks), fuse.head(expected), 1e-6, "logits from the merged head")
+
+
+@pytest.mark.parametrize("mode", ["stack", "weave"])
+def test_fuse_trains_one_step(generator, mode):
+    blocks = two_blocks(generator.initial_seed())
+    fuse = LegoFuse(blocks, mode)
+    inputs, masks = paired_inputs(generator)
+    target = torch.randint(0, 3, (4,), generator=generator)
+    before = {name: p.detach().clone() for name, p in fuse.named_parameters()}
+    optimizer = torch.optim.SGD(fuse.parameters(), lr=0.1)
+    loss = classification_loss(fuse(inputs, masks), target)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, parameter in fuse.named_parameters():
+        # The chain starts from the first block's latent; the merged head replaces the blocks' own heads.
+        if name == "blocks.1.latent" or ".head." in name:
+            assert parameter.grad is None, name
+            continue
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    optimizer.step()
+    changed = [name for name, p in fuse.named_parameters() if not torch.equal(p, before[name])]
+    assert any(n.startswith("blocks.0.encoder") for n in changed) and any(n.startswith("blocks.1.layers")
+                                                                           for n in changed)
+    assert any(n.startswith("head.") for n in changed)
+
+
+@pytest.mark.parametrize("mode", ["stack", "weave"])
+def test_fuse_skips_a_missing_modality(generator, mode):
+    """A sample without the vector modality: block 1's steps only normalise its latent, so the chain is block 0's
+    steps, then a normalisation and the spectrum."""
+    blocks = two_blocks(generator.initial_seed())
+    fuse = LegoFuse(blocks, mode)
+    inputs, masks = paired_inputs(generator)
+    inputs[1][1] = float("nan")
+    present = [None, torch.tensor([True, False, True, True])]
+    with torch.no_grad():
+        out = fuse(inputs, masks, present, return_embeddings=True)
+        spectrum = blocks[0](inputs[0], masks[0], return_embeddings=True)
+        expected = torch.fft.fftn(normalize(torch.fft.ifftn(spectrum, dim=(1, 2))), dim=(1, 2))
+        assert_near(out[1], expected[1], 1e-5)
+        assert torch.isfinite(fuse(inputs, masks, present)).all()
+
+
+def test_unpaired_training_then_merge_and_fuse():
+    """Each block trains on its own samples (no overlap); at inference a missing modality is skipped."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    count = 24
+    x = torch.randn(count, 5, 5, generator=generator)
+    v = torch.randn(count, 10, generator=generator)
+    labels = ((x[:, :, 0].mean(1) + v[:, 0]) > 0).long()
+    token_only, vector_only = torch.arange(0, 12), torch.arange(12, 24)
+    token, vector = token_block(), vector_block()
+    for block, inputs, rows in ((token, x, token_only), (vector, v, vector_only)):
+        optimizer = torch.optim.Adam(block.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(15):
+            optimizer.zero_grad()
+            loss = classification_loss(block(inputs[rows]), labels[rows])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    has_tokens = torch.zeros(count, dtype=torch.bool)
+    has_tokens[:16] = True
+    has_vector = torch.zeros(count, dtype=torch.bool)
+    has_vector[8:] = True                      # 0-7 tokens only, 8-15 both, 16-23 vector only
+    x_seen, v_seen = x.clone(), v.clone()
+    x_seen[~has_tokens] = float("nan")
+    v_seen[~has_vector] = float("nan")
+    merged = lego_merge([token, vector])
+    with torch.no_grad():
+        logits = merged([x_seen, v_seen], present=[has_tokens, has_vector])
+        assert logits.shape == (count, 3) and torch.isfinite(logits).all()
+        alone = merged.head(token(x[:8], return_embeddings=True))
+        assert_near(logits[:8], alone, 1e-5, "token-only samples")
+    fuse = LegoFuse([token, vector], "stack")
+    optimizer = torch.optim.Adam(fuse.parameters(), lr=1e-3)
+    loss = classification_loss(fuse([x_seen, v_seen], present=[has_tokens, has_vector]), labels)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in fuse.parameters() if p.grad is not None)
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.isfinite(fuse([x_seen, v_seen], present=[has_tokens, has_vector])).all()
+
+
+# -------------------------------------------------------------------------------------- losses, metrics
+
+def brute_survival_nll(logits, event_bin, censored, alpha):
+    """MCAT's nll_loss, sample by sample in probability space."""
+    total = 0.0
+    for z, y, c in zip(logits.tolist(), event_bin.tolist(), censored.tolist()):
+        hazards = [1 / (1 + math.exp(-value)) for value in z]
+        survival = [1.0]
+        for h in hazards:
+            survival.append(survival[-1] * (1 - h))                 # survival[k + 1] = S_k
+        uncensored = -(1 - c) * (math.log(survival[y]) + math.log(hazards[y]))
+        censored_term = -c * math.log(survival[y + 1])
+        total += (1 - alpha) * (uncensored + censored_term) + alpha * uncensored
+    return total / len(event_bin)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_survival_nll_matches_brute_force(generator, alpha):
+    logits = torch.randn(9, 4, generator=generator, dtype=torch.float64) * 2
+    event_bin = torch.randint(0, 4, (9,), generator=generator)
+    censored = torch.rand(9, generator=generator) < 0.4
+    censored[0], censored[1] = True, False
+    loss = survival_nll_loss(logits, event_bin, censored, alpha=alpha)
+    assert abs(loss.item() - brute_survival_nll(logits, event_bin, censored.double(), alpha)) < 1e-10
+    total = survival_nll_loss(logits, event_bin, censored, alpha=alpha, reduction="sum")
+    assert abs(total.item() - 9 * loss.item()) < 1e-9
+
+
+def test_survival_nll_extreme_logits_have_finite_gradients():
+    logits = torch.tensor([[60.0, -60.0, 60.0], [-80.0, 80.0, -80.0]], requires_grad=True)
+    loss = survival_nll_loss(logits, torch.tensor([2, 0]), torch.tensor([False, True]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_survival_risk_and_errors(generator):
+    logits = torch.randn(5, 4, generator=generator)
+    hazards = torch.sigmoid(logits)
+    assert_near(survival_risk(logits), -torch.cumprod(1 - hazards, dim=1).sum(1), 1e-6)
+    with pytest.raises(ValueError, match="event_bin: expected an int32/int64 tensor of shape"):
+        survival_nll_loss(logits, torch.zeros(5), torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"censored: expected a bool .* \(B,\) = \(5,\)"):
+        survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="alpha"):
+        survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool), alpha=2.0)
+
+
+def test_classification_loss_matches_hand_formulas(generator):
+    logits = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 3, (6,), generator=generator)
+    expected = -torch.stack([logits[i].exp()[target[i]].log() - logits[i].exp().sum().log() for i in range(6)]).mean()
+    assert abs(classification_loss(logits, target).item() - expected.item()) < 1e-12
+    z = torch.randn(6, 1, generator=generator, dtype=torch.float64)
+    y = torch.tensor([1, 0, 1, 1, 0, 0])
+    p = torch.sigmoid(z[:, 0])
+    expected = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    assert abs(classification_loss(z, y).item() - expected.item()) < 1e-12
+    with pytest.raises(TypeError, match="target: expected integer class indices"):
+        classification_loss(logits, target.double())
+
+
+def brute_c_index(risk, time, event):
+    score = comparable = 0.0
+    for i, j in itertools.permutations(range(len(risk)), 2):
+        if event[i] and (time[i] < time[j] or (time[i] == time[j] and not event[j])):
+            comparable += 1
+            score += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return score / comparable
+
+
+def test_concordance_index_matches_brute_force(generator):
+    for _ in range(5):
+        n = 25
+        risk = torch.randint(0, 6, (n,), generator=generator).double().numpy()       # many tied risks
+        time = torch.randint(0, 8, (n,), generator=generator).double().numpy()       # many tied times
+        event = (torch.rand(n, generator=generator) < 0.6).numpy()
+        event[0] = True
+        time[0] = -1.0                                                               # one comparable pair at least
+        assert abs(concordance_index(risk, time, event) - brute_c_index(risk, time, event)) < 1e-12
+    time = np.arange(6.0)
+    assert concordance_index(-time, time, np.ones(6, bool)) == 1.0
+    assert concordance_index(time, time, np.ones(6, bool)) == 0.0
+    assert concordance_index(np.zeros(6), time, np.ones(6, bool)) == 0.5
+    assert abs(concordance_index(torch.tensor(-time), torch.tensor(time), torch.ones(6, dtype=torch.bool)) - 1) == 0
+    with pytest.raises(ValueError, match="no comparable pair"):
+        concordance_index(np.zeros(4), np.arange(4.0), np.zeros(4, bool))
+
+
+def brute_auc(scores, labels):
+    positives = [s for s, y in zip(scores, labels) if y == 1]
+    negatives = [s for s, y in zip(scores, labels) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+def test_roc_auc_matches_brute_force(generator):
+    for _ in range(5):
+        scores = torch.randint(0, 5, (30,), generator=generator).double().numpy()   # ties
+        labels = (torch.rand(30, generator=generator) < 0.5).long().numpy()
+        labels[:2] = [0, 1]
+        assert abs(roc_auc(scores, labels) - brute_auc(scores, labels)) < 1e-12
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert roc_auc(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([True, False, True])) == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="labels: expected 0/1"):
+        roc_auc([0.1, 0.2], [2, 0])
