@@ -4,7 +4,13 @@ import torch
 
 from pyblend import reference
 from pyblend.layout import cu_seqlens_from_mask, pack_pairs
-from pyblend.ops.blend_relations import EDGE, GEOMETRY, SPD, blend_relations, sample_blend
+from pyblend.ops.blend_relations import (
+    EDGE,
+    GEOMETRY,
+    SPD,
+    blend_relations,
+    sample_blend,
+)
 
 
 def _mask(lengths, atoms=None):

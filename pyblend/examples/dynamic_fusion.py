@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyblend.examples.moleculenet import DEFAULT_DATA, mean_roc_auc, scaffold_split
+
 DATASETS = {"bbbp": "bbbp.csv", "bace": "bace.csv", "clintox": "clintox.csv", "tox21": "tox21.csv",
             "sider": "sider.csv"}
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "moleculenet")
 
 
 @dataclass
@@ -60,25 +61,6 @@ def featurize(smiles: list[str]) -> tuple[list[int], dict[str, np.ndarray]]:
     return kept, features
 
 
-def scaffold_split(smiles: list[str], seed: int = 0) -> dict[str, np.ndarray]:
-    """80/10/10 by Murcko scaffold, biggest scaffold groups first (the MoleculeNet / DeepChem convention)."""
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-
-    groups: dict[str, list[int]] = {}
-    for index, text in enumerate(smiles):
-        groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(smiles=text, includeChirality=False), []).append(index)
-    ordered = sorted(groups.values(), key=lambda rows: (len(rows), rows[0]), reverse=True)
-    train, valid, test = [], [], []
-    for rows in ordered:
-        if len(train) + len(rows) <= 0.8 * len(smiles):
-            train += rows
-        elif len(valid) + len(rows) <= 0.1 * len(smiles):
-            valid += rows
-        else:
-            test += rows
-    return {"train": np.array(train), "valid": np.array(valid), "test": np.array(test)}
-
-
 def load(name: str, data_dir: str) -> Dataset:
     from pyblend.chem import read_csv
 
@@ -94,29 +76,6 @@ def load(name: str, data_dir: str) -> Dataset:
     scaled = np.clip((descriptors - mean) / np.where(std > 0, std, 1.0), -6, 6)
     features["descriptors"] = np.nan_to_num(scaled, nan=0.0).astype(np.float32)
     return Dataset(name, features, labels, split)
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean ROC-AUC over tasks with both classes present (rank formula, ties averaged)."""
-    values = []
-    for task in range(labels.shape[1]):
-        known = ~np.isnan(labels[:, task])
-        y, s = labels[known, task], scores[known, task]
-        positives, negatives = int(y.sum()), int((1 - y).sum())
-        if positives == 0 or negatives == 0:
-            continue
-        order = np.argsort(s, kind="mergesort")
-        ranks = np.empty(len(s))
-        sorted_scores = s[order]
-        start = 0
-        while start < len(s):  # average ranks over ties
-            end = start
-            while end + 1 < len(s) and sorted_scores[end + 1] == sorted_scores[start]:
-                end += 1
-            ranks[order[start:end + 1]] = (start + end) / 2 + 1
-            start = end + 1
-        values.append((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-    return float(np.mean(values)) if values else float("nan")
 
 
 def presence(count: int, modalities: list[str], missing: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -193,10 +152,10 @@ def train(model: nn.Module, data: Dataset, modalities: list[str], missing: float
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        valid = roc_auc(predict(data.split["valid"]), data.labels[data.split["valid"]])
+        valid = mean_roc_auc(predict(data.split["valid"]), data.labels[data.split["valid"]])
         if valid > best_valid:
             best_valid = valid
-            best_test = roc_auc(predict(data.split["test"]), data.labels[data.split["test"]])
+            best_test = mean_roc_auc(predict(data.split["test"]), data.labels[data.split["test"]])
     return best_test
 
 

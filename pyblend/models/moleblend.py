@@ -37,8 +37,13 @@ from ..chem import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 from ..data import MolBatch
 from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs
 from ..nn import GaussianBasisBias, RelationBiasedAttention, RelationBlender
-from ..ops import (blend_relations, outer_product_cosine_loss, outer_product_loss, path_edge_bias,
-                   shortest_path_routes)
+from ..ops import (
+    blend_relations,
+    outer_product_cosine_loss,
+    outer_product_loss,
+    path_edge_bias,
+    shortest_path_routes,
+)
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
 
