@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .harness import Case
+from .harness import Case, first_runs
 
 ENTRY = "fourier_cross_attention"
 TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.compile"
@@ -73,10 +73,6 @@ def _provider(fn: Callable, problem: dict, heads: int, backward: bool) -> Callab
     return run
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
-
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     if got.is_complex():
@@ -88,30 +84,21 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dtype: torch.dtype,
                device: torch.device, backward: bool = True, heads: int = HEADS, head_dim: int = HEAD_DIM,
                targets: list | None = None, time_budget_s: float = 5.0, triton: bool = True) -> Case:
-    from pyblend.ops import fourier_cross_attention as op
-    from pyblend.reference import fourier_cross_attention as reference
+    from pyblend import ops, reference
 
     problem = _problem(batch, channels, dim, tokens, width, heads, head_dim, dtype, device)
-    providers, skipped, results = {}, {}, {}
+    providers, skipped = {}, {}
     candidates = {}
     if triton:
-        candidates[TRITON] = _provider(lambda *a, **k: op.fourier_cross_attention(*a, **k, backend="triton"),
+        candidates[TRITON] = _provider(lambda *a, **k: ops.fourier_cross_attention(*a, **k, backend="triton"),
                                        problem, heads, backward)
     else:
         skipped[TRITON] = "needs a CUDA device"
     candidates[EAGER] = _provider(reference.fourier_cross_attention, problem, heads, backward)
     candidates[COMPILED] = _provider(torch.compile(reference.fourier_cross_attention), problem, heads, backward)
-    for name, fn in candidates.items():
-        try:
-            results[name] = fn()  # compiles, and shows whether it fits in memory
-        except Exception as error:  # noqa: BLE001 - a provider that cannot run is skipped with the reason
-            if name == TRITON and not isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            skipped[name] = _short(error)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        providers[name] = fn
+    ran, failed, results = first_runs(candidates, device, required=TRITON)
+    providers.update(ran)
+    skipped.update(failed)
     wide = {name: x.double() for name, x in problem.items()}
     latent, tokens_ = wide.pop("latent"), wide.pop("tokens")
     with torch.no_grad():

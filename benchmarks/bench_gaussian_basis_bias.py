@@ -75,7 +75,9 @@ def build_case(context, count: int, dtype: torch.dtype, device: torch.device, ba
                triton: bool = True) -> Case:
     from pyblend.layout import pack_pairs
     from pyblend.ops.gaussian_basis_bias import gaussian_basis_bias as op
-    from pyblend.reference.gaussian_basis_bias import gaussian_basis_bias as reference_op
+    from pyblend.reference.gaussian_basis_bias import (
+        gaussian_basis_bias as reference_op,
+    )
 
     padded, packed, params = _problem(context, count, dtype, device)
     generator = torch.Generator().manual_seed(1)

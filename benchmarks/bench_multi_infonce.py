@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .harness import Case
+from .harness import Case, first_runs
 
 ENTRY = "multi_infonce"
 TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.compile"
@@ -80,10 +80,6 @@ def _provider(loss_fn: Callable, embeddings, masks, pairs) -> Callable[[], tuple
     return run
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
-
 
 def build_case(batch: int, modalities: int, width: int, dtype: torch.dtype, device: torch.device,
                missing: float = 0.0, targets: list | None = None, time_budget_s: float = 5.0,
@@ -91,7 +87,7 @@ def build_case(batch: int, modalities: int, width: int, dtype: torch.dtype, devi
     from pyblend import ops, reference
 
     names, embeddings, masks, pairs = _problem(batch, modalities, width, dtype, device, missing)
-    providers, skipped, results = {}, {}, {}
+    providers, skipped = {}, {}
     candidates = {}
     if triton:
         candidates[TRITON] = _provider(lambda *a, **k: ops.multi_infonce(*a, **k, backend="triton"),
@@ -100,17 +96,9 @@ def build_case(batch: int, modalities: int, width: int, dtype: torch.dtype, devi
         skipped[TRITON] = "needs a CUDA device"
     candidates[EAGER] = _provider(reference.multi_infonce, embeddings, masks, pairs)
     candidates[COMPILED] = _provider(torch.compile(reference.multi_infonce), embeddings, masks, pairs)
-    for name, fn in candidates.items():
-        try:
-            results[name] = fn()  # compiles, and shows whether it fits in memory
-        except Exception as error:  # noqa: BLE001 - a provider that cannot run is skipped with the reason
-            if name == TRITON and not isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            skipped[name] = _short(error)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        providers[name] = fn
+    ran, failed, results = first_runs(candidates, device, required=TRITON)
+    providers.update(ran)
+    skipped.update(failed)
     expected_loss = _chunked_loss(embeddings, masks, pairs)
     expected_grads = results[EAGER][1:] if EAGER in results else None
     tolerance = TOLERANCE[dtype]

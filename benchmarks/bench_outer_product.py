@@ -34,7 +34,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .harness import Case
+from .harness import Case, first_runs
 
 ENTRY = "outer_product"
 TRITON, EAGER, COMPILED = "pyblend Triton (packed)", "reference eager (padded)", "reference torch.compile (padded)"
@@ -137,10 +137,6 @@ def _reference_provider(problem: Problem, compiled: bool):
     return run
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
-
 
 def build_case(label: str, sizes: list[int], head: str, dtype: torch.dtype, device: torch.device,
                targets: list | None = None, time_budget_s: float = 5.0, triton: bool = True) -> Case:
@@ -153,17 +149,9 @@ def build_case(label: str, sizes: list[int], head: str, dtype: torch.dtype, devi
         skipped[TRITON] = "needs a CUDA device"
     candidates[EAGER] = _reference_provider(problem, compiled=False)
     candidates[COMPILED] = _reference_provider(problem, compiled=True)
-    for name, fn in candidates.items():
-        try:
-            fn()  # compiles, and shows whether it fits in memory
-        except Exception as error:  # noqa: BLE001 - a reference that cannot run is skipped with the reason
-            if name == TRITON:
-                raise
-            skipped[name] = _short(error)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        providers[name] = fn
+    ran, failed, _ = first_runs(candidates, device, required=TRITON)
+    providers.update(ran)
+    skipped.update(failed)
     expected = problem.truth()
     tolerance = TOLERANCE[dtype]
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .harness import Case
+from .harness import Case, first_runs
 
 ENTRY = "path_edge_bias"
 TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.compile"
@@ -65,10 +65,6 @@ def _provider(bias_fn: Callable, routes, distances, emb, weights, grad, backward
     return run
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
-
 
 def build_case(graphs, layout: str, dtype: torch.dtype, device: torch.device, backward: bool = True,
                heads: int = HEADS, hops: int = HOPS, label: str = "", targets: list | None = None,
@@ -94,18 +90,10 @@ def build_case(graphs, layout: str, dtype: torch.dtype, device: torch.device, ba
         skipped[TRITON] = "needs a CUDA device"
     candidates[EAGER] = reference_bias
     candidates[COMPILED] = torch.compile(reference_bias)
-    for name, fn in candidates.items():
-        provider = _provider(fn, routes, distances, emb, weights, grad, backward)
-        try:
-            provider()  # compiles, and shows whether it fits in memory
-        except Exception as error:  # noqa: BLE001 - a peer that cannot run is skipped with the reason
-            if name == TRITON and not isinstance(error, torch.cuda.OutOfMemoryError):
-                raise
-            skipped[name] = _short(error)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        providers[name] = provider
+    ran, failed, _ = first_runs({name: _provider(fn, routes, distances, emb, weights, grad, backward)
+                                 for name, fn in candidates.items()}, device, required=TRITON)
+    providers.update(ran)
+    skipped.update(failed)
     tolerance = TOLERANCE[dtype]
 
     def check(provider: str, result) -> None:

@@ -65,7 +65,7 @@ import torch
 from pyblend import reference
 from pyblend.layout import pack_atoms, pack_pairs, pad_atoms, pad_pairs, pair_offsets
 
-from .harness import Case
+from .harness import Case, short_error
 
 ENTRY = "relation_attention"
 HEADS = 32
@@ -341,10 +341,6 @@ def _triton_attention() -> Callable:
     return attention
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
-
 
 def build_case(problem: Problem, name: str, units: str = "molecules", config: dict | None = None,
                targets: list | None = None, time_budget_s: float = 5.0, attention: Callable | None = None,
@@ -358,7 +354,7 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
         try:
             attention = _triton_attention()
         except (ImportError, AttributeError) as error:
-            pyblend_skip = f"pyblend.ops.relation_attention is not available ({_short(error)})"
+            pyblend_skip = f"pyblend.ops.relation_attention is not available ({short_error(error)})"
     names = [TRITON_PACKED, TRITON_TABLE, TRITON_PADDED] + ([TRITON_GATHERED] if gathered else [])
     if pyblend_skip is not None:
         skipped.update(dict.fromkeys(names, pyblend_skip))
@@ -373,7 +369,7 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
             if trial:
                 fn()  # compiles; raises here rather than inside the harness
         except Exception as error:  # noqa: BLE001 - a peer that cannot run is skipped with the reason
-            skipped[provider] = _short(error)
+            skipped[provider] = short_error(error)
             if problem.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -385,7 +381,7 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
 
     def check(provider: str, result) -> None:
         if isinstance(result, _Raised):
-            raise AssertionError(f"raised {_short(result.error)}")
+            raise AssertionError(f"raised {short_error(result.error)}")
         layout = layouts[provider]
         got = _canonical_padded(problem, result) if layout == "padded" else tuple(result)
         expected = truth[:4] + truth[5:] if layout == "table" else truth[:5]

@@ -55,6 +55,34 @@ class Case:
     flops: float | None = None
 
 
+def short_error(error: BaseException) -> str:
+    """One line naming a provider's failure: the exception type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def first_runs(candidates: dict[str, Callable[[], Any]], device: torch.device, required: str | None = None
+               ) -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str, Any]]:
+    """Run each candidate provider once (it compiles, and shows whether it fits in memory).
+
+    Returns ``(providers that ran, {name: reason} for those that raised, {name: first result})``. A failure of
+    ``required`` (the provider the case measures) propagates unless it is running out of memory: a broken kernel
+    must fail the run, not disappear from it."""
+    providers, skipped, results = {}, {}, {}
+    for name, fn in candidates.items():
+        try:
+            results[name] = fn()
+        except Exception as error:  # noqa: BLE001 - a peer that cannot run is skipped with the reason
+            if name == required and not isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            skipped[name] = short_error(error)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        providers[name] = fn
+    return providers, skipped, results
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

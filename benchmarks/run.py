@@ -14,10 +14,28 @@ from pathlib import Path
 
 import torch
 
-from . import (bench_featurize, bench_fourier_cross_attention, bench_gated_fusion, bench_gaussian_basis,
-               bench_gaussian_basis_bias, bench_multi_infonce, bench_outer_product, bench_path_edge_bias,
-               bench_relation_attention, bench_shortest_path)
-from .harness import RESULTS_DIR, device_name, device_slug, format_table, format_targets, plot, record, run_case
+from . import (
+    bench_featurize,
+    bench_fourier_cross_attention,
+    bench_gated_fusion,
+    bench_gaussian_basis,
+    bench_gaussian_basis_bias,
+    bench_multi_infonce,
+    bench_outer_product,
+    bench_path_edge_bias,
+    bench_relation_attention,
+    bench_shortest_path,
+)
+from .harness import (
+    RESULTS_DIR,
+    device_name,
+    device_slug,
+    format_table,
+    format_targets,
+    plot,
+    record,
+    run_case,
+)
 
 ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "gaussian_basis": bench_gaussian_basis,
            "relation_attention": bench_relation_attention, "multi_infonce": bench_multi_infonce,

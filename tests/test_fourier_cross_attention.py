@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyblend.ops import fourier_cross_attention as op_module
-from pyblend.reference import fourier_cross_attention as reference_module
+from pyblend.ops.fourier_cross_attention import _WEIGHT_ORDER, fourier_cross_attention
+from pyblend.reference.fourier_cross_attention import fourier_cross_attention as reference
 
 from graphs import backend_device
 from hopper import run_compile_script
@@ -20,8 +20,6 @@ from tolerances import RELATIVE_ERROR, assert_close
 HAS_CUDA = torch.cuda.is_available()
 # bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
-fourier_cross_attention = op_module.fourier_cross_attention
-reference = reference_module.fourier_cross_attention
 
 FF_NAMES = ("ff_norm_weight", "ff_norm_bias", "ff_in_weight", "ff_in_bias", "ff_out_weight", "ff_out_bias")
 
@@ -336,7 +334,7 @@ def op_arguments(generator, masked=True, ff=True):
     mask = random_mask(generator, 2, 5).to(target) if masked else None
     latent = torch.stack((problem["latent"], torch.zeros_like(problem["latent"])), -1).to(target)
     kv = (problem["tokens"] @ problem["kv_weight"].T).to(target)
-    weights = [problem.get(name) for name in op_module._WEIGHT_ORDER]
+    weights = [problem.get(name) for name in _WEIGHT_ORDER]
     weights = [None if w is None else w.to(target) for w in weights]
     options = (2, 8 ** -0.5 / 0.5, 2, True, True, True, True, 1e-5)
     return latent, kv, mask, weights, options

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import fourier_cross_attention as _reference
+from .. import reference
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -92,7 +92,7 @@ def fourier_cross_attention(
         "reference": lambda: [],
     })
     if chosen == "reference":
-        return _reference.fourier_cross_attention(latent, tokens, heads=heads, **weights, **options)
+        return reference.fourier_cross_attention(latent, tokens, heads=heads, **weights, **options)
     return _triton(latent, tokens, weights, heads, **options)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_offsets
-from ..reference import outer_product as _reference
+from .. import reference
 from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -72,7 +72,7 @@ def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor 
     layout = _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     row, col, weight, bias, mask, cu_seqlens = layout.tensors
     if _backend("outer_product_logits", backend, layout) == "reference":
-        return _reference.outer_product_logits(row, col, weight, bias, mask=mask, cu_seqlens=cu_seqlens,
+        return reference.outer_product_logits(row, col, weight, bias, mask=mask, cu_seqlens=cu_seqlens,
                                                max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
@@ -113,7 +113,7 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
     row, col, weight, bias, mask, cu_seqlens = layout.tensors
     target = _validate_target(target, layout, groups, ignore_index)
     if _backend("outer_product_loss", backend, layout) == "reference":
-        return _reference.outer_product_loss(row, col, weight, bias, target, groups=groups,
+        return reference.outer_product_loss(row, col, weight, bias, target, groups=groups,
                                              ignore_index=ignore_index, mask=mask, cu_seqlens=cu_seqlens,
                                              max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
@@ -157,7 +157,7 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
                 "(T, 3)" if layout.packed else "(B, N, 3)")
     positions = positions.detach()
     if _backend("outer_product_cosine_loss", backend, layout) == "reference":
-        return _reference.outer_product_cosine_loss(row, col, weight, bias, positions, mask=mask,
+        return reference.outer_product_cosine_loss(row, col, weight, bias, positions, mask=mask,
                                                     cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
