@@ -21,8 +21,8 @@ the targets and those statistics and writes the gradients of row and col: ``3 T 
 (the head's weights, ``C d1 d2 s``, are negligible). FLOPs: ``2 P d1 d2 C`` for the logits; forward + backward
 counts 3x that (the kernels recompute the logits in the backward, so they execute about 4x).
 
-Targets (forward+backward, default-set batches): pyblend >= 2x faster than the faster of the eager and compiled
-reference, and peak memory >= 4x below the leaner of them. Not yet measured on a GPU.
+Targets (forward+backward, default-set batches; the MoleBlend issue's): pyblend >= 5x faster than the eager
+reference with peak memory >= 10x below it; the compiled reference is timed alongside. Not yet measured on a GPU.
 
 On the CPU (no Triton timing: its interpreter is far too slow), one small float32 case (16 synthetic molecules
 of 8-24 atoms, SPD head) times the eager and compiled reference.
@@ -189,7 +189,7 @@ def cases(context) -> Iterator[Case]:
         yield build_case("synthetic 8-24 atoms", sizes, "SPD", torch.float32, context.device, time_budget_s=budget,
                          triton=False)
         return
-    targets = [(TRITON, (EAGER, COMPILED), 2.0), (TRITON, (EAGER, COMPILED), 4.0, "memory")]
+    targets = [(TRITON, EAGER, 5.0), (TRITON, EAGER, 10.0, "memory")]
     sets = [("default set, heavy atoms", False, HEAVY_BATCH)]
     if not context.quick:
         sets.append(("default set, with hydrogens", True, HYDROGEN_BATCH))

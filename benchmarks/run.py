@@ -20,6 +20,7 @@ from . import (
     bench_gated_fusion,
     bench_gaussian_basis,
     bench_gaussian_basis_bias,
+    bench_moleblend,
     bench_multi_infonce,
     bench_outer_product,
     bench_path_edge_bias,
@@ -41,7 +42,7 @@ ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "
            "relation_attention": bench_relation_attention, "multi_infonce": bench_multi_infonce,
            "gated_fusion": bench_gated_fusion, "path_edge_bias": bench_path_edge_bias,
            "outer_product": bench_outer_product, "gaussian_basis_bias": bench_gaussian_basis_bias,
-           "fourier_cross_attention": bench_fourier_cross_attention}
+           "fourier_cross_attention": bench_fourier_cross_attention, "moleblend": bench_moleblend}
 
 
 class Context:

@@ -189,3 +189,20 @@ def test_gated_fusion_check_rejects_a_wrong_gradient():
     result[4] = result[4] * 1.01  # d(gate_logits) off by 1%
     with pytest.raises(AssertionError, match="dgate_logits"):
         case.check(bench_gated_fusion.EAGER, result)
+
+
+def test_moleblend_step_on_the_kernels_matches_the_reference_model():
+    """The whole pretraining step with every op on its Triton kernel (interpreter) gives the reference model's
+    loss: the benchmark's check, run small."""
+    from pyblend import featurize_many
+    from pyblend.benchmarks import bench_moleblend
+    from pyblend.models import MoleBlendConfig
+
+    graphs, _ = featurize_many(["CCO", "c1ccccc1O", "CC(=O)N"], conformer=True, progress=False)
+    config = MoleBlendConfig(layers=1, dim=16, heads=2, ffn_dim=16, num_kernels=8, head_width=4, max_distance=4,
+                             max_hops=3)
+    case = bench_moleblend.build_case(graphs, config, torch.float32, torch.device("cpu"), time_budget_s=0.01,
+                                      targets=[(bench_moleblend.TRITON, bench_moleblend.EAGER, 0.0)])
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert set(rows) == {bench_moleblend.TRITON, bench_moleblend.EAGER}
+    assert all(row["status"] == "ok" for row in rows.values()), rows

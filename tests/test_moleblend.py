@@ -181,7 +181,7 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
 
     theirs = {key.split("molecule_encoder.")[1]: value for key, value in state.items()}
     batch = collate(graphs_2d)
-    relations = model._relations(batch)
+    relations = model.build_relations(batch)
     with torch.no_grad():
         x, attention, _ = model.layer_inputs(relations)
     mask, spd = relations.mask, relations.spd.long()

@@ -16,6 +16,7 @@ Dynamic Fusion gets the presence mask, so an absent modality's values never reac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -112,11 +113,11 @@ class Concatenation(nn.Module):
 class Fused(nn.Module):
     """DynamicFusion -> MLP head; the fusion's own objective (reconstruction + entropy term) is added."""
 
-    def __init__(self, dims: dict[str, int], tasks: int, width: int = 256):
+    def __init__(self, dims: dict[str, int], tasks: int, width: int = 256, rescale_gate: bool = False):
         super().__init__()
         from pyblend.nn import DynamicFusion
 
-        self.fusion = DynamicFusion(dims, width)
+        self.fusion = DynamicFusion(dims, width, rescale_gate=rescale_gate)
         self.head = MLPHead(width, tasks)
 
     def forward(self, features, present):
@@ -166,12 +167,15 @@ def main(argv=None) -> int:
     parser.add_argument("--missing", type=float, default=0.3, help="absence probability in the missing setting")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3, help="runs per model (mean and spread reported)")
+    parser.add_argument("--rescale-gate", action="store_true",
+                        help="DynamicFusion(rescale_gate=True): gated features times the width, so an all-equal "
+                             "gate is the identity (eq. 2 as printed makes each feature ~1/width)")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     modalities = ["morgan", "maccs", "descriptors"]
     rows = [(f"unimodal: {m}", [m], Concatenation) for m in modalities]
     rows += [("naive concatenation: " + " + ".join(modalities), modalities, Concatenation),
-             ("Dynamic Fusion (pyblend)", modalities, Fused)]
+             ("Dynamic Fusion (pyblend)", modalities, functools.partial(Fused, rescale_gate=args.rescale_gate))]
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     results: dict[tuple[str, str, float], list[float]] = {}
     for name in names:

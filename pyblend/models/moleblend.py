@@ -26,6 +26,7 @@ The virtual token sits at position 0 of every molecule; the attention runs on th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ class MoleBlendConfig:
 
 
 @dataclass
-class _Relations:
+class Relations:
     """A padded batch's relations, atoms only (no virtual token yet)."""
 
     mask: Tensor            # (B, N) bool
@@ -237,17 +238,17 @@ class MoleBlend(nn.Module):
 
         ``positions`` (padded ``(B, N, 3)``, N = the batch's ``max_seqlen``) overrides the batch's (the pretraining passes noisy ones); ``generator`` draws
         the blend in training mode."""
-        x, _ = self._encode(self._relations(batch, positions), generator)
+        x, _ = self._encode(self.build_relations(batch, positions), generator)
         return x
 
-    def _encode(self, relations: _Relations, generator) -> tuple[Tensor, Tensor | None]:
+    def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
         mask = F.pad(relations.mask, (1, 0), value=True)
         for layer in self.layers:
             x = layer(x, mask, **attention)
         return x, geometry_bias
 
-    def layer_inputs(self, relations: _Relations, generator: torch.Generator | None = None
+    def layer_inputs(self, relations: Relations, generator: torch.Generator | None = None
                      ) -> tuple[Tensor, dict[str, Tensor | None], Tensor | None]:
         """What the first layer receives: the embeddings ``(B, 1 + N, dim)`` (after the embedding LayerNorm and
         dropout), the attention's relation inputs ``{"attn_bias", "rel_index", "rel_table"}`` over ``1 + N``
@@ -285,11 +286,11 @@ class MoleBlend(nn.Module):
             x = self.emb_layer_norm(x)
         return F.dropout(x, config.dropout, self.training), attention, geometry_bias
 
-    def _bond_embeddings(self, relations: _Relations) -> Tensor:
+    def _bond_embeddings(self, relations: Relations) -> Tensor:
         """``(E, H)``: each bond's mean over its features of their embeddings."""
         return self.edge_encoder(relations.bond_features + self.bond_offsets).mean(dim=-2)
 
-    def _relations(self, batch: MolBatch, positions: Tensor | None = None) -> _Relations:
+    def build_relations(self, batch: MolBatch, positions: Tensor | None = None) -> Relations:
         """The padded atoms-only view of a padded or packed batch, with shortest paths and global bond ids."""
         if batch.layout == "packed":
             cu_seqlens, width = batch.cu_seqlens, batch.max_seqlen
@@ -313,7 +314,7 @@ class MoleBlend(nn.Module):
                 torch.ones_like(has_geometry)
             # Molecules without a conformer carry NaN positions: zero them (their 3D channel is never chosen).
             positions = torch.where((has_geometry[:, None] & mask)[..., None], positions, 0.0)
-        return _Relations(mask, spd, routes, bond_features, atom_features, positions, has_geometry)
+        return Relations(mask, spd, routes, bond_features, atom_features, positions, has_geometry)
 
     # ------------------------------------------------------------------------------------------- pretraining
     def pretrain_loss(self, batch: MolBatch, *, generator: torch.Generator | None = None
@@ -324,8 +325,14 @@ class MoleBlend(nn.Module):
         encoder then predicts, for every atom pair, the SPD class, the bond type of each hop of the shortest
         path and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
         ``generator`` drives both the noise and the blend (default: torch's global generator)."""
+        return self.relation_loss(self.build_relations(batch), generator=generator)
+
+    def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`pretrain_loss` from relations already built (``model.build_relations(batch)``: shortest paths,
+        routes, padded positions), for loops and benchmarks that reuse them; ``relations`` is not modified."""
         config = self.config
-        relations = self._relations(batch)
+        relations = dataclasses.replace(relations)
         clean = relations.positions
         noise = None
         if clean is not None:

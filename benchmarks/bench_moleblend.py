@@ -1,0 +1,120 @@
+"""A whole MoleBlend pretraining step (forward + backward of :meth:`pyblend.models.MoleBlend.relation_loss`) on
+pyblend's kernels against the same model built from the references.
+
+Workload (GPU): the paper's base model (12 layers, width 768, 32 heads, K = 128 Gaussians), bfloat16 weights,
+256 molecules of the default set with ETKDG + MMFF conformers (heavy atoms), training mode (blending and
+position noise; dropout off, so that both providers compute the same function and can be checked against each
+other: the kernels' attention dropout draws a different pattern from the reference's). The shortest paths and routes are built once outside the timed step (a data-pipeline cost the
+two providers share); the step is the encoder, the three relation heads with their losses and the noisy-node
+head, and the backward into every parameter.
+
+Providers: "pyblend Triton" (every op on its kernels: relation attention with the SPD table, Gaussian-basis
+bias, path edge bias, outer-product losses) and "reference eager" (the same module with every op forced to its
+plain-PyTorch reference through ``PYBLEND_BACKEND=reference``; it materialises the (B, N, N, K) Gaussians,
+the (B, N, N, 1024) outer products and the (B, H, N, N) scores). A provider that runs out of memory is listed as
+skipped.
+
+Check before timing: both providers' losses (same weights, same blend and noise from a seeded generator) are
+finite and agree with each other within 3e-2 relative (bfloat16 end to end).
+
+Target (the MoleBlend issue's): pyblend >= 3x the reference step.
+
+On the CPU (no Triton timing), one small float32 case (2 layers, width 64, 8 heads, 16 molecules) times the
+reference step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .harness import Case, first_runs
+
+ENTRY = "moleblend"
+TRITON, EAGER = "pyblend Triton", "reference eager"
+MOLECULES = 256
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
+
+
+@contextmanager
+def _backend(name: str | None):
+    previous = os.environ.get("PYBLEND_BACKEND")
+    if name is None:
+        os.environ.pop("PYBLEND_BACKEND", None)
+    else:
+        os.environ["PYBLEND_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYBLEND_BACKEND", None)
+        else:
+            os.environ["PYBLEND_BACKEND"] = previous
+
+
+def _step(model, relations, backend: str | None):
+    def run():
+        model.zero_grad(set_to_none=True)
+        generator = torch.Generator(relations.mask.device).manual_seed(0)
+        with _backend(backend):
+            loss, _ = model.relation_loss(relations, generator=generator)
+            loss.backward()
+        return loss.detach().float()
+    return run
+
+
+def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets: list | None = None,
+               time_budget_s: float = 5.0, triton: bool = True) -> Case:
+    from pyblend import collate
+    from pyblend.models import MoleBlend
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    model = MoleBlend(config).to(device=device, dtype=dtype).train()
+    batch = collate(graphs).to(device)
+    with _backend(None):
+        relations = model.build_relations(batch)
+    candidates, skipped = {}, {}
+    if triton:
+        candidates[TRITON] = _step(model, relations, "triton")
+    else:
+        skipped[TRITON] = "needs a CUDA device"
+    candidates[EAGER] = _step(model, relations, "reference")
+    providers, failed, results = first_runs(candidates, device, required=TRITON)
+    skipped.update(failed)
+    losses = {name: result.item() for name, result in results.items()}
+    tolerance = TOLERANCE[dtype]
+
+    def check(provider: str, result) -> None:
+        loss = result.item()
+        if not torch.isfinite(result):
+            raise AssertionError(f"loss is {loss}")
+        for other, value in losses.items():
+            if other != provider and abs(loss - value) > tolerance * abs(value):
+                raise AssertionError(f"loss {loss:.6g} vs {other}'s {value:.6g}: beyond {tolerance:.0e} relative")
+
+    element = {"dtype": str(dtype).split(".")[-1]}
+    shape = {"layers": config.layers, "width": config.dim, "heads": config.heads, "kernels": config.num_kernels,
+             "molecules": len(graphs), "atoms": int(batch.num_atoms.sum()), "max_atoms": batch.max_seqlen}
+    name = (f"{len(graphs)} molecules (N <= {batch.max_seqlen}), {config.layers} layers x {config.dim}, "
+            f"{config.heads} heads, {element['dtype']}, pretraining step (forward+backward)")
+    return Case(entry=ENTRY, name=name, providers=providers, check=check, units=len(graphs), unit="molecules",
+                config={**shape, **element, "mode": "forward+backward"}, targets=targets or [], skipped=skipped,
+                time_budget_s=time_budget_s)
+
+
+def cases(context) -> Iterator[Case]:
+    from pyblend.models import MoleBlendConfig
+
+    if context.device.type != "cuda":
+        config = MoleBlendConfig(layers=2, dim=64, heads=8, ffn_dim=64, num_kernels=16, head_width=8,
+                                 max_distance=16)
+        yield build_case(context.conformer_molecules(16), config, torch.float32, context.device,
+                         time_budget_s=context.time_budget_s, triton=False)
+        return
+    count = min(MOLECULES, context.limit or MOLECULES)
+    yield build_case(context.conformer_molecules(count), MoleBlendConfig(), torch.bfloat16, context.device,
+                     targets=[(TRITON, EAGER, 3.0)], time_budget_s=context.time_budget_s)
