@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..layout import check_cu_seqlens, pair_offsets
+
 SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 INTEGER_DTYPES = (*SIGNED_INTEGER_DTYPES, torch.uint8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,3 +66,18 @@ def check_same_device(reference: Tensor, reference_name: str, **others: Tensor |
         if x is not None and x.device != reference.device:
             raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}; "
                              f"got {describe(x)}")
+
+
+def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, int, int]:
+    """Check a packed layout on the host (its one device-to-host copy): ``cu_seqlens`` describing ``atoms`` rows,
+    ``max_seqlen`` None (then the longest molecule) or an int at least that. Returns ``(cu_seqlens on the CPU,
+    max_seqlen, P = sum N_i^2)``."""
+    host = cu_seqlens.cpu()
+    check_cu_seqlens(host, total=atoms)
+    lengths = host[1:] - host[:-1]
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_seqlen is None:
+        max_seqlen = longest
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+        raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
+    return host, max_seqlen, int(pair_offsets(host)[-1])

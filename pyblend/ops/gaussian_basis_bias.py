@@ -16,9 +16,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..layout import check_cu_seqlens, pair_offsets
 from ..reference.gaussian_basis_bias import gaussian_basis_bias as _reference
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device, check_shape, describe
+from ._checks import (
+    INTEGER_DTYPES,
+    as_tensor,
+    check_dtype,
+    check_mask,
+    check_same_device,
+    check_shape,
+    describe,
+    packed_layout,
+)
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["gaussian_basis_bias"]
@@ -141,16 +149,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
                                  f"got {max_seqlen!r}")
             pairs = pair_types.shape[0]
         else:
-            host = cu_seqlens.cpu()  # the one device-to-host copy of the packed layout
-            check_cu_seqlens(host, total=positions.shape[0])
-            lengths = host[1:] - host[:-1]
-            longest = int(lengths.max()) if lengths.numel() else 0
-            if max_seqlen is None:
-                max_seqlen = longest
-            elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
-                raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); "
-                                 f"got {max_seqlen!r}")
-            pairs = int(pair_offsets(host)[-1])
+            _, max_seqlen, pairs = packed_layout(cu_seqlens, positions.shape[0], max_seqlen)
         if pair_types.dim() not in (1, 2) or pair_types.shape[0] != pairs or \
                 (pair_types.dim() == 2 and pair_types.shape[1] != 2):
             raise ValueError(f"pair_types: expected the packed shape (P,) or (P, 2) with P = sum N_i^2 = {pairs}; "

@@ -32,9 +32,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..layout import check_cu_seqlens, pair_offsets
 from .. import reference
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device, check_shape, describe
+from ..layout import pair_offsets
+from ._checks import (
+    INTEGER_DTYPES,
+    as_tensor,
+    check_dtype,
+    check_mask,
+    check_same_device,
+    check_shape,
+    describe,
+    packed_layout,
+)
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["outer_product_cosine_loss", "outer_product_logits", "outer_product_loss"]
@@ -234,15 +243,7 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
     host = None
     if packed:
         check_mask(mask, (), cu_seqlens)
-        host = cu_seqlens.cpu()  # the one device-to-host copy of the packed layout
-        check_cu_seqlens(host, total=row.shape[0])
-        lengths = host[1:] - host[:-1]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        if max_seqlen is None:
-            max_seqlen = longest
-        elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
-            raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-        pairs = int(pair_offsets(host)[-1])
+        host, max_seqlen, pairs = packed_layout(cu_seqlens, row.shape[0], max_seqlen)
         batch, atoms = host.numel() - 1, row.shape[0]
     else:
         if max_seqlen is not None and max_seqlen != row.shape[1]:

@@ -14,8 +14,15 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..layout import check_cu_seqlens, pair_offsets
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device, describe
+from ._checks import (
+    INTEGER_DTYPES,
+    as_tensor,
+    check_dtype,
+    check_mask,
+    check_same_device,
+    describe,
+    packed_layout,
+)
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["relation_attention"]
@@ -79,15 +86,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     heads, head_dim = q.shape[-2], q.shape[-1]
     if packed:
         check_mask(mask, (), cu_seqlens)
-        host = cu_seqlens.cpu()  # the one device-to-host copy of the packed layout
-        check_cu_seqlens(host, total=q.shape[0])
-        lengths = host[1:] - host[:-1]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        if max_seqlen is None:
-            max_seqlen = longest
-        elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
-            raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-        pairs = int(pair_offsets(host)[-1])
+        host, max_seqlen, pairs = packed_layout(cu_seqlens, q.shape[0], max_seqlen)
         batch = cu_seqlens.numel() - 1
     else:
         batch, atoms = q.shape[0], q.shape[1]
