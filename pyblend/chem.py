@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -474,8 +475,8 @@ def featurize_many(items: Iterable, *, errors: str = "raise", workers: int | Non
             read, see :func:`read_sdf`) is a failure with reason "no molecule".
         errors: ``"raise"``: raise ValueError at the first failure, naming its index, text and reason;
             ``"skip"``: leave failed inputs out of the graphs and report them in the failure list.
-        workers: None or 1: this process. N > 1: a pool of N processes ("fork" where available, else "spawn");
-            the results are identical to workers=1.
+        workers: None or 1: this process. N > 1: a pool of N fresh processes ("forkserver" where available, else
+            "spawn"); the results are identical to workers=1.
         progress: show a tqdm progress bar (unit "mol") on stderr.
         labels: optional array-like ``(len(items), L)`` (or ``(len(items),)``, read as L = 1) of floats, NaN for a
             missing label; row i becomes ``labels`` (float32 ``(L,)``) of the graph of item i.
@@ -556,10 +557,18 @@ def _run(work, items: list, workers: int | None):
         return
     # Serialised here, where the original objects live, so that workers see exactly what workers=1 would.
     payloads = [item.ToBinary(_MOL_BINARY_FLAGS) if isinstance(item, Chem.Mol) else item for item in items]
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # Not "fork": the caller may hold threads (torch's, torch.compile's), and a forked child can inherit a lock one
+    # of them held. Seen in CI: a forked multiprocessing.Pool, terminated on an early raise after earlier tests had
+    # started threads, hung with its workers dead. Fresh workers and an executor that is shut down, not killed.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     chunksize = max(1, min(64, math.ceil(len(payloads) / (4 * workers))))
-    with multiprocessing.get_context(method).Pool(workers, initializer=_silence_worker_logs) as pool:
-        yield from pool.imap(work, payloads, chunksize=chunksize)
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_silence_worker_logs)
+    try:
+        yield from executor.map(work, payloads, chunksize=chunksize)
+    finally:
+        # An early stop (errors="raise") drops the chunks not started and waits for the running ones.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 _WORKER_LOG_BLOCK = None
