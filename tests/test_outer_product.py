@@ -8,12 +8,12 @@ and compares the loss and the gradients of row, col, weight and bias.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyblend.layout import cu_seqlens_from_mask, pack_atoms, pack_pairs
 from pyblend.ops import outer_product as ops
 from pyblend.reference import outer_product as reference
 
+from allocations import Allocations
 from graphs import backend_device
 from hopper import run_compile_script
 from tolerances import assert_close
@@ -289,21 +289,6 @@ def test_persistent_programs_agree(generator):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
-class _Allocations(TorchDispatchMode):
-    """Records the element count of every tensor a torch op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for x in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(x, torch.Tensor):
-                self.sizes.append(x.numel())
-        return result
-
-
 def test_loss_path_allocates_no_per_pair_logits_or_outer_products(generator):
     """Forward + backward of both losses: nothing of (pairs, C) or (pairs, d1 d2) elements; the reference, run
     under the same recorder, does allocate them (so the recorder sees such tensors)."""
@@ -314,7 +299,7 @@ def test_loss_path_allocates_no_per_pair_logits_or_outer_products(generator):
         for loss in ("ce", "cos"):
             if loss == "cos":
                 problem.weight, problem.bias = problem.weight[:3], problem.bias[:3]
-            with _Allocations() as record:
+            with Allocations() as record:
                 run(problem, loss, backend, False)
             largest = max(record.sizes)
             if backend == "triton":

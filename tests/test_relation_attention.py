@@ -7,10 +7,10 @@ same computation done by PyTorch in that precision (flash-attn's rule).
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyblend import layout, ops, reference
 
+from allocations import Allocations
 from graphs import backend_device
 from hopper import run_compile_script
 from tolerances import RELATIVE_ERROR, assert_close, relative_error
@@ -219,28 +219,13 @@ def test_table_equals_dense_bias(generator):
     torch.testing.assert_close(by_table["drel_table"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
-class _Allocations(TorchDispatchMode):
-    """Records the element count of every tensor a torch op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for x in result if isinstance(result, (tuple, list)) else [result]:
-            if isinstance(x, torch.Tensor):
-                self.sizes.append(x.numel())
-        return result
-
-
 def test_table_form_allocates_no_dense_bias(generator):
     batch, atoms, heads = 2, 40, 8
     q, k, v, mask = random_padded(generator, [40, 31], heads=heads, head_dim=8, dtype=torch.float32)
     q, k, v = (x.nan_to_num().requires_grad_() for x in (q, k, v))
     relations = torch.randint(0, 30, (batch, atoms, atoms), generator=generator, dtype=torch.int8)
     table = torch.randn(30, heads, generator=generator, requires_grad=True)
-    with _Allocations() as record:
+    with Allocations() as record:
         out = ops.relation_attention(q, k, v, rel_index=relations, rel_table=table, mask=mask, backend="triton")
         out.sum().backward()
     dense = batch * heads * atoms * atoms
