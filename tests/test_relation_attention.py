@@ -468,6 +468,7 @@ def test_triton_refuses_float64_with_a_reason():
 
 
 HOPPER_COMPILE = """
+import itertools
 from hopper import lower
 from pyblend.kernels import relation_attention as kernels
 
@@ -475,15 +476,15 @@ POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32", "par
             "index_ptr": "*i8", "table_ptr": "*bf16", "mask_ptr": "*u8", "cu_seqlens_ptr": "*i32",
             "pair_offsets_ptr": "*i64"}
 flags = dict(HAS_BIAS=True, HAS_MASK=False, PACKED=True, DROPOUT=True, PRECISION="ieee")
-for name, kernel, extra in [
+for (max_seqlen, head_dim), (name, kernel, extra) in itertools.product(SHAPES, [
         ("forward", kernels._relation_attention_fwd_kernel, dict(HAS_TABLE=True, WRITE_LOGITS=True)),
         ("gradients", kernels._relation_attention_bwd_kv_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
                                                                       WRITE_DBIAS=True)),
         ("gradients", kernels._relation_attention_bwd_q_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True)),
         ("bias", kernels._relation_attention_bwd_bias_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
                                                                    SUM_BATCH=False, SUM_HEADS=True)),
-        ("table", kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=True, CHUNK=16))]:
-    config = kernels._launch_config(name, 64, 24)
+        ("table", kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=True, CHUNK=16))]):
+    config = kernels._launch_config(name, max_seqlen, head_dim)
     warps = config.pop("num_warps")
     ptx, spills = lower(kernel, dict(flags, **extra, **config), warps, lambda arg: POINTERS.get(arg, "*bf16"),
                         lambda arg: {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(arg, "i32"))
@@ -491,12 +492,15 @@ for name, kernel, extra in [
 """
 
 
-def test_kernels_compile_for_hopper_without_spills():
-    """Lowers every kernel (bf16, packed, every feature on, D = 24, N = 64) with its launch configuration to
-    sm_90 PTX and runs ptxas on it: the interpreter accepts programs the compiler rejects, and a register spill
-    is a performance bug."""
-    lines = run_compile_script(HOPPER_COMPILE)
-    assert len(lines) == 5, lines
+@pytest.mark.parametrize("shapes", [pytest.param([(64, 24)], id="N64-D24"),
+                                    pytest.param([(16, 8), (512, 8), (16, 64), (512, 64), (16, 128), (512, 128)],
+                                                 id="sweep", marks=pytest.mark.full)])
+def test_kernels_compile_for_hopper_without_spills(shapes):
+    """Lowers every kernel (bf16, packed, every feature on; (N, D) in ``shapes``) with its launch configuration
+    to sm_90 PTX and runs ptxas on it: the interpreter accepts programs the compiler rejects, a register spill
+    is a performance bug, and a kernel needing more shared memory than a block has fails only on the GPU."""
+    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + HOPPER_COMPILE)
+    assert len(lines) == 5 * len(shapes), lines
     for line in lines:
         words = line.split()
         assert int(words[2]) > 0, f"{line}: the matmuls should use the tensor cores"
