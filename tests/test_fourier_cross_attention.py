@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyblend.ops.fourier_cross_attention import _WEIGHT_ORDER, fourier_cross_attention
+from pyblend.ops.fourier_cross_attention import _WEIGHT_ORDER, _ragged_fft_real, fourier_cross_attention
 from pyblend.reference.fourier_cross_attention import fourier_cross_attention as reference
+from pyblend.reference.fourier_cross_attention import token_spectrum
 
 from graphs import backend_device
 from hopper import run_compile_script
@@ -176,6 +177,19 @@ def test_masked_tokens_do_not_leak_and_are_deterministic(generator):
         assert torch.isfinite(first[name]).all(), name
         assert torch.equal(first[name], second[name]), f"{name}: not deterministic"
         assert torch.equal(first[name], zeros[name]), f"{name}: depends on masked tokens"
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 7, 64, 301])
+def test_ragged_fft_of_every_length_at_once_matches_the_fft_per_sample(generator, tokens):
+    """The traced token FFT (Bluestein, no host read) against torch.fft per sample in float64: lengths 0, 1,
+    N and in between, NaN after each sample's real tokens."""
+    counts = torch.tensor([0, 1, tokens, max(tokens // 2, 1), max(tokens - 1, 0)])
+    packed = torch.randn(len(counts), tokens, 3, generator=generator, dtype=torch.float64)
+    inside = torch.arange(tokens) < counts[:, None]
+    packed[~inside] = float("nan")
+    expected = token_spectrum(packed, inside)
+    got = _ragged_fft_real(packed.float(), counts)
+    assert_close(got, expected, torch.float32, "ragged FFT")
 
 
 def test_reference_masked_tokens_do_not_leak(generator):
@@ -355,17 +369,18 @@ def test_opcheck(generator, masked, ff):
                           (grad, latent.detach(), kv.detach(), mask, o.detach(), lse.detach(), *plain, *options))
 
 
-def test_torch_compile_traces_the_op(generator):
-    """fullgraph: the raw-token path with a mask (the token FFT with a ragged mask reads the token counts on the
-    host, which is a graph break by design)."""
+@pytest.mark.parametrize("token_fft", [False, True])
+def test_torch_compile_traces_the_op(generator, token_fft):
+    """fullgraph with a ragged token mask: the token FFT of different lengths per sample must not read the
+    counts on the host when traced (eager calls do, to group samples by length)."""
     problem = rounded(make_problem(generator, channels=8, dim=8, tokens=5), torch.float32)
     target = backend_device("triton")
-    mask = random_mask(generator, 2, 5).to(target)
+    mask = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]], device=target)
     leaves = {name: x.to(target).requires_grad_() for name, x in problem.items()}
 
     def objective(latent, tokens, **weights):
-        out = fourier_cross_attention(latent, tokens, heads=2, token_mask=mask, token_fft=False, backend="triton",
-                                      **weights)
+        out = fourier_cross_attention(latent, tokens, heads=2, token_mask=mask, token_fft=token_fft,
+                                      backend="triton", **weights)
         return torch.view_as_real(out).square().sum()
 
     compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
