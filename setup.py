@@ -51,7 +51,7 @@ if os.environ.get("PYBLEND_NO_EXTENSION", "0") != "1":
 
 setup(
     packages=[
-        "pyblend", "pyblend.ops", "pyblend.reference", "pyblend.nn",
+        "pyblend", "pyblend.ops", "pyblend.reference", "pyblend.nn", "pyblend.models", "pyblend.examples",
         "pyblend.kernels", "pyblend.benchmarks",
     ],
     # kernels/ and benchmarks/ live at the top of the repository but ship inside the package.

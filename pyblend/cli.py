@@ -9,7 +9,8 @@ def _featurize(argv) -> int:
     parser = argparse.ArgumentParser(prog="pyblend featurize",
                                      description="Featurize molecules (SMILES file, CSV or SDF) into a .pt file.")
     parser.add_argument("input", help=".smi/.txt (one SMILES per line), .csv[.gz] or .sdf[.gz]")
-    parser.add_argument("output", help="where to write the list of MolGraph objects (torch.save)")
+    parser.add_argument("output", help="where to write the list of MolGraph objects (torch.save; read it back "
+                                       "with torch.load(output, weights_only=False))")
     parser.add_argument("--conformer", action="store_true", help="generate 3D coordinates (ETKDG + MMFF)")
     parser.add_argument("--hydrogens", action="store_true", help="keep explicit hydrogen atoms")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one)")
@@ -41,9 +42,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"bench": "run the benchmark suite", "featurize": "featurize a molecule file"}
     if not argv or argv[0] not in commands:
-        print("usage: pyblend {bench,featurize} ...\n" +
-              "\n".join(f"  {name:10s} {what}" for name, what in commands.items()), file=sys.stderr)
-        return 2
+        usage = "usage: pyblend {bench,featurize} ...\n" + \
+            "\n".join(f"  {name:10s} {what}" for name, what in commands.items())
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(usage if asked or not argv else f"{usage}\npyblend: unknown command {argv[0]!r}",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if argv[0] == "bench":
         from .benchmarks.run import main as bench
 

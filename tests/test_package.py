@@ -83,6 +83,10 @@ def test_imports_point_down():
 def test_cli_usage():
     result = subprocess.run([sys.executable, "-m", "pyblend"], capture_output=True, text=True)
     assert result.returncode == 2 and "bench" in result.stderr and "featurize" in result.stderr
+    asked = subprocess.run([sys.executable, "-m", "pyblend", "--help"], capture_output=True, text=True)
+    assert asked.returncode == 0 and "bench" in asked.stdout and "featurize" in asked.stdout
+    wrong = subprocess.run([sys.executable, "-m", "pyblend", "bencj"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unknown command 'bencj'" in wrong.stderr
 
 
 def test_cli_featurize(tmp_path):

@@ -161,7 +161,7 @@ def train(model: nn.Module, data: Dataset, modalities: list[str], missing: float
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.dynamic_fusion", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.dynamic_fusion", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder with MoleculeNet CSVs (bbbp.csv, ...)")
     parser.add_argument("--tasks", default="bbbp,bace,clintox,tox21,sider")
     parser.add_argument("--missing", type=float, default=0.3, help="absence probability in the missing setting")

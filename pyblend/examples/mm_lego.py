@@ -138,7 +138,7 @@ def fit(model, train, valid, run, epochs: int, lr: float, label: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.mm_lego", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.mm_lego", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder with MoleculeNet CSVs (bbbp.csv, bace.csv)")
     parser.add_argument("--task", default="bbbp", choices=sorted(DATASETS))
     parser.add_argument("--epochs", type=int, default=6, help="unimodal training epochs per block")

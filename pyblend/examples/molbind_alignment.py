@@ -112,7 +112,7 @@ def evaluate(graph_encoder, conformer_encoder, batches) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyblend.examples.molbind_alignment",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--molecules", type=int, default=2000, help="first N SMILES of the default set")
     parser.add_argument("--held-out", type=int, default=400, help="molecules kept for retrieval")
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")

@@ -112,7 +112,7 @@ def finetune(model: MoleBlendPredictor, train, valid, test, epochs: int, seed: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyblend.examples.moleblend_pretrain",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--molecules", type=int, default=1000, help="first N SMILES of the default set")
     parser.add_argument("--held-out", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
