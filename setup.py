@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -50,10 +50,9 @@ if os.environ.get("PYBLEND_NO_EXTENSION", "0") != "1":
     ext_modules.append(CMakeExtension("pyblend._C", ROOT))
 
 setup(
-    packages=[
-        "pyblend", "pyblend.ops", "pyblend.reference", "pyblend.nn", "pyblend.models", "pyblend.examples",
-        "pyblend.kernels", "pyblend.benchmarks",
-    ],
+    # Every subpackage of pyblend/ (found, so a new one cannot be left out of the wheel), plus the two below.
+    packages=["pyblend", *(f"pyblend.{name}" for name in find_packages(str(ROOT / "pyblend"))),
+              "pyblend.kernels", "pyblend.benchmarks"],
     # kernels/ and benchmarks/ live at the top of the repository but ship inside the package.
     package_dir={"pyblend.kernels": "kernels", "pyblend.benchmarks": "benchmarks"},
     package_data={"pyblend": ["py.typed"]},
