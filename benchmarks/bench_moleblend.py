@@ -4,9 +4,16 @@ pyblend's kernels against the same model built from the references.
 Workload (GPU): the paper's base model (12 layers, width 768, 32 heads, K = 128 Gaussians), bfloat16 weights,
 256 molecules of the default set with ETKDG + MMFF conformers (heavy atoms), training mode (blending and
 position noise; dropout off, so that both providers compute the same function and can be checked against each
-other: the kernels' attention dropout draws a different pattern from the reference's). The shortest paths and routes are built once outside the timed step (a data-pipeline cost the
-two providers share); the step is the encoder, the three relation heads with their losses and the noisy-node
-head, and the backward into every parameter.
+other: the kernels' attention dropout draws a different pattern from the reference's). The shortest paths and
+routes are built once outside the timed step (a data-pipeline cost the two providers share); the step is the
+encoder, the three relation heads with their losses and the noisy-node head, and the backward into every
+parameter.
+
+Two cases on the same molecules: the padded batch (``collate(graphs)``, every pair tensor ``(B, ..., N, N)``)
+and the packed one (``collate(graphs, layout="packed")``: the model runs on ``T + B`` tokens and
+``sum (1 + N_i)^2`` token pairs, never a ``(B, H, N, N)`` tensor). The two draw their blend and noise in
+different orders, so their losses differ; each case checks its own providers against each other, and a padded
+timing is only compared with the packed one as two rows of the same run.
 
 Providers: "pyblend Triton" (every op on its kernels: relation attention with the SPD table, Gaussian-basis
 bias, path edge bias, outer-product losses) and "reference eager" (the same module with every op forced to its
@@ -19,8 +26,8 @@ finite and agree with each other within 3e-2 relative (bfloat16 end to end).
 
 Target (the MoleBlend issue's): pyblend >= 3x the reference step.
 
-On the CPU (no Triton timing), one small float32 case (2 layers, width 64, 8 heads, 16 molecules) times the
-reference step.
+On the CPU (no Triton timing), small float32 cases (2 layers, width 64, 8 heads, 16 molecules), padded and
+packed, time the reference step.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import torch
 from .harness import Case, first_runs
 
 ENTRY = "moleblend"
+LAYOUTS = ("padded", "packed")
 TRITON, EAGER = "pyblend Triton", "reference eager"
 MOLECULES = 256
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
@@ -58,7 +66,7 @@ def _backend(name: str | None):
 def _step(model, relations, backend: str | None):
     def run():
         model.zero_grad(set_to_none=True)
-        generator = torch.Generator(relations.mask.device).manual_seed(0)
+        generator = torch.Generator(relations.has_geometry.device).manual_seed(0)
         with _backend(backend):
             loss, _ = model.relation_loss(relations, generator=generator)
             loss.backward()
@@ -67,14 +75,17 @@ def _step(model, relations, backend: str | None):
 
 
 def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets: list | None = None,
-               time_budget_s: float = 5.0, triton: bool = True) -> Case:
+               time_budget_s: float = 5.0, triton: bool = True, layout: str = "padded") -> Case:
+    """The pretraining step on ``graphs`` collated in ``layout`` ("padded" or "packed")."""
     from pyblend import collate
     from pyblend.models import MoleBlend
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}; got {layout!r}")
     torch.manual_seed(0)
     config = dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     model = MoleBlend(config).to(device=device, dtype=dtype).train()
-    batch = collate(graphs).to(device)
+    batch = collate(graphs, layout=layout).to(device)
     with _backend(None):
         relations = model.build_relations(batch)
     candidates, skipped = {}, {}
@@ -99,11 +110,11 @@ def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets
     element = {"dtype": str(dtype).split(".")[-1]}
     shape = {"layers": config.layers, "width": config.dim, "heads": config.heads, "kernels": config.num_kernels,
              "molecules": len(graphs), "atoms": int(batch.num_atoms.sum()), "max_atoms": batch.max_seqlen}
-    name = (f"{len(graphs)} molecules (N <= {batch.max_seqlen}), {config.layers} layers x {config.dim}, "
+    name = (f"{len(graphs)} molecules (N <= {batch.max_seqlen}), {layout}, {config.layers} layers x {config.dim}, "
             f"{config.heads} heads, {element['dtype']}, pretraining step (forward+backward)")
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=len(graphs), unit="molecules",
-                config={**shape, **element, "mode": "forward+backward"}, targets=targets or [], skipped=skipped,
-                time_budget_s=time_budget_s)
+                config={**shape, **element, "layout": layout, "mode": "forward+backward"}, targets=targets or [],
+                skipped=skipped, time_budget_s=time_budget_s)
 
 
 def cases(context) -> Iterator[Case]:
@@ -112,9 +123,11 @@ def cases(context) -> Iterator[Case]:
     if context.device.type != "cuda":
         config = MoleBlendConfig(layers=2, dim=64, heads=8, ffn_dim=64, num_kernels=16, head_width=8,
                                  max_distance=16)
-        yield build_case(context.conformer_molecules(16), config, torch.float32, context.device,
-                         time_budget_s=context.time_budget_s, triton=False)
+        for layout in LAYOUTS:
+            yield build_case(context.conformer_molecules(16), config, torch.float32, context.device,
+                             time_budget_s=context.time_budget_s, triton=False, layout=layout)
         return
     count = min(MOLECULES, context.limit or MOLECULES)
-    yield build_case(context.conformer_molecules(count), MoleBlendConfig(), torch.bfloat16, context.device,
-                     targets=[(TRITON, EAGER, 3.0)], time_budget_s=context.time_budget_s)
+    for layout in LAYOUTS:
+        yield build_case(context.conformer_molecules(count), MoleBlendConfig(), torch.bfloat16, context.device,
+                         targets=[(TRITON, EAGER, 3.0)], time_budget_s=context.time_budget_s, layout=layout)

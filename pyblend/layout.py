@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs", "pad_atoms", "pad_pairs",
-    "pair_offsets", "seqlens",
+    "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
+    "pad_atoms", "pad_pairs", "pair_index", "pair_offsets", "prepend_token", "seqlens",
 ]
 
 
@@ -54,6 +54,47 @@ def pair_offsets(cu_seqlens: Tensor) -> Tensor:
     """Start of each molecule's pair block in a packed per-pair tensor: ``(B+1,)`` int64, last = ``P``."""
     counts = seqlens(cu_seqlens) ** 2
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def atom_molecules(cu_seqlens: Tensor, atoms: int | None = None) -> Tensor:
+    """The molecule of every packed atom: ``(T,)`` int64. ``atoms``: T when known (saves a device-to-host read)."""
+    lengths = seqlens(cu_seqlens)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=atoms)
+
+
+def pair_index(cu_seqlens: Tensor, pairs: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Where every entry of a packed per-pair tensor sits: ``(molecule, i, j)``, each ``(P,)`` int64, with ``i``
+    and ``j`` the row and column inside the molecule's ``(N_m, N_m)`` block (add ``cu_seqlens[molecule]`` to index
+    the packed atoms). ``pairs``: P when known (saves a device-to-host read). No loop over molecules."""
+    lengths = seqlens(cu_seqlens)
+    molecule = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths**2,
+                                       output_size=pairs)
+    total = molecule.numel()
+    local = torch.arange(total, device=cu_seqlens.device) - pair_offsets(cu_seqlens)[molecule]
+    width = lengths[molecule]
+    return molecule, torch.div(local, width, rounding_mode="floor"), local % width
+
+
+def prepend_token(cu_seqlens: Tensor, atoms: int | None = None, pairs: int | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The packed layout after one extra token (e.g. a virtual / CLS token) is put first in every molecule.
+
+    Returns ``(token_cu_seqlens, atom_slots, pair_slots)``: ``token_cu_seqlens (B+1,)`` int32 is
+    ``cu_seqlens + arange(B+1)`` (molecule m's extra token is row ``token_cu_seqlens[m]``); ``atom_slots (T,)``
+    int64 is the row of every atom among the ``T + B`` tokens; ``pair_slots (P,)`` int64 is where every atom pair
+    lands among the ``sum (1 + N_m)^2 = P + 2T + B`` token pairs (the pair (i, j) of molecule m moves to
+    ``(1 + i, 1 + j)`` of its ``(1 + N_m, 1 + N_m)`` block). The slots not listed hold the extra token's pairs.
+    ``atoms``, ``pairs``: T and P when known (each saves a device-to-host read). No loop over molecules.
+    """
+    batch = cu_seqlens.numel() - 1
+    token_cu_seqlens = cu_seqlens + torch.arange(batch + 1, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    molecule_of_atom = atom_molecules(cu_seqlens, atoms)
+    atom_slots = torch.arange(molecule_of_atom.numel(), device=cu_seqlens.device) + molecule_of_atom + 1
+    molecule, i, j = pair_index(cu_seqlens, pairs)
+    width = seqlens(token_cu_seqlens)[molecule]
+    pair_slots = pair_offsets(token_cu_seqlens)[molecule] + (i + 1) * width + j + 1
+    return token_cu_seqlens, atom_slots, pair_slots
 
 
 def cu_seqlens_from_mask(mask: Tensor) -> tuple[Tensor, int]:

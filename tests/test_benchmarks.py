@@ -206,3 +206,21 @@ def test_moleblend_step_on_the_kernels_matches_the_reference_model():
     rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
     assert set(rows) == {bench_moleblend.TRITON, bench_moleblend.EAGER}
     assert all(row["status"] == "ok" for row in rows.values()), rows
+
+
+def test_moleblend_packed_case_builds_on_cpu():
+    """The packed case next to the padded one: its own name and config, the reference step runs and checks."""
+    from pyblend import featurize_many
+    from pyblend.benchmarks import bench_moleblend
+    from pyblend.models import MoleBlendConfig
+
+    graphs, _ = featurize_many(["CCO", "c1ccccc1O", "C"], conformer=True, progress=False)
+    config = MoleBlendConfig(layers=1, dim=16, heads=2, ffn_dim=16, num_kernels=8, head_width=4, max_distance=4,
+                             max_hops=3)
+    case = bench_moleblend.build_case(graphs, config, torch.float32, torch.device("cpu"), time_budget_s=0.01,
+                                      triton=False, layout="packed")
+    assert case.config["layout"] == "packed" and "packed" in case.name
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert rows[bench_moleblend.EAGER]["status"] == "ok", rows
+    with pytest.raises(ValueError, match="layout"):
+        bench_moleblend.build_case(graphs, config, torch.float32, torch.device("cpu"), triton=False, layout="ragged")

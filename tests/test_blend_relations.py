@@ -9,6 +9,7 @@ from pyblend.ops.blend_relations import (
     GEOMETRY,
     SPD,
     blend_relations,
+    every_channel,
     sample_blend,
 )
 
@@ -100,6 +101,30 @@ def test_packed_layout_is_the_padded_draw_packed():
     packed = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, generator=_generator(9))
     assert packed.shape == (4 * 4 + 7 * 7 + 2 * 2,)
     assert torch.equal(packed, pack_pairs(padded, mask))
+
+
+@pytest.mark.parametrize("mode, symmetric", [("pair", True), ("batch", False), ("batch", True), ("molecule", False)])
+def test_every_mode_packed_is_the_padded_draw_packed(mode, symmetric):
+    mask = _mask([4, 1, 7, 2])
+    has_geometry = torch.tensor([True, False, True, False])
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    options = dict(mode=mode, symmetric=symmetric, has_geometry=has_geometry, probs=(0.3, 0.3, 0.4))
+    padded = sample_blend(mask, generator=_generator(14), **options)
+    packed = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, generator=_generator(14), **options)
+    assert torch.equal(packed, pack_pairs(padded, mask))
+
+
+def test_packed_every_channel_makes_no_padded_pair_tensor():
+    from allocations import Allocations
+
+    lengths = [4, 1, 7, 2]
+    mask = _mask(lengths)
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    has_geometry = torch.tensor([True, False, True, True])
+    with Allocations() as record:
+        packed = every_channel(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, has_geometry=has_geometry)
+    assert torch.equal(packed, pack_pairs(every_channel(mask, has_geometry=has_geometry), mask))
+    assert max(record.sizes) <= sum(n * n for n in lengths), record.shapes
 
 
 @pytest.mark.parametrize("kwargs, match", [

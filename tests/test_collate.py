@@ -137,3 +137,23 @@ def test_layout_helpers_round_trip(generator):
                        (torch.tensor([0, 2], dtype=torch.int64), "int32")]:
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
             layout.check_cu_seqlens(bad)
+
+
+def test_pair_index_and_prepend_token_match_the_padded_positions():
+    lengths = [3, 1, 0, 5]
+    cu_seqlens = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    mask = layout.mask_from_cu_seqlens(cu_seqlens, 5)
+    molecule, i, j = layout.pair_index(cu_seqlens)
+    assert torch.equal(torch.stack([molecule, i, j], 1), (mask[:, :, None] & mask[:, None, :]).nonzero())
+    assert torch.equal(layout.atom_molecules(cu_seqlens), torch.tensor([0, 0, 0, 1, 3, 3, 3, 3, 3]))
+
+    token_cu_seqlens, atom_slots, pair_slots = layout.prepend_token(cu_seqlens)
+    assert token_cu_seqlens.dtype == torch.int32 and token_cu_seqlens.tolist() == [0, 4, 6, 7, 13]
+    tokens, token_pairs = int(token_cu_seqlens[-1]), int(layout.pair_offsets(token_cu_seqlens)[-1])
+    assert token_pairs == sum((1 + n) ** 2 for n in lengths)
+    # The padded (B, 1 + N) layout with the extra token at 0: atom i of a molecule sits at 1 + i.
+    token_of = layout.pad_atoms(torch.arange(tokens), token_cu_seqlens, 6, value=-1)
+    assert torch.equal(atom_slots, token_of[:, 1:][mask])
+    pair_of = layout.pad_pairs(torch.arange(token_pairs), token_cu_seqlens, 6, value=-1)
+    assert torch.equal(pair_slots, pair_of[:, 1:, 1:][mask[:, :, None] & mask[:, None, :]])
+    assert layout.prepend_token(cu_seqlens, atoms=9, pairs=35)[2].equal(pair_slots)

@@ -218,3 +218,136 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     real = torch.nn.functional.pad(mask, (1, 0), value=True)
     pairs = real[:, :, None] & real[:, None, :]
     torch.testing.assert_close(ours.permute(0, 2, 3, 1)[pairs], expected.permute(0, 2, 3, 1)[pairs])
+
+
+# ------------------------------------------------------------------------------------------ packed layout
+def _mixed(graphs, graphs_2d):
+    """Ragged sizes: a conformer, no conformer, a single atom (methane) and a salt (two fragments)."""
+    return [graphs[2], graphs_2d[1], graphs[5], graphs[4]]
+
+
+def _loss_and_gradients(model, batch, noise):
+    model.zero_grad(set_to_none=True)
+    loss, parts = model.pretrain_loss(batch, noise=noise)
+    loss.backward()
+    return loss.detach(), {name: value.detach() for name, value in parts.items()}, \
+        {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _assert_same_gradients(packed, padded, rtol=1e-4, atol=1e-6):
+    assert packed.keys() == padded.keys()
+    for name, expected in padded.items():
+        got = packed[name]
+        assert (got is None) == (expected is None), name
+        if expected is not None:
+            # Relative to the whole gradient: some are 0 up to rounding (softmax is blind to the key bias).
+            error, scale = (got - expected).norm().item(), expected.norm().item()
+            assert error <= rtol * scale + atol, f"{name}: |packed - padded| = {error:.3g}, |padded| = {scale:.3g}"
+
+
+def _packed_noise(padded_batch):
+    if padded_batch.positions is None:
+        return None, None
+    noise = torch.randn(padded_batch.positions.shape, generator=torch.Generator().manual_seed(8)) * 0.2
+    return noise, noise[padded_batch.mask]
+
+
+@pytest.mark.parametrize("molecules", ["conformers", "2d", "mixed"])
+def test_packed_pretrain_loss_equals_padded_in_eval(graphs, graphs_2d, molecules):
+    """Eval mode (every channel on, no dropout) and the same noise: the packed path computes the padded one's
+    loss and gradients."""
+    chosen = {"conformers": graphs[:4], "2d": graphs_2d[2:], "mixed": _mixed(graphs, graphs_2d)}[molecules]
+    model = _model(layers=1).eval()
+    padded = collate(chosen)
+    noise, packed_noise = _packed_noise(padded)
+    loss, parts, gradients = _loss_and_gradients(model, padded, noise)
+    packed_loss, packed_parts, packed_gradients = _loss_and_gradients(model, collate(chosen, layout="packed"),
+                                                                      packed_noise)
+    if molecules != "2d":
+        assert parts["geometry"] > 0 and parts["denoise"] > 0
+    for name in parts:
+        torch.testing.assert_close(packed_parts[name], parts[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    _assert_same_gradients(packed_gradients, gradients)
+
+
+def test_packed_forward_and_predictor_equal_padded_with_ragged_molecules(graphs, graphs_2d):
+    model = _model().eval()
+    chosen = _mixed(graphs, graphs_2d)
+    padded, packed = collate(chosen), collate(chosen, layout="packed")
+    out, packed_out = model(padded), model(packed)
+    assert packed_out.shape == out.shape == (4, 1 + padded.max_seqlen, 32)
+    real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
+    torch.testing.assert_close(packed_out[real], out[real], rtol=1e-5, atol=1e-5)
+    assert (packed_out[~real] == 0).all()
+    torch.testing.assert_close(model.readout(packed), out[:, 0], rtol=1e-5, atol=1e-5)
+    predictor = MoleBlendPredictor(model, outputs=2).eval()
+    torch.testing.assert_close(predictor(packed), predictor(padded), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_position_override_takes_either_layout(graphs):
+    model = _model(layers=1).eval()
+    padded, packed = collate(graphs[:3]), collate(graphs[:3], layout="packed")
+    shifted = padded.positions.clone()
+    shifted[0, 1] += 0.5
+    expected = model(padded, positions=shifted)
+    real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
+    for positions in (shifted, shifted[padded.mask]):
+        torch.testing.assert_close(model(packed, positions=positions)[real], expected[real], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        model(packed, positions=shifted[:, :-1])
+    with pytest.raises(ValueError, match="noise"):
+        model.pretrain_loss(packed, noise=torch.zeros(3, 3))
+
+
+def test_packed_training_is_reproducible_and_reaches_every_parameter(graphs, graphs_2d):
+    model = _model(layers=1, dropout=0.1, attention_dropout=0.1).train()
+    batch = collate(_mixed(graphs, graphs_2d), layout="packed")
+    losses = []
+    for blend_seed in (2, 2, 3):
+        torch.manual_seed(0)  # dropout draws from torch's global generator
+        loss, parts = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(blend_seed))
+        losses.append(loss.item())
+    assert losses[0] == losses[1] != losses[2] and all(torch.isfinite(value) for value in parts.values()), parts
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_packed_batch_runs_packed_on_the_kernels(graphs, graphs_2d, monkeypatch):
+    """Every op on its Triton kernel (the interpreter here): no tensor with a (N, N) or (1 + N, 1 + N) pair of
+    dimensions is ever made (eval mode: the training blend's (B, N, N) uniforms are the documented exception),
+    the model pads nothing but the forward's final activations, and the loss and gradients are the padded
+    batch's on the reference ops."""
+    from allocations import Allocations
+
+    import pyblend.models.moleblend as moleblend
+
+    chosen = _mixed(graphs, graphs_2d)
+    model = _model(layers=1, dim=16, heads=2, ffn_dim=16, num_kernels=6, max_hops=3).eval()
+    padded, packed = collate(chosen), collate(chosen, layout="packed")
+    noise, packed_noise = _packed_noise(padded)
+    loss, _, gradients = _loss_and_gradients(model, padded, noise)
+    expected = model(padded)
+
+    padded_calls = []
+    original_pad_atoms = moleblend.pad_atoms
+    monkeypatch.setattr(moleblend, "pad_atoms", lambda *args, **kw: padded_calls.append(args[0].shape) or
+                        original_pad_atoms(*args, **kw))
+    monkeypatch.setenv("PYBLEND_BACKEND", "triton")
+    with Allocations() as record:
+        packed_loss, _, packed_gradients = _loss_and_gradients(model, packed, packed_noise)
+    assert not padded_calls, "pretrain_loss padded a tensor"
+    width = padded.max_seqlen
+    square = [shape for shape in record.shapes
+              if any(a == b and a in (width, width + 1) for a, b in zip(shape, shape[1:]))]
+    assert not square, f"tensors shaped like padded pairs (N = {width}): {sorted(set(square))}"
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    _assert_same_gradients(packed_gradients, gradients)
+
+    with torch.no_grad():
+        out = model(packed)
+    tokens = int(packed.num_atoms.sum()) + len(packed)
+    assert padded_calls == [(tokens, 16)], "the forward pads its final activations, once"
+    real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)

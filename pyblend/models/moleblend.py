@@ -21,8 +21,13 @@ Built on pyblend's ops, nothing here computes a pair tensor by hand:
   3D channel sees them and a node head predicts the noise (loss 1 - cos). Weights: 3D 0.5, SPD 0.1, edge 0.1,
   denoising 6 (the public code's).
 
-The virtual token sits at position 0 of every molecule; the attention runs on the padded layout ``(B, 1 + N)``
-(a packed batch is padded on entry).
+The virtual token sits at position 0 of every molecule. A padded batch runs on the padded layout ``(B, 1 + N)``.
+A packed batch (:func:`pyblend.collate` with ``layout="packed"``) runs packed end to end, every op on its packed
+form: the attention sees ``T + B`` tokens (``cu_seqlens + arange(B + 1)``, ``max_seqlen + 1``) and
+``P + 2T + B`` token pairs (:func:`pyblend.layout.prepend_token`), the heads and losses the ``T`` atoms and
+``P`` atom pairs, so no ``(B, H, N, N)`` tensor is made (only the training blend draws ``(B, N, N)`` uniforms,
+see :mod:`pyblend.ops.blend_relations`); :meth:`MoleBlend.forward` pads its final activations once, at the end,
+to keep returning ``(B, 1 + N, dim)``.
 """
 from __future__ import annotations
 
@@ -36,13 +41,14 @@ from torch import Tensor, nn
 
 from ..chem import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 from ..data import MolBatch
-from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs
+from ..layout import atom_molecules, mask_from_cu_seqlens, pad_atoms, pair_index, prepend_token, seqlens
 from ..nn import GaussianBasisBias, RelationBiasedAttention, RelationBlender
 from ..ops import (
     blend_relations,
     outer_product_cosine_loss,
     outer_product_loss,
     path_edge_bias,
+    relation_attention,
     shortest_path_routes,
 )
 
@@ -84,20 +90,69 @@ class MoleBlendConfig:
 
 
 @dataclass
-class Relations:
-    """A padded batch's relations, atoms only (no virtual token yet)."""
+class PackedIndex:
+    """Index tensors of a packed batch (:mod:`pyblend.layout`), made once per batch by
+    :meth:`MoleBlend.build_relations` so that no step loops over molecules."""
 
-    mask: Tensor            # (B, N) bool
-    spd: Tensor             # (B, N, N) int32, -1 unreachable / padding
-    routes: Tensor          # (B, N, N, hops) global bond ids, -1 past the end
+    atom_molecule: Tensor       # (T,) int64, the molecule of each atom
+    pair_molecule: Tensor       # (P,) int64, the molecule of each atom pair
+    pair_row: Tensor            # (P,) int64, the packed atom index of each pair's atom i
+    pair_col: Tensor            # (P,) int64, ... of its atom j
+    token_cu_seqlens: Tensor    # (B+1,) int32, the atoms with the virtual token first in every molecule
+    atom_slots: Tensor          # (T,) int64, each atom's row among the T + B tokens
+    pair_slots: Tensor          # (P,) int64, each atom pair's place among the P + 2T + B token pairs
+
+    @classmethod
+    def build(cls, cu_seqlens: Tensor, atoms: int, pairs: int) -> PackedIndex:
+        molecule, i, j = pair_index(cu_seqlens, pairs)
+        start = cu_seqlens.long()[molecule]
+        token_cu_seqlens, atom_slots, pair_slots = prepend_token(cu_seqlens, atoms, pairs)
+        return cls(atom_molecules(cu_seqlens, atoms), molecule, start + i, start + j, token_cu_seqlens, atom_slots,
+                   pair_slots)
+
+    @property
+    def tokens(self) -> int:
+        """``T + B``: the atoms and one virtual token per molecule."""
+        return self.atom_slots.numel() + self.token_cu_seqlens.numel() - 1
+
+    @property
+    def token_pairs(self) -> int:
+        """``sum (1 + N_i)^2 = P + 2T + B``."""
+        return self.pair_slots.numel() + 2 * self.atom_slots.numel() + self.token_cu_seqlens.numel() - 1
+
+
+@dataclass
+class Relations:
+    """A batch's relations, atoms only (no virtual token yet), in the batch's layout.
+
+    Padded: ``mask (B, N)``, per-atom tensors ``(B, N, ...)``, per-pair ``(B, N, N, ...)``. Packed: ``mask`` None,
+    ``cu_seqlens (B+1,)`` int32 and ``max_seqlen``, per-atom ``(T, ...)``, per-pair ``(P, ...)`` (molecule i's
+    block row-major at ``sum_{j<i} N_j^2``), and ``index``, the batch's :class:`PackedIndex`.
+    """
+
+    mask: Tensor | None     # (B, N) bool; None when packed
+    spd: Tensor             # (B, N, N) / (P,) int32, -1 unreachable / padding
+    routes: Tensor          # (B, N, N, hops) / (P, hops) global bond ids, -1 past the end
     bond_features: Tensor   # (E, F_b) int64, every bond of the batch (global ids)
-    atom_features: Tensor   # (B, N, F_a)
-    positions: Tensor | None     # (B, N, 3), zeros where unknown
+    atom_features: Tensor   # (B, N, F_a) / (T, F_a)
+    positions: Tensor | None     # (B, N, 3) / (T, 3), zeros where unknown
     has_geometry: Tensor    # (B,) bool
+    cu_seqlens: Tensor | None = None   # (B+1,) int32 when packed
+    max_seqlen: int | None = None      # the longest molecule when packed
+    index: PackedIndex | None = None   # when packed
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
 
 
 class EncoderLayer(nn.Module):
-    """Graphormer/Transformer-M layer: relation-biased attention and a feed-forward, post- or pre-LN."""
+    """Graphormer/Transformer-M layer: relation-biased attention and a feed-forward, post- or pre-LN.
+
+    ``forward(x, mask, **attention)``: padded ``x (B, N, dim)`` with ``mask (B, N)``, or packed ``x (T, dim)`` with
+    ``mask=None`` and ``cu_seqlens`` / ``max_seqlen`` among ``attention`` (the keyword arguments of
+    :class:`pyblend.nn.RelationBiasedAttention`: ``attn_bias``, ``rel_index``, ``rel_table``...). Returns ``x``'s
+    shape."""
 
     def __init__(self, config: MoleBlendConfig):
         super().__init__()
@@ -110,11 +165,11 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, **bias) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, **attention) -> Tensor:
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x = residual + self.dropout(self.self_attn(x, mask=mask, **bias))
+        x = residual + self.dropout(self.self_attn(x, mask=mask, **attention))
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
         residual = x
@@ -149,8 +204,17 @@ class NoisyNodeHead(nn.Module):
     """Transformer-M's atom head (``AtomTaskHead``, same parameter names): per-head attention over the atoms
     with the 3D bias, each pair's weight times the unit vector along ``pos_j - pos_i`` applied to the values,
     one Linear(dim, 1) per coordinate. The public code passes the whole attention bias of the last layer; this
-    head takes the 3D channel's bias (the blended 2D channels carry no geometry). Runs in torch: one layer on
-    ``(B, H, N, N, 3)`` at the end of the model."""
+    head takes the 3D channel's bias (the blended 2D channels carry no geometry).
+
+    Padded (``x (B, N, dim)``, ``positions (B, N, 3)``, ``bias (B, H, N, N)``, ``mask``): runs in torch, one
+    layer on ``(B, H, N, N, 3)`` at the end of the model. Packed (``x (T, dim)``, ``positions (T, 3)``,
+    ``bias (H, P)``, ``cu_seqlens``, ``max_seqlen``): one call of :func:`pyblend.ops.relation_attention`, so
+    nothing larger than ``(H, P)`` is made. With ``w_ij = 1 / (|pos_j - pos_i| + 1e-5)``,
+    ``sum_j softmax(S)_ij w_ij (pos_j - pos_i) v_j = m_i sum_j softmax(S + log w)_ij (pos_j - pos_i) v_j`` with
+    ``m_i = sum_j softmax(S)_ij w_ij``, and the inner sum is the attention over the values
+    ``[v, pos_x v, pos_y v, pos_z v]`` minus ``pos_i`` times its first part. It runs in float32 (the
+    subtraction) with positions centred per molecule; ``m`` comes from the logits the op returns. Returns
+    ``(B, N, 3)`` / ``(T, 3)``."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -158,7 +222,17 @@ class NoisyNodeHead(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
         self.force_proj1, self.force_proj2, self.force_proj3 = (nn.Linear(dim, 1) for _ in range(3))
 
-    def forward(self, x: Tensor, positions: Tensor, bias: Tensor | None, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, bias: Tensor | None, mask: Tensor | None = None, *,
+                cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                pair_atoms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``pair_atoms``: packed only, the ``(P,)`` packed atom indices of every pair's i and j
+        (:class:`PackedIndex` ``pair_row``, ``pair_col``), made from ``cu_seqlens`` when None."""
+        if cu_seqlens is not None:
+            if mask is not None:
+                raise ValueError("mask: the packed layout (cu_seqlens given) has no padding; pass mask=None")
+            return self._packed(x, positions, bias, cu_seqlens, max_seqlen, pair_atoms)
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         batch, atoms, dim = x.shape
         split = (lambda t: t.view(batch, atoms, self.heads, -1).transpose(1, 2))
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
@@ -171,17 +245,62 @@ class NoisyNodeHead(nn.Module):
         delta = delta / (delta.norm(dim=-1, keepdim=True) + 1e-5)                      # (B, N, N, 3)
         rotated = torch.einsum("bhij,bijc,bhjd->bichd", attention, delta, v)           # (B, N, 3, H, dh)
         rotated = rotated.reshape(batch, atoms, 3, dim)
+        return self._project(rotated)
+
+    def _project(self, rotated: Tensor) -> Tensor:
         projections = (self.force_proj1, self.force_proj2, self.force_proj3)
-        return torch.cat([proj(rotated[:, :, c]) for c, proj in enumerate(projections)], dim=-1)
+        return torch.cat([proj(rotated[..., c, :]) for c, proj in enumerate(projections)], dim=-1)
+
+    def _packed(self, x: Tensor, positions: Tensor, bias: Tensor | None, cu_seqlens: Tensor, max_seqlen: int | None,
+                pair_atoms: tuple[Tensor, Tensor] | None) -> Tensor:
+        atoms, dim = x.shape
+        if pair_atoms is None:
+            molecule, i, j = pair_index(cu_seqlens)
+            start = cu_seqlens.long()[molecule]
+            pair_atoms = (start + i, start + j)
+        rows, cols = pair_atoms
+        split = (lambda t: t.view(atoms, self.heads, -1).float())
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        head_dim = q.shape[-1]
+        positions = positions.float()
+        distance = (positions[cols] - positions[rows]).norm(dim=-1)
+        # On the diagonal pos_j - pos_i is 0, so any finite weight gives the same sum; 1 keeps it tame.
+        log_weight = torch.where(rows == cols, 0.0, -torch.log(distance + 1e-5))                       # (P,)
+        molecule = atom_molecules(cu_seqlens, atoms)
+        centre = torch.zeros(cu_seqlens.numel() - 1, 3, device=x.device).index_add_(0, molecule, positions)
+        centre = centre / seqlens(cu_seqlens).clamp(min=1)[:, None]
+        centred = positions - centre[molecule]                                                          # (T, 3)
+        moments = torch.cat([torch.ones_like(centred[:, :1]), centred], dim=1)                          # (T, 4)
+        values = (moments[:, None, :, None] * v[:, :, None, :]).reshape(atoms, self.heads, 4 * head_dim)
+        widen = (lambda t: F.pad(t, (0, 3 * head_dim)))  # q, k, v share one shape; zeros leave q.k unchanged
+        logit_bias = log_weight[None] if bias is None else bias.float() + log_weight
+        weighted, logits = relation_attention(widen(q), widen(k), values, logit_bias, cu_seqlens=cu_seqlens,
+                                              max_seqlen=max_seqlen, scale=head_dim ** -0.5, return_logits=True)
+        # logits = S + log w (H, P): m_i = exp(lse_j(S + log w) - lse_j(S)).
+        row_scale = torch.exp(_row_logsumexp(logits, rows, atoms) - _row_logsumexp(logits - log_weight, rows, atoms))
+        weighted = weighted.view(atoms, self.heads, 4, head_dim)
+        rotated = (weighted[:, :, 1:] - centred[:, None, :, None] * weighted[:, :, :1]) * row_scale.T[:, :, None, None]
+        return self._project(rotated.transpose(1, 2).reshape(atoms, 3, dim).to(x.dtype))
+
+
+def _row_logsumexp(values: Tensor, rows: Tensor, count: int) -> Tensor:
+    """``values (H, P)`` -> ``(H, count)``: the log-sum-exp of each row's entries, ``rows (P,)`` naming the row of
+    each entry (every row has at least one)."""
+    index = rows[None].expand_as(values)
+    peak = values.new_full((values.shape[0], count), float("-inf"))
+    peak = peak.scatter_reduce(1, index, values, "amax").detach()  # a stabiliser: the result does not depend on it
+    total = values.new_zeros(values.shape[0], count).index_add(1, rows, torch.exp(values - peak[:, rows]))
+    return peak + total.log()
 
 
 class MoleBlend(nn.Module):
     """The MoleBlend encoder and its pretraining objective.
 
     ``model(batch)`` -> ``(B, 1 + N, dim)`` atom representations, the virtual token first (its row is the CLS
-    readout). ``model.pretrain_loss(batch)`` -> ``(loss, parts)``. ``batch`` is a :class:`pyblend.MolBatch`
-    from :func:`pyblend.collate` (padded or packed); molecules without a conformer (``has_positions`` False)
-    use the 2D channels only and skip the 3D and denoising losses.
+    readout, also :meth:`readout`). ``model.pretrain_loss(batch)`` -> ``(loss, parts)``. ``batch`` is a
+    :class:`pyblend.MolBatch` from :func:`pyblend.collate`, padded or packed (which runs packed throughout, see
+    the module docstring); molecules without a conformer (``has_positions`` False) use the 2D channels only and
+    skip the 3D and denoising losses.
     """
 
     def __init__(self, config: MoleBlendConfig | None = None):
@@ -234,25 +353,46 @@ class MoleBlend(nn.Module):
     # ----------------------------------------------------------------------------------------------- encoder
     def forward(self, batch: MolBatch, *, positions: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-        """Atom representations ``(B, 1 + N, dim)`` (virtual token at 0) of a padded or packed batch.
+        """Atom representations ``(B, 1 + N, dim)`` (virtual token at 0, N = the batch's ``max_seqlen``) of a
+        padded or packed batch. A packed batch runs packed and its final ``(T + B, dim)`` activations are padded
+        here, once (rows past a molecule's end are 0).
 
-        ``positions`` (padded ``(B, N, 3)``, N = the batch's ``max_seqlen``) overrides the batch's (the pretraining passes noisy ones); ``generator`` draws
-        the blend in training mode."""
-        x, _ = self._encode(self.build_relations(batch, positions), generator)
+        ``positions`` overrides the batch's (padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
+        ``(B, N, 3)``); ``generator`` draws the blend in training mode."""
+        relations = self.build_relations(batch, positions)
+        x, _ = self._encode(relations, generator)
+        if relations.packed:
+            return pad_atoms(x, relations.index.token_cu_seqlens, relations.max_seqlen + 1)
         return x
+
+    def readout(self, batch: MolBatch, *, positions: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """The virtual token's final row per molecule, ``(B, dim)``: ``model(batch)[:, 0]`` without padding a
+        packed batch. Arguments as :meth:`forward`."""
+        relations = self.build_relations(batch, positions)
+        x, _ = self._encode(relations, generator)
+        if relations.packed:
+            return x[relations.index.token_cu_seqlens[:-1].long()]
+        return x[:, 0]
 
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
-        mask = F.pad(relations.mask, (1, 0), value=True)
+        mask = None if relations.packed else F.pad(relations.mask, (1, 0), value=True)
         for layer in self.layers:
             x = layer(x, mask, **attention)
         return x, geometry_bias
 
     def layer_inputs(self, relations: Relations, generator: torch.Generator | None = None
-                     ) -> tuple[Tensor, dict[str, Tensor | None], Tensor | None]:
-        """What the first layer receives: the embeddings ``(B, 1 + N, dim)`` (after the embedding LayerNorm and
-        dropout), the attention's relation inputs ``{"attn_bias", "rel_index", "rel_table"}`` over ``1 + N``
-        positions, and the 3D channel's bias ``(B, H, N, N)`` (None without positions)."""
+                     ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None]:
+        """What the first layer receives: the embeddings (after the embedding LayerNorm and dropout), the
+        attention's inputs, and the 3D channel's bias (None without positions).
+
+        Padded: ``(B, 1 + N, dim)``, ``{"attn_bias", "rel_index", "rel_table"}`` over ``1 + N`` positions,
+        ``(B, H, N, N)``. Packed: ``(T + B, dim)`` with each molecule's virtual token first, ``{"attn_bias" (H, P +
+        2T + B), "rel_index" (P + 2T + B,), "rel_table", "cu_seqlens", "max_seqlen"}`` over those tokens, ``(H, P)``.
+        """
+        if relations.packed:
+            return self._packed_layer_inputs(relations, generator)
         config = self.config
         mask = relations.mask
         x = self.atom_encoder(relations.atom_features + self.atom_offsets).sum(dim=-2)
@@ -286,26 +426,65 @@ class MoleBlend(nn.Module):
             x = self.emb_layer_norm(x)
         return F.dropout(x, config.dropout, self.training), attention, geometry_bias
 
+    def _packed_layer_inputs(self, relations: Relations, generator: torch.Generator | None
+                             ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None]:
+        config, index = self.config, relations.index
+        cu_seqlens, width = relations.cu_seqlens, relations.max_seqlen
+        atoms = relations.atom_features.shape[0]
+        x = self.atom_encoder(relations.atom_features + self.atom_offsets).sum(dim=-2)                  # (T, dim)
+        neighbours = (relations.spd == 1).long()
+        degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
+        x = x + self.degree_encoder(degree.clamp(max=config.max_degree))
+
+        edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
+                                   self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads),
+                                   cu_seqlens=cu_seqlens)                                                # (H, P)
+        geometry_bias = None
+        known = relations.has_geometry
+        if relations.positions is not None:
+            atom_types = relations.atom_features[:, 0]
+            pair_types = torch.stack([atom_types[index.pair_row], atom_types[index.pair_col]], dim=-1)    # (P, 2)
+            geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, cu_seqlens=cu_seqlens,
+                                                   max_seqlen=width)                                     # (H, P)
+            geometry_bias = torch.where(known[index.pair_molecule], geometry_bias, 0.0)
+            if config.atom_3d_feature:
+                x = x + torch.where(known[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
+
+        choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator)
+        spd_index = torch.where(relations.spd < 0, self.unreachable_id,
+                                relations.spd.clamp(max=config.max_distance))
+        blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
+                                  edge_bias=edge_bias, geometry_bias=geometry_bias)
+        # The virtual token first in every molecule: its pairs take the virtual distance and no edge or 3D bias.
+        token_pairs, rel_index, bias = index.token_pairs, blended["rel_index"], blended["bias"]
+        rel_index = rel_index.new_full((token_pairs,), self.virtual_id).index_copy(0, index.pair_slots, rel_index)
+        if bias is not None:
+            bias = bias.new_zeros(bias.shape[0], token_pairs).index_copy(1, index.pair_slots, bias)
+        attention = {"rel_index": rel_index, "attn_bias": bias, "rel_table": blended["rel_table"],
+                     "cu_seqlens": index.token_cu_seqlens, "max_seqlen": width + 1}
+
+        x = self.graph_token.weight.expand(index.tokens, -1).index_copy(0, index.atom_slots, x)        # (T + B, dim)
+        if self.emb_layer_norm is not None:
+            x = self.emb_layer_norm(x)
+        return F.dropout(x, config.dropout, self.training), attention, geometry_bias
+
     def _bond_embeddings(self, relations: Relations) -> Tensor:
         """``(E, H)``: each bond's mean over its features of their embeddings."""
         return self.edge_encoder(relations.bond_features + self.bond_offsets).mean(dim=-2)
 
     def build_relations(self, batch: MolBatch, positions: Tensor | None = None) -> Relations:
-        """The padded atoms-only view of a padded or packed batch, with shortest paths and global bond ids."""
+        """The atoms-only :class:`Relations` of a batch, in its layout, with shortest paths and global bond ids.
+
+        ``positions`` overrides the batch's: padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
+        ``(B, N, 3)`` (N = ``batch.max_seqlen``), packed here."""
         if batch.layout == "packed":
-            cu_seqlens, width = batch.cu_seqlens, batch.max_seqlen
-            mask = mask_from_cu_seqlens(cu_seqlens, width)
-            atom_features = pad_atoms(batch.atom_features, cu_seqlens, width)
-            bond_ids = pad_pairs(batch.bond_ids, cu_seqlens, width, value=-1)
-            bond_features = batch.bond_features
-            batch_positions = None if batch.positions is None else pad_atoms(batch.positions, cu_seqlens, width)
-        else:
-            mask, atom_features = batch.mask, batch.atom_features
-            bonds = batch.bond_features.shape[1]
-            start = torch.arange(len(batch), device=mask.device, dtype=torch.int32)[:, None, None] * bonds
-            bond_ids = torch.where(batch.bond_ids >= 0, batch.bond_ids + start, -1)
-            bond_features = batch.bond_features.reshape(-1, batch.bond_features.shape[-1])
-            batch_positions = batch.positions
+            return self._packed_relations(batch, positions)
+        mask, atom_features = batch.mask, batch.atom_features
+        bonds = batch.bond_features.shape[1]
+        start = torch.arange(len(batch), device=mask.device, dtype=torch.int32)[:, None, None] * bonds
+        bond_ids = torch.where(batch.bond_ids >= 0, batch.bond_ids + start, -1)
+        bond_features = batch.bond_features.reshape(-1, batch.bond_features.shape[-1])
+        batch_positions = batch.positions
         spd, routes = shortest_path_routes(bond_ids, mask, max_hops=self.config.max_hops)
         positions = batch_positions if positions is None else positions
         has_geometry = torch.zeros(len(batch), dtype=torch.bool, device=mask.device)
@@ -316,61 +495,105 @@ class MoleBlend(nn.Module):
             positions = torch.where((has_geometry[:, None] & mask)[..., None], positions, 0.0)
         return Relations(mask, spd, routes, bond_features, atom_features, positions, has_geometry)
 
+    def _packed_relations(self, batch: MolBatch, positions: Tensor | None) -> Relations:
+        cu_seqlens, width = batch.cu_seqlens, batch.max_seqlen
+        atoms, pairs = batch.atom_features.shape[0], batch.bond_ids.shape[0]
+        index = PackedIndex.build(cu_seqlens, atoms, pairs)
+        # The packed bond ids are batch-wide already: they index batch.bond_features (E_total, F_b).
+        spd, routes = shortest_path_routes(batch.bond_ids, cu_seqlens=cu_seqlens, max_hops=self.config.max_hops)
+        positions = batch.positions if positions is None else _packed_positions(positions, cu_seqlens, width, atoms)
+        has_geometry = torch.zeros(len(batch), dtype=torch.bool, device=cu_seqlens.device)
+        if positions is not None:
+            has_geometry = batch.has_positions.to(cu_seqlens.device) if batch.has_positions is not None else \
+                torch.ones_like(has_geometry)
+            # Molecules without a conformer carry NaN positions: zero them (their 3D channel is never chosen).
+            positions = torch.where(has_geometry[index.atom_molecule, None], positions, 0.0)
+        return Relations(None, spd, routes, batch.bond_features, batch.atom_features, positions, has_geometry,
+                         cu_seqlens=cu_seqlens, max_seqlen=width, index=index)
+
     # ------------------------------------------------------------------------------------------- pretraining
-    def pretrain_loss(self, batch: MolBatch, *, generator: torch.Generator | None = None
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def pretrain_loss(self, batch: MolBatch, *, generator: torch.Generator | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """MoleBlend's objective on one batch: ``(weighted total, {"spd", "edge", "geometry", "denoise"})``.
 
         Noise (scale ``noise_scale``) is added to the positions of molecules with a conformer; the blended
         encoder then predicts, for every atom pair, the SPD class, the bond type of each hop of the shortest
         path and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
-        ``generator`` drives both the noise and the blend (default: torch's global generator)."""
-        return self.relation_loss(self.build_relations(batch), generator=generator)
+        ``generator`` drives both the noise and the blend (default: torch's global generator). A packed batch
+        runs packed (its draws differ from the padded batch's). ``noise``: see :meth:`relation_loss`."""
+        return self.relation_loss(self.build_relations(batch), generator=generator, noise=noise)
 
-    def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`pretrain_loss` from relations already built (``model.build_relations(batch)``: shortest paths,
-        routes, padded positions), for loops and benchmarks that reuse them; ``relations`` is not modified."""
+        routes, positions, in the batch's layout), for loops and benchmarks that reuse them; ``relations`` is not
+        modified. ``noise``: the position noise to add instead of drawing it (``noise_scale`` is not applied),
+        shaped like ``relations.positions`` (padded ``(B, N, 3)``, packed ``(T, 3)``)."""
         config = self.config
         relations = dataclasses.replace(relations)
         clean = relations.positions
-        noise = None
-        if clean is not None:
+        if clean is None:
+            if noise is not None:
+                raise ValueError("noise: the relations have no positions to add noise to")
+        elif noise is None:
             noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
             noise = noise * config.noise_scale
-            relations.positions = clean + torch.where(relations.mask[..., None], noise, 0.0)
+        elif not isinstance(noise, Tensor) or noise.shape != clean.shape:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise: expected the shape of the positions {tuple(clean.shape)}; got {got}")
+        if clean is not None:
+            relations.positions = clean + (noise if relations.packed else
+                                           torch.where(relations.mask[..., None], noise, 0.0))
         x, geometry_bias = self._encode(relations, generator)
-        atoms = x[:, 1:]
-        mask = relations.mask
+        known = relations.has_geometry
+        if relations.packed:
+            index = relations.index
+            atoms = x.index_select(0, index.atom_slots)                                              # (T, dim)
+            layout = {"cu_seqlens": relations.cu_seqlens, "max_seqlen": relations.max_seqlen}
+            known_atoms = known[index.atom_molecule]
+        else:
+            atoms = x[:, 1:]
+            layout = {"mask": relations.mask}
+            known_atoms = relations.mask & known[:, None]
 
         spd = relations.spd  # 0 on the diagonal, -1 unreachable or padding: those pairs are ignored
         spd_target = torch.where(spd <= 0, -100, spd.clamp(max=config.spd_classes - 1).long())
-        parts = {"spd": self._pair_loss(self.spd_head, atoms, mask, target=spd_target)}
+        parts = {"spd": self._pair_loss(self.spd_head, atoms, target=spd_target, **layout)}
 
         hops = relations.routes
         bond_type = relations.bond_features[:, 0]
         edge_target = torch.where(hops >= 0, bond_type[hops.clamp(min=0).long()], -100)
-        parts["edge"] = self._pair_loss(self.edge_head, atoms, mask, target=edge_target, groups=config.max_hops)
+        parts["edge"] = self._pair_loss(self.edge_head, atoms, target=edge_target, groups=config.max_hops, **layout)
 
         zero = atoms.new_zeros((), dtype=torch.float32)
         parts["geometry"] = parts["denoise"] = zero
-        known = relations.has_geometry
         if clean is not None and bool(known.any()):
-            geometry_mask = mask & known[:, None]
             head = self.geometry_head
-            parts["geometry"] = outer_product_cosine_loss(head.row(atoms), head.col(atoms), head.out.weight,
-                                                          head.out.bias, positions=clean, mask=geometry_mask)
+            if relations.packed:
+                # Only the molecules with a conformer: the others keep their place with no atoms.
+                lengths = seqlens(relations.cu_seqlens) * known
+                known_cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+                known_rows = atoms[known_atoms]
+                parts["geometry"] = outer_product_cosine_loss(
+                    head.row(known_rows), head.col(known_rows), head.out.weight, head.out.bias,
+                    positions=clean[known_atoms], cu_seqlens=known_cu_seqlens, max_seqlen=relations.max_seqlen)
+                head_layout = {**layout, "pair_atoms": (index.pair_row, index.pair_col)}
+            else:
+                parts["geometry"] = outer_product_cosine_loss(head.row(atoms), head.col(atoms), head.out.weight,
+                                                              head.out.bias, positions=clean, mask=known_atoms)
+                head_layout = layout
             bias = None if geometry_bias is None else geometry_bias.to(atoms.dtype)
-            predicted = self.atom_proc(atoms, relations.positions, bias, mask)
+            predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)
             cosine = F.cosine_similarity(predicted.float(), noise.float(), dim=-1, eps=1e-8)
-            parts["denoise"] = (1 - cosine)[geometry_mask].mean()
+            parts["denoise"] = (1 - cosine)[known_atoms].mean()
         total = sum(config.loss_weights.get(name, 0.0) * value for name, value in parts.items())
         return total, parts
 
     @staticmethod
-    def _pair_loss(head: _OuterProductHead, atoms: Tensor, mask: Tensor, target: Tensor, groups: int = 1) -> Tensor:
+    def _pair_loss(head: _OuterProductHead, atoms: Tensor, target: Tensor, groups: int = 1, **layout) -> Tensor:
+        """``layout``: ``mask`` (padded) or ``cu_seqlens`` and ``max_seqlen`` (packed)."""
         return outer_product_loss(head.row(atoms), head.col(atoms), head.out.weight, head.out.bias, target=target,
-                                  groups=groups, ignore_index=-100, mask=mask)
+                                  groups=groups, ignore_index=-100, **layout)
 
 
 class MoleBlendPredictor(nn.Module):
@@ -389,8 +612,8 @@ class MoleBlendPredictor(nn.Module):
         self.head = nn.Linear(encoder.config.dim, outputs)
 
     def forward(self, batch: MolBatch) -> Tensor:
-        """``(B, outputs)`` logits (classification) or predictions (regression)."""
-        return self.head(self.norm(self.encoder(batch)[:, 0]))
+        """``(B, outputs)`` logits (classification) or predictions (regression), padded or packed batch."""
+        return self.head(self.norm(self.encoder.readout(batch)))
 
     def loss(self, batch: MolBatch) -> Tensor:
         if batch.labels is None:
@@ -406,6 +629,18 @@ class MoleBlendPredictor(nn.Module):
 def _offsets(dims) -> Tensor:
     return torch.tensor([0, *torch.tensor(dims).cumsum(0)[:-1].tolist()], dtype=torch.long)
 
+
+def _packed_positions(positions: Tensor, cu_seqlens: Tensor, width: int, atoms: int) -> Tensor:
+    """A packed batch's position override: ``(T, 3)`` as it is, or padded ``(B, N, 3)`` packed."""
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"positions: expected a torch.Tensor, got {type(positions).__name__}")
+    batch = cu_seqlens.numel() - 1
+    if tuple(positions.shape) == (atoms, 3):
+        return positions
+    if tuple(positions.shape) == (batch, width, 3):
+        return positions[mask_from_cu_seqlens(cu_seqlens, width)]
+    raise ValueError(f"positions: expected packed (T, 3) = ({atoms}, 3) or padded (B, N, 3) = ({batch}, {width}, 3) "
+                     f"for this packed batch; got {positions.dtype} {tuple(positions.shape)}")
 
 
 def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlendConfig,

@@ -10,13 +10,17 @@ made.
 Sampling is random-number generation and a comparison per pair, and blending one ``torch.where`` per dense
 channel: memory-bound elementwise work that torch runs at bandwidth, so there is no kernel here. The pair
 choices are int8/uint8 ``(B, N, N)`` (packed ``(P,)``), a quarter of one float bias channel.
+
+Packed layout: the choices are computed per real pair only. A ``mode="pair"`` draw still generates the padded
+``(B, N, N)`` uniforms (one float per padded pair, no head dimension) and reads the real pairs out of them, so
+that a packed batch gets exactly the padded batch's draw from the same generator; every other tensor is ``(P,)``.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..layout import check_cu_seqlens, seqlens
+from ..layout import check_cu_seqlens, pair_index, seqlens
 from ._checks import as_tensor, check_dtype, check_shape, describe
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
@@ -54,7 +58,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}; got {mode!r}")
     weights = _probabilities(probs)
-    mask, packed, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
     (batch, atoms), device = mask.shape, mask.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: expected a generator on {device.type} (where the choices are drawn); "
@@ -84,19 +88,23 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         draw = torch.triu(draw) + torch.triu(draw, diagonal=1).transpose(1, 2)
     # The outcome whose cumulative interval holds the draw; the last bound is left out, so a sum that rounds to
     # 1 - ulp cannot push an index past the end.
+    if cu_seqlens is not None:
+        molecule, i, j = pair_index(cu_seqlens)
+        # Indexing the expanded view reads the real pairs' draws without materialising a padded tensor.
+        index = (draw.expand(batch, atoms, atoms)[molecule, i, j, None] >= cumulative[molecule, :-1]).sum(-1)
+        return outcomes[index]
     index = (draw[..., None] >= cumulative[:, None, None, :-1]).sum(-1)
-    return _on_real_pairs(outcomes[index].expand(batch, atoms, atoms), mask, packed)
+    return _on_real_pairs(outcomes[index].expand(batch, atoms, atoms), mask)
 
 
-def _on_real_pairs(choice: Tensor, mask: Tensor, packed: bool) -> Tensor:
+def _on_real_pairs(choice: Tensor, mask: Tensor) -> Tensor:
     pairs = mask[:, :, None] & mask[:, None, :]
-    if packed:
-        return choice[pairs]  # row-major per molecule, molecules in order: the packed pair layout
     return torch.where(pairs, choice, torch.zeros((), dtype=torch.uint8, device=mask.device))
 
 
-def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, bool, Tensor]:
-    """Validated ``(atom mask (B, N), packed?, has_geometry (B,))``; a packed batch gets its padded mask."""
+def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Validated ``(atom mask (B, N), cu_seqlens or None, has_geometry (B,))``; a packed batch gets its padded
+    ``(B, N)`` mask (for the batch size and width)."""
     mask = as_tensor(mask, "mask", optional=True)
     cu_seqlens = as_tensor(cu_seqlens, "cu_seqlens", optional=True)
     if (mask is None) == (cu_seqlens is None):
@@ -115,20 +123,22 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, bool, T
         mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]
     batch = mask.shape[0]
     if has_geometry is None:
-        return mask, cu_seqlens is not None, torch.ones(batch, dtype=torch.bool, device=mask.device)
+        return mask, cu_seqlens, torch.ones(batch, dtype=torch.bool, device=mask.device)
     has_geometry = as_tensor(has_geometry, "has_geometry")
     check_dtype(has_geometry, "has_geometry", (torch.bool,))
     check_shape(has_geometry, "has_geometry", (batch,), "(B,)")
-    return mask, cu_seqlens is not None, has_geometry.to(mask.device)
+    return mask, cu_seqlens, has_geometry.to(mask.device)
 
 
 def every_channel(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                   has_geometry: Tensor | None = None) -> Tensor:
     """The no-blending choice (inference): every real pair uses SPD, edge and 3D, or SPD and edge where its
     molecule has no conformer. Arguments and result as :func:`sample_blend`."""
-    mask, packed, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
     channels = torch.where(has_geometry, SPD | EDGE | GEOMETRY, SPD | EDGE).to(torch.uint8)
-    return _on_real_pairs(channels[:, None, None].expand(-1, *mask.shape[1:], mask.shape[1]), mask, packed)
+    if cu_seqlens is not None:
+        return torch.repeat_interleave(channels, seqlens(cu_seqlens) ** 2)
+    return _on_real_pairs(channels[:, None, None].expand(-1, *mask.shape[1:], mask.shape[1]), mask)
 
 
 def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_table: Tensor | None = None,
