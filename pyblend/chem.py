@@ -38,31 +38,14 @@ from rdkit import Chem, RDConfig, rdBase
 from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 from tqdm import tqdm
 
+from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES
+
 __all__ = [
     "ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES", "DEFAULT_MOLECULES_PATH",
     "Failure", "MolGraph", "MoleculeTable", "default_molecules", "featurize", "featurize_many", "read_csv",
     "read_sdf",
 ]
 
-ATOM_FEATURE_NAMES = (
-    "atomic_number",          # Z - 1 for Z in 1..118; 118 = other (e.g. the dummy atom "*")
-    "chirality",              # CHI_UNSPECIFIED, CHI_TETRAHEDRAL_CW, CHI_TETRAHEDRAL_CCW, CHI_OTHER; 4 = other
-    "degree",                 # total degree (heavy neighbours + all hydrogens), 0..10; 11 = other
-    "formal_charge",          # -5..5 -> 0..10; 11 = other
-    "total_hydrogens",        # hydrogens on the atom, implicit or explicit, 0..8; 9 = other
-    "radical_electrons",      # 0..4; 5 = other
-    "hybridization",          # SP, SP2, SP3, SP3D, SP3D2; 5 = other (unspecified, S, SP2D, ...)
-    "is_aromatic",            # 0/1
-    "is_in_ring",             # 0/1
-)
-ATOM_FEATURE_DIMS = (119, 5, 12, 12, 10, 6, 6, 2, 2)
-
-BOND_FEATURE_NAMES = (
-    "bond_type",              # SINGLE, DOUBLE, TRIPLE, AROMATIC; 4 = other (dative, zero-order, ...)
-    "stereo",                 # STEREONONE, STEREOZ, STEREOE, STEREOCIS, STEREOTRANS, STEREOANY; other -> 5 too
-    "is_conjugated",          # 0/1
-)
-BOND_FEATURE_DIMS = (5, 6, 2)
 
 DEFAULT_MOLECULES_PATH = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
 

@@ -27,6 +27,19 @@ def test_import_is_light_and_queries_no_device():
     assert cuda_initialized == "False"
 
 
+def test_layers_and_models_work_without_rdkit():
+    """Only featurization needs RDKit: the layers and MoleBlend (whose embedding sizes come from
+    pyblend.features) import and run where it is not installed (as on the offline GPU machines)."""
+    result = python("import sys\n"
+                    "sys.modules['rdkit'] = None  # any import of RDKit now fails\n"
+                    "import pyblend.nn, pyblend.ops\n"
+                    "from pyblend.models import MoleBlend, MoleBlendConfig\n"
+                    "model = MoleBlend(MoleBlendConfig(layers=1, dim=16, heads=2, ffn_dim=16))\n"
+                    "print('pyblend.chem' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_version_and_typing_marker():
     assert re.fullmatch(r"\d+\.\d+\.\d+", pyblend.__version__)
     assert (Path(pyblend.__file__).parent / "py.typed").exists()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..chem import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
+from ..features import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 from ..data import MolBatch
 from ..layout import atom_molecules, mask_from_cu_seqlens, pad_atoms, pair_index, prepend_token, seqlens
 from ..nn import GaussianBasisBias, RelationBiasedAttention, RelationBlender
