@@ -1,4 +1,4 @@
-"""Relative-error bounds against a float64 reference, ||out - ref|| / ||ref|| (DESIGN.md), in one place."""
+"""Relative-error bounds against a float64 reference, ||out - ref|| / ||ref|| (../shared/DESIGN.md), in one place."""
 import torch
 
 RELATIVE_ERROR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
