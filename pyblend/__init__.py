@@ -8,21 +8,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from . import layout, ops, reference
 from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import layout, ops, reference
     from .chem import Failure, MolGraph, default_molecules, featurize, featurize_many, read_csv, read_sdf
     from .data import MolBatch, collate
 
+# Everything loads on first use, torch included: featurize_many's worker processes import pyblend.chem, which
+# then costs RDKit alone.
 _LAZY = {
     "featurize": "chem", "featurize_many": "chem", "MolGraph": "chem", "Failure": "chem",
     "default_molecules": "chem", "read_csv": "chem", "read_sdf": "chem",
     "collate": "data", "MolBatch": "data",
-    "chem": None, "data": None, "nn": None,
+    "chem": None, "data": None, "layout": None, "nn": None, "ops": None, "reference": None,
 }
 
-__all__ = ["__version__", "layout", "ops", "reference", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

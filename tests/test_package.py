@@ -27,6 +27,14 @@ def test_import_is_light_and_queries_no_device():
     assert cuda_initialized == "False"
 
 
+def test_featurization_imports_no_torch():
+    """featurize_many's worker processes import pyblend.chem: that must cost RDKit alone, not torch too (it did,
+    and two workers were slower than one on the default set)."""
+    result = python("import sys, pyblend.chem\nprint('torch' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 def test_layers_and_models_work_without_rdkit():
     """Only featurization needs RDKit: the layers and MoleBlend (whose embedding sizes come from
     pyblend.features) import and run where it is not installed (as on the offline GPU machines)."""
