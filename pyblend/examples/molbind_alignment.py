@@ -21,8 +21,9 @@ import time
 import torch
 from torch import nn
 
-from pyblend import collate, featurize_many, ops
-from pyblend.chem import ATOM_FEATURE_DIMS, default_molecules
+from pyblend import collate, ops
+from pyblend.chem import ATOM_FEATURE_DIMS
+from pyblend.examples.moleculenet import default_set_with_conformers
 from pyblend.nn import RelationBiasedAttention
 
 MAX_DISTANCE = 16  # shortest-path ids 0..15; longer paths and unreachable pairs share id 16
@@ -122,12 +123,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    started = time.perf_counter()
-    graphs, failures = featurize_many(default_molecules(args.molecules), errors="skip", conformer=True,
-                                      workers=os.cpu_count(), progress=False, seed=args.seed)
-    graphs = [g for g in graphs if g.positions is not None]
-    print(f"{len(graphs)} molecules with conformers ({len(failures)} failed) in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    graphs = default_set_with_conformers(args.molecules, args.seed)
     order = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held_out = [graphs[i] for i in order[:args.held_out]]
     training = [graphs[i] for i in order[args.held_out:]]

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from pyblend import collate, featurize_many
-from pyblend.chem import default_molecules, read_csv
+from pyblend.chem import read_csv
 from pyblend.examples.dynamic_fusion import DATASETS
-from pyblend.examples.moleculenet import DEFAULT_DATA, mean_roc_auc, scaffold_split
+from pyblend.examples.moleculenet import DEFAULT_DATA, default_set_with_conformers, mean_roc_auc, scaffold_split
 from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor
 
 PARTS = ("spd", "edge", "geometry", "denoise")
@@ -126,11 +126,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    started = time.perf_counter()
-    graphs, failures = featurize_many(default_molecules(args.molecules), errors="skip", conformer=True,
-                                      workers=os.cpu_count(), progress=False, seed=args.seed)
-    print(f"{len(graphs)} molecules featurized with conformers ({len(failures)} failed) in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    graphs = default_set_with_conformers(args.molecules, args.seed)
     held_out = batches(graphs[:args.held_out], 64)
     training = graphs[args.held_out:]
 
