@@ -15,6 +15,8 @@ Pair tensors (bias, relation ids) are addressed as padded ``(B, H, N, N)`` throu
 ``(H, P)``, molecule ``b``'s block at ``pair_offsets[b]``. Logits, their gradient and dropout use the canonical
 contiguous index of that shape, so the dropout pattern is ``rand(seed, flat index) >= dropout_p``.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -66,8 +68,17 @@ def _atom_mask(mask_ptr, b, positions, inside, s_m_b, s_m_n, HAS_MASK: tl.conste
 
 
 @triton.jit
-def _load_atoms(ptr, b, h, tokens, inside, offs_d, head_dim, s_b, s_n, s_h):
-    return tl.load(ptr + b * s_b + tokens[:, None] * s_n + h * s_h + offs_d[None, :],
+def _atom_offsets(b, h, tokens, offs_d, s_b, s_n, s_h, ALIGN: tl.constexpr):
+    """Offsets of a (tokens, D) tile of a per-atom tensor. Every row starts at a multiple of ALIGN elements (the
+    launcher checked the strides), which lets the compiler use 16-byte loads and stores when D is not a multiple
+    of 16 (D = 24: the per-head width of a 768-wide model with 32 heads)."""
+    starts = tl.multiple_of(b * s_b + tokens * s_n + h * s_h, ALIGN)
+    return starts[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _load_atoms(ptr, b, h, tokens, inside, offs_d, head_dim, s_b, s_n, s_h, ALIGN: tl.constexpr):
+    return tl.load(ptr + _atom_offsets(b, h, tokens, offs_d, s_b, s_n, s_h, ALIGN),
                    mask=inside[:, None] & (offs_d[None, :] < head_dim), other=0.0)
 
 
@@ -102,10 +113,10 @@ def _relation_attention_fwd_kernel(
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
-    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -116,7 +127,7 @@ def _relation_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -125,8 +136,8 @@ def _relation_attention_fwd_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         inside = rows_in[:, None] & cols_in[None, :]
         real = rows_real[:, None] & keys_real[None, :]
         s = _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
@@ -154,8 +165,8 @@ def _relation_attention_fwd_kernel(
     if DROPOUT:
         out = out / (1.0 - dropout_p)
     out = tl.where(live[:, None], out, 0.0)
-    tl.store(out_ptr + b * s_o_b + (start + rows)[:, None] * s_o_n + h * s_o_h + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(out_ptr + _atom_offsets(b, h, start + rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
+             out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM))
     # +inf for dead rows: the backward's exp(s - lse) is then 0 there.
     m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse = tl.where(live, m_final + tl.log(tl.where(live, l_i, 1.0)), float("inf"))
@@ -197,10 +208,10 @@ def _relation_attention_bwd_kv_kernel(
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
-    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, WRITE_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dK and dV for one key tile (``do``, ``dk``, ``dv`` share the contiguous strides ``s_o_*``). With
     WRITE_DBIAS the score gradient goes straight to a contiguous dBias of the bias's full shape and dtype."""
@@ -213,16 +224,16 @@ def _relation_attention_bwd_kv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols_in = cols < seqlen
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for row_start in range(0, seqlen, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         rows_in = rows < seqlen
         rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
         lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
         delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
         inside = rows_in[:, None] & cols_in[None, :]
@@ -238,8 +249,8 @@ def _relation_attention_bwd_kv_kernel(
             tl.store(dbias_ptr + canonical, ds.to(dbias_ptr.dtype.element_ty), mask=inside)
         dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    atoms = b * s_o_b + (start + cols)[:, None] * s_o_n + h * s_o_h + offs_d[None, :]
-    inside_d = cols_in[:, None] & (offs_d[None, :] < head_dim)
+    atoms = _atom_offsets(b, h, start + cols, offs_d, s_o_b, s_o_n, s_o_h, ALIGN)
+    inside_d = cols_in[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptr + atoms, (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_d)
     tl.store(dv_ptr + atoms, dv.to(dv_ptr.dtype.element_ty), mask=inside_d)
 
@@ -251,10 +262,10 @@ def _relation_attention_bwd_q_kernel(
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
-    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dQ for one query tile, summing over key tiles in order. Runs first: it also writes
     ``delta = rowsum(dO * O)`` (float32, the layout of lse) for the kernels after it."""
@@ -267,9 +278,9 @@ def _relation_attention_bwd_q_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
-    out = _load_atoms(out_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+    out = _load_atoms(out_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
     lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, delta, mask=rows_in)
@@ -278,8 +289,8 @@ def _relation_attention_bwd_q_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         _, ds = _score_gradient(
             q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
@@ -287,8 +298,8 @@ def _relation_attention_bwd_q_kernel(
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
             HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + b * s_o_b + (start + rows)[:, None] * s_o_n + h * s_o_h + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(dq_ptr + _atom_offsets(b, h, start + rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -297,9 +308,9 @@ def _tile_score_gradient(
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
-    s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
+    s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside)."""
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -307,10 +318,10 @@ def _tile_score_gradient(
     cols_in = cols < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_q_b, s_q_n, s_q_h)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, head_dim, s_o_b, s_o_n, s_o_h)
-    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_k_b, s_k_n, s_k_h)
-    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, head_dim, s_v_b, s_v_n, s_v_h)
+    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
     lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
     delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
     _, ds = _score_gradient(
@@ -329,12 +340,12 @@ def _relation_attention_bwd_bias_kernel(
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
-    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed, num_batch,
+    padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed, num_batch,
     s_db_b, s_db_h, s_db_i, s_db_j,
     SUM_BATCH: tl.constexpr, SUM_HEADS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dBias of a broadcast bias: one program per (row tile, column tile, bias slice), summing the score
     gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
@@ -365,8 +376,8 @@ def _relation_attention_bwd_bias_kernel(
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
                 s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
-                s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
-                HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+                s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
+                HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
             total += ds
     # The output slice is (b_first, h_first): 0 along a summed dimension, whose dbias stride is 0 anyway.
     start, seqlen, pair_start = _sequence(b_first, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -382,11 +393,12 @@ def _relation_attention_bwd_table_kernel(
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
-    padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed, num_batch, molecules_per_group,
+    padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed, num_batch, molecules_per_group,
     tiles_per_side,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """d(rel_table) partial sums: program (h, g) owns ``partial[h, g, :]`` (float32, zeroed) and adds the score
     gradient of head h over molecule group g, one relation chunk at a time (only the chunks a tile uses)."""
@@ -407,8 +419,8 @@ def _relation_attention_bwd_table_kernel(
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
                 s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
-                s_m_b, s_m_n, padded_len, num_heads, head_dim, total_pairs, scale, dropout_p, seed,
-                HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+                s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
+                HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
             offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
             relation = tl.load(index_ptr + offsets, mask=real, other=-1).to(tl.int32)
             lowest = tl.min(tl.where(real, relation, num_relations), axis=1)
@@ -434,19 +446,21 @@ def _dropout_keep_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
 
 
 def _launch_config(kernel: str, max_seqlen: int, head_dim: int) -> dict:
-    """Tiles and warps per kernel. Chosen so that ptxas (sm_90, every feature on) spills no register; not yet
-    tuned on a GPU. Forward: wide query tiles; the backward kernels hold more live tiles, so smaller ones."""
+    """Tiles and warps per kernel. Chosen so that ptxas (sm_90, every feature on, arguments specialised as at
+    launch) spills no register; not yet tuned on a GPU. Forward: wide query tiles; the backward kernels hold more
+    live tiles, so smaller ones."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if kernel == "forward":
         block_m = 16 if max_seqlen <= 16 else 32 if max_seqlen <= 32 else 64
         return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
     if kernel == "bias":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
-    block = 16 if max_seqlen <= 16 else 32
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 32 else 8)
     if kernel == "table":
+        block = 16 if max_seqlen <= 16 or block_d > 64 else 32
         warps = 8 if block == 32 or block_d > 64 else 4
     else:  # dq, dkdv
-        warps = 4 if block_d <= 32 else 8
+        block = 16 if max_seqlen <= 16 else 32
+        warps = 8 if block_d > 32 or (block_d == 16 and block == 32) else 4
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps)
 
 
@@ -455,6 +469,12 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _row_alignment(*strides: tuple[int, ...]) -> int:
+    """The largest power of two, up to 16, that divides every stride: per-atom rows start at multiples of it."""
+    common = math.gcd(*(stride for group in strides for stride in group))
+    return math.gcd(common, 16) if common else 16
 
 
 class _Problem:
@@ -507,7 +527,8 @@ class _Problem:
         self.mask_strides = mask.stride() if mask is not None else (0, 0)
         self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
-                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype))
+                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
+                          ALIGN=_row_alignment(*(atom_strides(x) for x in (q, k, v)), self.contiguous_strides))
         self.dummy = dummy
 
     def shared_arguments(self):

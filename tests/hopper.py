@@ -1,5 +1,6 @@
 """Lowering Triton kernels for sm_90 (Hopper) without a GPU: PTX through ``triton.compile``, then ptxas for the
 register report. CI catches this way what the interpreter cannot see (types, layouts, spills)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,31 +22,90 @@ def lower(kernel, constants: dict, num_warps: int, pointer_type, scalar_type) ->
     ``constants`` are the constexpr arguments; every other argument's Triton type comes from
     ``pointer_type(name)`` (names ending in ``_ptr``) or ``scalar_type(name)``.
     """
+    signature = {name: "constexpr" if name in constants else
+                 pointer_type(name) if name.endswith("_ptr") else scalar_type(name) for name in kernel.arg_names}
+    compiled = _compile(kernel, signature, constants, {}, {"num_warps": num_warps})
+    return compiled.asm["ptx"], _spills(compiled.asm["ptx"])
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """Record every Triton launch as ``(kernel, args, kwargs)`` instead of running it, so a launcher can be
+    called on CPU tensors to see what it would compile on a GPU."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    run = JITFunction.run
+    JITFunction.run = lambda kernel, *args, grid, warmup, **kwargs: launches.append((kernel, args, kwargs))
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+
+
+def lower_launch(kernel, args: tuple, kwargs: dict) -> tuple[str, int, str]:
+    """Compile one captured launch for sm_90 as Triton's JIT would on a GPU: an integer equal to 1 becomes a
+    constant, and integers divisible by 16 and 16-byte aligned pointers are marked so, as at run time (what
+    decides whether loads are vector-wide). Returns (PTX, bytes of spill stores, SASS)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends import BaseBackend
+
+    options = {name: kwargs[name] for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k not in options})
+    signature, constants, attrs = {}, {}, {}
+    for position, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            signature[name], constants[name] = "constexpr", values[name]
+            continue
+        kind, hint = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        if kind == "constexpr":
+            signature[name], constants[name] = "constexpr", hint
+            continue
+        signature[name] = kind
+        if hint == "D":
+            attrs[(position,)] = [["tt.divisibility", 16]]
+    compiled = _compile(kernel, signature, constants, attrs, options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", handle.name], capture_output=True, text=True,
+                              check=True).stdout
+    return compiled.asm["ptx"], _spills(compiled.asm["ptx"]), sass
+
+
+def _compile(kernel, signature: dict, constants: dict, attrs: dict, options: dict):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {name: "constexpr" if name in constants else
-                 pointer_type(name) if name.endswith("_ptr") else scalar_type(name) for name in kernel.arg_names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     shared = compiled.metadata.shared
     if os.environ.get("PYBLEND_SHARED_REPORT"):  # a file to append each kernel's shared memory to
         with open(os.environ["PYBLEND_SHARED_REPORT"], "a") as report:
-            report.write(f"{shared}\t{kernel.fn.__name__}\t{num_warps}\t{constants}\n")
+            report.write(f"{shared}\t{kernel.fn.__name__}\t{options}\t{constants}\n")
     if shared > HOPPER_SHARED_MEMORY_BYTES:
-        raise AssertionError(f"{kernel.fn.__name__} with {constants}, {num_warps} warps needs {shared} bytes of "
+        raise AssertionError(f"{kernel.fn.__name__} with {constants}, {options} needs {shared} bytes of "
                              f"shared memory; an sm_90 block has at most {HOPPER_SHARED_MEMORY_BYTES}")
-    ptx = compiled.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return compiled
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool Triton ships (ptxas, cuobjdump)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _spills(ptx: str) -> int:
+    """Bytes of spill stores ptxas reports for ``ptx``."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as handle:
         handle.write(ptx)
         handle.flush()
-        verbose = subprocess.run([ptxas, "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
+        verbose = subprocess.run([_tool("ptxas"), "-v", "-arch=sm_90a", handle.name, "-o", os.devnull],
                                  capture_output=True, text=True, check=True).stderr
-    spills = sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
-                 for part in line.split(",") if "spill stores" in part)
-    return ptx, spills
+    return sum(int(part.split()[0]) for line in verbose.splitlines() if "spill stores" in line
+               for part in line.split(",") if "spill stores" in part)
 
 
 def run_compile_script(script: str) -> list[str]:

@@ -468,43 +468,58 @@ def test_triton_refuses_float64_with_a_reason():
 
 
 HOPPER_COMPILE = """
-import itertools
-from hopper import lower
+import torch
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import relation_attention as kernels
 
-POINTERS = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "dbias_ptr": "*fp32", "partial_ptr": "*fp32",
-            "index_ptr": "*i8", "table_ptr": "*bf16", "mask_ptr": "*u8", "cu_seqlens_ptr": "*i32",
-            "pair_offsets_ptr": "*i64"}
-flags = dict(HAS_BIAS=True, HAS_MASK=False, PACKED=True, DROPOUT=True, PRECISION="ieee")
-for (max_seqlen, head_dim), (name, kernel, extra) in itertools.product(SHAPES, [
-        ("forward", kernels._relation_attention_fwd_kernel, dict(HAS_TABLE=True, WRITE_LOGITS=True)),
-        ("gradients", kernels._relation_attention_bwd_kv_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
-                                                                      WRITE_DBIAS=True)),
-        ("gradients", kernels._relation_attention_bwd_q_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True)),
-        ("bias", kernels._relation_attention_bwd_bias_kernel, dict(HAS_TABLE=True, HAS_DLOGITS=True,
-                                                                   SUM_BATCH=False, SUM_HEADS=True)),
-        ("table", kernels._relation_attention_bwd_table_kernel, dict(HAS_DLOGITS=True, CHUNK=16))]):
-    config = kernels._launch_config(name, max_seqlen, head_dim)
-    warps = config.pop("num_warps")
-    ptx, spills = lower(kernel, dict(flags, **extra, **config), warps, lambda arg: POINTERS.get(arg, "*bf16"),
-                        lambda arg: {"scale": "fp32", "dropout_p": "fp32", "seed": "i64"}.get(arg, "i32"))
-    print(kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+HEADS, RELATIONS = 32, 67
+for max_seqlen, head_dim in SHAPES:
+    lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    rel_index = torch.randint(0, RELATIONS, (pairs,), dtype=torch.int8)
+    table = torch.randn(RELATIONS, HEADS, dtype=torch.bfloat16)
+    launches = {}
+    # Every feature on, packed; a per-head bias (dBias written by the dK/dV kernel), then one broadcast over heads
+    # (its own reduction kernel).
+    for bias in (torch.randn(HEADS, pairs, dtype=torch.bfloat16), torch.randn(1, pairs, dtype=torch.bfloat16)):
+        problem = (bias, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.1, 7)
+        with captured_launches() as captured:
+            out, lse, logits = kernels.relation_attention_forward(q, k, v, *problem, True)
+            kernels.relation_attention_backward(torch.randn_like(out), torch.randn_like(logits), q, k, v, out, lse,
+                                                *problem, True, True)
+        for kernel, args, kwargs in captured:
+            launches.setdefault((kernel.fn.__name__, kwargs.get("WRITE_DBIAS")), (kernel, args, kwargs))
+    for (name, _), (kernel, args, kwargs) in sorted(launches.items(), key=lambda item: str(item[0])):
+        ptx, spills, sass = lower_launch(kernel, args, kwargs)
+        wide = sum(sass.count(op) for op in ("LDG.E.128", "LDGSTS.E.BYPASS.128", "LDGSTS.E.128"))
+        print(name, "mma", ptx.count("mma"), "spills", spills, "wide_loads", wide, max_seqlen, head_dim)
 """
 
 
+# Kernels whose per-atom tiles are (32, D) over 4 warps for D = 24 and N > 16: 8 elements a thread, so 16-byte
+# loads once each row is known to start 16-byte aligned (the bias and table kernels spread their tiles wider).
+ATOM_TILE_KERNELS = {"_relation_attention_fwd_kernel", "_relation_attention_bwd_q_kernel",
+                     "_relation_attention_bwd_kv_kernel"}
+
+
 @pytest.mark.parametrize("shapes", [pytest.param([(64, 24)], id="N64-D24"),
-                                    pytest.param([(16, 8), (512, 8), (16, 64), (512, 64), (16, 128), (512, 128)],
-                                                 id="sweep", marks=pytest.mark.full)])
+                                    pytest.param([(16, 8), (512, 8), (130, 24), (16, 64), (512, 64), (16, 128),
+                                                  (512, 128)], id="sweep", marks=pytest.mark.full)])
 def test_kernels_compile_for_hopper_without_spills(shapes):
-    """Lowers every kernel (bf16, packed, every feature on; (N, D) in ``shapes``) with its launch configuration
-    to sm_90 PTX and runs ptxas on it: the interpreter accepts programs the compiler rejects, a register spill
-    is a performance bug, and a kernel needing more shared memory than a block has fails only on the GPU."""
+    """Calls the launchers on CPU tensors (bf16, packed, every feature on; (N, D) in ``shapes``) and lowers each
+    kernel they launch to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the
+    compiler rejects, a register spill is a performance bug, and a kernel needing more shared memory than a block
+    has fails only on the GPU. The per-atom tiles (q, k, v, dO) load 16 bytes at a time, D = 24 included."""
     lines = run_compile_script(f"SHAPES = {shapes!r}\n" + HOPPER_COMPILE)
-    assert len(lines) == 5 * len(shapes), lines
+    assert len(lines) == 6 * len(shapes), lines
     for line in lines:
         words = line.split()
         assert int(words[2]) > 0, f"{line}: the matmuls should use the tensor cores"
         assert int(words[4]) == 0, f"{line}: registers spill"
+        if words[0] in ATOM_TILE_KERNELS and int(words[7]) > 16 and int(words[8]) == 24:
+            assert int(words[6]) > 0, f"{line}: the per-atom tiles should load 16 bytes per instruction"
 
 
 # ------------------------------------------------------------------------------------------------- GPU
