@@ -431,30 +431,45 @@ def test_module_inits_shapes_and_repr(generator):
 
 
 HOPPER_COMPILE = """
-from hopper import lower
+import torch
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import gaussian_basis_bias as kernels
 
-POINTERS = {"mask_ptr": "*u8", "types_ptr": "*i64", "cu_ptr": "*i32", "pairs_ptr": "*i64", "pos_ptr": "*fp32",
-            "dx_ptr": "*fp32", "dmul_ptr": "*fp32", "partial_ptr": "*fp32", "dpos_ptr": "*fp32"}
+KERNELS = HIDDEN = 128
+HEADS, TYPES, MAX_SEQLEN = 32, 7, 64
+lengths = torch.tensor([MAX_SEQLEN, MAX_SEQLEN // 2 + 1, 1])
+cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+mask = torch.arange(MAX_SEQLEN)[None, :] < lengths[:, None]
+# means, stds, mul, bias (flattened, as the op passes them), w1, b1, w2, b2
+weights = [torch.randn(*shape, dtype=torch.bfloat16) for shape in
+           ((KERNELS,), (KERNELS,), (TYPES,), (TYPES,), (HIDDEN, KERNELS), (HIDDEN,), (HEADS, HIDDEN), (HEADS,))]
+launches = {}
 for packed in (True, False):
-    for name, kernel, extra in [
-            ("forward", kernels._gaussian_basis_bias_fwd_kernel, dict(PRECISION="ieee")),
-            ("pairs", kernels._gaussian_basis_bias_bwd_pairs_kernel, dict(PRECISION="ieee", HAS_DFEAT=True)),
-            ("weights", kernels._gaussian_basis_bias_bwd_weights_kernel, dict(PRECISION="ieee")),
-            ("positions", kernels._gaussian_basis_bias_bwd_positions_kernel, {})]:
-        config = kernels._launch_config(name, 64, 128, 128, 32)
-        warps = config.pop("num_warps")
-        constants = dict(PACKED=packed, HAS_MASK=not packed, TWO_TYPES=True, **extra, **config)
-        ptx, spills = lower(kernel, constants, warps, lambda arg: POINTERS.get(arg, "*bf16"),
-                            lambda arg: "fp32" if arg == "std_eps" else "i32")
-        print(kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills, "packed", packed)
+    if packed:
+        positions, types = torch.randn(atoms, 3), torch.randint(0, TYPES, (pairs, 2))
+        layout = (None, cu_seqlens, MAX_SEQLEN, 1e-2)
+    else:
+        positions = torch.randn(len(lengths), MAX_SEQLEN, 3)
+        types = torch.randint(0, TYPES, (len(lengths), MAX_SEQLEN, MAX_SEQLEN, 2))
+        layout = (mask, None, MAX_SEQLEN, 1e-2)
+    with captured_launches() as captured:
+        attn, feat = kernels.gaussian_basis_bias_forward(positions, types, *weights, *layout)
+        kernels.gaussian_basis_bias_backward(torch.randn_like(attn), torch.randn_like(feat), positions, types,
+                                             *weights, *layout)
+    for kernel, args, kwargs in captured:
+        launches.setdefault((kernel.fn.__name__, packed), (kernel, args, kwargs))
+for (name, packed), (kernel, args, kwargs) in launches.items():
+    ptx, spills, sass = lower_launch(kernel, args, kwargs)
+    print(name, "mma", ptx.count("mma"), "spills", spills, "packed", packed)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Lowers the four kernels (bf16 weights, two type ids, K = K_hidden = 128, H = 32, N = 64 launch
-    configuration; padded with a mask and packed) to sm_90 PTX and runs ptxas: the interpreter accepts programs the
-    compiler rejects, the MLP must run on the tensor cores, and a spill is a performance bug."""
+    """Calls the launchers on CPU tensors (fp32 positions, bf16 weights, two type ids, K = K_hidden = 128, H = 32,
+    N = 64; padded with a mask and packed, every gradient) and lowers the four kernels to sm_90 as Triton would on
+    the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, the MLP must run on the tensor
+    cores, and a spill is a performance bug."""
     lines = run_compile_script(HOPPER_COMPILE)
     assert len(lines) == 8, lines
     for line in lines:

@@ -356,27 +356,34 @@ def test_benchmark_case_checks_every_provider_with_the_kernel(graphs):
 
 
 HOPPER_COMPILE = """
-from hopper import lower
+import torch
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import path_edge_bias as kernels
 
-INT = {"routes_ptr": "*i32", "dist_ptr": "*i32", "sorted_key_ptr": "*i64", "sorted_pair_ptr": "*i64",
-       "starts_ptr": "*i64", "sums_ptr": "*fp32"}
-for dtype in ("bf16", "fp32"):
+# Packed molecules of 20, 11 and 1 atoms: P = 522 pairs, not a multiple of 16 (as in most batches), K = 5 hops.
+HOPS, BONDS, PAIRS = 5, 40, 20 * 20 + 11 * 11 + 1
+routes = torch.randint(-1, BONDS, (PAIRS, HOPS), dtype=torch.int32)
+distances = torch.randint(-1, HOPS + 3, (PAIRS,), dtype=torch.int32)
+launches = {}
+for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     for heads in (8, 32, 64):
-        for kernel, config in ((kernels._path_edge_bias_fwd_kernel, kernels.launch_config(heads)),
-                               (kernels._path_edge_bias_bwd_kernel, kernels.backward_config(heads))):
-            warps = config.pop("num_warps")
-            if kernel is kernels._path_edge_bias_fwd_kernel:
-                config["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
-            pointer = lambda arg: INT.get(arg, "*" + dtype)
-            ptx, spills = lower(kernel, config, warps, pointer, lambda arg: "i32")
-            print(dtype, heads, kernel.fn.__name__, "spills", spills)
+        emb = torch.randn(BONDS, heads, dtype=dtype)
+        w = torch.randn(HOPS, heads, heads, dtype=dtype)
+        with captured_launches() as captured:
+            bias = kernels.path_edge_bias_forward(routes, distances, emb, w)
+            kernels.path_edge_bias_backward(torch.randn_like(bias), routes, distances, emb, w)
+        for kernel, args, kwargs in captured:
+            launches.setdefault((label, heads, kernel.fn.__name__), (kernel, args, kwargs))
+for (label, heads, name), (kernel, args, kwargs) in launches.items():
+    ptx, spills, sass = lower_launch(kernel, args, kwargs)
+    print(label, heads, name, "spills", spills)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Lowers both kernels (bf16 and fp32, H = 8, 32, 64: the Triton path's range) to sm_90 PTX and runs ptxas:
-    the interpreter accepts programs the compiler rejects, and a spill is a performance bug."""
+    """Calls the launchers on CPU tensors (bf16 and fp32, H = 8, 32, 64: the Triton path's range; packed) and
+    lowers both kernels to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs
+    the compiler rejects, and a spill is a performance bug."""
     lines = run_compile_script(HOPPER_COMPILE)
     assert len(lines) == 12, lines
     for line in lines:
