@@ -317,12 +317,17 @@ def _outer_product_bwd_cols_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def launch_config(max_n: int, d1: int, d2: int) -> dict:
+def launch_config(max_n: int, d1: int, d2: int, mode: int) -> dict:
     """Square pair tiles of 16 (small molecules, or more than 32 features a side: 32-tiles spill on sm_90 there)
     or 32; not yet tuned on a GPU."""
     block = 16 if max_n <= 16 or max(d1, d2) > 32 else 32
+    warps = 8 if max(d1, d2) > 32 else 4
+    if mode == MODE_LOGITS:
+        # Half the warps: as launched (unit strides and aligned pointers specialised), ptxas held the logits' rows
+        # backward (d = 32) and forward (d = 64) at 128 registers a thread with the losses' warps, and spilled.
+        warps //= 2
     return dict(BLOCK_I=block, BLOCK_J=block, BLOCK_D1=max(16, triton.next_power_of_2(d1)),
-                BLOCK_D2=max(16, triton.next_power_of_2(d2)), num_warps=8 if max(d1, d2) > 32 else 4)
+                BLOCK_D2=max(16, triton.next_power_of_2(d2)), num_warps=warps)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -345,7 +350,7 @@ def _mask_bytes(mask, like):
 
 def _common(row, col, weight, bias, mask, max_n, mode):
     d1, d2 = row.shape[1], col.shape[1]
-    config = launch_config(max_n, d1, d2)
+    config = launch_config(max_n, d1, d2, mode)
     flags = dict(MODE=mode, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PRECISION=_precision(row.dtype),
                  **config)
     bias_arg = bias if bias is not None else weight

@@ -429,36 +429,45 @@ def test_torch_compile_traces_the_ops(generator, backend):
 
 
 HOPPER_COMPILE = """
-from hopper import lower
+import torch
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import outer_product as kernels
 
-FLOAT32 = ("partial_ptr", "stats_ptr", "dw_ptr", "dbias_ptr")
+# The padded layout as the ops pass it: B molecules of width N = 64 flattened to (B N, d) atoms, with a mask (the
+# second molecule has 40 atoms).
+BATCH, WIDTH, IGNORE = 2, 64, -100
+atoms, pairs = BATCH * WIDTH, BATCH * WIDTH * WIDTH
+molecules = torch.arange(BATCH)
+mask = (torch.arange(WIDTH)[None, :] < torch.tensor([WIDTH, 40])[:, None]).reshape(-1)
+layout = (mask, (molecules * WIDTH).int(), torch.full((BATCH,), WIDTH, dtype=torch.int32), molecules * WIDTH ** 2)
 for features, classes, mode, groups in ((32, 11, 1, 1), (32, 120, 1, 5), (32, 3, 2, 1), (32, 11, 0, 1),
-                                       (64, 128, 1, 1)):
-    config = kernels.launch_config(64, features, features)
-    warps = config.pop("num_warps")
-    for kernel in (kernels._outer_product_fwd_kernel, kernels._outer_product_bwd_rows_kernel,
-                   kernels._outer_product_bwd_cols_kernel):
-        def pointer(arg):
-            # Logits (mode 0) are written, and their gradient read, in the input dtype.
-            special = {"mask_ptr": "*u8", "start_ptr": "*i32", "length_ptr": "*i32", "pair_ptr": "*i64",
-                       "aux_ptr": "*i64" if mode == 1 else "*fp32", "out_ptr": "*bf16" if mode == 0 else "*fp32",
-                       "grad_ptr": "*bf16" if mode == 0 else "*fp32"}
-            return special.get(arg, "*fp32" if arg in FLOAT32 else "*bf16")
-        constants = dict(MODE=mode, HAS_BIAS=True, HAS_MASK=True, PRECISION="ieee", **config)
-        if kernel is kernels._outer_product_bwd_rows_kernel:
-            constants["BLOCK_C"] = max(16, 1 << (classes - 1).bit_length())
-        ptx, spills = lower(kernel, constants, warps, pointer, lambda arg: "i32")
+                                        (64, 128, 1, 1), (64, 11, 0, 1)):
+    row, col = (torch.randn(atoms, features, dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.randn(classes, features * features, dtype=torch.bfloat16)
+    bias = torch.randn(classes, dtype=torch.bfloat16)
+    # The cross-entropy's int64 targets (Q, G), the cosine's float32 positions (A, 3); the logits have none.
+    aux = {0: None, 1: torch.randint(0, classes // groups, (pairs, groups)), 2: torch.randn(atoms, 3)}[mode]
+    with captured_launches() as captured:
+        out = kernels.outer_product_forward(row, col, weight, bias, aux, *layout, WIDTH, pairs, mode, groups, IGNORE)
+        # The logits' gradient comes in their dtype; a loss's backward reads its stats and the float32 loss
+        # gradient over the count.
+        grad, stats = (torch.randn_like(out), None) if mode == 0 else (torch.ones(1), out[0])
+        kernels.outer_product_backward(grad, row, col, weight, bias, aux, *layout, stats, WIDTH, mode, groups,
+                                       IGNORE)
+    for kernel, args, kwargs in captured:
+        ptx, spills, _ = lower_launch(kernel, args, kwargs)
         print(f"d={features},C={classes}", kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
 """
 
 
 def test_kernels_compile_for_hopper_with_tensor_cores_and_no_spills():
-    """The three kernels for d1 = d2 = 32, bf16, masked: the SPD head (C = 11), the edge head (C = 120, G = 5), the
-    3D head (C = 3, cosine) and the plain logits (C = 11), and the largest supported loss (d1 = d2 = 64, C = 128),
-    lowered to sm_90 and through ptxas: tensor-core mma, no register spills."""
+    """The three kernels as the launchers launch them for d1 = d2 = 32, bf16, padded and masked, N = 64: the SPD
+    head (C = 11), the edge head (C = 120, G = 5), the 3D head (C = 3, cosine) and the plain logits (C = 11); the
+    largest supported loss (d1 = d2 = 64, C = 128) and the logits at d1 = d2 = 64 (their own warps). Forward and
+    backward, lowered to sm_90 with the GPU's run-time specialisation and through ptxas: tensor-core mma, no
+    register spills."""
     lines = run_compile_script(HOPPER_COMPILE)
-    assert len(lines) == 15, lines
+    assert len(lines) == 18, lines
     for line in lines:
         words = line.split()
         assert int(words[3]) > 0, f"{line}: no tensor-core mma"
