@@ -428,8 +428,10 @@ def launch_config(kernel: str, channels: int, dim: int, head_dim: int, fft_dims:
                     BLOCK_N=64 if block_d <= 64 else 16, BLOCK_DH=block_dh, BLOCK_F=32 if block_d <= 64 else 16,
                     BLOCK_KD=min(block_d, 32) if block_d <= 64 else 16, num_warps=warps)
     if kernel == "out":
-        return dict(BLOCK_C=16, BLOCK_K=block_k if fft_dims == 2 else 16, BLOCK_D=block_d, BLOCK_K2=block_k2,
-                    num_warps=4 if fft_dims == 1 and block_d <= 64 else warps)
+        # 32 rows at D = 64: 16-row tiles spill 8 bytes in the inverse for either DFT as launched (C and D known
+        # multiples of 16; ptxas, sm_90); 32 rows spill nothing with or without the inverse, at the same warps.
+        return dict(BLOCK_C=32 if block_d == 64 else 16, BLOCK_K=block_k if fft_dims == 2 else 16, BLOCK_D=block_d,
+                    BLOCK_K2=block_k2, num_warps=4 if fft_dims == 1 and block_d <= 64 else warps)
     if kernel == "dq":
         return dict(BLOCK_C=16, BLOCK_N=32, BLOCK_DH=block_dh, num_warps=4)
     return dict(BLOCK_C=16, BLOCK_N=32, BLOCK_DH=block_dh, num_warps=8)

@@ -394,34 +394,40 @@ def test_torch_compile_traces_the_op(generator, token_fft):
 
 HOPPER_COMPILE = """
 import torch
-from hopper import lower
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import fourier_cross_attention as kernels
 
-FLOAT32 = ("l_ptr", "wq_ptr", "wo_ptr", "bo_ptr", "lnw_ptr", "lnb_ptr", "fnw_ptr", "fnb_ptr", "w1_ptr", "b1_ptr",
-           "w2_ptr", "b2_ptr", "u_ptr", "o_ptr", "lse_ptr", "rinv_ptr", "out_ptr", "q_ptr", "do_ptr", "delta_ptr",
-           "dq_ptr", "dkv_ptr")
-pointer = lambda arg: "*fp32" if arg in FLOAT32 else "*u8" if arg == "mask_ptr" else "*bf16"
-scalar = lambda arg: "fp32" if arg in ("qk_scale", "eps", "scale") else "i32"
+# The paper's 8 heads and feed-forward width F = 128; N = 40 tokens, some masked.
+BATCH, TOKENS, HEADS, HIDDEN = 2, 40, 8, 128
 for channels, dim, head_dim, fft_dims in ((64, 64, 64, 2), (64, 64, 64, 1), (256, 256, 64, 2), (256, 256, 64, 1),
                                          (32, 128, 64, 2)):
-    for name, kernel, flags in (
-            ("forward", kernels._fca_fwd_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, LATENT_NORM=True,
-                                                      HAS_MASK=True, HAS_FF=True, FF_NORM=True)),
-            ("out", kernels._fca_out_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, INVERSE=True)),
-            ("out", kernels._fca_out_kernel, dict(FFT2=fft_dims == 2, NORMALIZE=True, INVERSE=False)),
-            ("dq", kernels._fca_bwd_dq_kernel, dict(HAS_MASK=True)),
-            ("dkv", kernels._fca_bwd_dkv_kernel, dict(HAS_MASK=True))):
-        config = kernels.launch_config(name, channels, dim, head_dim, fft_dims)
-        warps = config.pop("num_warps")
-        ptx, spills = lower(kernel, dict(flags, PRECISION=kernels._precision(), **config), warps, pointer, scalar)
-        print(channels, dim, head_dim, fft_dims, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+    width, scale = HEADS * head_dim, head_dim ** -0.5 / 0.5
+    latent = torch.randn(BATCH, channels, dim, 2)
+    kv = torch.randn(BATCH, TOKENS, 2 * width, dtype=torch.bfloat16)
+    mask = torch.rand(BATCH, TOKENS) < 0.7
+    # wq, wo, bo, LayerNorm (latent, feed-forward) weights and biases, w1, b1, w2, b2: float32 as the op passes them.
+    weights = [torch.randn(*shape) for shape in ((width, dim), (dim, width), (dim,), (dim,), (dim,), (dim,), (dim,),
+                                                 (2 * HIDDEN, dim), (2 * HIDDEN,), (dim, HIDDEN), (dim,))]
+    with captured_launches() as captured:
+        for inverse in (True, False):
+            _, _, o, lse, _ = kernels.fourier_cross_attention_forward(latent, kv, mask, *weights, HEADS, scale,
+                                                                      fft_dims, True, True, True, inverse, 1e-5)
+        kernels.fourier_cross_attention_attention_backward(torch.randn_like(o), torch.randn_like(o), lse,
+                                                           torch.randn(BATCH, HEADS, channels), kv, mask, HEADS, scale)
+    launches = {}
+    for kernel, args, kwargs in captured:
+        launches.setdefault((kernel.fn.__name__, kwargs.get("INVERSE")), (kernel, args, kwargs))
+    for (name, _), (kernel, args, kwargs) in launches.items():
+        ptx, spills, _ = lower_launch(kernel, args, kwargs)
+        print(channels, dim, head_dim, fft_dims, name, "mma", ptx.count("mma"), "spills", spills)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Lowers every kernel (bf16 K/V, masked, feed-forward on) with its launch configuration to sm_90 PTX and
-    runs ptxas: the interpreter accepts programs the compiler rejects, and a register spill is a performance bug.
-    The attention dots must use tensor cores (mma)."""
+    """Calls the launchers on CPU tensors (bf16 K/V, masked, feed-forward on, the output kernel with and without
+    the inverse DFT) and lowers every kernel they launch to sm_90 as Triton would on the GPU, then runs ptxas: the
+    interpreter accepts programs the compiler rejects, and a register spill is a performance bug. The attention
+    dots must use tensor cores (mma)."""
     lines = run_compile_script(HOPPER_COMPILE)
     assert len(lines) == 25, lines
     for line in lines:

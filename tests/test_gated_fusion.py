@@ -451,24 +451,30 @@ def test_module_errors(generator):
 
 
 HOPPER_COMPILE = """
-from hopper import lower
+import torch
+from hopper import captured_launches, lower_launch
 from pyblend.kernels import gated_fusion as kernels
 
-FLOAT32 = ("weights_ptr", "entropy_ptr", "dweights_ptr", "dentropy_ptr")
+# 64 samples: past the launch configuration's 32-row cap on BLOCK_B, so every C gets its large-batch tiles.
+BATCH, MODALITIES = 64, 3
 for channels in (24, 768, 1024, 4096):
-    for kernel in (kernels._gated_fusion_fwd_kernel, kernels._gated_fusion_bwd_kernel):
-        config = kernels._launch_config(4096, 3, channels)
-        warps = config.pop("num_warps")
-        pointer = lambda arg: "*u8" if arg == "present_ptr" else "*fp32" if arg in FLOAT32 else "*bf16"
-        scalar = lambda arg: "fp32" if arg in ("scale", "eps") else "i32"
-        ptx, spills = lower(kernel, dict(HAS_MASK=True, **config), warps, pointer, scalar)
+    h, gate = (torch.randn(BATCH, MODALITIES, channels, dtype=torch.bfloat16) for _ in range(2))
+    score = torch.randn(BATCH, MODALITIES, dtype=torch.bfloat16)
+    present = torch.rand(BATCH, MODALITIES) < 0.7
+    with captured_launches() as captured:
+        fused, weights, entropy = kernels.gated_fusion_forward(h, gate, score, present, 1.0, 1e-8)
+        kernels.gated_fusion_backward(torch.randn_like(fused), torch.randn_like(weights), torch.randn_like(entropy),
+                                      h, gate, score, present, weights, 1.0, 1e-8)
+    for kernel, args, kwargs in captured:
+        ptx, spills, _ = lower_launch(kernel, args, kwargs)
         print(channels, kernel.fn.__name__, "spills", spills)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Lowers both kernels (bf16, masked, C = 24, 768, 1024, 4096; B = 4096 launch configuration) to sm_90 PTX
-    and runs ptxas: the interpreter accepts programs the compiler rejects, and a spill is a performance bug."""
+    """Calls the launchers on CPU tensors (bf16, masked, M = 3, C = 24, 768, 1024, 4096; B = 64, past the 32-row
+    tile cap) and lowers both kernels to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts
+    programs the compiler rejects, and a spill is a performance bug."""
     lines = run_compile_script(HOPPER_COMPILE)
     assert len(lines) == 8, lines
     for line in lines:

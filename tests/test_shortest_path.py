@@ -281,25 +281,38 @@ def test_torch_compile_traces_the_op():
 
 
 HOPPER_COMPILE = """
-from hopper import lower
-from pyblend.kernels.shortest_path import _shortest_path_kernel
+import torch
+from hopper import captured_launches, lower_launch
+from pyblend.kernels import shortest_path as kernels
 
-for bond_ids, masked, packed, hops, block in [(True, True, False, 5, 64), (False, False, True, 0, 16)]:
-    pointers = {"graph_ptr": "*i32" if bond_ids else "*u8", "mask_ptr": "*u8", "pair_offsets_ptr": "*i64"}
-    constants = {"GRAPH_IS_BOND_IDS": bond_ids, "HAS_MASK": masked, "PACKED": packed, "MAX_HOPS": hops,
-                 "BLOCK": block}
-    ptx, _ = lower(_shortest_path_kernel, constants, 4, lambda arg: pointers.get(arg, "*i32"), lambda arg: "i32")
-    print("barriers", ptx.count("bar.sync"), "mma", ptx.count("mma"))
+with captured_launches() as captured:
+    # Padded and masked, N = 40 atoms: routes over int32 bond ids (32-wide tiles), then distances only over the
+    # bool adjacency (64-wide tiles).
+    bond_ids = torch.randint(-1, 50, (3, 40, 40), dtype=torch.int32)
+    mask = torch.arange(40) < torch.tensor([[40], [23], [1]])
+    kernels.shortest_path_padded(bond_ids, mask, 5)
+    kernels.shortest_path_padded(bond_ids >= 0, mask, 0)
+    # Distances only, packed: molecules of at most 16 atoms get the 16-wide tiles.
+    lengths = torch.tensor([12, 7, 1])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    kernels.shortest_path_packed(torch.rand(int((lengths * lengths).sum())) < 0.3, cu_seqlens, 12, 0)
+for kernel, args, kwargs in captured:
+    ptx, spills, _ = lower_launch(kernel, args, kwargs)
+    print("barriers", ptx.count("bar.sync"), "mma", ptx.count("mma"), "spills", spills, "block", kwargs["BLOCK"],
+          "routes", kwargs["MAX_HOPS"])
 """
 
 
 def test_kernel_compiles_for_hopper():
-    """Lowers the kernel to PTX for sm_90 without a GPU, so CI catches what the interpreter cannot (types,
-    layouts, barriers)."""
-    for line in run_compile_script(HOPPER_COMPILE):
-        barriers, mma = int(line.split()[1]), int(line.split()[3])
+    """Calls the launchers on CPU tensors and lowers each launch to sm_90 as Triton would on the GPU, without a
+    GPU, so CI catches what the interpreter cannot (types, layouts, barriers, register spills)."""
+    lines = run_compile_script(HOPPER_COMPILE)
+    assert len(lines) == 3, lines
+    for line in lines:
+        barriers, mma, spills = int(line.split()[1]), int(line.split()[3]), int(line.split()[5])
         assert barriers > 0, "levels must be separated by barriers"
         assert mma > 0, "the frontier expansion should use the tensor cores"
+        assert spills == 0, f"{line}: registers spill"
 
 
 @pytest.mark.gpu
