@@ -1,5 +1,6 @@
-"""Lowering Triton kernels for sm_90 (Hopper) without a GPU: PTX through ``triton.compile``, then ptxas for the
-register report. CI catches this way what the interpreter cannot see (types, layouts, spills)."""
+"""Lowering Triton kernels for sm_90 (Hopper) without a GPU: the launchers run on CPU tensors with their launches
+recorded, each launch compiles through ``triton.compile`` as on the GPU, then ptxas reports spills and cuobjdump
+gives the SASS. CI catches this way what the interpreter cannot see (types, layouts, spills, vector widths)."""
 import contextlib
 import os
 import subprocess
@@ -11,21 +12,6 @@ import pytest
 
 # The most shared memory one block may take on an H100 / H200 (227 KiB, opted in above the 48 KiB default).
 HOPPER_SHARED_MEMORY_BYTES = 232448
-
-
-def lower(kernel, constants: dict, num_warps: int, pointer_type, scalar_type) -> tuple[str, int]:
-    """Compile ``kernel`` for sm_90: returns (PTX, bytes of spill stores ptxas reports).
-
-    Raises when the kernel needs more shared memory than one Hopper block can have: such a launch fails only on
-    the GPU ("out of resource: shared memory"), never under the interpreter.
-
-    ``constants`` are the constexpr arguments; every other argument's Triton type comes from
-    ``pointer_type(name)`` (names ending in ``_ptr``) or ``scalar_type(name)``.
-    """
-    signature = {name: "constexpr" if name in constants else
-                 pointer_type(name) if name.endswith("_ptr") else scalar_type(name) for name in kernel.arg_names}
-    compiled = _compile(kernel, signature, constants, {}, {"num_warps": num_warps})
-    return compiled.asm["ptx"], _spills(compiled.asm["ptx"])
 
 
 @contextlib.contextmanager
