@@ -394,14 +394,14 @@ def _relation_attention_bwd_table_kernel(
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed, num_batch, molecules_per_group,
-    tiles_per_side,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """d(rel_table) partial sums: program (h, g) owns ``partial[h, g, :]`` (float32, zeroed) and adds the score
-    gradient of head h over molecule group g, one relation chunk at a time (only the chunks a tile uses)."""
+    gradient of head h over molecule group g, tile by tile of each molecule's own pairs, one relation chunk at a
+    time (only the chunks a tile uses). Square tiles: BLOCK_M == BLOCK_N."""
     h = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     own = partial_ptr + (h * tl.num_programs(1) + group) * num_relations
@@ -410,9 +410,12 @@ def _relation_attention_bwd_table_kernel(
     b_first = group * molecules_per_group
     b_last = tl.minimum(b_first + molecules_per_group, num_batch)
     for b in range(b_first, b_last):
-        for tile in range(0, tiles_per_side * tiles_per_side):
-            rows = (tile // tiles_per_side) * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = (tile % tiles_per_side) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # A molecule shorter than the longest (most of a packed batch) has fewer tiles.
+        _, seqlen, _ = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+        side = tl.cdiv(seqlen, BLOCK_M)
+        for tile in range(0, side * side):
+            rows = (tile // side) * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = (tile % side) * BLOCK_N + tl.arange(0, BLOCK_N)
             ds, real, pair_start, seqlen = _tile_score_gradient(
                 b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
@@ -427,13 +430,16 @@ def _relation_attention_bwd_table_kernel(
             lowest = tl.min(lowest, axis=0)
             highest = tl.max(tl.max(relation, axis=1), axis=0)
             for chunk_start in range((lowest // CHUNK) * CHUNK, highest + 1, CHUNK):
-                ids = chunk_start + chunk
-                hits = relation[:, :, None] == ids[None, None, :]
-                sums = tl.sum(tl.sum(tl.where(hits, ds[:, :, None], 0.0), axis=0), axis=0)
-                in_table = ids < num_relations
-                # Same program, same addresses: the barrier orders this read after the previous write.
-                tl.debug_barrier()
-                tl.store(own + ids, tl.load(own + ids, mask=in_table, other=0.0) + sums, mask=in_table)
+                in_chunk = (relation >= chunk_start) & (relation < chunk_start + CHUNK)
+                # Ids cluster (MoleBlend: distances 0-10 or so, then 65 and 66): the chunks between are skipped.
+                if tl.max(tl.max(in_chunk.to(tl.int32), axis=1), axis=0) > 0:
+                    ids = chunk_start + chunk
+                    hits = relation[:, :, None] == ids[None, None, :]
+                    sums = tl.sum(tl.sum(tl.where(hits, ds[:, :, None], 0.0), axis=0), axis=0)
+                    in_table = ids < num_relations
+                    # Same program, same addresses: the barrier orders this read after the previous write.
+                    tl.debug_barrier()
+                    tl.store(own + ids, tl.load(own + ids, mask=in_table, other=0.0) + sums, mask=in_table)
 
 
 @triton.jit
@@ -616,10 +622,10 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
         per_group = triton.cdiv(batch, groups)
         groups = triton.cdiv(batch, per_group)
         partial = torch.zeros((heads, groups, rel_table.shape[0]), dtype=torch.float32, device=q.device)
-        table_config, table_tiles = problem.config("table")
+        table_config, _ = problem.config("table")
         table_flags = {name: value for name, value in flags.items() if name != "HAS_TABLE"}
         _relation_attention_bwd_table_kernel[(heads, groups)](
-            q, k, v, grad_out, lse, delta, partial, dlogits, *common, batch, per_group, table_tiles,
+            q, k, v, grad_out, lse, delta, partial, dlogits, *common, batch, per_group,
             **table_flags, CHUNK=RELATION_CHUNK, **table_config)
         dtable = partial.sum(1).transpose(0, 1).contiguous()
     return dq, dk, dv, dbias, dtable

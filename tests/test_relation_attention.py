@@ -206,6 +206,31 @@ def test_relation_table(generator, index_dtype, with_bias):
     assert (got["drel_table"][~used] == 0).all()
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_table_gradient_with_ids_far_apart(generator, packed):
+    """Ids in two clusters far apart, as MoleBlend's (distances first, the unreachable and virtual-token ids at the
+    table's end): d(rel_table) skips the empty chunks between them and still matches the reference. Ragged
+    lengths: 40 and 33 atoms take 2 x 2 gradient tiles, 9 and 1 take one."""
+    sizes = [40, 9, 1, 33]
+    q, k, v, mask = random_padded(generator, sizes, heads=2, head_dim=8, dtype=torch.float32)
+    pair_mask = mask[:, :, None] & mask[:, None, :]
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 60, 61])
+    relations = ids[torch.randint(0, len(ids), pair_mask.shape, generator=generator)].to(torch.int8)
+    table = torch.randn(62, 2, generator=generator)
+    if packed:
+        cu_seqlens, max_seqlen = layout.cu_seqlens_from_mask(mask)
+        got, _ = check_against_reference(generator, torch.float32, *(layout.pack_atoms(x, mask) for x in (q, k, v)),
+                                         rel_table=table, rel_index=relations[pair_mask], cu_seqlens=cu_seqlens,
+                                         max_seqlen=max_seqlen)
+    else:
+        relations[~pair_mask] = -1  # never read
+        got, _ = check_against_reference(generator, torch.float32, q, k, v, rel_table=table, mask=mask,
+                                         rel_index=relations)
+    unused = torch.ones(62, dtype=torch.bool)
+    unused[ids] = False
+    assert (got["drel_table"][unused] == 0).all() and (got["drel_table"][ids] != 0).all()
+
+
 def test_table_equals_dense_bias(generator):
     q, k, v, mask = random_padded(generator, [15, 9], heads=2, head_dim=16, dtype=torch.float32)
     relations = torch.randint(0, 7, (2, 15, 15), generator=generator, dtype=torch.int32)
