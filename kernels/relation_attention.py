@@ -451,21 +451,34 @@ def _dropout_keep_kernel(keep_ptr, numel, dropout_p, seed, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _launch_config(kernel: str, max_seqlen: int, head_dim: int) -> dict:
+def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles and warps per kernel. Chosen so that ptxas (sm_90, every feature on, arguments specialised as at
     launch) spills no register; not yet tuned on a GPU. Forward: wide query tiles; the backward kernels hold more
-    live tiles, so smaller ones."""
+    live tiles, so smaller ones. float32 takes smaller tiles or more warps: its IEEE dots run on the FMA units,
+    each thread holding whole operand rows, and the 16-bit choices spill there (up to 1.3 KB)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    short = max_seqlen <= 16
+    if dtype == torch.float32:
+        if kernel == "forward":
+            block = 16 if short else 32
+            return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 32 else 4)
+        if kernel == "gradients":
+            # One stage at D > 64: the pipelined loads' registers tipped dK/dV into spilling.
+            stages = {"num_stages": 1} if block_d > 64 else {}
+            return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, **stages)
+        if kernel == "table":
+            block = 16 if short and block_d <= 64 else 32
+            return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 32 else 4)
     if kernel == "forward":
-        block_m = 16 if max_seqlen <= 16 else 32 if max_seqlen <= 32 else 64
+        block_m = 16 if short else 32 if max_seqlen <= 32 else 64
         return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
     if kernel == "bias":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 32 else 8)
     if kernel == "table":
-        block = 16 if max_seqlen <= 16 or block_d > 64 else 32
+        block = 16 if short or block_d > 64 else 32
         warps = 8 if block == 32 or block_d > 64 else 4
-    else:  # dq, dkdv
-        block = 16 if max_seqlen <= 16 else 32
+    else:  # gradients: dQ and dK/dV
+        block = 16 if short else 32
         warps = 8 if block_d > 32 or (block_d == 16 and block == 32) else 4
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps)
 
@@ -548,7 +561,7 @@ class _Problem:
 
     def config(self, kernel: str) -> tuple[dict, int]:
         """The kernel's launch configuration and its number of row tiles."""
-        config = _launch_config(kernel, self.padded_len, self.head_dim)
+        config = _launch_config(kernel, self.padded_len, self.head_dim, self.q.dtype)
         return config, triton.cdiv(self.padded_len, config["BLOCK_M"])
 
 

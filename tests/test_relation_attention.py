@@ -498,17 +498,18 @@ from hopper import captured_launches, lower_launch
 from pyblend.kernels import relation_attention as kernels
 
 HEADS, RELATIONS = 32, 67
-for max_seqlen, head_dim in SHAPES:
+for max_seqlen, head_dim, dtype_name in SHAPES:
+    dtype = getattr(torch, dtype_name)
     lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
-    q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=dtype) for _ in range(3))
     rel_index = torch.randint(0, RELATIONS, (pairs,), dtype=torch.int8)
-    table = torch.randn(RELATIONS, HEADS, dtype=torch.bfloat16)
+    table = torch.randn(RELATIONS, HEADS, dtype=dtype)
     launches = {}
     # Every feature on, packed; a per-head bias (dBias written by the dK/dV kernel), then one broadcast over heads
     # (its own reduction kernel).
-    for bias in (torch.randn(HEADS, pairs, dtype=torch.bfloat16), torch.randn(1, pairs, dtype=torch.bfloat16)):
+    for bias in (torch.randn(HEADS, pairs, dtype=dtype), torch.randn(1, pairs, dtype=dtype)):
         problem = (bias, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.1, 7)
         with captured_launches() as captured:
             out, lse, logits = kernels.relation_attention_forward(q, k, v, *problem, True)
@@ -519,7 +520,7 @@ for max_seqlen, head_dim in SHAPES:
     for (name, _), (kernel, args, kwargs) in sorted(launches.items(), key=lambda item: str(item[0])):
         ptx, spills, sass = lower_launch(kernel, args, kwargs)
         wide = sum(sass.count(op) for op in ("LDG.E.128", "LDGSTS.E.BYPASS.128", "LDGSTS.E.128"))
-        print(name, "mma", ptx.count("mma"), "spills", spills, "wide_loads", wide, max_seqlen, head_dim)
+        print(name, "mma", ptx.count("mma"), "spills", spills, "wide_loads", wide, max_seqlen, head_dim, dtype_name)
 """
 
 
@@ -529,21 +530,26 @@ ATOM_TILE_KERNELS = {"_relation_attention_fwd_kernel", "_relation_attention_bwd_
                      "_relation_attention_bwd_kv_kernel"}
 
 
-@pytest.mark.parametrize("shapes", [pytest.param([(64, 24)], id="N64-D24"),
-                                    pytest.param([(16, 8), (512, 8), (130, 24), (16, 64), (512, 64), (16, 128),
-                                                  (512, 128)], id="sweep", marks=pytest.mark.full)])
+SWEEP = [(16, 8), (512, 8), (130, 24), (16, 64), (512, 64), (16, 128), (512, 128)]
+
+
+@pytest.mark.parametrize("shapes", [
+    pytest.param([(64, 24, "bfloat16"), (64, 24, "float32")], id="N64-D24"),
+    pytest.param([(n, d, dtype) for dtype in ("bfloat16", "float32") for n, d in SWEEP] + [(130, 24, "float16")],
+                 id="sweep", marks=pytest.mark.full)])
 def test_kernels_compile_for_hopper_without_spills(shapes):
-    """Calls the launchers on CPU tensors (bf16, packed, every feature on; (N, D) in ``shapes``) and lowers each
+    """Calls the launchers on CPU tensors (packed, every feature on; (N, D, dtype) in ``shapes``) and lowers each
     kernel they launch to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the
     compiler rejects, a register spill is a performance bug, and a kernel needing more shared memory than a block
-    has fails only on the GPU. The per-atom tiles (q, k, v, dO) load 16 bytes at a time, D = 24 included."""
+    has fails only on the GPU. 16-bit matmuls run on the tensor cores (float32 ones are IEEE FMAs unless TF32 is
+    allowed), and bf16 per-atom tiles (q, k, v, dO) load 16 bytes at a time, D = 24 included."""
     lines = run_compile_script(f"SHAPES = {shapes!r}\n" + HOPPER_COMPILE)
     assert len(lines) == 6 * len(shapes), lines
     for line in lines:
         words = line.split()
-        assert int(words[2]) > 0, f"{line}: the matmuls should use the tensor cores"
+        assert int(words[2]) > 0 or words[9] == "float32", f"{line}: the matmuls should use the tensor cores"
         assert int(words[4]) == 0, f"{line}: registers spill"
-        if words[0] in ATOM_TILE_KERNELS and int(words[7]) > 16 and int(words[8]) == 24:
+        if words[0] in ATOM_TILE_KERNELS and int(words[7]) > 16 and int(words[8]) == 24 and words[9] != "float32":
             assert int(words[6]) > 0, f"{line}: the per-atom tiles should load 16 bytes per instruction"
 
 
