@@ -421,10 +421,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, heads: int) -> dict:
+def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, heads: int,
+                   dtype: torch.dtype) -> dict:
     """Tiles and warps. A pair tile is BLOCK_I x BLOCK_J pairs (tl.dot needs >= 16) and the hidden layer goes by
-    chunks of BLOCK_C units. Chosen so that ptxas (sm_90, bf16 weights) spills no register at K = K_hidden = 128,
-    H = 32; not yet tuned on a GPU (small tiles: wgmma wants 64 rows, so these run as mma.sync)."""
+    chunks of BLOCK_C units. Chosen so that ptxas (sm_90) spills no register: bf16 weights at K = K_hidden = 128,
+    H = 32, float32 ones at K = K_hidden <= 256, H <= 128; not yet tuned on a GPU (small tiles: wgmma wants 64
+    rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the matmuls."""
     if kernel == "positions":
         block = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
@@ -440,6 +442,16 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
                   BLOCK_H=block_h, num_warps=4 if block_k <= 64 else 8)
     if kernel != "weights":
         config["BLOCK_KH"] = block_kh
+    if dtype == torch.float32:
+        # float32 IEEE dots run on the FMA units, each thread holding whole operand rows (K or H long), and the
+        # 16-bit choices spilled there (850 bytes at K = 128, H = 32; also at K = 32, 64, 256 and H = 64, 128):
+        # 8 warps and unpipelined loads leave room, and the longest rows take half the pair tile (H = 128; the
+        # weights kernel, with the most live tiles, at K = 256 too) or half the hidden chunk (K = 256).
+        config.update(num_warps=8, num_stages=1)
+        if block_h > 64 or (kernel == "weights" and block_k > 128):
+            config["BLOCK_I"] = 4
+        if kernel != "weights" and block_k > 128:
+            config["BLOCK_C"] = 16
     return config
 
 
@@ -497,7 +509,7 @@ def gaussian_basis_bias_forward(positions, pair_types, means, stds, mul, bias, w
         feat = torch.empty((problem.batch, problem.width, kernels), dtype=w1.dtype, device=w1.device)
     if problem.batch == 0 or problem.width == 0:
         return out.zero_(), feat.zero_()
-    config = _launch_config("forward", problem.width, kernels, problem.hidden, heads)
+    config = _launch_config("forward", problem.width, kernels, problem.hidden, heads, w1.dtype)
     grid = (triton.cdiv(problem.width, config["BLOCK_I"]), problem.batch)
     _gaussian_basis_bias_fwd_kernel[grid](
         positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, means, stds, mul, bias,
@@ -526,8 +538,8 @@ def gaussian_basis_bias_backward(dout, dfeat, positions, pair_types, means, stds
     means, stds, w1, b1, w2, b2 = _contiguous(means, stds, w1, b1, w2, b2)
     problem = _Problem(positions, pair_types, mul, bias, mask, cu_seqlens, max_seqlen, w1, w2)
     heads, kernels, hidden = problem.heads, problem.num_kernels, problem.hidden
-    pairs_config = _launch_config("pairs", problem.width, kernels, hidden, heads)
-    weights_config = _launch_config("weights", problem.width, kernels, hidden, heads)
+    pairs_config = _launch_config("pairs", problem.width, kernels, hidden, heads, w1.dtype)
+    weights_config = _launch_config("weights", problem.width, kernels, hidden, heads, w1.dtype)
     bk, bc, bh = weights_config["BLOCK_K"], weights_config["BLOCK_C"], weights_config["BLOCK_H"]
     chunks = triton.cdiv(hidden, bc)
     # Each kernel tiles the rows its own way: (work items, i tiles per molecule, programs).
@@ -561,7 +573,7 @@ def gaussian_basis_bias_backward(dout, dfeat, positions, pair_types, means, stds
             positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, means, stds, mul, bias,
             w1, b1, w2, dout, mlp_partial, *common, *split["weights"][:2], *problem.strides, *s_do,
             **problem.flags(), **weights_config)
-        positions_config = _launch_config("positions", problem.width, kernels, hidden, heads)
+        positions_config = _launch_config("positions", problem.width, kernels, hidden, heads, w1.dtype)
         grid = (triton.cdiv(problem.width, positions_config["BLOCK_I"]), problem.batch)
         _gaussian_basis_bias_bwd_positions_kernel[grid](
             positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, mul, dx, dmul, dpos,

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pyblend.kernels.gaussian_basis_bias import _launch_config
 from pyblend.layout import pack_atoms, pack_pairs
 from pyblend.nn.gaussian_basis_bias import GaussianBasisBias
 from pyblend.ops.gaussian_basis_bias import gaussian_basis_bias
@@ -194,6 +195,18 @@ def test_mask_with_holes_and_wider_mlp(generator):
     chunks), H = 5."""
     check_against_reference(generator, [5, 9, 0], torch.float32, holes=True, width=11, kernels=24, hidden=72,
                             heads=5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_float32_tiles_of_wide_mlps(generator, packed):
+    """float32 launches take their own tiles where K > 128 (hidden chunks of 16 in the forward and pairs kernels)
+    or H > 64 (4 x 4 pair tiles in the forward and weights kernels): K = 130, K_hidden = 40 (not a multiple of the
+    chunk), H = 66, molecules of 9, 6 and 1 atoms (ragged 4-row tiles)."""
+    for kernel, tiles in (("forward", dict(BLOCK_I=4, BLOCK_C=16)), ("pairs", dict(BLOCK_I=4, BLOCK_C=16)),
+                          ("weights", dict(BLOCK_I=4))):
+        config = _launch_config(kernel, 9, 130, 40, 66, torch.float32)
+        assert {name: config[name] for name in tiles} == tiles, f"{kernel}: {config}"
+    check_against_reference(generator, [9, 6, 1], torch.float32, packed=packed, kernels=130, hidden=40, heads=66)
 
 
 def test_single_output_gradients(generator):
@@ -435,46 +448,60 @@ import torch
 from hopper import captured_launches, lower_launch
 from pyblend.kernels import gaussian_basis_bias as kernels
 
-KERNELS = HIDDEN = 128
-HEADS, TYPES, MAX_SEQLEN = 32, 7, 64
-lengths = torch.tensor([MAX_SEQLEN, MAX_SEQLEN // 2 + 1, 1])
-cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
-mask = torch.arange(MAX_SEQLEN)[None, :] < lengths[:, None]
-# means, stds, mul, bias (flattened, as the op passes them), w1, b1, w2, b2
-weights = [torch.randn(*shape, dtype=torch.bfloat16) for shape in
-           ((KERNELS,), (KERNELS,), (TYPES,), (TYPES,), (HIDDEN, KERNELS), (HIDDEN,), (HEADS, HIDDEN), (HEADS,))]
-launches = {}
-for packed in (True, False):
-    if packed:
-        positions, types = torch.randn(atoms, 3), torch.randint(0, TYPES, (pairs, 2))
-        layout = (None, cu_seqlens, MAX_SEQLEN, 1e-2)
-    else:
-        positions = torch.randn(len(lengths), MAX_SEQLEN, 3)
-        types = torch.randint(0, TYPES, (len(lengths), MAX_SEQLEN, MAX_SEQLEN, 2))
-        layout = (mask, None, MAX_SEQLEN, 1e-2)
-    with captured_launches() as captured:
-        attn, feat = kernels.gaussian_basis_bias_forward(positions, types, *weights, *layout)
-        kernels.gaussian_basis_bias_backward(torch.randn_like(attn), torch.randn_like(feat), positions, types,
-                                             *weights, *layout)
-    for kernel, args, kwargs in captured:
-        launches.setdefault((kernel.fn.__name__, packed), (kernel, args, kwargs))
-for (name, packed), (kernel, args, kwargs) in launches.items():
-    ptx, spills, sass = lower_launch(kernel, args, kwargs)
-    print(name, "mma", ptx.count("mma"), "spills", spills, "packed", packed)
+TYPES = 7
+for dtype_name, num_kernels, hidden, heads, max_seqlen in SHAPES:
+    dtype = getattr(torch, dtype_name)
+    lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    mask = torch.arange(max_seqlen)[None, :] < lengths[:, None]
+    # means, stds, mul, bias (flattened, as the op passes them), w1, b1, w2, b2
+    weights = [torch.randn(*shape, dtype=dtype) for shape in ((num_kernels,), (num_kernels,), (TYPES,), (TYPES,),
+                                                              (hidden, num_kernels), (hidden,), (heads, hidden),
+                                                              (heads,))]
+    launches = {}
+    for packed in (True, False):
+        if packed:
+            positions, types = torch.randn(atoms, 3), torch.randint(0, TYPES, (pairs, 2))
+            layout = (None, cu_seqlens, max_seqlen, 1e-2)
+        else:
+            positions = torch.randn(len(lengths), max_seqlen, 3)
+            types = torch.randint(0, TYPES, (len(lengths), max_seqlen, max_seqlen, 2))
+            layout = (mask, None, max_seqlen, 1e-2)
+        with captured_launches() as captured:
+            attn, feat = kernels.gaussian_basis_bias_forward(positions, types, *weights, *layout)
+            kernels.gaussian_basis_bias_backward(torch.randn_like(attn), torch.randn_like(feat), positions, types,
+                                                 *weights, *layout)
+        for kernel, args, kwargs in captured:
+            launches.setdefault((kernel.fn.__name__, packed), (kernel, args, kwargs))
+    for (name, packed), (kernel, args, kwargs) in launches.items():
+        ptx, spills, sass = lower_launch(kernel, args, kwargs)
+        print(name, "mma", ptx.count("mma"), "spills", spills, "packed", packed, dtype_name, num_kernels, hidden, heads,
+              max_seqlen)
 """
 
 
-def test_kernels_compile_for_hopper_without_spills():
-    """Calls the launchers on CPU tensors (fp32 positions, bf16 weights, two type ids, K = K_hidden = 128, H = 32,
-    N = 64; padded with a mask and packed, every gradient) and lowers the four kernels to sm_90 as Triton would on
-    the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, the MLP must run on the tensor
-    cores, and a spill is a performance bug."""
-    lines = run_compile_script(HOPPER_COMPILE)
-    assert len(lines) == 8, lines
+# (dtype, K, K_hidden, H, N). float32 has its own tiles and warps (its IEEE dots run on the FMA units): the full
+# tier covers each of its branches (K <= 64 with 4 warps for 16-bit, H = 128, K = 256) and a ragged MLP.
+FLOAT32_SWEEP = [(32, 32, 8, 64), (64, 64, 16, 64), (128, 128, 64, 64), (128, 128, 128, 64), (256, 256, 32, 64),
+                 (256, 256, 128, 64), (24, 72, 5, 11), (128, 128, 32, 4)]
+
+
+@pytest.mark.parametrize("shapes", [
+    pytest.param([("bfloat16", 128, 128, 32, 64), ("float32", 128, 128, 32, 64)], id="K128-H32"),
+    pytest.param([("float32", *shape) for shape in FLOAT32_SWEEP] + [("float16", 128, 128, 32, 64)], id="sweep",
+                 marks=pytest.mark.full)])
+def test_kernels_compile_for_hopper_without_spills(shapes):
+    """Calls the launchers on CPU tensors (fp32 positions, weights of the given dtype, two type ids; (dtype, K,
+    K_hidden, H, N) in ``shapes``; padded with a mask and packed, every gradient) and lowers the four kernels to
+    sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, a
+    spill is a performance bug, and 16-bit MLPs must run on the tensor cores (float32 ones are IEEE FMAs unless
+    TF32 is allowed)."""
+    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + HOPPER_COMPILE)
+    assert len(lines) == 8 * len(shapes), lines
     for line in lines:
         words = line.split()
-        if "positions" not in words[0]:
+        if "positions" not in words[0] and words[7] != "float32":
             assert int(words[2]) > 0, f"{line}: the MLP should use the tensor cores"
         assert int(words[4]) == 0, f"{line}: registers spill"
 
