@@ -317,17 +317,38 @@ def _outer_product_bwd_cols_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def launch_config(max_n: int, d1: int, d2: int, mode: int) -> dict:
-    """Square pair tiles of 16 (small molecules, or more than 32 features a side: 32-tiles spill on sm_90 there)
-    or 32; not yet tuned on a GPU."""
+def launch_config(kernel: str, max_n: int, d1: int, d2: int, mode: int, dtype: torch.dtype) -> dict:
+    """Tiles and warps of ``kernel`` ("forward", "rows" or "cols"): square pair tiles of 16 (small molecules, or
+    more than 32 features a side: 32-tiles spill on sm_90 there) or 32; chosen so that ptxas (sm_90, arguments
+    specialised as at launch) spills no register; not yet tuned on a GPU."""
     block = 16 if max_n <= 16 or max(d1, d2) > 32 else 32
+    config = dict(BLOCK_I=block, BLOCK_J=block, BLOCK_D1=max(16, triton.next_power_of_2(d1)),
+                  BLOCK_D2=max(16, triton.next_power_of_2(d2)))
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        # IEEE float32 dots run on the FMA units, each thread holding whole operand rows: the 16-bit choices below
+        # spilled up to 440 bytes there (TF32 ones run on the tensor cores, and spill-free with them). Chosen per
+        # kernel from ptxas's reports, which are erratic: besides spilling at 255 registers, it aimed some kernels
+        # at 64-128 registers and spilled a few scalars to get there; other warps, or no software pipelining (no
+        # prefetched next tile), moved it off those targets.
+        square = config["BLOCK_D1"] == config["BLOCK_D2"]
+        exact = config["BLOCK_D1"] == d1 and config["BLOCK_D2"] == d2  # unmasked feature tiles
+        if max(d1, d2) > 32:
+            if kernel == "rows":
+                # 8 warps spilled at 255 registers; 32 (at most 64 registers) did not, except with unequal feature
+                # tiles, which 16 warps over 32-wide j-tiles hold (the kernel loops over j-tiles of any width).
+                return dict(config, num_warps=32) if square else dict(config, BLOCK_J=32, num_warps=16)
+            return dict(config, num_warps=8, num_stages=1)
+        if kernel == "rows":
+            return dict(config, num_warps=4 if block == 32 and mode == MODE_LOGITS and exact and square else 8)
+        if kernel == "cols" and (mode == MODE_COSINE or not exact):
+            return dict(config, num_warps=4, num_stages=1)
+        return dict(config, num_warps=4)
     warps = 8 if max(d1, d2) > 32 else 4
     if mode == MODE_LOGITS:
         # Half the warps: as launched (unit strides and aligned pointers specialised), ptxas held the logits' rows
         # backward (d = 32) and forward (d = 64) at 128 registers a thread with the losses' warps, and spilled.
         warps //= 2
-    return dict(BLOCK_I=block, BLOCK_J=block, BLOCK_D1=max(16, triton.next_power_of_2(d1)),
-                BLOCK_D2=max(16, triton.next_power_of_2(d2)), num_warps=warps)
+    return dict(config, num_warps=warps)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -349,12 +370,13 @@ def _mask_bytes(mask, like):
 
 
 def _common(row, col, weight, bias, mask, max_n, mode):
+    """(d1, d2, each kernel's launch keywords, the bias argument)."""
     d1, d2 = row.shape[1], col.shape[1]
-    config = launch_config(max_n, d1, d2, mode)
-    flags = dict(MODE=mode, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PRECISION=_precision(row.dtype),
-                 **config)
+    flags = dict(MODE=mode, HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PRECISION=_precision(row.dtype))
+    configs = {kernel: dict(flags, **launch_config(kernel, max_n, d1, d2, mode, row.dtype))
+               for kernel in ("forward", "rows", "cols")}
     bias_arg = bias if bias is not None else weight
-    return d1, d2, flags, bias_arg
+    return d1, d2, configs, bias_arg
 
 
 def _aux_strides(aux):
@@ -373,7 +395,8 @@ def outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair
     Returns logits ``(Q, C)`` in row's dtype (``MODE_LOGITS``), else ``(stats (Q, G or 2) float32,
     loss_sum, count)`` (float32 and float64 scalars).
     """
-    d1, d2, flags, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
+    d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
+    flags = configs["forward"]
     batch = start.numel()
     classes = weight.shape[0]
     tiles = triton.cdiv(max(max_n, 1), flags["BLOCK_I"])
@@ -400,13 +423,13 @@ def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, lengt
     """Gradients ``(drow (A, d1), dcol (A, d2), dweight (C, d1 * d2), dbias (C,))`` in the inputs' dtypes (0 at
     padded atoms). ``grad``: the logits' gradient ``(Q, C)`` (``MODE_LOGITS``), else a float32 ``(1,)`` tensor
     holding the loss gradient divided by the count. ``stats``: the forward's (ignored for logits)."""
-    d1, d2, flags, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
+    d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
     batch = start.numel()
     classes = weight.shape[0]
     atoms = row.shape[0]
     drow = torch.zeros((atoms, d1), dtype=row.dtype, device=row.device)
     dcol = torch.zeros((atoms, d2), dtype=col.dtype, device=col.device)
-    tiles = triton.cdiv(max(max_n, 1), flags["BLOCK_I"])
+    tiles = triton.cdiv(max(max_n, 1), configs["rows"]["BLOCK_I"])  # the rows backward's i-tiles
     items = batch * tiles
     if programs is None:
         programs = row_programs(items, row.device)
@@ -422,9 +445,9 @@ def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, lengt
                   stats_arg, grad)
         _outer_product_bwd_rows_kernel[(programs,)](
             *common, drow, dw, db, d1, d2, classes, groups, ignore_index, tiles, items, *strides,
-            BLOCK_C=max(16, triton.next_power_of_2(classes)), **flags)
-        _outer_product_bwd_cols_kernel[(batch, tiles)](
-            *common, dcol, d1, d2, classes, groups, ignore_index, *strides, **flags)
+            BLOCK_C=max(16, triton.next_power_of_2(classes)), **configs["rows"])
+        _outer_product_bwd_cols_kernel[(batch, triton.cdiv(max_n, configs["cols"]["BLOCK_J"]))](
+            *common, dcol, d1, d2, classes, groups, ignore_index, *strides, **configs["cols"])
     dweight = dw.sum(0).reshape(classes, d1 * d2).to(weight.dtype)
     dbias = db.sum(0).to(weight.dtype)
     return drow, dcol, dweight, dbias

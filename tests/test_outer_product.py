@@ -189,6 +189,19 @@ def test_logits_and_their_gradients_match_reference(generator, dtype, packed):
     assert got["out"].dtype == dtype
 
 
+@pytest.mark.parametrize("loss", ["ce", "cos", "logits"])
+@pytest.mark.parametrize("d1, d2", [(20, 12), (40, 20)])
+def test_float32_launch_tiles_match_reference(generator, loss, d1, d2):
+    """float32 launches past 16 atoms take their own configurations: 32-pair tiles with at most 32 features a side,
+    and the rows backward's 16 x 32 pair tiles with more than 32 features on one side only. Ragged molecules over
+    several tiles, a partial last one, in both layouts."""
+    classes, groups = {"ce": (4, 2), "cos": (3, 1), "logits": (3, 1)}[loss]
+    problem = Problem(generator, [5, 33], d1, d2, classes, torch.float32, groups=groups)
+    for packed in (False, True):
+        upstream = upstream_for(generator, problem, packed) if loss == "logits" else None
+        check(problem, loss, packed, upstream=upstream)
+
+
 def test_non_contiguous_inputs(generator):
     """Strided views: row/col from (d, T) storage, the weight as the transpose of (d1 d2, C) storage, a strided
     bias and a transposed target."""
@@ -433,44 +446,64 @@ import torch
 from hopper import captured_launches, lower_launch
 from pyblend.kernels import outer_product as kernels
 
-# The padded layout as the ops pass it: B molecules of width N = 64 flattened to (B N, d) atoms, with a mask (the
-# second molecule has 40 atoms).
-BATCH, WIDTH, IGNORE = 2, 64, -100
-atoms, pairs = BATCH * WIDTH, BATCH * WIDTH * WIDTH
-molecules = torch.arange(BATCH)
-mask = (torch.arange(WIDTH)[None, :] < torch.tensor([WIDTH, 40])[:, None]).reshape(-1)
-layout = (mask, (molecules * WIDTH).int(), torch.full((BATCH,), WIDTH, dtype=torch.int32), molecules * WIDTH ** 2)
-for features, classes, mode, groups in ((32, 11, 1, 1), (32, 120, 1, 5), (32, 3, 2, 1), (32, 11, 0, 1),
-                                        (64, 128, 1, 1), (64, 11, 0, 1)):
-    row, col = (torch.randn(atoms, features, dtype=torch.bfloat16) for _ in range(2))
-    weight = torch.randn(classes, features * features, dtype=torch.bfloat16)
-    bias = torch.randn(classes, dtype=torch.bfloat16)
+IGNORE = -100
+for d1, d2, classes, mode, groups, width, packed, dtype_name in CASES:
+    # "tf32": float32 inputs with TF32 allowed, whose dots run on the tensor cores.
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    # Two molecules, the second 5/8 as wide as the first (N): padded as the ops pass it (B molecules of width N
+    # flattened to (B N, d) atoms, with a mask), or packed (no mask).
+    lengths = torch.tensor([width, width * 5 // 8])
+    widths = lengths if packed else torch.full((2,), width)
+    mask = None if packed else (torch.arange(width)[None, :] < lengths[:, None]).reshape(-1)
+    atoms, pairs = int(widths.sum()), int((widths ** 2).sum())
+    layout = (mask, (widths.cumsum(0) - widths).int(), widths.int(), (widths ** 2).cumsum(0) - widths ** 2)
+    row, col = torch.randn(atoms, d1, dtype=dtype), torch.randn(atoms, d2, dtype=dtype)
+    weight = torch.randn(classes, d1 * d2, dtype=dtype)
+    bias = torch.randn(classes, dtype=dtype)
     # The cross-entropy's int64 targets (Q, G), the cosine's float32 positions (A, 3); the logits have none.
     aux = {0: None, 1: torch.randint(0, classes // groups, (pairs, groups)), 2: torch.randn(atoms, 3)}[mode]
     with captured_launches() as captured:
-        out = kernels.outer_product_forward(row, col, weight, bias, aux, *layout, WIDTH, pairs, mode, groups, IGNORE)
+        out = kernels.outer_product_forward(row, col, weight, bias, aux, *layout, width, pairs, mode, groups, IGNORE)
         # The logits' gradient comes in their dtype; a loss's backward reads its stats and the float32 loss
         # gradient over the count.
         grad, stats = (torch.randn_like(out), None) if mode == 0 else (torch.ones(1), out[0])
-        kernels.outer_product_backward(grad, row, col, weight, bias, aux, *layout, stats, WIDTH, mode, groups,
+        kernels.outer_product_backward(grad, row, col, weight, bias, aux, *layout, stats, width, mode, groups,
                                        IGNORE)
     for kernel, args, kwargs in captured:
         ptx, spills, _ = lower_launch(kernel, args, kwargs)
-        print(f"d={features},C={classes}", kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills)
+        print(f"d={d1}x{d2},C={classes},N={width},{'packed' if packed else 'padded'}", kernel.fn.__name__,
+              "mma", ptx.count("mma"), "spills", spills, dtype_name)
 """
 
 
-def test_kernels_compile_for_hopper_with_tensor_cores_and_no_spills():
-    """The three kernels as the launchers launch them for d1 = d2 = 32, bf16, padded and masked, N = 64: the SPD
-    head (C = 11), the edge head (C = 120, G = 5), the 3D head (C = 3, cosine) and the plain logits (C = 11); the
-    largest supported loss (d1 = d2 = 64, C = 128) and the logits at d1 = d2 = 64 (their own warps). Forward and
-    backward, lowered to sm_90 with the GPU's run-time specialisation and through ptxas: tensor-core mma, no
-    register spills."""
-    lines = run_compile_script(HOPPER_COMPILE)
-    assert len(lines) == 18, lines
+# (d1, d2, C, mode, G): the SPD head (C = 11), the edge head (C = 120, G = 5), the 3D head (C = 3, cosine) and the
+# plain logits (C = 11) at d = 32; the largest supported loss (d = 64, C = 128) and the logits at d = 64.
+HEADS = [(32, 32, 11, 1, 1), (32, 32, 120, 1, 5), (32, 32, 3, 2, 1), (32, 32, 11, 0, 1), (64, 64, 128, 1, 1),
+         (64, 64, 11, 0, 1)]
+# float32's own rows-backward configuration for feature tiles of 64 by 32.
+UNEQUAL = [(64, 32, 11, 1, 1), (64, 32, 3, 2, 1), (32, 64, 11, 0, 1)]
+
+
+@pytest.mark.parametrize("cases", [
+    pytest.param([(*head, 64, False, "bfloat16") for head in HEADS]
+                 + [(*HEADS[1], 64, False, "float32"), (*HEADS[5], 64, False, "float32")], id="quick"),
+    pytest.param([(*head, 64, False, "float32") for head in HEADS if head not in (HEADS[1], HEADS[5])]
+                 + [(*head, width, packed, "float32") for head in HEADS for width, packed in ((16, False), (64, True))]
+                 + [(*head, 64, False, "float32") for head in UNEQUAL]
+                 + [(*head, 64, False, "tf32") for head in HEADS], id="float32", marks=pytest.mark.full)])
+def test_kernels_compile_for_hopper_with_tensor_cores_and_no_spills(cases):
+    """The three kernels as the launchers launch them, forward and backward, lowered to sm_90 with the GPU's
+    run-time specialisation and through ptxas: no register spills, and tensor-core mma for 16-bit and TF32 inputs
+    (float32's IEEE dots run on the FMA units, with launch configurations of their own). Quick: every head in bf16,
+    padded and masked, N = 64, and float32's configurations at d = 32 (the edge head) and d = 64 (the logits). Full:
+    float32 for every head, also at N = 16 (16-pair tiles) and packed (no mask), with unequal feature tiles, and
+    with TF32 allowed."""
+    lines = run_compile_script(f"CASES = {cases!r}\n" + HOPPER_COMPILE)
+    assert len(lines) == 3 * len(cases), lines
     for line in lines:
         words = line.split()
-        assert int(words[3]) > 0, f"{line}: no tensor-core mma"
+        assert int(words[3]) > 0 or words[6] == "float32", f"{line}: no tensor-core mma"
         assert int(words[5]) == 0, f"{line}: registers spill"
 
 
