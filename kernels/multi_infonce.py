@@ -194,10 +194,25 @@ def _multi_infonce_bwd_cols_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _launch_config(batch: int, dim: int) -> dict:
-    """Square tiles, smaller for wide embeddings (the backward holds a (BLOCK, D) float32 accumulator).
-    Not yet tuned on a GPU."""
+def _launch_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dict:
+    """Square tiles, smaller for wide embeddings (the backward holds a (BLOCK, D) float32 accumulator); the three
+    kernels ("forward", "rows", "columns") of a call share them and may differ in warps and stages. Chosen so that
+    ptxas (sm_90, sizes and aligned pointers specialised as at launch) spills no register; not yet tuned on a GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
+    if dtype == torch.float32:
+        # IEEE float32 dots run on the FMA units, each thread holding whole operand rows: the 16-bit choices spilled
+        # there (up to 1.1 KB at D = 128). Below, ptxas also trims a kernel to the next occupancy step (64 or 128
+        # registers a thread) and spills a few bytes for it; these choices kept clear of both over d = 10..512 and
+        # B = 7..4096, square and rectangular: at most 32 rows, 16 past D = 64, 8 warps past D = 32, and 2 stages
+        # except for 32-row tiles up to D = 32.
+        block = 16 if batch <= 16 or block_d > 64 else 32
+        warps = 4 if block_d <= 32 else 8
+        stages = 3 if block == 32 and block_d <= 32 else 2
+        if block_d > 256 and kernel == "rows":
+            # Over 8 warps ptxas held it at 128 registers and spilled; TF32's tensor-core dots fit 8 with one stage,
+            # while 16 warps spilled 600 bytes there.
+            warps, stages = (8, 1) if _precision(dtype) == "tf32" else (16, 2)
+        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     block = 16 if batch <= 16 else 32 if batch <= 32 or block_d > 64 else 64
     warps = 4 if block * block_d <= 64 * 64 else 8
     if block_d > 256:
@@ -218,9 +233,9 @@ def _mask_bytes(present, like):
     return present.view(torch.uint8) if present is not None else like.new_empty(1, dtype=torch.uint8)
 
 
-def _flags(x, present, rows: int, cols: int, columns: bool) -> dict:
+def _flags(x, present, rows: int, cols: int, columns: bool, kernel: str = "forward") -> dict:
     return dict(HAS_MASK=present is not None, COLUMNS=columns, PRECISION=_precision(x.dtype),
-                **_launch_config(min(rows, cols), x.shape[1]))
+                **_launch_config(kernel, min(rows, cols), x.shape[1], x.dtype))
 
 
 def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
@@ -251,7 +266,7 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
     contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples."""
     batch, dim = x.shape
     mask = _mask_bytes(present, x)
-    flags = _flags(x, present, batch, batch, True)
+    flags = _flags(x, present, batch, batch, True, "rows")
     dx = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
     dy = torch.empty((batch, dim), dtype=y.dtype, device=y.device)
     dx_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
@@ -264,6 +279,7 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
     sizes = (batch, batch, dim, *x.stride(), *y.stride())
     _multi_infonce_bwd_rows_kernel[(triton.cdiv(batch, flags["BLOCK_M"]),)](
         *arguments, dx, dx_scale, *sizes, **flags)
+    flags = _flags(x, present, batch, batch, True, "columns")
     _multi_infonce_bwd_cols_kernel[(triton.cdiv(batch, flags["BLOCK_N"]),)](
         *arguments, dy, dy_scale, *sizes, **flags)
     return dx, dy, dx_scale, dy_scale
@@ -302,7 +318,7 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
     dy_scale are returned uninitialised (the caller does not need them) and their kernel is not launched."""
     rows, dim = x.shape
     cols = y.shape[0]
-    flags = _flags(x, row_present, rows, cols, False)
+    flags = _flags(x, row_present, rows, cols, False, "rows")
     dx = torch.empty((rows, dim), dtype=x.dtype, device=x.device)
     dy = torch.empty((cols, dim), dtype=y.dtype, device=y.device)
     dx_scale = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -316,6 +332,7 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
     _multi_infonce_bwd_rows_kernel[(triton.cdiv(rows, flags["BLOCK_M"]),)](
         *arguments, dx, dx_scale, *sizes, **flags)
     if columns:
+        flags = _flags(x, row_present, rows, cols, False, "columns")
         _multi_infonce_bwd_cols_kernel[(triton.cdiv(cols, flags["BLOCK_N"]),)](
             *arguments, dy, dy_scale, *sizes, **flags)
     return dx, dy, dx_scale, dy_scale

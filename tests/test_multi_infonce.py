@@ -112,6 +112,16 @@ def test_wide_embeddings(generator):
     check_against_reference(embeddings, [("conformer", "text")], torch.float32, temperature=torch.tensor(0.1))
 
 
+@pytest.mark.parametrize("dim", [48, 100, 200])
+def test_float32_tiles(generator, dim):
+    """float32 launches take their own tiles ((32, 64) at d = 48, (16, 128) and (16, 256) past it): several row
+    and column blocks, a partial last one, absent samples in both modalities."""
+    batch = 37
+    masks = {"a": random_mask(generator, batch), "b": random_mask(generator, batch)}
+    embeddings = random_embeddings(generator, batch, {"a": dim, "b": dim}, torch.float32, masks)
+    check_against_reference(embeddings, [("a", "b")], torch.float32, masks=masks, temperature=torch.tensor(0.1))
+
+
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 def test_three_modalities_masks_and_weights(generator, dtype):
     """Missing samples in two modalities, three pairs with weights, one pair with nothing in common."""
@@ -284,17 +294,20 @@ import torch
 from hopper import captured_launches, lower_launch
 from pyblend.kernels import multi_infonce as kernels
 
-BATCH, LOCAL = 4096, 512  # the square path's batch; the distributed path's local rows against BATCH gathered ones
-for dim, columns in ((24, True), (128, True), (512, True), (128, False), (512, False)):
-    rows = BATCH if columns else LOCAL
-    x = torch.randn(rows, dim, dtype=torch.bfloat16)
-    y = torch.randn(BATCH, dim, dtype=torch.bfloat16)
-    x_scale, y_scale = torch.rand(rows) + 0.5, torch.rand(BATCH) + 0.5
-    col_present = torch.rand(BATCH) < 0.9
+for dim, batch, columns, dtype_name in CASES:
+    # "tf32": float32 inputs with TF32 allowed, whose dots run on the tensor cores.
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    # The square path's batch, or the distributed path's local rows (an eighth) against the batch gathered.
+    rows = batch if columns else batch // 8
+    x = torch.randn(rows, dim, dtype=dtype)
+    y = torch.randn(batch, dim, dtype=dtype)
+    x_scale, y_scale = torch.rand(rows) + 0.5, torch.rand(batch) + 0.5
+    col_present = torch.rand(batch) < 0.9
     with captured_launches() as captured:
         if columns:
             row_lse, col_lse = kernels.multi_infonce_lse_forward(x, y, x_scale, y_scale, col_present)
-            kernels.multi_infonce_lse_backward(torch.randn(rows), torch.randn(BATCH), x, y, x_scale, y_scale,
+            kernels.multi_infonce_lse_backward(torch.randn(rows), torch.randn(batch), x, y, x_scale, y_scale,
                                                col_present, row_lse, col_lse)
         else:
             row_present = col_present[:rows]
@@ -303,20 +316,34 @@ for dim, columns in ((24, True), (128, True), (512, True), (128, False), (512, F
                                                    col_present, row_lse)
     for kernel, args, kwargs in captured:
         ptx, spills, _ = lower_launch(kernel, args, kwargs)
-        print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills, "columns", columns)
+        print(dim, kernel.fn.__name__, "mma", ptx.count("mma"), "spills", spills, "batch", batch, "columns",
+              columns, dtype_name)
 """
 
 
-def test_kernels_compile_for_hopper_without_spills():
-    """Calls the launchers on CPU tensors (bf16, masked; d = 24, 128, 512 square with B = 4096, and d = 128, 512
-    rectangular: 512 local rows against 4096 gathered) and lowers the three kernels to sm_90 as Triton would on
-    the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, and a spill is a performance
-    bug."""
-    lines = run_compile_script(HOPPER_COMPILE)
-    assert len(lines) == 15, lines
+# (d, B, square): square with B = 4096, or rectangular with 512 local rows against 4096 gathered.
+COMPILE_SHAPES = [(24, 4096, True), (128, 4096, True), (512, 4096, True), (128, 4096, False), (512, 4096, False)]
+# float32 in the quick tier: the widest square case, where its three kernels differ in warps.
+QUICK_FLOAT32 = (512, 4096, True)
+# float32's other tiles: (32, 64) over 8 warps, and 16 rows for small batches (the rectangular one has 2 rows).
+FLOAT32_TILES = [(64, 4096, True), (24, 16, True), (64, 16, False)]
+
+
+@pytest.mark.parametrize("cases", [
+    pytest.param([(*shape, "bfloat16") for shape in COMPILE_SHAPES] + [(*QUICK_FLOAT32, "float32")],
+                 id="bf16+f32-d512"),
+    pytest.param([(*shape, "float32") for shape in COMPILE_SHAPES + FLOAT32_TILES if shape != QUICK_FLOAT32]
+                 + [(*shape, "tf32") for shape in COMPILE_SHAPES], id="f32+tf32", marks=pytest.mark.full)])
+def test_kernels_compile_for_hopper_without_spills(cases):
+    """Calls the launchers on CPU tensors (masked; (d, B, square, dtype) in ``cases``) and lowers the three kernels
+    to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, and
+    a spill is a performance bug. 16-bit and TF32 matmuls run on the tensor cores; float32's IEEE ones run on the
+    FMA units, each thread holding whole operand rows, with launch configurations of their own."""
+    lines = run_compile_script(f"CASES = {cases!r}\n" + HOPPER_COMPILE)
+    assert len(lines) == 3 * len(cases), lines
     for line in lines:
         words = line.split()
-        assert int(words[3]) > 0, f"{line}: the matmuls should use the tensor cores"
+        assert int(words[3]) > 0 or words[10] == "float32", f"{line}: the matmuls should use the tensor cores"
         assert int(words[5]) == 0, f"{line}: registers spill"
 
 
