@@ -18,13 +18,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml CMakeLists.txt $(wildcard 
 
 build: $(VENV)/.built
 
+# One pytest worker per core when pytest-xdist is there (worksteal: the slow interpreter tests vary from 0.1 s to
+# 40 s); PYTEST_ARGS="-n 0" runs serially.
+PARALLEL = $$($(PY) -c 'import xdist' 2>/dev/null && printf '%s' '--numprocesses=auto --dist=worksteal')
+
 # The quick tier (what CI runs).
 test: build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # Larger sweeps of every feature.
 test-full: build
-	$(PY) -m pytest --full $(PYTEST_ARGS)
+	$(PY) -m pytest $(PARALLEL) --full $(PYTEST_ARGS)
 
 # The main job: every benchmark entry the device supports, on the default molecule set.
 bench: build

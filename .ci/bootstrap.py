@@ -36,6 +36,7 @@ REQUIREMENTS = [
     ("wheel", "wheel", True),
     ("tqdm", "tqdm", True),
     ("pytest", "pytest", True),
+    ("pytest-xdist", "pytest-xdist", False),  # the test tiers on every core; serial without it
     ("rdkit", "rdkit", False),
     ("pytest-benchmark", "pytest-benchmark", False),
     ("scipy", "scipy", False),

@@ -12,6 +12,10 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # pytest-xdist runs one worker per core: torch's own threads would oversubscribe them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="also run the full tier (larger sweeps)")
