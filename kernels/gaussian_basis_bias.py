@@ -424,9 +424,9 @@ def _precision(dtype: torch.dtype) -> str:
 def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, heads: int,
                    dtype: torch.dtype) -> dict:
     """Tiles and warps. A pair tile is BLOCK_I x BLOCK_J pairs (tl.dot needs >= 16) and the hidden layer goes by
-    chunks of BLOCK_C units. Chosen so that ptxas (sm_90) spills no register: bf16 weights at K = K_hidden = 128,
-    H = 32, float32 ones at K = K_hidden <= 256, H <= 128; not yet tuned on a GPU (small tiles: wgmma wants 64
-    rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the matmuls."""
+    chunks of BLOCK_C units. Chosen so that ptxas (sm_90) spills no register: 16-bit and float32 weights at
+    K = K_hidden <= 256, H <= 128, TF32 ones at H <= 64 (its pairs kernel spills at H = 128); not yet tuned on a GPU
+    (small tiles: wgmma wants 64 rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the matmuls."""
     if kernel == "positions":
         block = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
@@ -442,6 +442,12 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
                   BLOCK_H=block_h, num_warps=4 if block_k <= 64 else 8)
     if kernel != "weights":
         config["BLOCK_KH"] = block_kh
+    if block_k > 128 and (dtype != torch.float32 or _precision(dtype) == "tf32"):
+        # Tensor-core dots at K = 256 spilled (bf16: 24 bytes in the padded forward, 104 in the weights kernel at
+        # H = 128; TF32: 32 in the forward): half the pair tile, and the pairs kernel unpipelined.
+        config["BLOCK_I"] = 4
+        if kernel == "pairs":
+            config["num_stages"] = 1
     if dtype == torch.float32:
         # float32 IEEE dots run on the FMA units, each thread holding whole operand rows (K or H long), and the
         # 16-bit choices spilled there (850 bytes at K = 128, H = 32; also at K = 32, 64, 256 and H = 64, 128):

@@ -209,6 +209,15 @@ def test_float32_tiles_of_wide_mlps(generator, packed):
     check_against_reference(generator, [9, 6, 1], torch.float32, packed=packed, kernels=130, hidden=40, heads=66)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_half_precision_tiles_past_128_kernels(generator, packed):
+    """16-bit weights with K > 128 take half-height pair tiles (4 x 4) in every kernel: K = 130 (past a 128 block),
+    K_hidden = 40, molecules of 9, 6 and 1 atoms."""
+    for kernel in ("forward", "pairs", "weights"):
+        assert _launch_config(kernel, 9, 130, 40, 5, torch.float16)["BLOCK_I"] == 4, kernel
+    check_against_reference(generator, [9, 6, 1], torch.float16, packed=packed, kernels=130, hidden=40, heads=5)
+
+
 def test_single_output_gradients(generator):
     """Gradients through the bias alone and through the atom features alone."""
     positions, types, mask, params = random_problem(generator, [7, 3])
@@ -450,7 +459,9 @@ from pyblend.kernels import gaussian_basis_bias as kernels
 
 TYPES = 7
 for dtype_name, num_kernels, hidden, heads, max_seqlen in SHAPES:
-    dtype = getattr(torch, dtype_name)
+    # "tf32": float32 weights with TF32 allowed, whose dots run on the tensor cores.
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
     lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
@@ -482,14 +493,17 @@ for dtype_name, num_kernels, hidden, heads, max_seqlen in SHAPES:
 
 
 # (dtype, K, K_hidden, H, N). float32 has its own tiles and warps (its IEEE dots run on the FMA units): the full
-# tier covers each of its branches (K <= 64 with 4 warps for 16-bit, H = 128, K = 256) and a ragged MLP.
+# tier covers each of its branches (K <= 64 with 4 warps for 16-bit, H = 128, K = 256) and a ragged MLP; also
+# 16-bit and TF32 at K = 256 (half-height pair tiles), and TF32 at K = 128. (TF32 at H = 128 still spills.)
 FLOAT32_SWEEP = [(32, 32, 8, 64), (64, 64, 16, 64), (128, 128, 64, 64), (128, 128, 128, 64), (256, 256, 32, 64),
                  (256, 256, 128, 64), (24, 72, 5, 11), (128, 128, 32, 4)]
 
 
 @pytest.mark.parametrize("shapes", [
     pytest.param([("bfloat16", 128, 128, 32, 64), ("float32", 128, 128, 32, 64)], id="K128-H32"),
-    pytest.param([("float32", *shape) for shape in FLOAT32_SWEEP] + [("float16", 128, 128, 32, 64)], id="sweep",
+    pytest.param([("float32", *shape) for shape in FLOAT32_SWEEP] + [("float16", 128, 128, 32, 64)]
+                 + [(name, 256, 256, heads, 64) for name in ("bfloat16", "tf32") for heads in (32, 64)]
+                 + [("bfloat16", 256, 256, 128, 64), ("tf32", 128, 128, 32, 64)], id="sweep",
                  marks=pytest.mark.full)])
 def test_kernels_compile_for_hopper_without_spills(shapes):
     """Calls the launchers on CPU tensors (fp32 positions, weights of the given dtype, two type ids; (dtype, K,
