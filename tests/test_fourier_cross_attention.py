@@ -28,15 +28,15 @@ FF_NAMES = ("ff_norm_weight", "ff_norm_bias", "ff_in_weight", "ff_in_bias", "ff_
 
 
 def make_problem(generator, batch=2, channels=8, dim=16, tokens=5, width=16, heads=2, head_dim=8, hidden=12,
-                 ff=True, complex_latent=False, mask=None):
+                 ff=True, complex_latent=False, mask=None, latent_scale=1.0):
     """float64 inputs: {"latent", "tokens", weights...}; ``mask`` (B, N) bool or None; masked token slots hold
     NaN (they must never be read)."""
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
 
-    latent = randn(batch, channels, dim)
+    latent = randn(batch, channels, dim, scale=latent_scale)
     if complex_latent:
-        latent = torch.complex(latent, randn(batch, channels, dim))
+        latent = torch.complex(latent, randn(batch, channels, dim, scale=latent_scale))
     inner = heads * head_dim
     problem = dict(latent=latent, tokens=randn(batch, tokens, width),
                    q_weight=randn(inner, dim, scale=dim ** -0.5),
@@ -165,8 +165,11 @@ CONFIGS = {
     "fft2-complex-noff-N1": dict(channels=12, dim=16, tokens=1, ff=False, complex_latent=True),
     "fft1-complex-spectrum": dict(channels=8, dim=8, tokens=5, fft_dims=1, complex_latent=True, inverse=False),
     "fft2-raw-tokens-spectrum": dict(channels=8, dim=16, tokens=37, token_fft=False, inverse=False),
+    # Unnormalised, the FFT grows the latent by sqrt(C * D) ~ 10, and the SELU gates (up to ~30) then crossed their
+    # kink within float16 rounding (1 seed in 150: up to 0.19 relative error): scaled back to unit size, where
+    # make_problem's +-3 offsets keep them off it.
     "fft2-no-norms": dict(channels=12, dim=8, tokens=5, normalize=False, latent_norm=False, context_norm=False,
-                          ff_norm=False, temperature=2.0),
+                          ff_norm=False, temperature=2.0, latent_scale=0.1),
 }
 
 
