@@ -44,8 +44,10 @@ def random_bias(generator, shape, mask, dtype):
     return bias.to(dtype)
 
 
-def run(backend, q, k, v, bias=None, *, grad_seed=0, rel_table=None, **options):
-    """Forward + backward with a fixed random upstream gradient; returns {name: tensor} on the CPU."""
+def run(backend, q, k, v, bias=None, *, grad_seed=0, rel_table=None, upstream_dtypes=None, **options):
+    """Forward + backward with a fixed random upstream gradient; returns {name: tensor} on the CPU.
+    ``upstream_dtypes`` (one per output) rounds the upstream gradients as an op with outputs of those dtypes
+    receives them, so that a float64 reference sees the same values."""
     target = torch.device("cpu") if backend == "reference" else device()
     leaves = {name: x.detach().to(target).requires_grad_() for name, x in (("q", q), ("k", k), ("v", v))}
     if bias is not None:
@@ -60,7 +62,9 @@ def run(backend, q, k, v, bias=None, *, grad_seed=0, rel_table=None, **options):
     result = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("bias"), **options)
     outputs = list(result) if options.get("return_logits") else [result]
     upstream = torch.Generator().manual_seed(grad_seed)
-    grads = [torch.randn(o.shape, generator=upstream, dtype=torch.float64).to(o.dtype).to(target) for o in outputs]
+    received = upstream_dtypes or [o.dtype for o in outputs]
+    grads = [torch.randn(o.shape, generator=upstream, dtype=torch.float64).to(dtype).to(target, o.dtype)
+             for o, dtype in zip(outputs, received)]
     torch.autograd.backward(outputs, grads)
     found = {"out": outputs[0]}
     if len(outputs) > 1:
@@ -100,7 +104,8 @@ def check_against_reference(generator, dtype, q, k, v, bias=None, rel_table=None
         options["mask"] = mask
     got = run("triton", q, k, v, bias, grad_seed=seed, rel_table=rel_table, **options)
     wide = in_dtype(torch.float64, q, k, v, bias, rel_table)
-    expected = run("reference", *wide[:4], grad_seed=seed, rel_table=wide[4], **options)
+    received = [got[name].dtype for name in ("out", "logits") if name in got]
+    expected = run("reference", *wide[:4], grad_seed=seed, rel_table=wide[4], upstream_dtypes=received, **options)
     low = None
     if dtype != torch.float32:
         low = run("reference", q, k, v, bias, grad_seed=seed, rel_table=rel_table, **options)
