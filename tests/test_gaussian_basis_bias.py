@@ -118,7 +118,8 @@ def check_against_reference(generator, sizes, dtype, packed=False, two_types=Tru
         kwargs, atom_mask = dict(mask=mask), mask
     rounded = {name: x.to(dtype).double() for name, x in params.items()}
     got = run("triton", positions, types, params, dtype, **kwargs)
-    expected = run("reference", positions.to(dtype).double(), types, rounded, torch.float64, grads=got["upstream"],
+    received = tuple(g.to(dtype).double() for g in got["upstream"])  # as the op receives them, in its dtype
+    expected = run("reference", positions.to(dtype).double(), types, rounded, torch.float64, grads=received,
                    **kwargs)
     assert got["attn_bias"].dtype == dtype and got["atom_features"].dtype == dtype
     compare(got, expected, dtype, atom_mask)

@@ -88,6 +88,8 @@ def run(problem, loss, backend, packed, *, dtype=None, bias=True, upstream=None)
 
 def check(problem, loss, packed, *, bias=True, upstream=None):
     got = run(problem, loss, "triton", packed, bias=bias, upstream=upstream)
+    if upstream is not None:  # the logits' upstream gradient as the op receives it, in the logits' dtype
+        upstream = upstream.to(got["out"].dtype).double()
     expected = run(problem, loss, "reference", packed, dtype=torch.float64, bias=bias, upstream=upstream)
     if loss != "logits":
         assert got["out"].dtype == torch.float32 and got["out"].shape == ()

@@ -101,7 +101,8 @@ def check(graphs, generator, layout, dtype, heads, hops, max_hops, shuffled):
     shape = (routes.shape[0], heads, *routes.shape[1:3]) if layout == "padded" else (heads, routes.shape[0])
     poisoned, clean = poisoned_gradient(generator, shape, distances, layout == "packed")
     got = run("triton", routes, distances, emb, w, poisoned, cu_seqlens)
-    expected = run("reference", routes, distances, emb, w, clean, cu_seqlens, dtype=torch.float64)
+    received = clean.to(got["bias"].dtype).double()  # the upstream gradient as the op receives it
+    expected = run("reference", routes, distances, emb, w, received, cu_seqlens, dtype=torch.float64)
     for name, ref in expected.items():
         assert torch.isfinite(got[name][:bonds] if name == "demb" else got[name]).all(), f"{name}: inf or NaN"
         assert_close(got[name], ref.nan_to_num(0.0) if name == "demb" else ref, dtype, name)
