@@ -224,3 +224,27 @@ def test_moleblend_packed_case_builds_on_cpu():
     assert rows[bench_moleblend.EAGER]["status"] == "ok", rows
     with pytest.raises(ValueError, match="layout"):
         bench_moleblend.build_case(graphs, config, torch.float32, torch.device("cpu"), triton=False, layout="ragged")
+
+
+def test_launch_configuration_sweep_keeps_only_matching_candidates(tmp_path, monkeypatch, capsys):
+    """The tuner (interpreter, small workload): the current configuration runs and is timed; a candidate whose head
+    tile is narrower than D = 24 is reported, never timed as if it were right."""
+    import dataclasses
+    import json
+
+    from pyblend.benchmarks import tune
+
+    spec = dataclasses.replace(tune.OPS["relation_attention"], kernels=("forward", "gradients"))
+    monkeypatch.setitem(tune.OPS, "relation_attention", spec)
+    monkeypatch.setattr(tune, "candidates", lambda current, small: [dict(current), dict(current, BLOCK_D=16)])
+    assert tune.main(["--dtype", "float16", "--output", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(row["kernel"], row["current"]) for row in rows] == [
+        ("forward", True), ("forward", False), ("gradients", True), ("gradients", False)]
+    for row in rows:
+        if row["current"]:
+            assert row["status"] == "ok" and row["max_error"] == 0 and row["median_ms"] > 0, row
+        else:
+            assert row["status"] in ("mismatch", "error") and "median_ms" not in row, row
+    table = capsys.readouterr().out
+    assert "relation_attention   forward" in table and "relation_attention   gradients" in table

@@ -1,0 +1,200 @@
+"""Launch-configuration sweep: for each kernel of an op, time candidate tiles, warps and stages against the
+configuration the launcher picks now, on a workload of the op's benchmark, and say which is fastest.
+
+    python -m pyblend.benchmarks.tune [--ops relation_attention] [--dtype bfloat16] [--budget-s 480]
+
+Each candidate replaces one kernel's configuration (the others keep theirs), runs the op's forward and backward,
+and is kept only if every output and gradient matches the current configuration's within the dtype's bound
+(||x - x_now|| / ||x_now||); a candidate that fails to compile or to match is reported as such. Times are medians
+of the whole forward + backward (CUDA events through ``harness.measure``), so a kernel's row says what its
+configuration is worth to the step. The rows go to a JSON file (``--output``); the table printed last lists, per
+kernel, the current configuration, the fastest one and the step time of each. The launchers are not changed: a
+faster configuration still has to pass the sm_90 spill checks of the tests before it replaces the current one.
+On the CPU (Triton's interpreter) it runs the same sweep on a small workload, which checks the tool, not speed.
+
+Ops: relation_attention (the MoleBlend base layer: H = 32, D = 24, a packed batch of 1024 molecules of 8-48 atoms
+with a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" and "table" run, "bias", the
+reduction of a broadcast bias's gradient, does not).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .harness import device_name, device_slug, measure, short_error
+
+BOUND = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class OpSpec:
+    module: str                      # the kernels module whose launch-configuration function is swept
+    config_function: str             # its name there: (kernel, *sizes, dtype) -> dict of launch keywords
+    kernels: tuple[str, ...]         # the ``kernel`` values it is asked for
+    build: Callable[[torch.dtype, torch.device, bool], Callable[[], list[torch.Tensor]]]  # -> one op step
+
+
+def _relation_attention_step(dtype: torch.dtype, device: torch.device, small: bool):
+    from pyblend import ops
+
+    generator = torch.Generator().manual_seed(0)
+    heads, head_dim, relations = (2, 24, 16) if small else (32, 24, 128)
+    # Heavy-atom molecule sizes of drug-like sets (8-48 atoms), or a few tiny ones for the interpreter.
+    lengths = torch.randint(3, 12, (2,), generator=generator) if small else \
+        torch.randint(8, 49, (1024,), generator=generator)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    q, k, v = (torch.randn(atoms, heads, head_dim, generator=generator).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    bias = torch.randn(heads, pairs, generator=generator).to(device, dtype).requires_grad_()
+    rel_index = torch.randint(0, relations, (pairs,), generator=generator, dtype=torch.int8).to(device)
+    rel_table = torch.randn(relations, heads, generator=generator).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(atoms, heads, head_dim, generator=generator).to(device, dtype)
+    leaves = (q, k, v, bias, rel_table)
+
+    def step() -> list[torch.Tensor]:
+        for leaf in leaves:
+            leaf.grad = None
+        out = ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens.to(device), max_seqlen=int(lengths.max()),
+                                     rel_index=rel_index, rel_table=rel_table, backend="triton")
+        out.backward(grad_out)
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    return step
+
+
+OPS = {
+    "relation_attention": OpSpec("pyblend.kernels.relation_attention", "_launch_config",
+                                 ("forward", "bias", "gradients", "table"), _relation_attention_step),
+}
+
+
+def candidates(current: dict, small: bool) -> list[dict]:
+    """Tiles of 16-128 rows (square where the current ones are square: those kernels loop over both with one
+    size), 2-8 warps, 1-3 stages; the current configuration first. Two candidates on the CPU."""
+    if small:
+        return [dict(current), dict(current, num_warps=2 if current.get("num_warps", 4) != 2 else 4)]
+    square = current.get("BLOCK_M") == current.get("BLOCK_N")
+    sizes = [16, 32, 64, 128]
+    tiles = [(m, m) for m in sizes] if square else [(m, n) for m in sizes for n in sizes[:3] if n <= m]
+    found = [dict(current)]
+    for (block_m, block_n), warps, stages in itertools.product(tiles, (2, 4, 8), (1, 2, 3)):
+        config = dict(current, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        if config not in found:
+            found.append(config)
+    return found
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-300)).item()
+
+
+def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, log=print) -> list[dict]:
+    import importlib
+
+    spec = OPS[name]
+    module = importlib.import_module(spec.module)
+    original = getattr(module, spec.config_function)
+    small = device.type != "cuda"
+    step = spec.build(dtype, device, small)
+    reference = [x.clone() for x in step()]
+    asked: dict[str, dict] = {}
+
+    def recording(kernel, *sizes):
+        config = original(kernel, *sizes)
+        asked.setdefault(kernel, dict(config))
+        return config
+
+    setattr(module, spec.config_function, recording)
+    try:
+        step()
+    finally:
+        setattr(module, spec.config_function, original)
+    rows, started = [], time.perf_counter()
+    for kernel in spec.kernels:
+        if kernel not in asked:
+            log(f"{name}: kernel {kernel!r} is not launched by this workload; skipped")
+            continue
+        for config in candidates(asked[kernel], small):
+            if time.perf_counter() - started > budget_s:
+                log(f"{name}: time budget ({budget_s:.0f} s) spent; stopping")
+                return rows
+            row = dict(op=name, kernel=kernel, dtype=str(dtype).removeprefix("torch."), config=config,
+                       current=config == asked[kernel])
+
+            def replaced(kernel_asked, *sizes, kernel=kernel, config=config):
+                return dict(config) if kernel_asked == kernel else original(kernel_asked, *sizes)
+
+            setattr(module, spec.config_function, replaced)
+            try:
+                results = step()
+                errors = [relative_error(x, ref) for x, ref in zip(results, reference)]
+                if max(errors) >= BOUND[dtype]:
+                    row.update(status="mismatch", max_error=max(errors))
+                else:
+                    timing = measure(step, device, time_budget_s=0.5 if device.type == "cuda" else 0.0,
+                                     warmed_up=True)
+                    row.update(status="ok", max_error=max(errors), median_ms=timing["median_ms"])
+            except Exception as error:  # a candidate the compiler or the kernel's checks reject
+                row.update(status="error", error=short_error(error))
+            finally:
+                setattr(module, spec.config_function, original)
+            rows.append(row)
+            log(f"{kernel:10s} {_brief(config):44s} {row['status']:8s} "
+                f"{row.get('median_ms', float('nan')):9.4f} ms{'  (current)' if row['current'] else ''}")
+    return rows
+
+
+def _brief(config: dict) -> str:
+    return " ".join(f"{key.removeprefix('BLOCK_').removeprefix('num_')}={value}" for key, value in config.items())
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'op':20s} {'kernel':10s} {'now ms':>9s} {'best ms':>9s}  best configuration"]
+    for (op, kernel), group in itertools.groupby(rows, key=lambda row: (row["op"], row["kernel"])):
+        group = [row for row in group if row["status"] == "ok"]
+        now = next((row for row in group if row["current"]), None)
+        if not group or now is None:
+            lines.append(f"{op:20s} {kernel:10s} (the current configuration did not run)")
+            continue
+        best = min(group, key=lambda row: row["median_ms"])
+        lines.append(f"{op:20s} {kernel:10s} {now['median_ms']:9.4f} {best['median_ms']:9.4f}  {_brief(best['config'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pyblend.benchmarks.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting candidates after this long")
+    parser.add_argument("--output", type=Path, default=None, help="JSON rows (default: tune-<device>.json here)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    dtype = getattr(torch, args.dtype)
+    unknown = [name for name in args.ops.split(",") if name not in OPS]
+    if unknown:
+        parser.error(f"--ops: unknown {', '.join(unknown)}; expected names from {', '.join(OPS)}")
+    started, rows = time.perf_counter(), []
+    for name in args.ops.split(","):
+        remaining = args.budget_s - (time.perf_counter() - started)
+        rows += sweep(name, dtype, device, remaining)
+    output = args.output or Path(f"tune-{device_slug(device)}.json")
+    output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
+    print(summary(rows))
+    print(f"rows: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
