@@ -12,9 +12,10 @@ kernel, the current configuration, the fastest one and the step time of each. Th
 faster configuration still has to pass the sm_90 spill checks of the tests before it replaces the current one.
 On the CPU (Triton's interpreter) it runs the same sweep on a small workload, which checks the tool, not speed.
 
-Ops: relation_attention (the MoleBlend base layer: H = 32, D = 24, a packed batch of 1024 molecules of 8-48 atoms
-with a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" and "table" run, "bias", the
-reduction of a broadcast bias's gradient, does not).
+Ops, on a packed batch of 1024 molecules of 8-48 atoms (MoleBlend's base sizes): relation_attention (H = 32,
+D = 24, a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" and "table" run, "bias",
+the reduction of a broadcast bias's gradient, does not) and gaussian_basis_bias (K = K_hidden = 128, H = 32, two
+type ids per pair; "forward", "pairs", "weights").
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class OpSpec:
     config_function: str             # its name there: (kernel, *sizes, dtype) -> dict of launch keywords
     kernels: tuple[str, ...]         # the ``kernel`` values it is asked for
     build: Callable[[torch.dtype, torch.device, bool], Callable[[], list[torch.Tensor]]]  # -> one op step
+    grid: Callable[[dict], list[dict]]  # a kernel's current configuration -> the candidates to try on a GPU
 
 
 def _relation_attention_step(dtype: torch.dtype, device: torch.device, small: bool):
@@ -71,23 +73,70 @@ def _relation_attention_step(dtype: torch.dtype, device: torch.device, small: bo
     return step
 
 
+def _gaussian_basis_bias_step(dtype: torch.dtype, device: torch.device, small: bool):
+    from pyblend import ops
+
+    generator = torch.Generator().manual_seed(0)
+    types, (kernels, hidden, heads) = 7, ((16, 16, 2) if small else (128, 128, 32))
+    lengths = torch.randint(3, 9, (2,), generator=generator) if small else \
+        torch.randint(8, 49, (1024,), generator=generator)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    positions = (torch.randn(atoms, 3, generator=generator) * 1.5).to(device).requires_grad_()
+    pair_types = torch.randint(0, types, (pairs, 2), generator=generator).to(device)
+    shapes = {"means": (kernels,), "stds": (kernels,), "mul": (types, 1), "bias": (types, 1),
+              "w1": (hidden, kernels), "b1": (hidden,), "w2": (heads, hidden), "b2": (heads,)}
+    params = {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+    params["means"], params["stds"] = params["means"].abs() * 2, params["stds"].abs() + 0.3
+    params["w1"], params["w2"] = params["w1"] / kernels ** 0.5, params["w2"] / hidden ** 0.5
+    params = {name: x.to(device, dtype).requires_grad_() for name, x in params.items()}
+    grad_attn = torch.randn(heads, pairs, generator=generator).to(device, dtype)
+    grad_feat = torch.randn(atoms, kernels, generator=generator).to(device, dtype)
+    leaves = (positions, *params.values())
+
+    def step() -> list[torch.Tensor]:
+        for leaf in leaves:
+            leaf.grad = None
+        attn, feat = ops.gaussian_basis_bias(positions, pair_types, *params.values(), cu_seqlens=cu_seqlens,
+                                             max_seqlen=int(lengths.max()), backend="triton")
+        torch.autograd.backward((attn, feat), (grad_attn.view_as(attn), grad_feat.view_as(feat)))
+        return [attn.detach(), feat.detach()] + [leaf.grad for leaf in leaves]
+
+    return step
+
+
+def _attention_grid(current: dict) -> list[dict]:
+    """Tiles of 16-128 rows (square where the current ones are square: those kernels step both ways with one
+    size), 2-8 warps, 1-3 stages."""
+    sizes = [16, 32, 64, 128]
+    square = current.get("BLOCK_M") == current.get("BLOCK_N")
+    tiles = [(m, m) for m in sizes] if square else [(m, n) for m in sizes for n in sizes[:3] if n <= m]
+    return [dict(current, BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+            for (m, n), warps, stages in itertools.product(tiles, (2, 4, 8), (1, 2, 3))]
+
+
+def _pair_tile_grid(current: dict) -> list[dict]:
+    """Pair tiles BLOCK_I x BLOCK_J of 16-128 pairs, hidden chunks of 16-64 (within the hidden width), 4 or 8
+    warps, 1 or 2 stages."""
+    chunks = [c for c in (16, 32, 64) if c <= current.get("BLOCK_KH", current["BLOCK_K"])]
+    tiles = [(i, j) for i in (4, 8, 16) for j in (4, 8) if 16 <= i * j <= 128]
+    return [dict(current, BLOCK_I=i, BLOCK_J=j, BLOCK_C=c, num_warps=warps, num_stages=stages)
+            for (i, j), c, warps, stages in itertools.product(tiles, chunks, (4, 8), (1, 2))]
+
+
 OPS = {
     "relation_attention": OpSpec("pyblend.kernels.relation_attention", "_launch_config",
-                                 ("forward", "bias", "gradients", "table"), _relation_attention_step),
+                                 ("forward", "bias", "gradients", "table"), _relation_attention_step, _attention_grid),
+    "gaussian_basis_bias": OpSpec("pyblend.kernels.gaussian_basis_bias", "_launch_config",
+                                  ("forward", "pairs", "weights"), _gaussian_basis_bias_step, _pair_tile_grid),
 }
 
 
-def candidates(current: dict, small: bool) -> list[dict]:
-    """Tiles of 16-128 rows (square where the current ones are square: those kernels loop over both with one
-    size), 2-8 warps, 1-3 stages; the current configuration first. Two candidates on the CPU."""
-    if small:
-        return [dict(current), dict(current, num_warps=2 if current.get("num_warps", 4) != 2 else 4)]
-    square = current.get("BLOCK_M") == current.get("BLOCK_N")
-    sizes = [16, 32, 64, 128]
-    tiles = [(m, m) for m in sizes] if square else [(m, n) for m in sizes for n in sizes[:3] if n <= m]
+def candidates(spec: OpSpec, current: dict, small: bool) -> list[dict]:
+    """The current configuration first, then the op's grid (on a GPU) or one other warp count (on the CPU)."""
     found = [dict(current)]
-    for (block_m, block_n), warps, stages in itertools.product(tiles, (2, 4, 8), (1, 2, 3)):
-        config = dict(current, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    others = [dict(current, num_warps=2 if current.get("num_warps", 4) != 2 else 4)] if small else spec.grid(current)
+    for config in others:
         if config not in found:
             found.append(config)
     return found
@@ -124,7 +173,7 @@ def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, 
         if kernel not in asked:
             log(f"{name}: kernel {kernel!r} is not launched by this workload; skipped")
             continue
-        for config in candidates(asked[kernel], small):
+        for config in candidates(spec, asked[kernel], small):
             if time.perf_counter() - started > budget_s:
                 log(f"{name}: time budget ({budget_s:.0f} s) spent; stopping")
                 return rows
@@ -167,7 +216,8 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"{op:20s} {kernel:10s} (the current configuration did not run)")
             continue
         best = min(group, key=lambda row: row["median_ms"])
-        lines.append(f"{op:20s} {kernel:10s} {now['median_ms']:9.4f} {best['median_ms']:9.4f}  {_brief(best['config'])}")
+        lines.append(f"{op:20s} {kernel:10s} {now['median_ms']:9.4f} {best['median_ms']:9.4f}  "
+                     f"{_brief(best['config'])}")
     return "\n".join(lines)
 
 
