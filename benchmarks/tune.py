@@ -14,8 +14,10 @@ On the CPU (Triton's interpreter) it runs the same sweep on a small workload, wh
 
 Ops, on a packed batch of 1024 molecules of 8-48 atoms (MoleBlend's base sizes): relation_attention (H = 32,
 D = 24, a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" and "table" run, "bias",
-the reduction of a broadcast bias's gradient, does not) and gaussian_basis_bias (K = K_hidden = 128, H = 32, two
-type ids per pair; "forward", "pairs", "weights").
+the reduction of a broadcast bias's gradient, does not), gaussian_basis_bias (K = K_hidden = 128, H = 32, two
+type ids per pair; "forward", "pairs", "weights") and outer_product (the SPD head's cross-entropy: d = 32, C = 11;
+"forward", "rows", "cols"); and multi_infonce at MolBind's scale (one pair, B = 16384, d = 512; "forward", "rows",
+"columns").
 """
 from __future__ import annotations
 
@@ -105,6 +107,51 @@ def _gaussian_basis_bias_step(dtype: torch.dtype, device: torch.device, small: b
     return step
 
 
+def _outer_product_step(dtype: torch.dtype, device: torch.device, small: bool):
+    from pyblend import ops
+
+    generator = torch.Generator().manual_seed(0)
+    width, classes = (8, 5) if small else (32, 11)  # MoleBlend's SPD head: 32 x 32 features, 11 distance classes
+    lengths = torch.randint(3, 9, (2,), generator=generator) if small else \
+        torch.randint(8, 49, (1024,), generator=generator)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    row, col = (torch.randn(atoms, width, generator=generator).to(device, dtype).requires_grad_() for _ in range(2))
+    weight = (torch.randn(classes, width * width, generator=generator) / width).to(device, dtype).requires_grad_()
+    bias = torch.zeros(classes).to(device, dtype).requires_grad_()
+    target = torch.randint(-1, classes, (pairs,), generator=generator)
+    target = torch.where(target < 0, -100, target).to(device)  # some pairs ignored, as the diagonal is
+    leaves = (row, col, weight, bias)
+
+    def step() -> list[torch.Tensor]:
+        for leaf in leaves:
+            leaf.grad = None
+        loss = ops.outer_product_loss(row, col, weight, bias, target, cu_seqlens=cu_seqlens,
+                                      max_seqlen=int(lengths.max()), backend="triton")
+        loss.backward()
+        return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+    return step
+
+
+def _multi_infonce_step(dtype: torch.dtype, device: torch.device, small: bool):
+    from pyblend import ops
+
+    generator = torch.Generator().manual_seed(0)
+    batch, dim = (37, 24) if small else (16384, 512)  # MolBind's scale: B = 16k, d = 512
+    embeddings = {name: torch.randn(batch, dim, generator=generator).to(device, dtype).requires_grad_()
+                  for name in ("graph", "conformer")}
+
+    def step() -> list[torch.Tensor]:
+        for leaf in embeddings.values():
+            leaf.grad = None
+        loss = ops.multi_infonce(embeddings, [("graph", "conformer")], backend="triton", gather=None)
+        loss.backward()
+        return [loss.detach()] + [leaf.grad for leaf in embeddings.values()]
+
+    return step
+
+
 def _attention_grid(current: dict) -> list[dict]:
     """Tiles of 16-128 rows (square where the current ones are square: those kernels step both ways with one
     size), 2-8 warps, 1-3 stages."""
@@ -124,11 +171,21 @@ def _pair_tile_grid(current: dict) -> list[dict]:
             for (i, j), c, warps, stages in itertools.product(tiles, chunks, (4, 8), (1, 2))]
 
 
+def _square_pair_grid(current: dict) -> list[dict]:
+    """Square pair tiles of 16-64, 2-8 warps, 1-3 stages (the outer-product heads' kernels)."""
+    return [dict(current, BLOCK_I=block, BLOCK_J=block, num_warps=warps, num_stages=stages)
+            for block, warps, stages in itertools.product((16, 32, 64), (2, 4, 8), (1, 2, 3))]
+
+
 OPS = {
     "relation_attention": OpSpec("pyblend.kernels.relation_attention", "_launch_config",
                                  ("forward", "bias", "gradients", "table"), _relation_attention_step, _attention_grid),
     "gaussian_basis_bias": OpSpec("pyblend.kernels.gaussian_basis_bias", "_launch_config",
                                   ("forward", "pairs", "weights"), _gaussian_basis_bias_step, _pair_tile_grid),
+    "outer_product": OpSpec("pyblend.kernels.outer_product", "launch_config", ("forward", "rows", "cols"),
+                            _outer_product_step, _square_pair_grid),
+    "multi_infonce": OpSpec("pyblend.kernels.multi_infonce", "_launch_config", ("forward", "rows", "columns"),
+                            _multi_infonce_step, _attention_grid),
 }
 
 

@@ -259,8 +259,11 @@ def test_launch_configuration_sweep_keeps_only_matching_candidates(tmp_path, mon
     assert all(f"relation_attention   {kernel}" in table for kernel in kernels), table
 
 
-def test_launch_configuration_sweep_of_the_gaussian_basis_bias(tmp_path, monkeypatch):
-    """The Gaussian-basis bias workload runs, and another warp count gives the same results and a time. (A tile
-    that misses part of the problem is not tried here: under the interpreter it reads out of bounds.)"""
-    rows = run_sweep(tmp_path, monkeypatch, "gaussian_basis_bias", ("forward", "weights"), {"num_warps": 2})
+@pytest.mark.parametrize("op, kernels", [("gaussian_basis_bias", ("forward", "weights")),
+                                         ("outer_product", ("forward", "rows")),
+                                         ("multi_infonce", ("forward", "columns"))])
+def test_launch_configuration_sweep_of_the_other_ops(tmp_path, monkeypatch, op, kernels):
+    """Each op's workload runs, and another warp count gives the same results and a time. (A tile that misses part
+    of the problem is not tried here: under the interpreter the Gaussian kernels then read out of bounds.)"""
+    rows = run_sweep(tmp_path, monkeypatch, op, kernels, {"num_warps": 2})
     assert all(row["status"] == "ok" and row["median_ms"] > 0 for row in rows), rows
