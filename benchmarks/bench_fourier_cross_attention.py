@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .harness import Case, first_runs
+from .harness import Case, first_runs, relative_error
 
 ENTRY = "fourier_cross_attention"
 TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.compile"
@@ -74,13 +74,6 @@ def _provider(fn: Callable, problem: dict, heads: int, backward: bool) -> Callab
 
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    if got.is_complex():
-        got, want = torch.view_as_real(got), torch.view_as_real(want)
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-
-
 def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dtype: torch.dtype,
                device: torch.device, backward: bool = True, heads: int = HEADS, head_dim: int = HEAD_DIM,
                targets: list | None = None, time_budget_s: float = 5.0, triton: bool = True) -> Case:
@@ -108,13 +101,13 @@ def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dty
     results.clear()
 
     def check(provider: str, result) -> None:
-        error = _relative(result[0], expected_out)
+        error = relative_error(result[0], expected_out)
         if not error < tolerance:
             raise AssertionError(f"output: relative error {error:.2e} against float64")
         if expected_grads is None or provider == EAGER:
             return
         for name, got, want in zip(GRADIENTS, result[1:], expected_grads):
-            error = _relative(got, want)
+            error = relative_error(got, want)
             if not error < tolerance:
                 raise AssertionError(f"d{name}: relative error {error:.2e} against the eager reference")
 

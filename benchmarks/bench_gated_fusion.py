@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .harness import Case
+from .harness import Case, relative_error
 
 ENTRY = "gated_fusion"
 TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.compile"
@@ -59,11 +59,6 @@ def _provider(fused_fn: Callable, inputs, present, upstream) -> Callable[[], tup
     return run
 
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
-
-
 def build_case(batch: int, width: int, dtype: torch.dtype, device: torch.device, modalities: int = MODALITIES,
                missing: float = MISSING, targets: list | None = None, time_budget_s: float = 5.0,
                triton: bool = True) -> Case:
@@ -85,7 +80,7 @@ def build_case(batch: int, width: int, dtype: torch.dtype, device: torch.device,
 
     def check(provider: str, result) -> None:
         for label, got, want in zip(labels, result, expected):
-            error = _relative_error(got, want)
+            error = relative_error(got, want)
             if not error < tolerance:
                 raise AssertionError(f"{label}: relative error {error:.2e} against the float64 reference")
 

@@ -55,6 +55,14 @@ class Case:
     flops: float | None = None
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 (complex tensors as their real and imaginary parts)."""
+    if got.is_complex():
+        got, want = torch.view_as_real(got), torch.view_as_real(want)
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
 def short_error(error: BaseException) -> str:
     """One line naming a provider's failure: the exception type and the first line of its message."""
     text = str(error).strip().splitlines()

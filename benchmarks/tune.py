@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .harness import device_name, device_slug, measure, short_error
+from .harness import device_name, device_slug, measure, relative_error, short_error
 
 BOUND = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -197,11 +197,6 @@ def candidates(spec: OpSpec, current: dict, small: bool) -> list[dict]:
         if config not in found:
             found.append(config)
     return found
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp(min=1e-300)).item()
 
 
 def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, log=print) -> list[dict]:

@@ -426,7 +426,8 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
     """Tiles and warps. A pair tile is BLOCK_I x BLOCK_J pairs (tl.dot needs >= 16) and the hidden layer goes by
     chunks of BLOCK_C units. Chosen so that ptxas (sm_90) spills no register: 16-bit and float32 weights at
     K = K_hidden <= 256, H <= 128, TF32 ones at H <= 64 (its pairs kernel spills at H = 128); not yet tuned on a GPU
-    (small tiles: wgmma wants 64 rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the matmuls."""
+    (small tiles: wgmma wants 64 rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the
+    matmuls."""
     if kernel == "positions":
         block = 16 if max_seqlen <= 16 else 32
         return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
