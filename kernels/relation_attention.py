@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import dot_precision
+
 # Relation ids handled per step of the table gradient's one-hot reduction.
 RELATION_CHUNK = 16
 
@@ -483,13 +485,6 @@ def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dty
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """float32 inputs follow torch's matmul setting (TF32 only when the user allowed it)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _row_alignment(*strides: tuple[int, ...]) -> int:
     """The largest power of two, up to 16, that divides every stride: per-atom rows start at multiples of it."""
     common = math.gcd(*(stride for group in strides for stride in group))
@@ -546,7 +541,7 @@ class _Problem:
         self.mask_strides = mask.stride() if mask is not None else (0, 0)
         self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
-                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=_precision(q.dtype),
+                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype),
                           ALIGN=_row_alignment(*(atom_strides(x) for x in (q, k, v)), self.contiguous_strides))
         self.dummy = dummy
 
