@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .precision import dot_precision
+from . import precision
 
 
 @triton.jit
@@ -438,7 +438,7 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
                   BLOCK_H=block_h, num_warps=4 if block_k <= 64 else 8)
     if kernel != "weights":
         config["BLOCK_KH"] = block_kh
-    if block_k > 128 and (dtype != torch.float32 or dot_precision(dtype) == "tf32"):
+    if block_k > 128 and (dtype != torch.float32 or precision.dot_precision(dtype) == "tf32"):
         # Tensor-core dots at K = 256 spilled (bf16: 24 bytes in the padded forward, 104 in the weights kernel at
         # H = 128; TF32: 32 in the forward): half the pair tile, and the pairs kernel unpipelined.
         config["BLOCK_I"] = 4
@@ -486,7 +486,7 @@ class _Problem:
         self.has_mask = mask is not None
         self.strides = (*s_pos, *s_mask, *s_t, mul.stride(0), bias.stride(0))
         self.num_kernels, self.hidden, self.heads = w1.shape[1], w1.shape[0], w2.shape[0]
-        self.precision = dot_precision(w1.dtype)
+        self.precision = precision.dot_precision(w1.dtype)
 
     def flags(self):
         return dict(PACKED=self.packed, HAS_MASK=self.has_mask, TWO_TYPES=self.two_types, PRECISION=self.precision)

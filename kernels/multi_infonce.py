@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .precision import dot_precision
+from . import precision
 
 
 @triton.jit
@@ -213,7 +213,7 @@ def _launch_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dic
         if block_d > 256 and kernel == "rows":
             # Over 8 warps ptxas held it at 128 registers and spilled; TF32's tensor-core dots fit 8 with one stage,
             # while 16 warps spilled 600 bytes there.
-            warps, stages = (8, 1) if dot_precision(dtype) == "tf32" else (16, 2)
+            warps, stages = (8, 1) if precision.dot_precision(dtype) == "tf32" else (16, 2)
         return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     block = 16 if batch <= 16 else 32 if batch <= 32 or block_d > 64 else 64
     warps = 4 if block * block_d <= 64 * 64 else 8
@@ -229,7 +229,7 @@ def _mask_bytes(present, like):
 
 
 def _flags(x, present, rows: int, cols: int, columns: bool, kernel: str = "forward") -> dict:
-    return dict(HAS_MASK=present is not None, COLUMNS=columns, PRECISION=dot_precision(x.dtype),
+    return dict(HAS_MASK=present is not None, COLUMNS=columns, PRECISION=precision.dot_precision(x.dtype),
                 **_launch_config(kernel, min(rows, cols), x.shape[1], x.dtype))
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .precision import dot_precision
+from . import precision
 
 MODE_LOGITS, MODE_CROSS_ENTROPY, MODE_COSINE = 0, 1, 2
 MAX_FEATURES = 64  # d1, d2: one (BLOCK, 64) tile of each side plus W_c in registers
@@ -326,7 +326,7 @@ def launch_config(kernel: str, max_n: int, d1: int, d2: int, mode: int, dtype: t
     block = 16 if max_n <= 16 or max(d1, d2) > 32 else 32
     config = dict(BLOCK_I=block, BLOCK_J=block, BLOCK_D1=max(16, triton.next_power_of_2(d1)),
                   BLOCK_D2=max(16, triton.next_power_of_2(d2)))
-    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
+    if dtype == torch.float32 and precision.dot_precision(dtype) == "ieee":
         # IEEE float32 dots run on the FMA units, each thread holding whole operand rows: the 16-bit choices below
         # spilled up to 440 bytes there (TF32 ones run on the tensor cores, and spill-free with them). Chosen per
         # kernel from ptxas's reports, which are erratic: besides spilling at 255 registers, it aimed some kernels
@@ -368,7 +368,7 @@ def _common(row, col, weight, bias, mask, max_n, mode):
     """(d1, d2, each kernel's launch keywords, the bias argument)."""
     d1, d2 = row.shape[1], col.shape[1]
     flags = dict(MODE=mode, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                 PRECISION=dot_precision(row.dtype))
+                 PRECISION=precision.dot_precision(row.dtype))
     configs = {kernel: dict(flags, **launch_config(kernel, max_n, d1, d2, mode, row.dtype))
                for kernel in ("forward", "rows", "cols")}
     bias_arg = bias if bias is not None else weight

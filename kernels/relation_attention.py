@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .precision import dot_precision
+from . import precision
 
 # Relation ids handled per step of the table gradient's one-hot reduction.
 RELATION_CHUNK = 16
@@ -541,7 +541,7 @@ class _Problem:
         self.mask_strides = mask.stride() if mask is not None else (0, 0)
         self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
-                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype),
+                          PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=precision.dot_precision(q.dtype),
                           ALIGN=_row_alignment(*(atom_strides(x) for x in (q, k, v)), self.contiguous_strides))
         self.dummy = dummy
 
