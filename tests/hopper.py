@@ -29,6 +29,15 @@ def captured_launches():
         JITFunction.run = run
 
 
+def case_dtype(name: str):
+    """The torch dtype a compile case names ("bfloat16", "float32", ...), where "tf32" means float32 with TF32
+    allowed (whose dots run on the tensor cores); sets torch's TF32 switch to match."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+    return torch.float32 if name == "tf32" else getattr(torch, name)
+
+
 def lower_launch(kernel, args: tuple, kwargs: dict) -> tuple[str, int, str]:
     """Compile one captured launch for sm_90 as Triton's JIT would on a GPU: an integer equal to 1 becomes a
     constant, and integers divisible by 16 and 16-byte aligned pointers are marked so, as at run time (what

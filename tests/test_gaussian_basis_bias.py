@@ -455,14 +455,12 @@ def test_module_inits_shapes_and_repr(generator):
 
 HOPPER_COMPILE = """
 import torch
-from hopper import captured_launches, lower_launch
+from hopper import captured_launches, case_dtype, lower_launch
 from pyblend.kernels import gaussian_basis_bias as kernels
 
 TYPES = 7
 for dtype_name, num_kernels, hidden, heads, max_seqlen in SHAPES:
-    # "tf32": float32 weights with TF32 allowed, whose dots run on the tensor cores.
-    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
-    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    dtype = case_dtype(dtype_name)
     lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())

@@ -291,13 +291,11 @@ def test_errors_name_the_argument(generator):
 
 HOPPER_COMPILE = """
 import torch
-from hopper import captured_launches, lower_launch
+from hopper import captured_launches, case_dtype, lower_launch
 from pyblend.kernels import multi_infonce as kernels
 
 for dim, batch, columns, dtype_name in CASES:
-    # "tf32": float32 inputs with TF32 allowed, whose dots run on the tensor cores.
-    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
-    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    dtype = case_dtype(dtype_name)
     # The square path's batch, or the distributed path's local rows (an eighth) against the batch gathered.
     rows = batch if columns else batch // 8
     x = torch.randn(rows, dim, dtype=dtype)

@@ -445,14 +445,12 @@ def test_torch_compile_traces_the_ops(generator, backend):
 
 HOPPER_COMPILE = """
 import torch
-from hopper import captured_launches, lower_launch
+from hopper import captured_launches, case_dtype, lower_launch
 from pyblend.kernels import outer_product as kernels
 
 IGNORE = -100
 for d1, d2, classes, mode, groups, width, packed, dtype_name in CASES:
-    # "tf32": float32 inputs with TF32 allowed, whose dots run on the tensor cores.
-    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
-    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    dtype = case_dtype(dtype_name)
     # Two molecules, the second 5/8 as wide as the first (N): padded as the ops pass it (B molecules of width N
     # flattened to (B N, d) atoms, with a mask), or packed (no mask).
     lengths = torch.tensor([width, width * 5 // 8])
