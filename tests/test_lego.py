@@ -34,6 +34,10 @@ def assert_near(out, ref, tol, what="output"):
     out, ref = torch.as_tensor(out), torch.as_tensor(ref)
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(torch.view_as_real(out) if out.is_complex() else out).all(), f"{what}: inf or NaN"
+    if torch.is_tensor(tol):  # one bound per element
+        ratio = ((out.to(ref.dtype) - ref).abs() / tol).max().item() if out.numel() else 0.0
+        assert ratio <= 1, f"{what}: abs error up to {ratio:.3g} x its per-element bound\n{out}\n{ref}"
+        return
     error = (out.to(ref.dtype) - ref).abs().max().item() if out.numel() else 0.0
     assert error <= tol, f"{what}: max abs error {error:.3e} > {tol:.1e}\n{out}\n{ref}"
 
@@ -71,8 +75,13 @@ def test_merge_harmonic_matches_hand_formula(generator, count):
     assert_near(merge_latents(latents, eps=1e-12), hand_harmonic(latents), 1e-9)
     # The default eps moves the result by O(eps) only.
     assert_near(merge_latents(latents), hand_harmonic(latents), 1e-5)
+    # In complex64 each unit phasor carries a rounding of ~6e-8, which moves the angle of their sum by about
+    # count * 6e-8 / |sum|: where the phases nearly cancel, the bound grows by that condition number.
     single = [l.to(torch.complex64) for l in latents]
-    assert_near(merge_latents(single), hand_harmonic(latents), 1e-5, "complex64")
+    expected = hand_harmonic(latents)
+    resultant = torch.stack([l / l.abs() for l in latents]).sum(0).abs()
+    bound = 1e-5 * (count * expected.abs() / resultant).clamp_min(1)
+    assert_near(merge_latents(single), expected, bound, "complex64")
 
 
 def test_merge_harmonic_two_values_by_hand():
