@@ -70,10 +70,10 @@ def packed_form(positions, types, mask):
     return pack_atoms(positions, mask), pack_pairs(types, mask), cu
 
 
-def run(backend, positions, types, params, dtype, *, mask=None, cu_seqlens=None, grads=None, std_eps=1e-2,
-        use=("attn", "feat")):
+def run(backend, positions, types, params, dtype, *, mask=None, cu_seqlens=None, grads=None, generator=None,
+        std_eps=1e-2, use=("attn", "feat")):
     """Outputs and gradients {name: CPU tensor} with every float input cast to ``dtype``; ``grads`` are the
-    upstream gradients of (attn_bias, atom_features) (drawn if None and returned under "upstream")."""
+    upstream gradients of (attn_bias, atom_features) (drawn from ``generator`` if None, returned under "upstream")."""
     target = torch.device("cpu") if backend == "reference" else backend_device(backend)
     leaves = [positions.detach().to(target, dtype).requires_grad_()]
     leaves += [params[name].detach().to(target, dtype).requires_grad_() for name in PARAMETERS]
@@ -84,7 +84,8 @@ def run(backend, positions, types, params, dtype, *, mask=None, cu_seqlens=None,
         attn, feat = gaussian_basis_bias(leaves[0], types.to(target), *leaves[1:], mask=move(mask),
                                          cu_seqlens=move(cu_seqlens), std_eps=std_eps, backend=backend)
     if grads is None:
-        grads = (torch.randn(attn.shape, dtype=torch.float64), torch.randn(feat.shape, dtype=torch.float64))
+        grads = (torch.randn(attn.shape, generator=generator, dtype=torch.float64),
+                 torch.randn(feat.shape, generator=generator, dtype=torch.float64))
     objective = 0
     if "attn" in use:
         objective = objective + (attn.double() * grads[0].to(target)).sum()
@@ -117,7 +118,7 @@ def check_against_reference(generator, sizes, dtype, packed=False, two_types=Tru
     else:
         kwargs, atom_mask = dict(mask=mask), mask
     rounded = {name: x.to(dtype).double() for name, x in params.items()}
-    got = run("triton", positions, types, params, dtype, **kwargs)
+    got = run("triton", positions, types, params, dtype, generator=generator, **kwargs)
     received = tuple(g.to(dtype).double() for g in got["upstream"])  # as the op receives them, in its dtype
     expected = run("reference", positions.to(dtype).double(), types, rounded, torch.float64, grads=received,
                    **kwargs)
@@ -223,7 +224,7 @@ def test_single_output_gradients(generator):
     """Gradients through the bias alone and through the atom features alone."""
     positions, types, mask, params = random_problem(generator, [7, 3])
     for use in (("attn",), ("feat",)):
-        got = run("triton", positions, types, params, torch.float32, mask=mask, use=use)
+        got = run("triton", positions, types, params, torch.float32, mask=mask, use=use, generator=generator)
         expected = run("reference", positions, types, params, torch.float64, mask=mask, use=use,
                        grads=got["upstream"])
         compare(got, expected, torch.float32, mask)
@@ -235,7 +236,7 @@ def test_padding_does_not_leak_and_is_deterministic(generator):
     pairs = mask[:, :, None] & mask[:, None, :]
     clean_positions = torch.where(mask[..., None], positions, 0.0)
     clean_types = torch.where(pairs[..., None], types, 0)
-    first = run("triton", positions, types, params, torch.float32, mask=mask)
+    first = run("triton", positions, types, params, torch.float32, mask=mask, generator=generator)
     second = run("triton", positions, types, params, torch.float32, mask=mask, grads=first["upstream"])
     clean = run("triton", clean_positions, clean_types, params, torch.float32, mask=mask, grads=first["upstream"])
     for name, value in first.items():
@@ -388,11 +389,13 @@ def test_errors_name_the_argument(generator):
 
 def public_state_dict(generator, heads, kernels, num_types, unimol=False):
     """A state dict with the public names: Transformer-M's NonLinear (layer1/2) or Uni-Mol's NonLinearHead
-    (linear1/2) for gbf_proj."""
+    (linear1/2) for gbf_proj. The stds stay >= 0.3 as in random_problem (the public init draws U(0, 3)): a
+    Gaussian of std s amplifies the float32 rounding of its argument by about |x - mean| / s^2, so a std near 0.01
+    alone took the float32 bias past its bound (1.2e-5 at seed 3864420466), which is conditioning, not mapping."""
     linear = ("linear1", "linear2") if unimol else ("layer1", "layer2")
     return {
         "gbf.means.weight": torch.rand(1, kernels, generator=generator) * 3,
-        "gbf.stds.weight": torch.rand(1, kernels, generator=generator) * 3,
+        "gbf.stds.weight": 0.3 + torch.rand(1, kernels, generator=generator) * 2.7,
         "gbf.mul.weight": 1 + 0.2 * torch.randn(num_types, 1, generator=generator),
         "gbf.bias.weight": 0.2 * torch.randn(num_types, 1, generator=generator),
         f"gbf_proj.{linear[0]}.weight": torch.randn(kernels, kernels, generator=generator) / kernels**0.5,
