@@ -1,5 +1,6 @@
 """Test configuration: Triton's interpreter without CUDA, the `gpu` marker, and the quick/full tiers."""
 import os
+import zlib
 
 import torch
 
@@ -35,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "full" in item.keywords and not run_full:
             item.add_marker(pytest.mark.skip(reason="full tier: run with --full"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generator(request):
+    """Seed torch's global generator from the test's id, so a test that draws from it (module initialisation,
+    say) sees the same values however pytest-xdist orders the tests across its workers."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture
