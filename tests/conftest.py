@@ -20,6 +20,15 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="also run the full tier (larger sweeps)")
+    parser.addoption("--repeat-seeds", type=int, default=1, metavar="N",
+                     help="run each test that takes the `generator` fixture N times, each with a fresh seed")
+
+
+def pytest_generate_tests(metafunc):
+    repeats = metafunc.config.getoption("--repeat-seeds")
+    if repeats > 1 and "generator" in metafunc.fixturenames:
+        metafunc.fixturenames.append("_seed_repeat")
+        metafunc.parametrize("_seed_repeat", range(repeats))
 
 
 def pytest_configure(config):
