@@ -416,22 +416,28 @@ def _precision() -> str:
 
 def launch_config(kernel: str, channels: int, dim: int, head_dim: int, fft_dims: int) -> dict:
     """Block sizes and warps (tl.dot needs every block >= 16). Chosen so ptxas (sm_90) spills nothing for
-    latents 64 x 64 to 256 x 256 and Dh = 64 (tests/test_fourier_cross_attention.py checks it); the attention
-    math runs in float32 (tf32x3 tensor-core dots), so Dh is limited to 64."""
+    latents 16 x 16 to 256 x 256 and Dh up to 128 (tests/test_fourier_cross_attention.py checks it); the attention
+    math runs in float32 (tf32x3 tensor-core dots), which is what limits Dh to 128."""
     block_d = _pow2(dim)
     block_dh = _pow2(head_dim)
     block_k = 32 if channels > 16 else 16
     block_k2 = 16 if fft_dims == 2 else block_d
     warps = 4 if block_d <= 32 else 8
     if kernel == "forward":
+        # Dh = 128 with 4 warps spilled 100 bytes at a 16 x 16 latent.
         return dict(BLOCK_C=16, BLOCK_K=block_k if block_d <= 64 else 16, BLOCK_D=block_d, BLOCK_K2=block_k2,
                     BLOCK_N=64 if block_d <= 64 else 16, BLOCK_DH=block_dh, BLOCK_F=32 if block_d <= 64 else 16,
-                    BLOCK_KD=min(block_d, 32) if block_d <= 64 else 16, num_warps=warps)
+                    BLOCK_KD=min(block_d, 32) if block_d <= 64 else 16, num_warps=8 if block_dh > 64 else warps)
     if kernel == "out":
         # 32 rows at D = 64: 16-row tiles spill 8 bytes in the inverse for either DFT as launched (C and D known
         # multiples of 16; ptxas, sm_90); 32 rows spill nothing with or without the inverse, at the same warps.
         return dict(BLOCK_C=32 if block_d == 64 else 16, BLOCK_K=block_k if fft_dims == 2 else 16, BLOCK_D=block_d,
                     BLOCK_K2=block_k2, num_warps=4 if fft_dims == 1 and block_d <= 64 else warps)
+    if block_dh > 64:
+        # Dh = 128 spilled 88 (dQ) and 324 (dK, dV) bytes with 32-token tiles; dQ also needs unpipelined loads.
+        if kernel == "dq":
+            return dict(BLOCK_C=16, BLOCK_N=16, BLOCK_DH=block_dh, num_warps=8, num_stages=1)
+        return dict(BLOCK_C=16, BLOCK_N=16, BLOCK_DH=block_dh, num_warps=8)
     if kernel == "dq":
         return dict(BLOCK_C=16, BLOCK_N=32, BLOCK_DH=block_dh, num_warps=4)
     return dict(BLOCK_C=16, BLOCK_N=32, BLOCK_DH=block_dh, num_warps=8)

@@ -39,7 +39,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 _LATENT_DTYPES = (*_FLOAT_DTYPES, torch.complex64, torch.complex128)
 _MAX_LATENT = 256  # kernels.fourier_cross_attention.MAX_LATENT
-_MAX_HEAD_DIM = 64  # the kernels' float32 attention tiles spill beyond (ptxas, sm_90)
+_MAX_HEAD_DIM = 128  # the kernels' float32 attention tiles spill beyond (ptxas, sm_90)
 _FF_NAMES = ("ff_in_weight", "ff_out_weight")
 
 
@@ -58,7 +58,8 @@ def fourier_cross_attention(
 
     Args:
         latent: ``(B, C, D)`` real (float16 / bfloat16 / float32) or complex64 (an earlier step's output);
-            float64 / complex128 run on the reference backend only. C, D <= 256 on the Triton path.
+            float64 / complex128 run on the reference backend only. C, D <= 256 and Dh <= 128 on the Triton
+            path.
         tokens: ``(B, N, E)`` a float dtype (float64: reference only), on the latent's device.
         q_weight: ``(H*Dh, D)``; kv_weight: ``(2*H*Dh, E)`` (k rows first); out_weight: ``(D, H*Dh)``;
             out_bias: ``(D,)`` or None.
