@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..layout import mask_from_cu_seqlens, pack_pairs, pad_atoms, pad_pairs
 
-__all__ = ["outer_product_cosine_loss", "outer_product_logits", "outer_product_loss"]
+__all__ = ["cosine_loss_of_logits", "outer_product_cosine_loss", "outer_product_logits", "outer_product_loss"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -104,6 +104,13 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
     logits, mask = _padded_logits(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     pos, _ = _padded(positions.detach().to(logits.dtype), mask if cu_seqlens is None else None, cu_seqlens,
                      max_seqlen)
+    return cosine_loss_of_logits(logits, pos, mask)
+
+
+def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    """The cosine loss of padded ``logits (B, N, N, 3)`` against padded ``positions (B, N, 3)`` (constants) over
+    the real pairs ``i != j`` of ``mask (B, N)``: a scalar in the logits' dtype."""
+    pos = positions.detach()
     delta = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j] = pos_j - pos_i
     width = mask.shape[1]
     eye = torch.eye(width, dtype=torch.bool, device=mask.device)
