@@ -92,7 +92,8 @@ def cosine_with_rounded_partials(problem, packed, bias=True):
     before its product with ``col``. The reference cannot see that rounding, and the cosine's gradient amplifies it
     where a prediction is near zero: the gradient goes as 1 / |p| and its error as rounding / |p|^2. A float16
     draw of [9, 6] atoms then failed 1e-2 about once in 120 (drow: 1.08e-2 at seed 3753308078, where the
-    smallest |p| was 1/90 of the median); the GPU test's 20k pairs in bf16 always have such a pair."""
+    smallest |p| was 1/90 of the median). The GPU test's 20k pairs in bf16 (8-bit mantissas) would meet such
+    pairs in most draws."""
     leaves = [x.nan_to_num().clone().requires_grad_() for x in (problem.row, problem.col, problem.weight, problem.bias)]
     row, col, weight, bias_leaf = leaves
     partial = torch.einsum("bia,cae->bice", row, weight.unflatten(1, (row.shape[-1], col.shape[-1])))
