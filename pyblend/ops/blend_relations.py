@@ -11,6 +11,11 @@ Sampling is random-number generation and a comparison per pair, and blending one
 channel: memory-bound elementwise work that torch runs at bandwidth, so there is no kernel here. The pair
 choices are int8/uint8 ``(B, N, N)`` (packed ``(P,)``), a quarter of one float bias channel.
 
+The dense sum is not folded into the attention kernel on purpose: an encoder blends once per forward and every
+one of its L layers reads the result (as :class:`pyblend.models.MoleBlend` does). Folded in, each layer would read
+the edge and 3D channels and the choices instead of one summed bias: about twice the bias bytes, L times, to save
+one elementwise pass.
+
 Packed layout: the choices are computed per real pair only. A ``mode="pair"`` draw still generates the padded
 ``(B, N, N)`` uniforms (one float per padded pair, no head dimension) and reads the real pairs out of them, so
 that a packed batch gets exactly the padded batch's draw from the same generator; every other tensor is ``(P,)``.
