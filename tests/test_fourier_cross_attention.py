@@ -221,6 +221,57 @@ def test_sample_without_tokens_returns_the_normalised_latent_or_its_spectrum(gen
         assert not torch.allclose(out[1], expected[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch_and_zero_tokens(generator, backend):
+    """B = 0 gives an empty latent and empty gradients; N = 0 (no mask needed) is a batch of samples without
+    tokens: the normalised latent. torch.fft refuses empty transforms; the op must not pass them on."""
+    device = backend_device(backend)
+    problem = rounded(make_problem(generator, batch=2, channels=4, dim=8, tokens=3), torch.float32)
+    weights = {name: x.to(device) for name, x in problem.items() if name not in ("latent", "tokens")}
+    latent = problem["latent"].to(device)
+    for mask in (None, torch.zeros(0, 3, dtype=torch.bool, device=device)):
+        empty = latent[:0].clone().requires_grad_()
+        tokens = problem["tokens"][:0].to(device).requires_grad_()
+        out = fourier_cross_attention(empty, tokens, heads=2, token_mask=mask, backend=backend, **weights)
+        assert out.shape == (0, 4, 8) and out.dtype == torch.complex64
+        (out.real.sum() + out.imag.sum()).backward()
+        assert empty.grad.shape == (0, 4, 8)
+        assert tokens.grad is None or tokens.grad.shape == (0, 3, 16)  # None where no token is read (masked)
+    tokens = torch.zeros(2, 0, 16, device=device)
+    expected = latent / latent.norm(dim=1, keepdim=True)
+    for inverse in (True, False):
+        out = fourier_cross_attention(latent, tokens, heads=2, inverse=inverse, backend=backend, **weights)
+        want = expected.to(torch.complex64) if inverse else torch.fft.fft2(expected)
+        torch.testing.assert_close(out.cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_latent_column_has_a_finite_gradient(generator, backend):
+    """``l / max(||l||, 1e-12)`` at a column of zeros: the gradient is the floor's 1e12 scale, not NaN (the
+    reference once took sqrt's infinite derivative at 0 through the clamp)."""
+    problem = rounded(make_problem(generator, batch=2, channels=4, dim=8, tokens=3, ff=False), torch.float32)
+    problem["latent"][1, :, 3] = 0.0
+    upstream = torch.randn(2, 4, 8, 2, generator=generator, dtype=torch.float64)
+    found = run(fourier_cross_attention, problem, None, upstream, backend=backend)
+    for name, x in found.items():
+        assert torch.isfinite(x).all(), name
+    assert found["dlatent"][1, :, 3].abs().max() > 1e9  # the floor, not a dropped gradient
+
+
+def test_reference_computes_in_float64_when_any_input_is(generator):
+    """A 64-bit latent, q weight or feed-forward weight promotes everything, the tokens' FFT included (it once
+    ran in the tokens' float32 and met float64 LayerNorm weights)."""
+    problem = rounded(make_problem(generator, channels=4, dim=8, tokens=3), torch.float32)
+    wide = {name: x.double() for name, x in problem.items()}
+    expected = reference(wide.pop("latent"), wide.pop("tokens"), heads=2, **wide)
+    for name in ("latent", "q_weight", "ff_out_weight", "context_norm_weight"):
+        inputs = dict(problem, **{name: problem[name].double()})
+        out = fourier_cross_attention(inputs.pop("latent"), inputs.pop("tokens"), heads=2, backend="reference",
+                                      **inputs)
+        assert out.dtype == torch.complex128, name
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_masked_tokens_do_not_leak_and_are_deterministic(generator):
     """NaN in masked token slots: bit-identical to the same call with zeros there, and to a second call."""
     mask = random_mask(generator, 2, 9, keep=0.5)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
+from ..reference.fourier_cross_attention import fft
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -195,7 +196,7 @@ def _token_spectrum(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
     break the graph, all lengths at once by :func:`_ragged_fft_real`."""
     x = tokens.float()
     if token_mask is None:
-        return torch.fft.fft(x, dim=1).real
+        return fft(x, (1,)).real
     counts = token_mask.sum(1)
     order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)
     index = order[..., None].expand(-1, -1, x.shape[2])
@@ -375,7 +376,7 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
         ln = l / clamped
     else:
         ln = l
-    q_in = torch.fft.fftn(ln, dim=dims).real
+    q_in = fft(ln, dims).real
     x, xhat, rstd = _layer_norm_forward(q_in, lnw, lnb, eps) if latent_norm else (q_in, None, None)
     q = (x @ wq.T).contiguous()
     a_pre = o @ wo.T if bo is None else o @ wo.T + bo
@@ -387,7 +388,7 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
 
     # out = IDFT(u + i Im L) (or u + i Im L): its adjoint is DFT / size.
     g = torch.view_as_complex(grad_out.contiguous())
-    gz = torch.fft.fftn(g, dim=dims) / size if inverse else g
+    gz = fft(g, dims) / size if inverse else g
     du, d_imag = gz.real, gz.imag
     dq_in = torch.where(has, 0.0, du)
     du = torch.where(has, du, 0.0)
@@ -423,7 +424,7 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
         dx, grads["latent_norm_weight"], grads["latent_norm_bias"] = _layer_norm_backward(dx, xhat, rstd, lnw)
     dq_in = dq_in + du + dx
     # q_in + i Im L = DFT(l~): the adjoint of the DFT is size * IDFT.
-    g_ln = torch.fft.ifftn(torch.complex(dq_in, d_imag), dim=dims) * size
+    g_ln = fft(torch.complex(dq_in, d_imag), dims, inverse=True) * size
     if normalize:
         inner = (l.conj() * g_ln).real.sum(1, keepdim=True)
         g_l = g_ln / clamped - torch.where(norm > 1e-12, l * inner / (clamped * clamped * clamped), 0.0)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fourier_cross_attention", "token_spectrum"]
+__all__ = ["fft", "fourier_cross_attention", "token_spectrum"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -38,13 +38,21 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-def token_spectrum(tokens: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """``Re FFT`` of ``tokens (B, N, E)`` along N over each sample's real tokens (step 3), in the tokens' dtype
-    promoted to float32/float64. Masked positions come back as zeros."""
-    compute = _compute_dtype(tokens)
-    tokens = tokens.to(compute)
+def fft(x: Tensor, dim: tuple[int, ...], *, inverse: bool = False) -> Tensor:
+    """``torch.fft.fftn`` (``ifftn`` when ``inverse``) of a float32/float64 or complex ``x`` over ``dim``, also
+    for an ``x`` with no elements (a batch of 0 samples, 0 tokens), which the FFT libraries refuse; its
+    transform is the same empty tensor, complex."""
+    if x.numel() == 0:
+        return x.to(torch.complex128 if x.dtype in (torch.float64, torch.complex128) else torch.complex64)
+    return (torch.fft.ifftn if inverse else torch.fft.fftn)(x, dim=dim)
+
+
+def token_spectrum(tokens: Tensor, token_mask: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``Re FFT`` of ``tokens (B, N, E)`` along N over each sample's real tokens (step 3), computed in ``dtype``
+    (default: the tokens' dtype promoted to float32/float64). Masked positions come back as zeros."""
+    tokens = tokens.to(dtype or _compute_dtype(tokens))
     if token_mask is None:
-        return torch.fft.fft(tokens, dim=1).real
+        return fft(tokens, (1,)).real
     out = torch.zeros_like(tokens)
     for b in range(tokens.shape[0]):
         real = token_mask[b].nonzero().squeeze(1)
@@ -73,7 +81,9 @@ def fourier_cross_attention(
     ``latent_norm`` / ``context_norm`` / ``ff_norm`` switch the three LayerNorms (their weights may be None for
     a non-affine norm). Computes in float64 when any input is 64-bit, float32 otherwise.
     """
-    parameters = [t for t in (q_weight, kv_weight, out_weight, out_bias, ff_in_weight) if t is not None]
+    parameters = [t for t in (q_weight, kv_weight, out_weight, out_bias, latent_norm_weight, latent_norm_bias,
+                              context_norm_weight, context_norm_bias, ff_norm_weight, ff_norm_bias, ff_in_weight,
+                              ff_in_bias, ff_out_weight, ff_out_bias) if t is not None]
     compute = _compute_dtype(latent, tokens, *parameters)
     cast = (lambda t: None if t is None else t.to(compute))
     complex_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
@@ -81,12 +91,13 @@ def fourier_cross_attention(
 
     latent = latent.to(complex_dtype) if latent.is_complex() else latent.to(compute)
     if normalize:
-        norm = latent.abs().square().sum(dim=1, keepdim=True).sqrt()
+        # vector_norm's gradient at a zero column is 0 (sqrt's would be inf, and inf * 0 = NaN through the clamp).
+        norm = torch.linalg.vector_norm(latent, dim=1, keepdim=True)
         latent = latent / norm.clamp_min(1e-12)
-    spectrum = torch.fft.fftn(latent, dim=axes)
+    spectrum = fft(latent, axes)
     q_in, kept_imag = spectrum.real, spectrum.imag
 
-    context = token_spectrum(tokens, token_mask) if token_fft else tokens.to(compute)
+    context = token_spectrum(tokens, token_mask, compute) if token_fft else tokens.to(compute)
     if not token_fft and token_mask is not None:  # masked tokens are never read (0 * NaN would leak through v)
         context = torch.where(token_mask[..., None], context, torch.zeros((), dtype=compute, device=context.device))
     width = context.shape[-1]
@@ -120,4 +131,4 @@ def fourier_cross_attention(
 
     u = torch.where(has_tokens[:, None, None], u, q_in)
     out = torch.complex(u, kept_imag)
-    return torch.fft.ifftn(out, dim=axes) if inverse else out
+    return fft(out, axes, inverse=True) if inverse else out
