@@ -5,6 +5,7 @@ Every check draws fresh inputs, poisons missing modalities with NaN, and compare
 weights, entropy) and the three gradients (h, gate logits, score logits) under random upstream gradients of all
 three outputs with the float64 reference.
 """
+import copy
 import math
 
 import pytest
@@ -393,6 +394,28 @@ def test_module_loss_is_reconstruction_minus_entropy(generator):
     with torch.no_grad():
         _, _, after = ops.gated_fusion(h, torch.zeros_like(h), score - 0.1 * score.grad)
     assert after.mean() > entropy.mean()
+
+
+def test_module_objective_reuses_the_last_forward_only(generator):
+    """The objective reads the last forward's entropy: before any forward, or with another batch's output, it
+    says so; an empty batch gives 0; copies (an EMA, a best model) start without the cached forward."""
+    fusion = DynamicFusion(DIMS, 8, entropy_weight=0.5)
+    embeddings, masks = module_inputs(generator, 6)
+    with pytest.raises(RuntimeError, match="objective: reuses the entropy of this module's last forward"):
+        fusion.objective(torch.zeros(6, 8), embeddings, masks)
+    fused, _ = fusion(embeddings, masks)
+    copied = copy.deepcopy(fusion)
+    assert copied.last_entropy is None and fusion.last_entropy is not None
+    fusion.objective(fused, embeddings, masks).backward()
+    fusion({name: x[:4] for name, x in embeddings.items()}, {name: m[:4] for name, m in masks.items()})
+    with pytest.raises(ValueError, match=r"fused: expected the \(B, dim\) output of this module's last forward, "
+                                         r"B = 4"):
+        fusion.objective(fused, embeddings, masks)
+    empty = {name: x[:0] for name, x in embeddings.items()}
+    fused, _ = fusion(empty)
+    loss = fusion.objective(fused, empty)
+    assert loss.item() == 0.0
+    loss.backward()
 
 
 def test_module_dropout_is_reproducible_and_keeps_one_modality(generator):

@@ -143,6 +143,24 @@ def test_merge_present_selects_latents_per_sample(generator):
         assert_near(merge_latents(latents, method, present=present), merged, 0.0, "(M, B) tensor form")
 
 
+def test_merge_never_reads_unselected_latents(generator):
+    """NaN and inf where ``present`` is False: the same result and gradients as finite values there."""
+    latents = [random_complex(generator, 3, 4) for _ in range(2)]
+    present = torch.tensor([[True, True, False], [False, True, True]])
+    poisoned = [latents[0].clone(), latents[1].clone()]
+    poisoned[0][2], poisoned[1][0, :2] = complex(float("nan"), 0.0), complex(float("inf"), 1.0)
+    for method in ("harmonic", "mean", "sum"):
+        results = []
+        for inputs in (latents, poisoned):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            merged = merge_latents(leaves, method, present=present)
+            torch.view_as_real(merged).sum().backward()
+            results.append([merged.detach(), *(leaf.grad for leaf in leaves)])
+        for index, (clean, dirty) in enumerate(zip(*results)):
+            keep = present[index - 1] if index else torch.ones(3, dtype=torch.bool)
+            assert torch.equal(dirty[keep], clean[keep]), f"{method}: output {index} reads an unselected latent"
+
+
 def test_merge_errors():
     a = torch.zeros(2, 3, dtype=torch.complex64)
     with pytest.raises(ValueError, match="latents: .*empty"):
@@ -221,6 +239,13 @@ def test_slerp_gradients(generator):
     a = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, y: slerp(x, y, 0.37), (a, b))
+
+
+def test_slerp_takes_any_real_number_for_t():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    expected = slerp(a, b, 0.25)
+    for t in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25)):
+        torch.testing.assert_close(slerp(a, b, t), expected, msg=repr(t))
 
 
 def test_slerp_errors():

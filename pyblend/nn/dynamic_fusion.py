@@ -69,8 +69,9 @@ class DynamicFusion(nn.Module):
     Linear(dim, dim)`` (W_s), ``score[m] = Linear(dim, 1)``, ``decode[m] = Linear(dim, d_m)``.
 
     ``forward(embeddings, present=None, *, generator=None) -> (fused (B, dim), weights (B, M))`` and sets
-    ``last_entropy`` ``(B,)`` and ``last_present`` ``(B, M)`` (the mask after modality dropout);
-    ``loss(embeddings, present=None, *, generator=None)`` runs it and returns eq. 5's total.
+    ``last_entropy`` ``(B,)`` and ``last_present`` ``(B, M)`` (the mask after modality dropout; neither is
+    copied or pickled with the module); ``loss(embeddings, present=None, *, generator=None)`` runs it and returns
+    eq. 5's total.
     """
 
     def __init__(self, input_dims: Mapping[str, int], dim: int, *, entropy_weight: float = 0.01,
@@ -111,6 +112,13 @@ class DynamicFusion(nn.Module):
         self.decode = nn.ModuleDict({m: nn.Linear(dim, d, bias=bias, **factory) for m, d in input_dims.items()})
         self.last_entropy: Tensor | None = None
         self.last_present: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # The last forward's outputs hold its autograd graph, which copy.deepcopy (an EMA or best-model copy) and
+        # pickling refuse: a copy starts without them.
+        state = super().__getstate__()
+        state.update(last_entropy=None, last_present=None)
+        return state
 
     @property
     def gate_scale(self) -> float:
@@ -192,9 +200,17 @@ class DynamicFusion(nn.Module):
     def objective(self, fused: Tensor, embeddings: Mapping[str, Tensor],
                   present: Mapping[str, Tensor] | None = None) -> Tensor:
         """:meth:`loss` for a ``fused (B, dim)`` this module's last forward returned (its entropy is reused),
-        so a model that already ran the forward does not run it again."""
+        so a model that already ran the forward does not run it again. An empty batch gives 0 for each term."""
+        entropy = self.last_entropy
+        if entropy is None:
+            raise RuntimeError("objective: reuses the entropy of this module's last forward, and there was none "
+                               "(or the module was copied since); call the module first, or use loss()")
+        if fused.dim() != 2 or fused.shape[0] != entropy.shape[0]:
+            raise ValueError(f"fused: expected the (B, dim) output of this module's last forward, B = "
+                             f"{entropy.shape[0]}; got {describe(fused)}")
         reconstruction = self.reconstruction_loss(fused, embeddings, present)
-        return reconstruction - self.entropy_weight * self.last_entropy.to(reconstruction.dtype).mean()
+        mean_entropy = entropy.to(reconstruction.dtype).sum() / max(entropy.shape[0], 1)
+        return reconstruction - self.entropy_weight * mean_entropy
 
     # ----------------------------------------------------------------------------------------- helpers
 

@@ -29,6 +29,7 @@ latents whose modality the sample has (M becomes that sample's count).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -124,7 +125,10 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
         weight = torch.ones((), dtype=real_dtype, device=stacked.device)
         count = torch.tensor(float(len(latents)), dtype=real_dtype, device=stacked.device)
     else:
-        weight = mask.to(real_dtype).reshape(*mask.shape, *([1] * (stacked.dim() - 2)))
+        selected = mask.reshape(*mask.shape, *([1] * (stacked.dim() - 2)))
+        # Unselected entries are never read: 0 * NaN would leak into the sample's result and gradients.
+        stacked = torch.where(selected, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device))
+        weight = selected.to(real_dtype)
         count = weight.sum(0)
     if method == "sum":
         return (stacked * weight).sum(0)
@@ -186,7 +190,7 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
         if t.dim() != 0 or not t.is_floating_point():
             raise ValueError(f"t: expected a float in [0, 1] or a 0-dim float tensor; got {describe(t)}")
         t = t.to(device=a.device, dtype=torch.float64)
-    elif isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+    elif isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
         raise ValueError(f"t: expected a float in [0, 1]; got {t!r}")
     else:
         t = torch.tensor(float(t), dtype=torch.float64, device=a.device)
