@@ -429,7 +429,7 @@ def _relation_attention_bwd_table_kernel(
             offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
             relation = tl.load(index_ptr + offsets, mask=real, other=-1).to(tl.int32)
             lowest = tl.min(tl.where(real, relation, num_relations), axis=1)
-            lowest = tl.min(lowest, axis=0)
+            lowest = tl.maximum(tl.min(lowest, axis=0), 0)
             highest = tl.max(tl.max(relation, axis=1), axis=0)
             for chunk_start in range((lowest // CHUNK) * CHUNK, highest + 1, CHUNK):
                 in_chunk = (relation >= chunk_start) & (relation < chunk_start + CHUNK)
@@ -438,7 +438,8 @@ def _relation_attention_bwd_table_kernel(
                     ids = chunk_start + chunk
                     hits = relation[:, :, None] == ids[None, None, :]
                     sums = tl.sum(tl.sum(tl.where(hits, ds[:, :, None], 0.0), axis=0), axis=0)
-                    in_table = ids < num_relations
+                    # Ids outside the table (unchecked under torch.compile) add no bias and get no gradient.
+                    in_table = (ids >= 0) & (ids < num_relations)
                     # Same program, same addresses: the barrier orders this read after the previous write.
                     tl.debug_barrier()
                     tl.store(own + ids, tl.load(own + ids, mask=in_table, other=0.0) + sums, mask=in_table)
@@ -514,7 +515,7 @@ class _Problem:
             self.total_pairs = 0
             atom_strides = lambda x: (x.stride(0), x.stride(1), x.stride(2))  # noqa: E731
         self.atom_strides = atom_strides
-        self.cu_seqlens = cu_seqlens if self.packed else dummy
+        self.cu_seqlens = cu_seqlens.contiguous() if self.packed else dummy  # read at b and b + 1
         # out, grad_out, dq, dk, dv: contiguous with q's shape.
         row = self.num_heads * self.head_dim
         self.contiguous_strides = (0 if self.packed else q.shape[1] * row, row, self.head_dim)

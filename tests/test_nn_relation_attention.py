@@ -297,6 +297,13 @@ def test_bad_inputs_are_refused_by_name():
         module(torch.randn(2, 5, 16), torch.randn(6, 5, 5))
     with pytest.raises(ValueError, match=r"in_proj.weight: expected shape \(3C, C\)"):
         RelationBiasedAttention.from_unimol_state_dict({"in_proj.weight": torch.zeros(16, 16)}, 4)
+    with pytest.raises(ValueError, match="num_heads: expected a positive int; got 0"):
+        RelationBiasedAttention.from_unimol_state_dict({"in_proj.weight": torch.zeros(48, 16)}, 0)
+    with pytest.raises(TypeError, match="attn_bias: expected a torch.Tensor or numpy.ndarray, got list"):
+        module(torch.randn(2, 5, 16), [[0.0]])
+    # A numpy bias is taken, as by the op.
+    x, bias = torch.randn(2, 5, 16), torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(module(x, bias.numpy()), module(x, bias))
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

@@ -177,6 +177,17 @@ def test_packed_ragged_batch(generator, dtype, bias_heads):
                             max_seqlen=max_seqlen, rel_index=relations, return_logits=True)
 
 
+def test_packed_with_strided_cu_seqlens(generator):
+    """cu_seqlens as a view with stride 2 (every other entry of a longer tensor): the kernels read its values,
+    not its memory."""
+    q, k, v, mask = random_padded(generator, [3, 1, 5], heads=2, head_dim=8, dtype=torch.float32)
+    cu_seqlens, max_seqlen = layout.cu_seqlens_from_mask(mask)
+    strided = torch.stack([cu_seqlens, torch.full_like(cu_seqlens, 99)], dim=1).flatten()[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu_seqlens)
+    check_against_reference(generator, torch.float32, *(layout.pack_atoms(x, mask) for x in (q, k, v)),
+                            cu_seqlens=strided, max_seqlen=max_seqlen)
+
+
 def test_packed_equals_padded(generator):
     dtype = torch.float32
     sizes = [13, 1, 40, 6]
@@ -236,6 +247,35 @@ def test_table_gradient_with_ids_far_apart(generator, packed):
     assert (got["drel_table"][unused] == 0).all() and (got["drel_table"][ids] != 0).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ids_outside_the_table_add_nothing_under_compile(generator, backend):
+    """torch.compile skips the id range check (reading ids would break the graph): ids outside [0, R) then add no
+    bias and get no gradient on both backends, as a dense bias with zeros there. -16 and below reach the table
+    gradient's first relation chunk below 0, which once wrote before its buffer."""
+    target = backend_device(backend)
+    q, k, v, mask = random_padded(generator, [7, 5], heads=2, head_dim=8, dtype=torch.float32)
+    q, k, v = (x.nan_to_num().to(target) for x in (q, k, v))
+    ids = torch.randint(0, 20, (2, 7, 7), generator=generator, dtype=torch.int32)
+    ids[0, 1, 2], ids[0, 3, 3], ids[1, 0, 4], ids[1, 2, 1] = -16, -40, 20, 1000
+    known = (ids >= 0) & (ids < 20)
+    table = torch.randn(20, 2, generator=generator)
+
+    def attend(table, dense):
+        if dense:
+            bias = torch.where(known[:, None], table[ids.clamp(0, 19)].permute(0, 3, 1, 2), 0.0).to(target)
+            out = ops.relation_attention(q, k, v, bias, mask=mask.to(target), backend=backend)
+        else:
+            out = ops.relation_attention(q, k, v, mask=mask.to(target), rel_index=ids.to(target), rel_table=table,
+                                         backend=backend)
+        return (out * torch.linspace(-1, 1, out.numel(), device=target).view(out.shape)).sum()
+
+    leaf = table.to(target).requires_grad_()
+    got = torch.autograd.grad(torch.compile(attend, backend="aot_eager", fullgraph=True)(leaf, False), leaf)[0]
+    expected_leaf = table.to(target).requires_grad_()
+    expected = torch.autograd.grad(attend(expected_leaf, True), expected_leaf)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_table_equals_dense_bias(generator):
     q, k, v, mask = random_padded(generator, [15, 9], heads=2, head_dim=16, dtype=torch.float32)
     relations = torch.randint(0, 7, (2, 15, 15), generator=generator, dtype=torch.int32)
@@ -290,10 +330,16 @@ def test_single_atom_molecule(generator):
     torch.testing.assert_close(got["dv"], run("reference", q.double(), k.double(), v.double(), mask=mask)["dv"].float())
 
 
-def test_empty_batch():
-    q = torch.empty(0, 5, 2, 8)
-    out = ops.relation_attention(q, q, q, backend="triton")
-    assert out.shape == q.shape
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch(backend):
+    for q in (torch.empty(0, 5, 2, 8), torch.empty(3, 0, 2, 8)):
+        out = ops.relation_attention(q, q, q, backend=backend)
+        assert out.shape == q.shape
+    for cu_seqlens in ([0], [0, 0]):
+        q = torch.empty(0, 2, 8)
+        out = ops.relation_attention(q, q, q, cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
+                                     max_seqlen=0, backend=backend)
+        assert out.shape == q.shape
 
 
 def test_noncontiguous_inputs(generator):
@@ -463,6 +509,7 @@ def test_errors_name_the_argument(generator):
          "rel_table: expected shape (R, H)"),
         (dict(rel_index=torch.zeros(2, 5, 5), rel_table=torch.randn(3, 2)), TypeError, "rel_index: expected dtype"),
         (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(q=q[..., :0], k=q[..., :0], v=q[..., :0]), ValueError, "q: expected a head width D >= 1"),
         (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "q: expected the packed layout"),
         (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
     ]

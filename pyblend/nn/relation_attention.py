@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ..ops._checks import as_tensor
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -200,6 +201,8 @@ class RelationBiasedAttention(nn.Module):
                if name.startswith(prefix) and name[len(prefix):] in
                ("in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias")}
         own = {name[len(prefix):]: value for name, value in own.items()}
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads: expected a positive int; got {num_heads!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}, from {key}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads
@@ -245,6 +248,7 @@ class RelationBiasedAttention(nn.Module):
             raise ValueError(f"x: expected its last dimension to be embed_dim = {self.embed_dim}; got "
                              f"{x.dtype} tensor of shape {tuple(x.shape)}")
         heads = self.num_heads
+        attn_bias = as_tensor(attn_bias, "attn_bias", optional=True)
         if attn_bias is not None and not packed and attn_bias.dim() == 3:  # Uni-Mol's (B*H, N, N)
             batch, atoms = x.shape[0], x.shape[1]
             if tuple(attn_bias.shape) != (batch * heads, atoms, atoms):

@@ -84,6 +84,8 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         layout = "packed layout (T, H, D), as cu_seqlens is given" if packed else "padded layout (B, N, H, D)"
         raise ValueError(f"q: expected the {layout}; got {describe(q)}")
     heads, head_dim = q.shape[-2], q.shape[-1]
+    if head_dim == 0:
+        raise ValueError(f"q: expected a head width D >= 1; got {describe(q)}")
     if packed:
         check_mask(mask, (), cu_seqlens)
         host, max_seqlen, pairs = packed_layout(cu_seqlens, q.shape[0], max_seqlen)

@@ -7,7 +7,9 @@ Semantics every backend follows (the kernel in :mod:`pyblend.kernels.relation_at
 - Keys of padded atoms are excluded. Rows of padded atoms output zeros and pass no gradient, so a padded batch
   and its packed twin give the same numbers. A row whose every key is excluded (a -inf bias everywhere) outputs
   zeros, never NaN.
-- The bias is the sum of a float ``bias`` (broadcast over batch and/or heads) and ``rel_table[rel_index]``.
+- The bias is the sum of a float ``bias`` (broadcast over batch and/or heads) and ``rel_table[rel_index]``. An
+  id outside ``[0, R)`` adds nothing and gets no gradient (the op refuses such ids, except under torch.compile,
+  where reading them would break the graph).
 - ``return_logits`` also gives ``S = Q K^T * scale + Bias``, 0 at pairs touching a padded atom.
 - Dropout zeroes probabilities where ``dropout_keep`` is False and scales the rest by ``1 / (1 - dropout_p)``.
 """
@@ -25,8 +27,10 @@ __all__ = ["bias_from_relations", "relation_attention"]
 
 def bias_from_relations(rel_index: Tensor, rel_table: Tensor) -> Tensor:
     """Gather a dense bias: ``rel_index (B, N, N)`` (packed ``(P,)``), ``rel_table (R, H)`` ->
-    ``(B, H, N, N)`` (packed ``(H, P)``), in ``rel_table``'s dtype."""
-    gathered = rel_table[rel_index.long()]  # (..., H)
+    ``(B, H, N, N)`` (packed ``(H, P)``), in ``rel_table``'s dtype; 0 for an id outside ``[0, R)``."""
+    ids = rel_index.long()
+    known = ((ids >= 0) & (ids < rel_table.shape[0]))[..., None]
+    gathered = torch.where(known, rel_table[torch.where(known[..., 0], ids, 0)], 0.0)  # (..., H)
     return gathered.movedim(-1, 1 if rel_index.dim() == 3 else 0)
 
 
@@ -68,7 +72,9 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
         logits = logits + torch.where(pair_real, gathered.to(logits.dtype), zero)
     scores = torch.where(mask[:, None, None, :], logits, float("-inf"))
     # A row with no finite score gets zeros: softmax runs on a finite stand-in so no NaN reaches the gradient.
-    row_live = torch.isfinite(scores.amax(-1, keepdim=True)) & mask[:, None, :, None]
+    # (amax refuses an empty key axis; with N = 0 there is no row either.)
+    peak = scores.amax(-1, keepdim=True) if atoms else scores.sum(-1, keepdim=True)
+    row_live = torch.isfinite(peak) & mask[:, None, :, None]
     probs = torch.where(row_live, torch.softmax(torch.where(row_live, scores, zero), dim=-1), zero)
     if dropout_p > 0.0:
         if dropout_keep is None:
