@@ -94,6 +94,28 @@ def test_molecules_without_conformer_never_get_the_3d_channel():
     assert abs(((choice & SPD) != 0).float().mean().item() - 0.5) < 0.03
 
 
+@pytest.mark.parametrize("mode", ["pair", "batch", "molecule"])
+def test_the_largest_draw_never_picks_an_outcome_of_probability_zero(monkeypatch, mode):
+    """torch.rand's largest float32, 1 - 2^-24, at every pair: renormalised, (0.1, 0.2) / 0.3 has a float32 bound
+    of 1 - 2^-24 before the third outcome, which that draw once reached (3D for a molecule without conformer)."""
+    largest = 1.0 - 2.0 ** -24
+    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None, device=None: torch.full(shape, largest))
+    mask = _mask([6, 4])
+    no_conformer = torch.tensor([False, False])
+    two_d = SPD | EDGE
+    # (probs, has_geometry, the outcomes allowed): pair and batch draw channels, molecule draws subsets.
+    cases = [((0.1, 0.2, 0.7), no_conformer, {SPD, EDGE}), ((0.1, 0.2, 0.0), None, {SPD, EDGE}),
+             ((0.3, 0.0, 0.0), None, {SPD})]
+    if mode == "molecule":
+        cases = [((0.1, 0.2, 0.7), no_conformer, {two_d}), ((0.1, 0.2, 0.0), None, {two_d, GEOMETRY}),
+                 ((0.3, 0.0, 0.0), None, {two_d})]
+    real = mask[:, :, None] & mask[:, None, :]
+    for probs, has_geometry, allowed in cases:
+        choice = sample_blend(mask, probs=probs, mode=mode, has_geometry=has_geometry)
+        drawn = set(choice[real].unique().tolist())
+        assert drawn <= allowed, (probs, has_geometry, drawn)
+
+
 def test_packed_layout_is_the_padded_draw_packed():
     mask = _mask([4, 7, 2])
     cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
@@ -215,6 +237,18 @@ def test_blend_rejects_bad_arguments():
         blend_relations(choice, edge_bias=edge[:, :, :4])
     with pytest.raises(TypeError, match="choice"):
         blend_relations(choice.float())
+    with pytest.raises(TypeError, match="spd_index: expected dtype"):
+        blend_relations(choice, spd_index=spd.float(), spd_table=table)
+    # Checked before narrowing to int16: 65538 would wrap to row 2, and 6 (= R) would be the unchosen row.
+    for bad in (65538, 6, -1):
+        wrong = spd.clone()
+        wrong[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=rf"spd_index: expected ids in \[0, 6\).*got ids from"):
+            blend_relations(choice, spd_index=wrong, spd_table=table)
+        # Where the SPD channel is not chosen, the id is never read.
+        unchosen = choice.clone()
+        unchosen[1, 2, 3] = EDGE
+        blend_relations(unchosen, spd_index=wrong, spd_table=table)
 
 
 def test_relation_blender_draws_in_training_and_uses_every_channel_in_eval():

@@ -299,6 +299,35 @@ def test_padding_single_atoms_and_empty_molecules(generator, loss):
         assert torch.equal(first[name], zeros[name]), f"{name}: depends on padded entries"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batches_give_zero(generator, backend):
+    """Padded B = 0 or N = 0, packed T = 0: no target, so 0 (the target check once failed to reshape them)."""
+    device = backend_device(backend)
+    weight, bias = torch.randn(6, 12, generator=generator).to(device), torch.randn(6, generator=generator).to(device)
+    cases = [((0, 5), dict()), ((2, 0), dict()), ((0,), dict(cu_seqlens=torch.tensor([0, 0], dtype=torch.int32),
+                                                             max_seqlen=0))]
+    for atoms, layout in cases:
+        layout = {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in layout.items()}
+        row, col = (torch.randn(*atoms, d, device=device, requires_grad=True) for d in (3, 4))
+        pairs = atoms[:1] if "cu_seqlens" in layout else (*atoms, atoms[-1])
+        target = torch.zeros(pairs, dtype=torch.long, device=device)
+        loss = ops.outer_product_loss(row, col, weight, bias, target, backend=backend, **layout)
+        cosine = ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], torch.randn(*atoms, 3, device=device),
+                                               backend=backend, **layout)
+        assert loss.item() == 0.0 and cosine.item() == 0.0, atoms
+        (loss + cosine).backward()
+
+
+def test_reference_cosine_takes_predictions_past_float32s_squared_range(generator):
+    """|prediction| |delta| > 1.8e19 overflowed the reference's rsqrt(|p|^2 |d|^2) to a cosine of 0."""
+    problem = Problem(generator, [5, 3], 4, 4, 3, torch.float32, logit_scale=1e18)
+    row, col, positions, _, layout = problem.inputs(False)
+    args = (problem.weight, problem.bias, positions)
+    got = reference.outer_product_cosine_loss(row.float(), col.float(), *(x.float() for x in args), **layout)
+    expected = reference.outer_product_cosine_loss(row, col, *args, **layout)
+    assert_close(got, expected, torch.float32, "loss")
+
+
 def test_single_atom_molecules_only_give_zero(generator):
     problem = Problem(generator, [1, 1], 4, 4, 3, torch.float32)
     for packed in (False, True):

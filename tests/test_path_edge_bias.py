@@ -221,7 +221,8 @@ def test_several_bond_blocks_and_entry_chunks(graphs, generator):
     check(graphs, generator, "padded", torch.float32, heads, hops, hops, True)
 
 
-def test_single_atoms_and_salts_only(generator):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_single_atoms_and_salts_only(generator, backend):
     """No bond anywhere (E = 0 is allowed): the bias is 0 and the hop weights get no gradient."""
     batch = collate(featurize_many(["[Na+].[Cl-]", "C", "[K+].[Br-].[Mg+2]"], progress=False)[0], layout="packed")
     distances, routes = ops.shortest_path_routes(batch.bond_ids, max_hops=3, cu_seqlens=batch.cu_seqlens)
@@ -229,8 +230,24 @@ def test_single_atoms_and_salts_only(generator):
     for emb_rows in (0, 2):
         emb, w = random_problem(generator, 0, 4, 3, torch.float32, spare=emb_rows)
         grad, _ = poisoned_gradient(generator, (4, routes.shape[0]), distances, True)
-        got = run("triton", routes, distances, emb, w, grad, batch.cu_seqlens)
+        got = run(backend, routes, distances, emb, w, grad, batch.cu_seqlens)
         assert (got["bias"] == 0).all() and (got["dw"] == 0).all() and (got["demb"] == 0).all()
+
+
+def test_distances_past_int32_divide_by_the_hops(graphs, generator):
+    """A path longer than the K routed hops is averaged over K, however long: int64 distances past 2^31 once
+    wrapped when narrowed for the kernel (2^31 read as no path)."""
+    routes, distances, cu_seqlens, features = molecule_routes(graphs, "packed", 3)
+    emb, w = random_problem(generator, features.shape[0], 4, 3, torch.float32)
+    grad = torch.randn(4, routes.shape[0], generator=generator, dtype=torch.float64)
+    longest = distances >= 3
+    assert longest.sum() >= 2
+    huge = distances.long().masked_fill(longest, 2 ** 31).index_fill(0, longest.nonzero()[0], 2 ** 32 + 1)
+    for backend in ("reference", "triton"):
+        expected = run(backend, routes, distances, emb, w, grad, cu_seqlens)
+        got = run(backend, routes, huge, emb, w, grad, cu_seqlens)
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), f"{backend} {name}"
 
 
 def test_int64_ids_and_strided_tables(graphs, generator):

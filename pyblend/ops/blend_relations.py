@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_index, seqlens
-from ._checks import as_tensor, check_dtype, check_shape, describe
+from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
 
@@ -82,6 +82,11 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         raise ValueError(f"has_geometry: molecule {first} has no conformer, and probs {tuple(weights.tolist())} "
                          f"give its 2D outcomes probability 0 in mode {mode!r}")
     cumulative = (per_molecule / per_molecule.sum(1, keepdim=True)).cumsum(1)            # (B, 3)
+    # A draw at or past bound k picks an outcome after k. Where every later outcome has probability 0, the
+    # bound is +inf: renormalised in float32 it can come out as 1 - 2^-24, which torch.rand returns, and a
+    # molecule without a conformer would get the 3D channel.
+    later = per_molecule.flip(1).cumsum(1).flip(1)[:, 1:]                                # (B, 2)
+    bounds = torch.where(later > 0, cumulative[:, :-1], float("inf"))
 
     if mode == "molecule":
         draw = torch.rand(batch, 1, 1, generator=generator, device=device)
@@ -91,14 +96,13 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         draw = torch.rand(batch, atoms, atoms, generator=generator, device=device)
     if symmetric and mode != "molecule":
         draw = torch.triu(draw) + torch.triu(draw, diagonal=1).transpose(1, 2)
-    # The outcome whose cumulative interval holds the draw; the last bound is left out, so a sum that rounds to
-    # 1 - ulp cannot push an index past the end.
+    # The outcome whose cumulative interval holds the draw.
     if cu_seqlens is not None:
         molecule, i, j = pair_index(cu_seqlens)
         # Indexing the expanded view reads the real pairs' draws without materialising a padded tensor.
-        index = (draw.expand(batch, atoms, atoms)[molecule, i, j, None] >= cumulative[molecule, :-1]).sum(-1)
+        index = (draw.expand(batch, atoms, atoms)[molecule, i, j, None] >= bounds[molecule]).sum(-1)
         return outcomes[index]
-    index = (draw[..., None] >= cumulative[:, None, None, :-1]).sum(-1)
+    index = (draw[..., None] >= bounds[:, None, None]).sum(-1)
     return _on_real_pairs(outcomes[index].expand(batch, atoms, atoms), mask)
 
 
@@ -206,11 +210,27 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
         if spd_table.dim() != 2:
             raise ValueError(f"spd_table: expected (R, H); got {describe(spd_table)}")
         rows = spd_table.shape[0]
+        check_dtype(spd_index, "spd_index", INTEGER_DTYPES)
+        if not torch.compiler.is_compiling():  # reading the ids would break the graph
+            _check_spd_ids(spd_index, choice, rows)
         index_dtype = torch.int16 if rows + 1 <= torch.iinfo(torch.int16).max else torch.int32
         rel_index = torch.where((choice & SPD) != 0, spd_index.to(index_dtype),
                                 torch.full((), rows, dtype=index_dtype, device=choice.device))
         rel_table = torch.cat([spd_table, spd_table.new_zeros(1, spd_table.shape[1])])
     return {"bias": bias, "rel_index": rel_index, "rel_table": rel_table}
+
+
+def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:
+    """Ids must be rows of the table where the SPD channel is chosen (elsewhere they are never read): checked
+    before they are narrowed to int16/int32, where a wrapped id would pass as another row."""
+    if spd_index.numel() == 0:
+        return
+    read = torch.where((choice & SPD) != 0, spd_index, torch.zeros((), dtype=spd_index.dtype,
+                                                                   device=spd_index.device))
+    low, high = torch.stack([read.min(), read.max()]).tolist()  # one device-to-host copy
+    if low < 0 or high >= rows:
+        raise ValueError(f"spd_index: expected ids in [0, {rows}) (rows of spd_table) where the SPD channel is "
+                         f"chosen; got ids from {low} to {high}")
 
 
 def _probabilities(probs) -> Tensor:

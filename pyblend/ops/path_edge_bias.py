@@ -71,8 +71,10 @@ def path_edge_bias(routes, distances, edge_embedding: Tensor, hop_weights: Tenso
     })
     if chosen == "reference":
         return _reference(routes, distances, edge_embedding, hop_weights).contiguous()
+    # Distances past the K hops divide by K, so clamping first changes nothing and keeps int64 ones from wrapping.
+    hops = routes.shape[-1]
     return torch.ops.pyblend.path_edge_bias(routes.to(torch.int32).contiguous(),
-                                            distances.to(torch.int32).contiguous(),
+                                            distances.clamp(-1, hops).to(torch.int32).contiguous(),
                                             edge_embedding.contiguous(), hop_weights.contiguous())
 
 

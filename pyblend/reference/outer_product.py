@@ -118,9 +118,11 @@ def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor) -> Te
     pp = (logits * logits).sum(-1)
     dd = (delta * delta).sum(-1)
     nonzero = (pp > 0) & (dd > 0)
-    # where() inside the square root too: the gradient of the unused branch must not be NaN at a zero vector.
-    inverse = torch.where(nonzero, torch.rsqrt(torch.where(nonzero, pp * dd, torch.ones_like(pp))),
-                          torch.zeros_like(pp))
+    # where() inside the square roots too: the gradient of the unused branch must not be NaN at a zero vector.
+    # Two roots, not rsqrt(pp * dd): the product overflows float32 once |p| |d| > 1.8e19.
+    one = torch.ones_like(pp)
+    norms = torch.where(nonzero, pp, one).sqrt() * torch.where(nonzero, dd, one).sqrt()
+    inverse = torch.where(nonzero, 1 / norms, torch.zeros_like(pp))
     cosine = (logits * delta).sum(-1) * inverse
     per_pair = torch.where(pairs, 1 - cosine, torch.zeros_like(cosine))
     return per_pair.sum() / pairs.sum().clamp(min=1).to(per_pair.dtype)

@@ -40,12 +40,15 @@ def path_edge_bias(routes: Tensor, distances: Tensor, edge_embedding: Tensor, ho
     compute = torch.float64 if edge_embedding.dtype == torch.float64 else torch.float32
     has_path = distances > 0
     valid = (routes >= 0) & has_path[..., None]                                      # (..., K)
-    gathered = edge_embedding.to(compute)[routes.clamp(min=0).long()]                # (..., K, H)
-    gathered = torch.where(valid[..., None], gathered, gathered.new_zeros(()))      # never 0 * NaN
+    # Hops past a path's end read an appended zero row (never the embedding: 0 * NaN; and with no bond, E = 0,
+    # there is no row 0).
+    bonds, heads = edge_embedding.shape
+    table = torch.cat([edge_embedding.to(compute), edge_embedding.new_zeros(1, heads, dtype=compute)])
+    gathered = table[torch.where(valid, routes.long(), bonds)]                       # (..., K, H)
     summed = torch.einsum("...kg,kgh->...h", gathered, hop_weights[:hops].to(compute))
     divisor = distances.clamp(1, hops).to(compute)
-    scale = torch.where(has_path, 1.0 / divisor, torch.zeros_like(divisor))
-    bias = (summed * scale[..., None]).to(edge_embedding.dtype)
+    # where(), not a zero scale: the upstream gradient at a pair without a path is never read (it may be NaN).
+    bias = torch.where(has_path[..., None], summed / divisor[..., None], 0.0).to(edge_embedding.dtype)
     if routes.dim() == 4:
         return bias.permute(0, 3, 1, 2)   # (B, N, N, H) -> (B, H, N, N)
     return bias.t()                        # (P, H) -> (H, P)
