@@ -13,11 +13,11 @@ faster configuration still has to pass the sm_90 spill checks of the tests befor
 On the CPU (Triton's interpreter) it runs the same sweep on a small workload, which checks the tool, not speed.
 
 Ops, on a packed batch of 1024 molecules of 8-48 atoms (MoleBlend's base sizes): relation_attention (H = 32,
-D = 24, a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" and "table" run, "bias",
-the reduction of a broadcast bias's gradient, does not), gaussian_basis_bias (K = K_hidden = 128, H = 32, two
-type ids per pair; "forward", "pairs", "weights") and outer_product (the SPD head's cross-entropy: d = 32, C = 11;
-"forward", "rows", "cols"); and multi_infonce at MolBind's scale (one pair, B = 16384, d = 512; "forward", "rows",
-"columns").
+D = 24, a dense (H, P) bias and a 128-relation table; its kernels "forward", "gradients" (dK/dV), "dq" and "table"
+run, "bias", the reduction of a broadcast bias's gradient, does not), gaussian_basis_bias (K = K_hidden = 128,
+H = 32, two type ids per pair; "forward", "pairs", "weights") and outer_product (the SPD head's cross-entropy:
+d = 32, C = 11; "forward", "rows", "cols"); and multi_infonce at MolBind's scale (one pair, B = 16384, d = 512;
+"forward", "rows", "columns").
 """
 from __future__ import annotations
 
@@ -180,7 +180,8 @@ def _square_pair_grid(current: dict) -> list[dict]:
 
 OPS = {
     "relation_attention": OpSpec("pyblend.kernels.relation_attention", "_launch_config",
-                                 ("forward", "bias", "gradients", "table"), _relation_attention_step, _attention_grid),
+                                 ("forward", "bias", "gradients", "dq", "table"), _relation_attention_step,
+                                 _attention_grid),
     "gaussian_basis_bias": OpSpec("pyblend.kernels.gaussian_basis_bias", "_launch_config",
                                   ("forward", "pairs", "weights"), _gaussian_basis_bias_step, _pair_tile_grid),
     "outer_product": OpSpec("pyblend.kernels.outer_product", "launch_config", ("forward", "rows", "cols"),

@@ -112,7 +112,7 @@ def _dropout_keep(seed, offsets, dropout_p):
 def _relation_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, logits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
@@ -169,14 +169,23 @@ def _relation_attention_fwd_kernel(
     out = tl.where(live[:, None], out, 0.0)
     tl.store(out_ptr + _atom_offsets(b, h, start + rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
              out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM))
-    # +inf for dead rows: the backward's exp(s - lse) is then 0 there.
-    m_final = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(live, m_final + tl.log(tl.where(live, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, lse, mask=rows_in)
+    # The log-sum-exp in two planes, the row maximum and log l: summed in one float32, log l is lost against a
+    # maximum of 1e9 (every logit of the row carrying a -1e9 bias) and the backward's probabilities all become 1.
+    # +inf for dead rows: the backward's exp(s - max) is then 0 there.
+    row = lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h
+    tl.store(row, tl.where(live, m_i, float("inf")), mask=rows_in)
+    tl.store(row + s_l_plane, tl.where(live, tl.log(tl.where(live, l_i, 1.0)), 0.0), mask=rows_in)
 
 
 @triton.jit
-def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen,
+def _load_lse(lse_ptr, b, h, atoms, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane):
+    """The forward's row maximum and log normaliser of rows ``atoms`` (+inf and 0 off real rows)."""
+    row = lse_ptr + b * s_l_b + atoms * s_l_n + h * s_l_h
+    return (tl.load(row, mask=rows_real, other=float("inf")), tl.load(row + s_l_plane, mask=rows_real, other=0.0))
+
+
+@triton.jit
+def _score_gradient(q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen,
                     scale, bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                     index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
                     dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -188,7 +197,7 @@ def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b
                 bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
                 HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
-    p = tl.where(keys_real[None, :], tl.exp(s - lse[:, None]), 0.0)
+    p = tl.where(keys_real[None, :], tl.exp((s - row_max[:, None]) - log_l[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs, PACKED)
     if DROPOUT:
@@ -207,7 +216,7 @@ def _score_gradient(q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b
 def _relation_attention_bwd_kv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr, dlogits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
@@ -236,11 +245,11 @@ def _relation_attention_bwd_kv_kernel(
         rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
         q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
         do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-        lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+        row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
         delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
         inside = rows_in[:, None] & cols_in[None, :]
         p_dropped, ds = _score_gradient(
-            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
+            q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -261,7 +270,7 @@ def _relation_attention_bwd_kv_kernel(
 def _relation_attention_bwd_q_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dlogits_ptr, out_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
@@ -270,7 +279,7 @@ def _relation_attention_bwd_q_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dQ for one query tile, summing over key tiles in order. Runs first: it also writes
-    ``delta = rowsum(dO * O)`` (float32, the layout of lse) for the kernels after it."""
+    ``delta = rowsum(dO * O)`` (float32, laid out as one plane of lse) for the kernels after it."""
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -283,7 +292,7 @@ def _relation_attention_bwd_q_kernel(
     q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
     do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
     out = _load_atoms(out_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+    row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, delta, mask=rows_in)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -294,7 +303,7 @@ def _relation_attention_bwd_q_kernel(
         k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
         v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         _, ds = _score_gradient(
-            q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
+            q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -308,7 +317,7 @@ def _relation_attention_bwd_q_kernel(
 def _tile_score_gradient(
     b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
@@ -324,10 +333,10 @@ def _tile_score_gradient(
     do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
     k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
     v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
-    lse = tl.load(lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=float("inf"))
+    row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
     delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
     _, ds = _score_gradient(
-        q, k, v, do, lse, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
+        q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
         bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
         index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
         dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
@@ -339,7 +348,7 @@ def _tile_score_gradient(
 def _relation_attention_bwd_bias_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dbias_ptr, dlogits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed, num_batch,
@@ -376,7 +385,7 @@ def _relation_attention_bwd_bias_kernel(
                 b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
-                s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                s_l_b, s_l_n, s_l_h, s_l_plane, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
                 s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
                 HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
@@ -392,7 +401,7 @@ def _relation_attention_bwd_bias_kernel(
 def _relation_attention_bwd_table_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, partial_ptr, dlogits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
-    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h,
+    s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n,
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed, num_batch, molecules_per_group,
@@ -422,7 +431,7 @@ def _relation_attention_bwd_table_kernel(
                 b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
-                s_l_b, s_l_n, s_l_h, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                s_l_b, s_l_n, s_l_h, s_l_plane, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
                 s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
                 HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
@@ -464,8 +473,12 @@ def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dty
     if dtype == torch.float32:
         if kernel == "forward":
             block = 16 if short else 32
-            return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 32 else 4)
-        if kernel == "gradients":
+            # The log-sum-exp's second row vector tipped two cases into spilling: D <= 16 (8 bytes; two stages
+            # instead of three) and D > 64 (16 bytes; 16 keys a step).
+            stages = {"num_stages": 2} if block == 32 and block_d == 16 else {}
+            keys = 16 if block_d > 64 else block
+            return dict(BLOCK_M=block, BLOCK_N=keys, BLOCK_D=block_d, num_warps=8 if block == 32 else 4, **stages)
+        if kernel in ("gradients", "dq"):
             # One stage at D > 64: the pipelined loads' registers tipped dK/dV into spilling.
             stages = {"num_stages": 1} if block_d > 64 else {}
             return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, **stages)
@@ -480,9 +493,13 @@ def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dty
     if kernel == "table":
         block = 16 if short or block_d > 64 else 32
         warps = 8 if block == 32 or block_d > 64 else 4
-    else:  # gradients: dQ and dK/dV
+    else:  # gradients (dK/dV) and dq
         block = 16 if short else 32
         warps = 8 if block_d > 32 or (block_d == 16 and block == 32) else 4
+        if kernel == "dq" and head_dim < block_d == 32:
+            # D = 17-31 (MoleBlend's 24): the masked head columns and the log-sum-exp's two row vectors spilled
+            # 4 bytes at 32 keys a step.
+            return dict(BLOCK_M=block, BLOCK_N=16, BLOCK_D=block_d, num_warps=warps)
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=warps)
 
 
@@ -519,8 +536,9 @@ class _Problem:
         # out, grad_out, dq, dk, dv: contiguous with q's shape.
         row = self.num_heads * self.head_dim
         self.contiguous_strides = (0 if self.packed else q.shape[1] * row, row, self.head_dim)
-        lse_like = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        lse_like = q.new_empty(q.shape[:-1], dtype=torch.float32)  # one plane of lse (and delta)
         self.lse_strides = (0, lse_like.stride(0), lse_like.stride(1)) if self.packed else lse_like.stride()
+        self.lse_strides += (lse_like.numel(),)
         self.bias = bias if bias is not None else dummy
         if bias is None:
             self.bias_strides = (0, 0, 0, 0)
@@ -565,12 +583,13 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
                                dropout_p, seed, return_logits):
     """Launch the forward. q, k, v: ``(B, N, H, D)`` or ``(T, H, D)`` with unit stride in D.
 
-    Returns ``(out, lse, logits)``: out like q (contiguous); lse float32 ``q.shape[:-1]`` (+inf on rows with no
-    live key); logits ``(B, H, N, N)`` / ``(H, P)`` in q's dtype when ``return_logits``, else an empty tensor.
+    Returns ``(out, lse, logits)``: out like q (contiguous); lse float32 ``(2, *q.shape[:-1])``, each row's
+    log-sum-exp as its maximum (+inf on rows with no live key) and the log of its normaliser; logits
+    ``(B, H, N, N)`` / ``(H, P)`` in q's dtype when ``return_logits``, else an empty tensor.
     """
     problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
     if return_logits:
         shape = (q.shape[-2], problem.total_pairs) if problem.packed else \
             (problem.batch, q.shape[-2], problem.padded_len, problem.padded_len)
@@ -610,9 +629,10 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
         return dq, dk, dv, None if dbias is None else dbias.zero_(), (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
                                    if table_grad else None)
     config, tiles = problem.config("gradients")
+    q_config, q_tiles = problem.config("dq")
     common = (*problem.shared_arguments(),)
-    _relation_attention_bwd_q_kernel[(tiles, batch, heads)](
-        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **config)
+    _relation_attention_bwd_q_kernel[(q_tiles, batch, heads)](
+        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **q_config)
     _relation_attention_bwd_kv_kernel[(tiles, batch, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
         WRITE_DBIAS=bias_grad and direct, **flags, **config)

@@ -321,6 +321,21 @@ def test_padded_rows_and_dead_rows_give_zeros(generator):
     compare(got, expected, dtype, mask=mask)
 
 
+def test_rows_whose_every_logit_is_huge(generator):
+    """A row masked by a finite -1e9 bias on every key (the masked_fill(-1e9) idiom): its output is the mean of v,
+    and the backward must recompute probabilities 1/N, as torch's float32 softmax does. Stored as one float32,
+    the log-sum-exp -1e9 + log N rounded to -1e9 and made every probability 1 (gradients N times too large)."""
+    q, k, v, _ = random_padded(generator, [6, 6], heads=2, head_dim=8, dtype=torch.float32)
+    bias = torch.randn(2, 2, 6, 6, generator=generator)
+    bias[0, 1, 2, :] = -1e9
+    bias[1, 0, :, :] = bias[1, 0, :, :] - 1e7  # a whole head offset: log N is below a float32 ulp of 1e7 too
+    got = run("triton", q, k, v, bias)
+    expected = run("reference", q, k, v, bias)  # float32: the logits themselves lose q.k at this size
+    torch.testing.assert_close(got["out"][0, 2, 1], v[0, :, 1].mean(0))
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_single_atom_molecule(generator):
     q, k, v, mask = random_padded(generator, [1], heads=3, head_dim=16, dtype=torch.float32)
     got = run("triton", q, k, v, mask=mask)

@@ -180,7 +180,7 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], rel_index: Optional[Tensor],
                 rel_table: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int,
                 scale: float, dropout_p: float, seed: int, return_logits: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton forward: (out, lse float32 ``q.shape[:-1]``, logits or an empty tensor)."""
+    """The Triton forward: (out, lse float32 ``(2, *q.shape[:-1])``, logits or an empty tensor)."""
     from ..kernels import relation_attention as kernel
 
     return kernel.relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen,
@@ -200,7 +200,7 @@ def _(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, 
     else:
         logits_shape = (q.shape[1], torch.library.get_ctx().new_dynamic_size())
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(logits_shape))
+            q.new_empty((2, *q.shape[:-1]), dtype=torch.float32), q.new_empty(logits_shape))
 
 
 @torch.library.custom_op("pyblend::relation_attention_backward", mutates_args=())
