@@ -106,11 +106,13 @@ def test_long_and_large_graphs(graph, backend):
 def test_padding_is_never_read(backend):
     graphs = [nx.path_graph(4), nx.cycle_graph(6), nx.path_graph(2)]
     bond_ids, mask = as_batch(graphs, width=9)
-    poisoned = bond_ids.clone()
-    poisoned[~(mask[:, :, None] & mask[:, None, :])] = 7  # bonds to and between padded atoms
     clean = run((bond_ids, mask), backend, max_hops=3)
-    dirty = run((poisoned, mask), backend, max_hops=3)
-    assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1])
+    padded = ~(mask[:, :, None] & mask[:, None, :])
+    # Bonds to and between padded atoms, and values no real pair may hold (not even validated there).
+    for value in (7, -100, 2 ** 40):
+        poisoned = bond_ids.long().masked_fill(padded, value)
+        dirty = run((poisoned, mask), backend, max_hops=3)
+        assert torch.equal(clean[0], dirty[0]) and torch.equal(clean[1], dirty[1]), value
     assert (clean[0][~mask[:, :, None].expand(-1, -1, 9)] == -1).all(), "padded rows must be -1, diagonal too"
 
 
@@ -229,6 +231,7 @@ def test_numpy_in_numpy_out():
     (lambda: ops.shortest_path(torch.zeros(4, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool),
                                cu_seqlens=torch.tensor([0, 2], dtype=torch.int32)), ValueError, ["mask", "packed"]),
     (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -2)), ValueError, ["bond_ids", "-1"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), 2 ** 31)), ValueError, ["bond_ids", "int32", "2147483648"]),
     (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.bool)), TypeError, ["bond_ids"]),
     (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.uint8)), TypeError, ["bond_ids", "uint8"]),
     (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=0), ValueError, ["max_hops"]),

@@ -86,10 +86,16 @@ def _run(op: str, graph, graph_name: str, mask, cu_seqlens, max_hops: int, backe
                              f"{graph_name} holds {graph.shape[0]}")
     check_mask(mask, graph.shape[:2], cu_seqlens)
     if routes_wanted:
-        if graph.numel() and int(graph.min()) < -1:
-            raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {int(graph.min())}")
-        if graph.numel() and int(graph.max()) > torch.iinfo(torch.int32).max:
-            raise ValueError(f"{graph_name}: bond ids must fit in int32; got {int(graph.max())}")
+        read = graph
+        if mask is not None:  # ids at padded pairs are never read: any value may stand there
+            read = torch.where(mask[:, :, None] & mask[:, None, :], graph, torch.full((), -1, dtype=graph.dtype,
+                                                                                     device=graph.device))
+        if read.numel():
+            low, high = torch.stack([read.min(), read.max()]).tolist()  # one device-to-host copy
+            if low < -1:
+                raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {low}")
+            if high > torch.iinfo(torch.int32).max:
+                raise ValueError(f"{graph_name}: bond ids must fit in int32; got {high}")
         graph = graph.to(torch.int32)
 
     chosen = choose_backend(op, backend, graph.device, {
