@@ -158,7 +158,9 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
     Args:
         choice: uint8 ``(B, N, N)`` or ``(P,)`` from :func:`sample_blend`.
         spd_index, spd_table: the SPD channel as a table, integer ids ``choice.shape`` and a float ``(R, H)``
-            table (the attention kernel gathers it). Or ``spd_bias``, the SPD channel as a dense bias.
+            table (the attention kernel gathers it). Ids must lie in ``[0, R)`` where the SPD bit is set
+            (checked with one device-to-host copy, outside torch.compile). Or ``spd_bias``, the SPD channel as a
+            dense bias.
         spd_bias, edge_bias, geometry_bias: dense biases ``(B|1, H, N, N)`` (padded) or ``(H, P)`` (packed),
             each optional; a channel given neither way contributes nothing.
 
