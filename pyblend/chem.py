@@ -486,6 +486,10 @@ def featurize_many(items: Iterable, *, errors: str = "raise", workers: int | Non
     options = {"conformer": False, "hydrogens": False, "seed": 0, **featurize_kwargs}
     _check_options("featurize_many", options["conformer"], options["hydrogens"], options["seed"])
 
+    if isinstance(items, (str, bytes, Chem.Mol)):
+        # list("CCO") would featurize C, C and O.
+        raise TypeError(f"featurize_many: items must be an iterable of SMILES / Mols, got a single "
+                        f"{type(items).__name__}; wrap it in a list, or call featurize")
     items = list(items)
     for index, item in enumerate(items):
         if item is not None and not isinstance(item, (str, Chem.Mol)):
@@ -691,6 +695,8 @@ def read_sdf(path) -> list:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"read_sdf: no such file: {path}")
+    if os.path.getsize(path) == 0:  # RDKit's SDMolSupplier refuses an empty file; it holds no record
+        return []
     with open(path, "rb") as probe:
         compressed = probe.read(2) == b"\x1f\x8b"
     if compressed:

@@ -21,10 +21,11 @@ def _featurize(argv) -> int:
     from . import chem
 
     labels = None
-    if args.input.endswith((".csv", ".csv.gz")):
+    suffix = args.input.lower()
+    if suffix.endswith((".csv", ".csv.gz")):
         table = chem.read_csv(args.input)
         items, labels = table.smiles, table.labels
-    elif args.input.endswith((".sdf", ".sdf.gz")):
+    elif suffix.endswith((".sdf", ".sdf.gz")):
         items = chem.read_sdf(args.input)
     else:
         with open(args.input) as lines:
@@ -35,7 +36,7 @@ def _featurize(argv) -> int:
     for failure in failures:
         print(f"skipped input {failure.index} ({failure.text}): {failure.reason}", file=sys.stderr)
     print(f"{len(graphs)} molecules written to {args.output}; {len(failures)} failed", file=sys.stderr)
-    return 0
+    return 1 if failures and not graphs else 0  # every input failed: most likely the wrong file or format
 
 
 def main(argv=None) -> int:

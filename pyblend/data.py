@@ -114,12 +114,13 @@ class MolBatch:
         """Dense bond features of every atom pair: ``(B, N, N, F_b)`` / ``(P, F_b)`` int64, each feature + 1,
         0 where the pair has no bond (Graphormer's edge-type convention)."""
         ids = self.bond_ids.long()
+        # Pairs without a bond read an appended zero row (which also exists when no molecule has a bond).
+        table = torch.nn.functional.pad(self.bond_features, (0, 0, 0, 1), value=-1)
+        ids = torch.where(ids >= 0, ids, table.shape[-2] - 1)
         if self.layout == "padded":
             molecule = torch.arange(len(self), device=ids.device)[:, None, None].expand_as(ids)
-            gathered = self.bond_features[molecule, ids.clamp(min=0)]
-        else:
-            gathered = self.bond_features[ids.clamp(min=0)]
-        return torch.where((ids >= 0)[..., None], gathered + 1, 0)
+            return table[molecule, ids] + 1
+        return table[ids] + 1
 
 
 def _starts(counts: Tensor) -> Tensor:

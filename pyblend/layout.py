@@ -99,6 +99,7 @@ def prepend_token(cu_seqlens: Tensor, atoms: int | None = None, pairs: int | Non
 
 def cu_seqlens_from_mask(mask: Tensor) -> tuple[Tensor, int]:
     """``mask (B, N)`` bool -> ``(cu_seqlens (B+1,) int32, max_seqlen)`` counting the real atoms per row."""
+    _check_bool_mask(mask)
     counts = mask.sum(1)
     cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
     cu[1:] = torch.cumsum(counts, 0)
@@ -112,16 +113,30 @@ def mask_from_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
 
 def pack_atoms(x: Tensor, mask: Tensor) -> Tensor:
     """``x (B, N, ...)`` with ``mask (B, N)`` -> ``(T, ...)`` holding the real atoms in order."""
+    _check_bool_mask(mask)
     return x[mask]
 
 
 def pack_pairs(x: Tensor, mask: Tensor) -> Tensor:
     """``x (B, N, N, ...)`` with ``mask (B, N)`` -> ``(P, ...)``: each molecule's real block, row-major."""
+    _check_bool_mask(mask)
     return x[mask[:, :, None] & mask[:, None, :]]
+
+
+def _check_bool_mask(mask: Tensor) -> None:
+    # An integer mask would index (x[mask] gathers rows 0 and 1) or count its values instead of its real atoms.
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask: expected a bool tensor (B, N); got {mask.dtype} {tuple(mask.shape)}")
 
 
 def _molecule_index(cu_seqlens: Tensor, counts: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), counts)
+
+
+def _check_rows(x: Tensor, molecule: Tensor, what: str) -> None:
+    if x.shape[0] != molecule.shape[0]:
+        raise ValueError(f"x: cu_seqlens describes {molecule.shape[0]} {what}, but x has {x.shape[0]} rows "
+                         f"(shape {tuple(x.shape)})")
 
 
 def _padded_width(lengths: Tensor, max_seqlen: int | None) -> int:
@@ -139,6 +154,7 @@ def pad_atoms(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, valu
     width = _padded_width(lengths, max_seqlen)
     out = x.new_full((lengths.numel(), width, *x.shape[1:]), value)
     molecule = _molecule_index(cu_seqlens, lengths)
+    _check_rows(x, molecule, "atoms")
     position = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[molecule]
     out[molecule, position] = x
     return out
@@ -150,6 +166,7 @@ def pad_pairs(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, valu
     width = _padded_width(lengths, max_seqlen)
     out = x.new_full((lengths.numel(), width, width, *x.shape[1:]), value)
     molecule = _molecule_index(cu_seqlens, lengths**2)
+    _check_rows(x, molecule, "pairs")
     local = torch.arange(x.shape[0], device=x.device) - pair_offsets(cu_seqlens)[molecule]
     n = lengths[molecule]
     out[molecule, local // n, local % n] = x

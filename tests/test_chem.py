@@ -459,6 +459,13 @@ def test_read_sdf_missing_file(tmp_path):
         read_sdf(tmp_path / "nothing.sdf")
 
 
+def test_read_sdf_empty_file_has_no_records(tmp_path):
+    (tmp_path / "empty.sdf").write_bytes(b"")
+    with gzip.open(tmp_path / "empty.sdf.gz", "wb"):
+        pass
+    assert read_sdf(tmp_path / "empty.sdf") == [] and read_sdf(tmp_path / "empty.sdf.gz") == []
+
+
 def test_protein_ligand_benchmark_ligands():
     root = os.path.join(SHARED_DATA, "protein-ligand-benchmark")
     if not os.path.isdir(root):
@@ -516,6 +523,10 @@ def test_featurize_many_rejects_bad_arguments(kwargs, error, name):
 def test_featurize_many_rejects_non_molecule_items():
     with pytest.raises(TypeError, match=r"items\[1\]"):
         featurize_many(["CCO", 3.5], progress=False)
+    # A bare string is not a list of molecules (list("CCO") would be C, C and O).
+    for single in ("CCO", chem.Chem.MolFromSmiles("CCO")):
+        with pytest.raises(TypeError, match="got a single"):
+            featurize_many(single, progress=False)
 
 
 def test_featurize_many_attaches_labels():

@@ -100,6 +100,15 @@ def test_labels(graphs):
         collate(labelled)
 
 
+@pytest.mark.parametrize("batch_layout", ["padded", "packed"])
+def test_pair_bond_features_without_any_bond(batch_layout):
+    """Ions and single atoms only: no bond anywhere in the batch (the gather once indexed an empty table)."""
+    batch = collate([featurize("[Na+].[Cl-]"), featurize("C")], layout=batch_layout)
+    dense = batch.pair_bond_features()
+    pairs = (2, 2, 2, 3) if batch_layout == "padded" else (5, 3)
+    assert dense.shape == pairs and (dense == 0).all()
+
+
 def test_empty_batch_and_bad_input(graphs):
     empty = collate([])
     assert len(empty) == 0 and empty.atom_features.shape == (0, 0, 9)
@@ -132,6 +141,16 @@ def test_layout_helpers_round_trip(generator):
     assert torch.equal(derived, cu_seqlens) and longest == 5
     with pytest.raises(ValueError, match="max_seqlen"):
         layout.pad_atoms(atoms, cu_seqlens, max_seqlen=4)
+    # Rows that do not match cu_seqlens, and integer masks (x[mask] would gather rows 0 and 1), are refused.
+    with pytest.raises(ValueError, match=r"cu_seqlens describes 9 atoms, but x has 8 rows"):
+        layout.pad_atoms(atoms[:-1], cu_seqlens)
+    with pytest.raises(ValueError, match=r"cu_seqlens describes 35 pairs, but x has 36 rows"):
+        layout.pad_pairs(torch.cat([pairs, pairs[:1]]), cu_seqlens)
+    for helper in (layout.pack_atoms, layout.pack_pairs):
+        with pytest.raises(TypeError, match="mask: expected a bool tensor"):
+            helper(padded_pairs, mask.long())
+    with pytest.raises(TypeError, match="mask: expected a bool tensor"):
+        layout.cu_seqlens_from_mask(mask.to(torch.uint8))
     for bad, words in [(torch.tensor([0, 2, 1], dtype=torch.int32), "non-decreasing"),
                        (torch.tensor([[0, 1]], dtype=torch.int32), "(B+1,)"),
                        (torch.tensor([0, 2], dtype=torch.int64), "int32")]:

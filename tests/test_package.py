@@ -121,3 +121,16 @@ def test_cli_featurize(tmp_path):
 
     graphs = torch.load(tmp_path / "out.pt", weights_only=False)
     assert [g.smiles for g in graphs] == ["CCO", "c1ccccc1"]
+
+
+def test_cli_featurize_reads_suffixes_in_any_case_and_fails_when_nothing_is_written(tmp_path):
+    table = tmp_path / "molecules.CSV"
+    table.write_text("smiles,label\nCCO,1\nc1ccccc1,0\n")
+    result = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(table), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "2 molecules written" in result.stderr, result.stderr
+    junk = tmp_path / "junk.smi"
+    junk.write_text("not_a_smiles\nC1CC\n")
+    failed = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(junk), str(tmp_path / "none.pt")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and "0 molecules written" in failed.stderr, failed.stderr
