@@ -36,6 +36,7 @@ from itertools import chain, repeat
 import numpy as np
 from rdkit import Chem, RDConfig, rdBase
 from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
+from rdkit.Geometry import Point3D
 from tqdm import tqdm
 
 from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES
@@ -229,7 +230,8 @@ def featurize(mol_or_smiles, *, conformer: bool = False, hydrogens: bool = False
             an ``rdkit.Chem.Mol``, which is copied and never modified. All fragments are kept (salts stay whole).
         conformer: generate 3D coordinates with ETKDGv3 (``randomSeed=seed``), embedded with explicit hydrogens,
             then optimised with MMFF94 (RDKit's default 200 iterations) when MMFF has parameters for every atom
-            (``conformer_source`` tells which).
+            (``conformer_source`` tells which). The fragments of a salt or mixture, which ETKDG embeds on top of
+            each other, are first set side by side (``FRAGMENT_GAP`` apart) for MMFF to relax together.
             A Mol that already carries a 3D conformer (some z != 0) keeps its coordinates whatever this is.
         hydrogens: False: the atoms RDKit keeps after ``RemoveHs`` (heavy atoms, plus the hydrogens it must keep
             such as isotopic ``[2H]``); other hydrogens only count in the ``total_hydrogens`` feature.
@@ -405,6 +407,9 @@ def _generate_conformer(mol, hydrogens: bool, seed: int):
     if embedded_id < 0:
         raise _InvalidMolecule(f"3D embedding failed (RDKit ETKDGv3, seed {seed}, "
                                f"{embedded.GetNumAtoms()} atoms with hydrogens)")
+    fragments = Chem.GetMolFrags(embedded)
+    if len(fragments) > 1:
+        _set_fragments_apart(embedded.GetConformer(embedded_id), fragments)
     source = "etkdg"
     with _rdkit_step("optimise the conformer with MMFF94"):
         if rdForceFieldHelpers.MMFFHasAllMoleculeParams(embedded):
@@ -412,6 +417,26 @@ def _generate_conformer(mol, hydrogens: bool, seed: int):
             source = "etkdg+mmff"
     positions = embedded.GetConformer(embedded_id).GetPositions()[: mol.GetNumAtoms()]
     return positions.astype(np.float32), source
+
+
+# Angstroms between the spheres around neighbouring fragments of a salt or mixture, before MMFF relaxes them.
+FRAGMENT_GAP = 3.0
+
+
+def _set_fragments_apart(conformer, fragments) -> None:
+    """ETKDG embeds each fragment of a multi-fragment molecule about the origin, all on top of each other (two
+    ions at distance 0, two benzenes superimposed). Each keeps its own geometry and is moved to lie side by side
+    along x, ``FRAGMENT_GAP`` between the spheres that hold them; MMFF, where it has parameters, then relaxes the
+    whole, its forces between the fragments included."""
+    positions = conformer.GetPositions()
+    edge = 0.0
+    for atoms in map(list, fragments):
+        centre = positions[atoms].mean(0)
+        radius = float(np.linalg.norm(positions[atoms] - centre, axis=1).max())
+        positions[atoms] += np.array([edge + radius, 0.0, 0.0]) - centre
+        edge += 2 * radius + FRAGMENT_GAP
+    for index, (x, y, z) in enumerate(positions.tolist()):
+        conformer.SetAtomPosition(index, Point3D(x, y, z))
 
 
 def _atom_features(mol) -> np.ndarray:

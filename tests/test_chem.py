@@ -353,6 +353,22 @@ def test_conformer_is_deterministic_per_seed_and_keeps_heavy_coordinates():
     assert np.array_equal(with_h.positions[:first.num_atoms], first.positions)
 
 
+@pytest.mark.parametrize("smiles", ["[Na+].[Cl-]", "CC(=O)[O-].[Na+]", "c1ccccc1.c1ccccc1", "C.C"])
+def test_fragments_of_a_salt_or_mixture_do_not_overlap(smiles):
+    """ETKDG embeds every fragment about the origin: the ions sat at distance 0 and the benzenes were
+    superimposed. Each fragment keeps its geometry; atoms of different fragments stand at least 1.5 A apart."""
+    graph = featurize(smiles, conformer=True, hydrogens=True)
+    mol = chem.Chem.MolFromSmiles(smiles)
+    fragment = np.zeros(graph.num_atoms, dtype=int)
+    for index, atoms in enumerate(chem.Chem.GetMolFrags(chem.Chem.AddHs(mol))):
+        fragment[list(atoms)] = index
+    distances = np.linalg.norm(graph.positions[:, None] - graph.positions[None], axis=-1)
+    between = distances[fragment[:, None] != fragment[None, :]]
+    assert between.min() > 1.5, between.min()
+    lengths = bond_lengths(graph)
+    assert ((lengths > 0.9) & (lengths < 2.0)).all(), lengths
+
+
 def test_embedding_failure_is_reported():
     assert featurize("C1C2CC12", conformer=True).positions is not None   # the skeleton itself embeds
     with pytest.raises(ValueError) as error:
