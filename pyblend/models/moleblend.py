@@ -242,7 +242,7 @@ class NoisyNodeHead(nn.Module):
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
         attention = torch.softmax(logits, dim=-1).nan_to_num(0.0)                      # (B, H, N, N)
         delta = positions[:, None, :] - positions[:, :, None]                          # pos_j - pos_i
-        delta = delta / (delta.norm(dim=-1, keepdim=True) + 1e-5)                      # (B, N, N, 3)
+        delta = (delta / (delta.norm(dim=-1, keepdim=True) + 1e-5)).to(v.dtype)        # (B, N, N, 3)
         rotated = torch.einsum("bhij,bijc,bhjd->bichd", attention, delta, v)           # (B, N, 3, H, dh)
         rotated = rotated.reshape(batch, atoms, 3, dim)
         return self._project(rotated)
@@ -310,12 +310,14 @@ class MoleBlend(nn.Module):
         dim, heads = config.dim, config.heads
         self.atom_encoder = nn.Embedding(sum(ATOM_FEATURE_DIMS), dim)
         self.register_buffer("atom_offsets", _offsets(ATOM_FEATURE_DIMS), persistent=False)
+        self.register_buffer("atom_dims", torch.tensor(ATOM_FEATURE_DIMS), persistent=False)
         self.degree_encoder = nn.Embedding(config.max_degree + 1, dim)
         self.graph_token = nn.Embedding(1, dim)
         # SPD ids 0..max_distance, then unreachable, then the virtual token's distance.
         self.spatial_pos_encoder = nn.Embedding(config.max_distance + 3, heads)
         self.edge_encoder = nn.Embedding(sum(BOND_FEATURE_DIMS), heads)
         self.register_buffer("bond_offsets", _offsets(BOND_FEATURE_DIMS), persistent=False)
+        self.register_buffer("bond_dims", torch.tensor(BOND_FEATURE_DIMS), persistent=False)
         self.edge_dis_encoder = nn.Embedding(config.max_hops * heads * heads, 1)
         self.gaussian = GaussianBasisBias(heads, num_kernels=config.num_kernels,
                                           num_pair_types=ATOM_FEATURE_DIMS[0], std_eps=config.std_eps)
@@ -395,7 +397,7 @@ class MoleBlend(nn.Module):
             return self._packed_layer_inputs(relations, generator)
         config = self.config
         mask = relations.mask
-        x = self.atom_encoder(relations.atom_features + self.atom_offsets).sum(dim=-2)
+        x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
         degree = (relations.spd == 1).sum(-1).clamp(max=config.max_degree)
         x = x + self.degree_encoder(degree)
 
@@ -431,7 +433,7 @@ class MoleBlend(nn.Module):
         config, index = self.config, relations.index
         cu_seqlens, width = relations.cu_seqlens, relations.max_seqlen
         atoms = relations.atom_features.shape[0]
-        x = self.atom_encoder(relations.atom_features + self.atom_offsets).sum(dim=-2)                  # (T, dim)
+        x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
         x = x + self.degree_encoder(degree.clamp(max=config.max_degree))
@@ -470,7 +472,7 @@ class MoleBlend(nn.Module):
 
     def _bond_embeddings(self, relations: Relations) -> Tensor:
         """``(E, H)``: each bond's mean over its features of their embeddings."""
-        return self.edge_encoder(relations.bond_features + self.bond_offsets).mean(dim=-2)
+        return self.edge_encoder(_rows(relations.bond_features, self.bond_offsets, self.bond_dims)).mean(dim=-2)
 
     def build_relations(self, batch: MolBatch, positions: Tensor | None = None) -> Relations:
         """The atoms-only :class:`Relations` of a batch, in its layout, with shortest paths and global bond ids.
@@ -486,6 +488,11 @@ class MoleBlend(nn.Module):
         bond_features = batch.bond_features.reshape(-1, batch.bond_features.shape[-1])
         batch_positions = batch.positions
         spd, routes = shortest_path_routes(bond_ids, mask, max_hops=self.config.max_hops)
+        if positions is not None and (not isinstance(positions, Tensor) or positions.shape != (*mask.shape, 3)):
+            got = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else \
+                type(positions).__name__
+            raise ValueError(f"positions: expected padded (B, N, 3) = ({mask.shape[0]}, {mask.shape[1]}, 3) for this "
+                             f"padded batch; got {got}")
         positions = batch_positions if positions is None else positions
         has_geometry = torch.zeros(len(batch), dtype=torch.bool, device=mask.device)
         if positions is not None:
@@ -561,8 +568,9 @@ class MoleBlend(nn.Module):
         parts = {"spd": self._pair_loss(self.spd_head, atoms, target=spd_target, **layout)}
 
         hops = relations.routes
-        bond_type = relations.bond_features[:, 0]
-        edge_target = torch.where(hops >= 0, bond_type[hops.clamp(min=0).long()], -100)
+        # Hops past a path's end read an appended ignored row (which also exists when no molecule has a bond).
+        bond_type = F.pad(relations.bond_features[:, 0], (0, 1), value=-100)
+        edge_target = bond_type[torch.where(hops >= 0, hops.long(), bond_type.shape[0] - 1)]
         parts["edge"] = self._pair_loss(self.edge_head, atoms, target=edge_target, groups=config.max_hops, **layout)
 
         zero = atoms.new_zeros((), dtype=torch.float32)
@@ -621,9 +629,20 @@ class MoleBlendPredictor(nn.Module):
         out = self(batch)
         labels = batch.labels.to(out.device)
         known = ~torch.isnan(labels)
+        # The mean over known labels; 0 (not the NaN of an empty mean) when a batch has none.
+        labels = torch.where(known, labels, 0.0)
         if self.task == "classification":
-            return F.binary_cross_entropy_with_logits(out[known], labels[known])
-        return F.mse_loss(out[known], labels[known])
+            each = F.binary_cross_entropy_with_logits(out, labels, reduction="none")
+        else:
+            each = F.mse_loss(out, labels, reduction="none")
+        return torch.where(known, each, 0.0).sum() / known.sum().clamp(min=1)
+
+
+def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:
+    """Embedding rows of integer features ``(..., F)``: a value outside its vocabulary ``[0, dims[f])`` takes the
+    vocabulary's last, "other", row, as featurization maps it (not the first row of the next feature)."""
+    inside = (features >= 0) & (features < dims)
+    return torch.where(inside, features, dims - 1) + offsets
 
 
 def _offsets(dims) -> Tensor:
