@@ -38,6 +38,12 @@ def test_defaults_are_the_papers_base_model():
     assert config.loss_weights == {"geometry": 0.5, "spd": 0.1, "edge": 0.1, "denoise": 6.0}
     with pytest.raises(ValueError, match="divisible"):
         MoleBlendConfig(dim=30, heads=4)
+    # Sizes are checked when the config is made (heads = 0 was a ZeroDivisionError, max_distance = -1 an
+    # embedding error at the first forward).
+    for name, value, expected in [("heads", 0, "a positive int"), ("layers", 2.0, "a positive int"),
+                                  ("max_distance", -1, "an int >= 0"), ("max_degree", -1, "an int >= 0")]:
+        with pytest.raises(ValueError, match=f"{name}: expected {expected}; got {value!r}"):
+            MoleBlendConfig(**{name: value})
 
 
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):

@@ -82,6 +82,15 @@ class MoleBlendConfig:
                                                         "denoise": 6.0})
 
     def __post_init__(self):
+        positive = ("layers", "dim", "heads", "ffn_dim", "num_kernels", "max_hops", "head_width", "spd_classes")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int; got {value!r}")
+        for name in ("max_distance", "max_degree"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0; got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         unknown = set(self.loss_weights) - {"geometry", "spd", "edge", "denoise"}
