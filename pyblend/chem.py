@@ -385,8 +385,10 @@ def _prepare_input_mol(mol):
         raise _InvalidMolecule(f"RDKit could not sanitise the Mol: {error}") from None
     conformer_id = None
     for conformer in mol.GetConformers():
-        # A 2D depiction (every z == 0) is not a geometry; a planar 3D molecule off the z=0 plane still counts.
-        if np.any(conformer.GetPositions()[:, 2] != 0.0):
+        # A 2D depiction (every z == 0) is not a geometry, nor are NaN or inf coordinates; a planar 3D molecule
+        # off the z=0 plane still counts.
+        positions = conformer.GetPositions()
+        if np.isfinite(positions).all() and np.any(positions[:, 2] != 0.0):
             conformer_id = conformer.GetId()
             break
     if conformer_id is None:
@@ -647,7 +649,8 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file has no header, a named column does not exist (the message lists the columns), a row
-            has the wrong number of cells, or a label cell is not a number.
+            has the wrong number of cells, or a label cell is not a number (the message gives its line in the
+            file, blank lines counted).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -655,15 +658,19 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
     with open(path, "rb") as probe:
         compressed = probe.read(2) == b"\x1f\x8b"
     raw = gzip.open(path, "rb") if compressed else open(path, "rb")
+    rows, lines = [], []  # the non-blank records, and the file line each ends on (errors name it)
     with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
-        rows = [row for row in csv.reader(text) if row]
+        reader = csv.reader(text)
+        for row in reader:
+            if row:
+                rows.append(row)
+                lines.append(reader.line_num)
     if not rows:
         raise ValueError(f"read_csv: {path} is empty (expected a header row)")
-    header, body = [name.strip() for name in rows[0]], rows[1:]
-    for line_number, row in enumerate(body, start=2):
+    header, body, lines = [name.strip() for name in rows[0]], rows[1:], lines[1:]
+    for line, row in zip(lines, body):
         if len(row) != len(header):
-            raise ValueError(f"read_csv: {path} row {line_number} has {len(row)} cells, the header has "
-                             f"{len(header)}")
+            raise ValueError(f"read_csv: {path} line {line} has {len(row)} cells, the header has {len(header)}")
 
     if smiles_column is None:
         smiles_index = next((i for i, name in enumerate(header) if name.lower() in _SMILES_HEADERS), 0)
@@ -682,7 +689,7 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
             try:
                 labels[row_number, column] = float(cell) if cell else np.nan
             except ValueError:
-                raise ValueError(f"read_csv: {path} row {row_number + 2}, column {header[index]!r}: "
+                raise ValueError(f"read_csv: {path} line {lines[row_number]}, column {header[index]!r}: "
                                  f"{cell!r} is not a number") from None
     return MoleculeTable(smiles=[row[smiles_index].strip() for row in body], labels=labels,
                          label_names=[header[i] for i in label_indices])

@@ -440,6 +440,15 @@ def test_3d_input_without_hydrogens_gets_placed_hydrogens(tmp_path):
     assert np.isfinite(graph.positions).all() and ((lengths > 0.9) & (lengths < 2.0)).all()
 
 
+def test_non_finite_coordinates_are_not_a_geometry():
+    mol = chem.Chem.AddHs(chem.Chem.MolFromSmiles("CCO"))
+    rdDistGeom.EmbedMolecule(mol, randomSeed=0)
+    mol.GetConformer().SetAtomPosition(0, chem.Point3D(float("nan"), 0.0, 1.0))
+    assert featurize(mol).positions is None  # its only conformer is dropped, as a 2D one is
+    generated = featurize(mol, conformer=True)
+    assert generated.conformer_source == "etkdg+mmff" and np.isfinite(generated.positions).all()
+
+
 def test_2d_sdf_is_not_treated_as_3d():
     if not os.path.isfile(NCI_SDF):
         pytest.skip(f"RDKit's NCI SDF is not installed at {NCI_SDF}")
@@ -677,12 +686,17 @@ def test_read_csv_errors(tmp_path):
         read_csv(path, smiles_column="smile")
     with pytest.raises(ValueError, match="label_columns.*'y3'"):
         read_csv(path, label_columns=["y1", "y3"])
-    with pytest.raises(ValueError, match="row 2, column 'note': 'liquid' is not a number"):
+    with pytest.raises(ValueError, match="line 2, column 'note': 'liquid' is not a number"):
         read_csv(path, label_columns=["note"])
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("smiles,y\nCCO,1\nCC,0,7\n")
-    with pytest.raises(ValueError, match="row 3"):
+    with pytest.raises(ValueError, match="line 3 has 3 cells"):
         read_csv(ragged)
+    # The line in the file, blank lines and a quoted line break counted (it was the index among non-blank rows).
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text('smiles,y\n\nCCO,1\n"C\nC",2\nCC,x\n')
+    with pytest.raises(ValueError, match="line 6, column 'y': 'x' is not a number"):
+        read_csv(gaps, label_columns=["y"])
     with pytest.raises(FileNotFoundError):
         read_csv(tmp_path / "missing.csv")
 
