@@ -14,6 +14,18 @@ INTEGER_DTYPES = (*SIGNED_INTEGER_DTYPES, torch.uint8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def id_range(ids: Tensor, read: Tensor | None = None, fill: int = 0) -> tuple[int, int] | None:
+    """``(lowest, highest)`` of the integer ``ids`` where ``read`` (a bool tensor broadcasting to them) is True,
+    ``fill`` standing in elsewhere (entries never read may hold anything); None for no ids. One device-to-host
+    copy."""
+    if ids.numel() == 0:
+        return None
+    if read is not None:
+        ids = torch.where(read, ids, torch.full((), fill, dtype=ids.dtype, device=ids.device))
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    return low, high
+
+
 def describe(x: Tensor) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_index, seqlens
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe
+from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, id_range
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
 
@@ -225,14 +225,10 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
 def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:
     """Ids must be rows of the table where the SPD channel is chosen (elsewhere they are never read): checked
     before they are narrowed to int16/int32, where a wrapped id would pass as another row."""
-    if spd_index.numel() == 0:
-        return
-    read = torch.where((choice & SPD) != 0, spd_index, torch.zeros((), dtype=spd_index.dtype,
-                                                                   device=spd_index.device))
-    low, high = torch.stack([read.min(), read.max()]).tolist()  # one device-to-host copy
-    if low < 0 or high >= rows:
+    bounds = id_range(spd_index, (choice & SPD) != 0)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= rows):
         raise ValueError(f"spd_index: expected ids in [0, {rows}) (rows of spd_table) where the SPD channel is "
-                         f"chosen; got ids from {low} to {high}")
+                         f"chosen; got ids from {bounds[0]} to {bounds[1]}")
 
 
 def _probabilities(probs) -> Tensor:

@@ -21,6 +21,7 @@ from ._checks import (
     check_mask,
     check_same_device,
     describe,
+    id_range,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -163,14 +164,11 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
         raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
     if torch.compiler.is_compiling():  # reading values would break the graph; the kernel masks bad ids
         return
-    if rel_index.numel():
-        ids = rel_index
-        if mask is not None:  # padded pairs may hold any id: they are never read (0 is always valid)
-            ids = torch.where(mask[:, :, None] & mask[:, None, :], ids, 0)
-        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device-to-host copy
-        if low < 0 or high >= rel_table.shape[0]:
-            raise ValueError(f"rel_index: expected ids in [0, {rel_table.shape[0]}) (rows of rel_table); "
-                             f"got ids from {low} to {high}")
+    # Padded pairs may hold any id: they are never read (0 is always valid).
+    bounds = id_range(rel_index, None if mask is None else mask[:, :, None] & mask[:, None, :])
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= rel_table.shape[0]):
+        raise ValueError(f"rel_index: expected ids in [0, {rel_table.shape[0]}) (rows of rel_table); "
+                         f"got ids from {bounds[0]} to {bounds[1]}")
 
 
 # --------------------------------------------------------------------------------------- torch.library ops

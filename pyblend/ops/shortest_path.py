@@ -17,7 +17,7 @@ from .. import reference
 from .._extension import load_extension
 from ..layout import check_cu_seqlens, pair_offsets
 from ._checks import (SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_pair_matrix, check_same_device,
-                      check_shape)
+                      check_shape, id_range)
 from ._dispatch import choose_backend, cpp_reasons, triton_reasons
 
 __all__ = ["shortest_path", "shortest_path_routes"]
@@ -86,16 +86,12 @@ def _run(op: str, graph, graph_name: str, mask, cu_seqlens, max_hops: int, backe
                              f"{graph_name} holds {graph.shape[0]}")
     check_mask(mask, graph.shape[:2], cu_seqlens)
     if routes_wanted:
-        read = graph
-        if mask is not None:  # ids at padded pairs are never read: any value may stand there
-            read = torch.where(mask[:, :, None] & mask[:, None, :], graph, torch.full((), -1, dtype=graph.dtype,
-                                                                                     device=graph.device))
-        if read.numel():
-            low, high = torch.stack([read.min(), read.max()]).tolist()  # one device-to-host copy
-            if low < -1:
-                raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {low}")
-            if high > torch.iinfo(torch.int32).max:
-                raise ValueError(f"{graph_name}: bond ids must fit in int32; got {high}")
+        # Ids at padded pairs are never read: any value may stand there.
+        bounds = id_range(graph, None if mask is None else mask[:, :, None] & mask[:, None, :], fill=-1)
+        if bounds is not None and bounds[0] < -1:
+            raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {bounds[0]}")
+        if bounds is not None and bounds[1] > torch.iinfo(torch.int32).max:
+            raise ValueError(f"{graph_name}: bond ids must fit in int32; got {bounds[1]}")
         graph = graph.to(torch.int32)
 
     chosen = choose_backend(op, backend, graph.device, {
