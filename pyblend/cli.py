@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -15,6 +16,10 @@ def _featurize(argv) -> int:
     parser.add_argument("--hydrogens", action="store_true", help="keep explicit hydrogen atoms")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one)")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers: expected a positive int, got {args.workers}")
+    if not os.path.isfile(args.input):
+        parser.error(f"input: no such file: {args.input}")
 
     import torch
 

@@ -150,6 +150,8 @@ def test_predictor_loss_is_the_mean_over_known_labels_and_zero_without_any(task)
         torch.nn.functional.mse_loss
     torch.testing.assert_close(model.loss(batch), reference(out[known], batch.labels[known]))
     none = collate(featurize_many(SMILES[:2], labels=[[float("nan")] * 2] * 2, progress=False)[0])
+    with pytest.raises(ValueError, match=r"labels of shape \(3, 2\) do not match this head's outputs \(3, 1\)"):
+        MoleBlendPredictor(_model(layers=1), outputs=1, task=task).loss(batch)
     loss = model.loss(none)  # the empty mean was NaN
     loss.backward()
     assert loss.item() == 0.0 and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

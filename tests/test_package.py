@@ -134,3 +134,8 @@ def test_cli_featurize_reads_suffixes_in_any_case_and_fails_when_nothing_is_writ
     failed = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(junk), str(tmp_path / "none.pt")],
                             capture_output=True, text=True)
     assert failed.returncode == 1 and "0 molecules written" in failed.stderr, failed.stderr
+    for arguments, words in (([str(junk), "x.pt", "--workers", "0"], "--workers: expected a positive int, got 0"),
+                             ([str(tmp_path / "missing.smi"), "x.pt"], "input: no such file")):
+        usage = subprocess.run([sys.executable, "-m", "pyblend", "featurize", *arguments], capture_output=True,
+                               text=True)
+        assert usage.returncode == 2 and words in usage.stderr and "Traceback" not in usage.stderr, usage.stderr

@@ -487,7 +487,9 @@ class MoleBlend(nn.Module):
         """The atoms-only :class:`Relations` of a batch, in its layout, with shortest paths and global bond ids.
 
         ``positions`` overrides the batch's: padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
-        ``(B, N, 3)`` (N = ``batch.max_seqlen``), packed here."""
+        ``(B, N, 3)`` (N = ``batch.max_seqlen``), packed here. Molecules the batch marks as without a conformer
+        (``has_positions`` False) stay 2D whatever the override holds for them (pretraining overrides with noised
+        positions, which must not give them a 3D channel)."""
         if batch.layout == "packed":
             return self._packed_relations(batch, positions)
         mask, atom_features = batch.mask, batch.atom_features
@@ -637,6 +639,9 @@ class MoleBlendPredictor(nn.Module):
             raise ValueError("batch: expected labels (MolBatch.labels); featurize with labels to fine-tune")
         out = self(batch)
         labels = batch.labels.to(out.device)
+        if labels.shape != out.shape:
+            raise ValueError(f"batch: labels of shape {tuple(labels.shape)} do not match this head's outputs "
+                             f"{tuple(out.shape)} (outputs = {out.shape[-1]})")
         known = ~torch.isnan(labels)
         # The mean over known labels; 0 (not the NaN of an empty mean) when a batch has none.
         labels = torch.where(known, labels, 0.0)
