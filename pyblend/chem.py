@@ -661,10 +661,13 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
     rows, lines = [], []  # the non-blank records, and the file line each ends on (errors name it)
     with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
         reader = csv.reader(text)
-        for row in reader:
-            if row:
-                rows.append(row)
-                lines.append(reader.line_num)
+        try:
+            for row in reader:
+                if row:
+                    rows.append(row)
+                    lines.append(reader.line_num)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"read_csv: {path} is not UTF-8 text (after line {reader.line_num}): {error}") from None
     if not rows:
         raise ValueError(f"read_csv: {path} is empty (expected a header row)")
     header, body, lines = [name.strip() for name in rows[0]], rows[1:], lines[1:]

@@ -699,6 +699,10 @@ def test_read_csv_errors(tmp_path):
         read_csv(gaps, label_columns=["y"])
     with pytest.raises(FileNotFoundError):
         read_csv(tmp_path / "missing.csv")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("smiles,name\nCCO,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text"):
+        read_csv(latin)
 
 
 @pytest.mark.parametrize("file, smiles_column, label_names", [

@@ -224,6 +224,16 @@ def _transformer_m_state(config, generator):
             for name, shape in shapes.items()}
 
 
+def test_transformer_m_converter_names_limits_the_checkpoint_cannot_meet():
+    from pyblend.models import convert_transformer_m_state_dict
+
+    state = _transformer_m_state(_config(layers=1), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="max_degree = 511 needs degree rows up to 512"):
+        convert_transformer_m_state_dict(state, _config(layers=1, max_degree=511))  # was a bare IndexError
+    with pytest.raises(ValueError, match="max_distance = 510: a Transformer-M SPD table holds distances up to 509"):
+        convert_transformer_m_state_dict(state, _config(layers=1, max_distance=510))
+
+
 def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     """Loaded through the converter, the first layer sees Transformer-M's atom embeddings and attention bias
     (SPD + virtual distance + multi-hop edge encoding), computed here from their tables the way their code does."""

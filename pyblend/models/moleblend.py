@@ -707,11 +707,18 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
         return table[torch.tensor(rows)]
 
     out["atom_encoder.weight"] = shifted_rows(take("atom_feature.atom_encoder.weight"), ATOM_FEATURE_DIMS)
+    in_degree = take("atom_feature.in_degree_encoder.weight")
+    out_degree = take("atom_feature.out_degree_encoder.weight")
+    if config.max_degree + 2 > min(len(in_degree), len(out_degree)):
+        raise ValueError(f"config: max_degree = {config.max_degree} needs degree rows up to {config.max_degree + 1}; "
+                         f"the checkpoint's degree encoders have {min(len(in_degree), len(out_degree))} rows")
     degrees = torch.arange(config.max_degree + 1) + 1
-    out["degree_encoder.weight"] = (take("atom_feature.in_degree_encoder.weight")[degrees]
-                                    + take("atom_feature.out_degree_encoder.weight")[degrees])
+    out["degree_encoder.weight"] = in_degree[degrees] + out_degree[degrees]
     out["graph_token.weight"] = take("atom_feature.graph_token.weight")
     spatial = take("molecule_attn_bias.spatial_pos_encoder.weight")
+    if config.max_distance + 2 > 511 or len(spatial) < 512:
+        raise ValueError(f"config: max_distance = {config.max_distance}: a Transformer-M SPD table holds distances "
+                         f"up to 509 and the unreachable row 511; the checkpoint's has {len(spatial)} rows")
     virtual = take("molecule_attn_bias.graph_token_virtual_distance.weight")
     out["spatial_pos_encoder.weight"] = torch.cat([spatial[1:config.max_distance + 2], spatial[511:512], virtual])
     out["edge_encoder.weight"] = shifted_rows(take("molecule_attn_bias.edge_encoder.weight"), BOND_FEATURE_DIMS)
