@@ -648,9 +648,9 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file has no header, a named column does not exist (the message lists the columns), a row
-            has the wrong number of cells, or a label cell is not a number (the message gives its line in the
-            file, blank lines counted).
+        ValueError: the file has no header, a named column does not exist (the message lists the columns) or is
+            not the only one of that name, a row has the wrong number of cells, or a label cell is not a number
+            (the message gives its line in the file, blank lines counted; ``1_000`` is not a number here).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -690,7 +690,7 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
         for row_number, row in enumerate(body):
             cell = row[index].strip()
             try:
-                labels[row_number, column] = float(cell) if cell else np.nan
+                labels[row_number, column] = _number(cell) if cell else np.nan
             except ValueError:
                 raise ValueError(f"read_csv: {path} line {lines[row_number]}, column {header[index]!r}: "
                                  f"{cell!r} is not a number") from None
@@ -703,7 +703,17 @@ def _column_index(path: str, header: list[str], name, argument: str) -> int:
         raise TypeError(f"read_csv: {argument} must name columns by header (str), got {type(name).__name__}")
     if name not in header:
         raise ValueError(f"read_csv: {argument}: no column {name!r} in {path}; available columns: {header}")
+    if header.count(name) > 1:
+        raise ValueError(f"read_csv: {argument}: {path} has {header.count(name)} columns named {name!r}; "
+                         "rename them so the one meant is unambiguous")
     return header.index(name)
+
+
+def _number(cell: str) -> float:
+    # Python's float() also reads "1_000" (a literal's digit grouping), which no CSV writer means as a number.
+    if "_" in cell:
+        raise ValueError(cell)
+    return float(cell)
 
 
 def _is_numeric_column(body: list[list[str]], index: int) -> bool:
@@ -713,7 +723,7 @@ def _is_numeric_column(body: list[list[str]], index: int) -> bool:
         if not cell:
             continue
         try:
-            float(cell)
+            _number(cell)
         except ValueError:
             return False
         seen_number = True

@@ -705,6 +705,20 @@ def test_read_csv_errors(tmp_path):
         read_csv(latin)
 
 
+def test_read_csv_refuses_ambiguous_columns_and_grouped_digits(tmp_path):
+    twice = tmp_path / "twice.csv"
+    twice.write_text("smiles,y,y\nCCO,1,2\n")
+    with pytest.raises(ValueError, match="label_columns: .* has 2 columns named 'y'"):
+        read_csv(twice, label_columns="y")
+    # float() reads "1_000" as 1000; a CSV cell like that is text, so the column is not a label by default and
+    # naming it is an error.
+    grouped = tmp_path / "grouped.csv"
+    grouped.write_text("smiles,count,y\nCCO,1_000,1\nCC,2,0\n")
+    assert read_csv(grouped).label_names == ["y"]
+    with pytest.raises(ValueError, match="line 2, column 'count': '1_000' is not a number"):
+        read_csv(grouped, label_columns=["count"])
+
+
 @pytest.mark.parametrize("file, smiles_column, label_names", [
     ("bbbp.csv", "smiles", ["p_np"]),
     ("bace.csv", "mol", ["Class"]),
