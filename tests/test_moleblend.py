@@ -44,6 +44,14 @@ def test_defaults_are_the_papers_base_model():
                                   ("max_distance", -1, "an int >= 0"), ("max_degree", -1, "an int >= 0")]:
         with pytest.raises(ValueError, match=f"{name}: expected {expected}; got {value!r}"):
             MoleBlendConfig(**{name: value})
+    # Naming some loss weights keeps the others' defaults (the unnamed parts were weighted 0).
+    assert MoleBlendConfig(loss_weights={"spd": 1.0}).loss_weights == {"geometry": 0.5, "spd": 1.0, "edge": 0.1,
+                                                                       "denoise": 6.0}
+    for weights, expected in [({"spd": float("nan")}, r"loss_weights\['spd'\]: expected a finite number"),
+                              ({"edge": "0.1"}, r"loss_weights\['edge'\]: expected a finite number"),
+                              ({"angle": 1.0}, r"unknown parts \['angle'\]")]:
+        with pytest.raises(ValueError, match=expected):
+            MoleBlendConfig(loss_weights=weights)
 
 
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,9 @@ from ..ops import (
 )
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
+
+
+LOSS_WEIGHTS = {"geometry": 0.5, "spd": 0.1, "edge": 0.1, "denoise": 6.0}
 
 
 @dataclass
@@ -78,8 +82,8 @@ class MoleBlendConfig:
     head_width: int = 32                 # d1 = d2 of the outer-product heads
     spd_classes: int = 11
     noise_scale: float = 0.2
-    loss_weights: dict = field(default_factory=lambda: {"geometry": 0.5, "spd": 0.1, "edge": 0.1,
-                                                        "denoise": 6.0})
+    # The paper's weights; a dict naming only some parts overrides those and keeps the others' defaults.
+    loss_weights: dict = field(default_factory=lambda: dict(LOSS_WEIGHTS))
 
     def __post_init__(self):
         positive = ("layers", "dim", "heads", "ffn_dim", "num_kernels", "max_hops", "head_width", "spd_classes")
@@ -93,9 +97,13 @@ class MoleBlendConfig:
                 raise ValueError(f"{name}: expected an int >= 0; got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        unknown = set(self.loss_weights) - {"geometry", "spd", "edge", "denoise"}
+        unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
         if unknown:
-            raise ValueError(f"loss_weights: unknown parts {sorted(unknown)}; expected geometry, spd, edge, denoise")
+            raise ValueError(f"loss_weights: unknown parts {sorted(unknown)}; expected {', '.join(LOSS_WEIGHTS)}")
+        for name, weight in self.loss_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise ValueError(f"loss_weights[{name!r}]: expected a finite number; got {weight!r}")
+        self.loss_weights = {**LOSS_WEIGHTS, **self.loss_weights}
 
 
 @dataclass
@@ -605,7 +613,7 @@ class MoleBlend(nn.Module):
             predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)
             cosine = F.cosine_similarity(predicted.float(), noise.float(), dim=-1, eps=1e-8)
             parts["denoise"] = (1 - cosine)[known_atoms].mean()
-        total = sum(config.loss_weights.get(name, 0.0) * value for name, value in parts.items())
+        total = sum(config.loss_weights[name] * value for name, value in parts.items())
         return total, parts
 
     @staticmethod
