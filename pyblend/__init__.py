@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import layout, ops, reference
+    from . import features, kernels, layout, metrics, models, nn, ops, reference
     from .chem import Failure, MolGraph, default_molecules, featurize, featurize_many, read_csv, read_sdf
     from .data import MolBatch, collate
 
@@ -21,7 +21,8 @@ _LAZY = {
     "featurize": "chem", "featurize_many": "chem", "MolGraph": "chem", "Failure": "chem",
     "default_molecules": "chem", "read_csv": "chem", "read_sdf": "chem",
     "collate": "data", "MolBatch": "data",
-    "chem": None, "data": None, "layout": None, "nn": None, "ops": None, "reference": None,
+    "chem": None, "data": None, "features": None, "layout": None, "metrics": None, "models": None, "nn": None,
+    "ops": None, "reference": None, "kernels": None,
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -63,6 +63,8 @@ def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):
     packed_out = model(collate(graphs, layout="packed"))
     real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
     torch.testing.assert_close(packed_out[real], out[real], rtol=1e-5, atol=1e-5)
+    # Rows past a molecule's end are 0 in both layouts (the padded ones were LayerNorm output of nothing).
+    assert not real.all() and (out[~real] == 0).all() and (packed_out[~real] == 0).all()
 
 
 def test_pretrain_loss_parts_are_finite_and_every_parameter_gets_a_gradient(graphs):
@@ -358,6 +360,8 @@ def test_packed_forward_and_predictor_equal_padded_with_ragged_molecules(graphs,
     assert packed_out.shape == out.shape == (4, 1 + padded.max_seqlen, 32)
     real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
     torch.testing.assert_close(packed_out[real], out[real], rtol=1e-5, atol=1e-5)
+    # Rows past a molecule's end are 0 in both layouts (the padded ones were LayerNorm output of nothing).
+    assert not real.all() and (out[~real] == 0).all() and (packed_out[~real] == 0).all()
     assert (packed_out[~real] == 0).all()
     torch.testing.assert_close(model.readout(packed), out[:, 0], rtol=1e-5, atol=1e-5)
     predictor = MoleBlendPredictor(model, outputs=2).eval()

@@ -53,6 +53,15 @@ def test_version_and_typing_marker():
     assert (Path(pyblend.__file__).parent / "py.typed").exists()
 
 
+def test_every_subpackage_is_an_attribute():
+    """``pyblend.models`` and friends load on first use as ``pyblend.ops`` does (they raised AttributeError)."""
+    result = python("import pyblend\n"
+                    "print(all(hasattr(pyblend, name) for name in pyblend.__all__))\n"
+                    "print(pyblend.models.MoleBlend.__name__, pyblend.metrics.__name__, pyblend.features.__name__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "MoleBlend", "pyblend.metrics", "pyblend.features"]
+
+
 BLOCK_EXTENSION = """
 import sys
 class Block:
@@ -139,3 +148,22 @@ def test_cli_featurize_reads_suffixes_in_any_case_and_fails_when_nothing_is_writ
         usage = subprocess.run([sys.executable, "-m", "pyblend", "featurize", *arguments], capture_output=True,
                                text=True)
         assert usage.returncode == 2 and words in usage.stderr and "Traceback" not in usage.stderr, usage.stderr
+
+
+def test_a_cuda_fallback_to_the_reference_warns_once_with_the_reasons():
+    """Without a backend request, CUDA inputs the kernels refuse run on the reference: a large slowdown that must
+    not pass unnoticed. CPU fallbacks are the norm there (no CUDA) and only log."""
+    import warnings
+
+    import pytest
+    import torch
+
+    from pyblend.ops._dispatch import choose_backend
+
+    candidates = {"triton": lambda: ["head width 300 > 128"], "reference": lambda: []}
+    with pytest.warns(UserWarning, match=r"probe_op: runs on the reference backend; skipped triton: head width 300"):
+        assert choose_backend("probe_op", None, torch.device("cuda"), candidates) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_backend("probe_op", None, torch.device("cuda"), candidates) == "reference"  # once
+        assert choose_backend("probe_op", None, torch.device("cpu"), candidates) == "reference"

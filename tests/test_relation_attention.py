@@ -336,6 +336,20 @@ def test_rows_whose_every_logit_is_huge(generator):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_float32_bias_of_minus_1e9_with_float16_inputs(generator, backend):
+    """With float16 q, k, v and a float32 bias, a row at -1e9 on every key is a row of equal logits (the mean of
+    v), not an empty row: the reference used to cast the bias to float16, where -1e9 is -inf, and output zeros."""
+    q, k, v, _ = random_padded(generator, [5], heads=2, head_dim=8, dtype=torch.float16)
+    bias = torch.randn(1, 2, 5, 5, generator=generator)
+    bias[0, 1, 3, :] = -1e9
+    got = run(backend, q, k, v, bias)
+    # float32 logits, as the kernel's: at -1e9 they lose q.k (a float64 reference would keep it).
+    expected = run("reference", q.float(), k.float(), v.float(), bias, upstream_dtypes=[torch.float16])
+    torch.testing.assert_close(got["out"][0, 3, 1], v[0, :, 1].mean(0), rtol=2e-3, atol=2e-3)
+    compare(got, expected, torch.float16)
+
+
 def test_single_atom_molecule(generator):
     q, k, v, mask = random_padded(generator, [1], heads=3, head_dim=16, dtype=torch.float32)
     got = run("triton", q, k, v, mask=mask)

@@ -374,7 +374,7 @@ class MoleBlend(nn.Module):
                 generator: torch.Generator | None = None) -> Tensor:
         """Atom representations ``(B, 1 + N, dim)`` (virtual token at 0, N = the batch's ``max_seqlen``) of a
         padded or packed batch. A packed batch runs packed and its final ``(T + B, dim)`` activations are padded
-        here, once (rows past a molecule's end are 0).
+        here, once. Rows past a molecule's end are 0 in both layouts, so pooling over every row cannot read them.
 
         ``positions`` overrides the batch's (padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
         ``(B, N, 3)``); ``generator`` draws the blend in training mode."""
@@ -382,7 +382,9 @@ class MoleBlend(nn.Module):
         x, _ = self._encode(relations, generator)
         if relations.packed:
             return pad_atoms(x, relations.index.token_cu_seqlens, relations.max_seqlen + 1)
-        return x
+        # Padded rows leave each layer non-zero (LayerNorm and the feed-forward of a zero attention output).
+        real = F.pad(relations.mask, (1, 0), value=True)[..., None]
+        return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def readout(self, batch: MolBatch, *, positions: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:

@@ -12,7 +12,7 @@ __all__ = ["RelationBlender"]
 class RelationBlender(nn.Module):
     """Per-pair choice of SPD, edge or 3D relation (MoleBlend eq. 8), for :func:`pyblend.ops.relation_attention`.
 
-    In training mode :meth:`forward` draws the choices (:func:`pyblend.ops.blend_relations.sample_blend`); in eval
+    In training mode :meth:`forward` draws the choices (:func:`pyblend.ops.sample_blend`); in eval
     mode every pair uses every channel it has (all three where the molecule has a conformer, SPD + edge where
     not), so inference is deterministic. :meth:`blend` combines the chosen biases.
 
@@ -52,6 +52,6 @@ class RelationBlender(nn.Module):
 
     @staticmethod
     def blend(choice: Tensor, **biases) -> dict[str, Tensor | None]:
-        """:func:`pyblend.ops.blend_relations.blend_relations`: ``bias`` / ``rel_index`` / ``rel_table``."""
+        """:func:`pyblend.ops.blend_relations`: ``bias`` / ``rel_index`` / ``rel_table``."""
         return blend_relations(choice, **biases)
 

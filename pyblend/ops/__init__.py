@@ -1,7 +1,8 @@
 """pyblend ops: validation, backend dispatch (triton | cpp | reference) and torch.library registration.
 
-Every op takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++ engine or the reference for CPU
-tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all ops.
+Every op with more than one implementation takes ``backend=None`` (automatic: Triton for CUDA tensors, the C++
+engine or the reference for CPU tensors); ``PYBLEND_BACKEND=triton|cpp|reference`` forces one for all of them.
+``blend_relations``, ``sample_blend``, ``every_channel``, ``merge_latents`` and ``slerp`` are plain torch.
 """
 from .blend_relations import blend_relations, every_channel, sample_blend
 from .fourier_cross_attention import fourier_cross_attention

@@ -3,12 +3,15 @@
 Each op lists the backends it has; each backend says why it cannot run given inputs (an empty list means it
 can). Without a request, CUDA tensors go to Triton and CPU tensors to the C++ engine (data-pipeline ops) or the
 plain-PyTorch reference. A request comes from the op's ``backend=`` argument or the ``PYBLEND_BACKEND``
-environment variable; a request that cannot be met raises with every reason, never silently falls back.
+environment variable; a request that cannot be met raises with every reason, never silently falls back. Without a
+request, CUDA inputs the kernels cannot take run on the reference with a warning that names the reasons (once
+per op and reasons, as SDPA warns when its fused kernels refuse inputs); other fallbacks log at DEBUG.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,6 +19,7 @@ import torch
 from .._extension import extension_available
 
 logger = logging.getLogger("pyblend.ops")
+_WARNED: set[tuple[str, str]] = set()
 
 BACKENDS = ("triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ["triton", "reference", "cpp"], "cpu": ["cpp", "reference", "triton"]}
@@ -72,7 +76,12 @@ def choose_backend(op: str, requested: str | None, device: torch.device,
         reasons = list(candidates[name]())
         if not reasons:
             if refused:
-                logger.debug("%s: chose %s; skipped %s", op, name, refused)
+                message = f"{op}: runs on the {name} backend; skipped " + "; ".join(
+                    f"{skipped}: {', '.join(why)}" for skipped, why in refused.items())
+                if device.type == "cuda" and (op, message) not in _WARNED:
+                    _WARNED.add((op, message))
+                    warnings.warn(message + " (pass backend= to choose one)", stacklevel=3)
+                logger.debug(message)
             return name
         refused[name] = reasons
     raise ValueError(f"{op}: no backend can run these inputs: " +

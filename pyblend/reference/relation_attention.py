@@ -39,7 +39,9 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
                        dropout_p: float = 0.0, dropout_keep: Tensor | None = None, return_logits: bool = False,
                        rel_index: Tensor | None = None, rel_table: Tensor | None = None,
                        generator: torch.Generator | None = None):
-    """Differentiable reference of :func:`pyblend.ops.relation_attention`; computes in the inputs' dtype.
+    """Differentiable reference of :func:`pyblend.ops.relation_attention`. Computes in the inputs' dtype, and in
+    float32 for 16-bit inputs (as the kernels and fairseq's softmax do: in float16 a -1e9 bias would become -inf and
+    empty its row); ``out`` and ``S`` come back in the inputs' dtype.
 
     Args:
         q, k, v: padded ``(B, N, H, D)`` or packed ``(T, H, D)``.
@@ -61,7 +63,9 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
         mask = torch.ones(batch, atoms, dtype=torch.bool, device=q.device)
     # Padded atoms are never read: whatever they hold (NaN included) cannot reach the output or a gradient.
     real_atom = mask[:, :, None, None]
-    q, k, v = (torch.where(real_atom, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in (q, k, v))
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k, v = (torch.where(real_atom, x.to(work), torch.zeros((), dtype=work, device=x.device)) for x in (q, k, v))
     logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     pair_real = (mask[:, :, None] & mask[:, None, :])[:, None]  # (B, 1, N, N)
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
@@ -80,10 +84,10 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
         if dropout_keep is None:
             dropout_keep = torch.rand(probs.shape, generator=generator, device=probs.device) >= dropout_p
         probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), zero)
-    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v).to(dtype)
     if not return_logits:
         return out
-    return out, torch.where(pair_real, logits, zero)
+    return out, torch.where(pair_real, logits, zero).to(dtype)
 
 
 def _packed(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, dropout_keep, return_logits, rel_index,
