@@ -78,7 +78,8 @@ def choose_backend(op: str, requested: str | None, device: torch.device,
             if refused:
                 message = f"{op}: runs on the {name} backend; skipped " + "; ".join(
                     f"{skipped}: {', '.join(why)}" for skipped, why in refused.items())
-                if device.type == "cuda" and (op, message) not in _WARNED:
+                # Not while compiling: a warning would break a fullgraph trace, and eager calls warn anyway.
+                if device.type == "cuda" and (op, message) not in _WARNED and not torch.compiler.is_compiling():
                     _WARNED.add((op, message))
                     warnings.warn(message + " (pass backend= to choose one)", stacklevel=3)
                 logger.debug(message)
