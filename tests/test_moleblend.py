@@ -1,4 +1,6 @@
 """The MoleBlend encoder, its pretraining objective and fine-tuning head on real molecules (CPU reference path)."""
+import math
+
 import pytest
 import torch
 
@@ -225,6 +227,8 @@ def _transformer_m_state(config, generator):
         "molecule_3d_bias.gbf_proj.layer2.bias": (heads,),
         "molecule_3d_bias.edge_proj.weight": (dim, kernels),
         "molecule_3d_bias.edge_proj.bias": (dim,),
+        "emb_layer_norm.weight": (dim,),
+        "emb_layer_norm.bias": (dim,),
     }
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         shapes[f"layers.0.self_attn.{name}.weight"] = (dim, dim)
@@ -244,9 +248,17 @@ def test_transformer_m_converter_names_limits_the_checkpoint_cannot_meet():
         convert_transformer_m_state_dict(state, _config(layers=1, max_distance=510))
 
 
+def _their_ids(x, shifts):
+    """Their data pipeline's embedding rows: ``convert_to_single_emb`` (``x + 1 + 512 f`` for feature f), then
+    ``shifts`` more ``+ 1``s (``attn_edge_type``, the collator's ``pad_*_unsqueeze``), as in their
+    wrapper.py / collator.py."""
+    return x + 1 + 512 * torch.arange(x.shape[-1]) + shifts
+
+
 def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     """Loaded through the converter, the first layer sees Transformer-M's atom embeddings and attention bias
-    (SPD + virtual distance + multi-hop edge encoding), computed here from their tables the way their code does."""
+    (SPD + virtual distance + multi-hop edge encoding), computed here from their tables the way their code does:
+    their ids are built by replaying their data pipeline's shifts, not from the converter's row formulas."""
     from pyblend.models import convert_transformer_m_state_dict
     from pyblend.reference import bias_from_relations
 
@@ -267,14 +279,18 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
         x, attention, _ = model.layer_inputs(relations)
     mask, spd = relations.mask, relations.spd.long()
 
-    # Atoms: their atom_encoder rows 1 + 512 f + v summed, plus in- and out-degree rows (degree + 1).
-    rows = relations.atom_features + 1 + 512 * torch.arange(9)
+    # Atoms: x single-embedded, then pad_2d_unsqueeze; in- and out-degree rows through pad_1d_unsqueeze; the
+    # embedding LayerNorm of the base model (encoder_normalize_before) over the graph token and the atoms.
+    rows = _their_ids(relations.atom_features, shifts=1)
     degree = (spd == 1).sum(-1) + 1
     expected_x = (theirs["atom_feature.atom_encoder.weight"][rows].sum(-2)
                   + theirs["atom_feature.in_degree_encoder.weight"][degree]
                   + theirs["atom_feature.out_degree_encoder.weight"][degree])
-    torch.testing.assert_close(x[:, 1:][mask], expected_x[mask])
-    torch.testing.assert_close(x[:, 0], theirs["atom_feature.graph_token.weight"].expand(len(batch), -1))
+    expected_x = torch.cat([theirs["atom_feature.graph_token.weight"].expand(len(batch), 1, -1), expected_x], 1)
+    expected_x = torch.nn.functional.layer_norm(expected_x, (config.dim,), theirs["emb_layer_norm.weight"],
+                                                theirs["emb_layer_norm.bias"])
+    torch.testing.assert_close(x[:, 1:][mask], expected_x[:, 1:][mask])
+    torch.testing.assert_close(x[:, 0], expected_x[:, 0])
 
     # Bias: spatial_pos rows spd + 1 (unreachable: 511), virtual distance on row 0 and column 0, and the
     # multi-hop edge term: mean over bond features of edge_encoder rows, hop k times its H x H matrix, summed over
@@ -283,8 +299,10 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     spatial = torch.where(spd < 0, 511, spd + 1)
     expected = theirs["molecule_attn_bias.spatial_pos_encoder.weight"][spatial].permute(0, 3, 1, 2)
     routes = relations.routes.long()
-    hop_features = relations.bond_features[routes.clamp(min=0)] + 1 + 512 * torch.arange(3)
-    hop_features = torch.where(routes[..., None] >= 0, hop_features, 0)             # their padding id 0
+    # attn_edge_type = single-emb + 1; gen_edge_input copies it along the path (-1 past its end); pad_3d_unsqueeze
+    # adds 1, so past the end is their padding id 0.
+    hop_features = _their_ids(relations.bond_features[routes.clamp(min=0)], shifts=2)
+    hop_features = torch.where(routes[..., None] >= 0, hop_features, 0)
     edge_table = theirs["molecule_attn_bias.edge_encoder.weight"].clone()
     edge_table[0] = 0  # padding_idx
     per_hop = edge_table[hop_features].mean(-2)                                       # (B, N, N, K, H)
@@ -299,6 +317,38 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     real = torch.nn.functional.pad(mask, (1, 0), value=True)
     pairs = real[:, :, None] & real[:, None, :]
     torch.testing.assert_close(ours.permute(0, 2, 3, 1)[pairs], expected.permute(0, 2, 3, 1)[pairs])
+
+
+def test_transformer_m_gaussian_layer_maps_onto_the_encoder(graphs):
+    """The 3D bias after conversion is their GaussianLayer + NonLinear on their pair types: collator_3d takes the
+    single-embedded atomic-number id, adds 1 (pad_spatial_pos_unsqueeze) and single-embeds the (i, j) pair again,
+    so atom i reads rows 3 + z_i and atom j rows 515 + z_j of mul and bias (they were read as one shared table)."""
+    from pyblend.models import convert_transformer_m_state_dict
+
+    config = _config(layers=1)
+    model = MoleBlend(config).eval()
+    state = _transformer_m_state(config, torch.Generator().manual_seed(1))
+    model.load_state_dict(convert_transformer_m_state_dict(state, config), strict=False)
+    theirs = {key.split("molecule_encoder.")[1]: value for key, value in state.items()}
+    relations = model.build_relations(collate(graphs[:4]))
+    with torch.no_grad():
+        _, _, ours = model.layer_inputs(relations)
+
+    atom_ids = _their_ids(relations.atom_features[..., :1], shifts=0) + 1         # x[:, 0], pad_spatial_pos
+    pair = torch.cat(torch.broadcast_tensors(atom_ids[:, :, None], atom_ids[:, None, :]), -1)
+    pair = _their_ids(pair, shifts=0)                                               # (B, N, N, 2)
+    positions = relations.positions.double()
+    distance = (positions[:, None] - positions[:, :, None]).norm(dim=-1)
+    gbf = {name: theirs[f"molecule_3d_bias.gbf.{name}.weight"].double() for name in ("mul", "bias", "means", "stds")}
+    affine = gbf["mul"][pair].sum(-2) * distance[..., None] + gbf["bias"][pair].sum(-2)
+    std = gbf["stds"].view(-1).abs() + config.std_eps
+    features = torch.exp(-0.5 * ((affine - gbf["means"].view(-1)) / std) ** 2) / (math.sqrt(2 * math.pi) * std)
+    layer = {name: theirs[f"molecule_3d_bias.gbf_proj.{name}"].double()
+             for name in ("layer1.weight", "layer1.bias", "layer2.weight", "layer2.bias")}
+    hidden = torch.nn.functional.gelu(features @ layer["layer1.weight"].T + layer["layer1.bias"])
+    expected = (hidden @ layer["layer2.weight"].T + layer["layer2.bias"]).permute(0, 3, 1, 2)
+    pairs = (relations.mask[:, :, None] & relations.mask[:, None, :])[:, None].expand_as(expected)
+    torch.testing.assert_close(ours[pairs].double(), expected[pairs], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ packed layout

@@ -71,6 +71,8 @@ class MoleBlendConfig:
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
     pre_layernorm: bool = False          # the public code is post-LN
+    embedding_layernorm: bool = True     # LayerNorm of the summed embeddings (the base model's
+                                         # encoder_normalize_before), ahead of post-LN layers too
     num_kernels: int = 128               # Gaussians of the 3D channel
     std_eps: float = 1e-2
     max_distance: int = 64               # SPD ids 0..64 (longer paths share 64)
@@ -336,12 +338,13 @@ class MoleBlend(nn.Module):
         self.register_buffer("bond_offsets", _offsets(BOND_FEATURE_DIMS), persistent=False)
         self.register_buffer("bond_dims", torch.tensor(BOND_FEATURE_DIMS), persistent=False)
         self.edge_dis_encoder = nn.Embedding(config.max_hops * heads * heads, 1)
+        # Pair types (z_i, V + z_j): as in the public code, atom i's and atom j's atomic numbers read different
+        # rows of mul and bias, so the distance's affine map can tell the pair (C, O) from (O, C).
         self.gaussian = GaussianBasisBias(heads, num_kernels=config.num_kernels,
-                                          num_pair_types=ATOM_FEATURE_DIMS[0], std_eps=config.std_eps)
+                                          num_pair_types=2 * ATOM_FEATURE_DIMS[0], std_eps=config.std_eps)
         self.atom_3d_proj = nn.Linear(config.num_kernels, dim)
         self.blender = RelationBlender(config.blend_probs, config.blend_mode)
-        # As Graphormer / Transformer-M: the embeddings are normalised in the pre-LN variant only.
-        self.emb_layer_norm = nn.LayerNorm(dim) if config.pre_layernorm else None
+        self.emb_layer_norm = nn.LayerNorm(dim) if config.embedding_layernorm else None
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         width = config.head_width
         self.spd_head = _OuterProductHead(dim, width, config.spd_classes)
@@ -424,8 +427,9 @@ class MoleBlend(nn.Module):
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
         geometry_bias = None
         if relations.positions is not None:
-            pair_types = relations.atom_features[..., 0]
-            pair_types = torch.stack(torch.broadcast_tensors(pair_types[:, :, None], pair_types[:, None, :]), -1)
+            atom_types = relations.atom_features[..., 0]
+            pair_types = torch.stack(torch.broadcast_tensors(atom_types[:, :, None],
+                                                             ATOM_FEATURE_DIMS[0] + atom_types[:, None, :]), -1)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, mask=mask)
             known = relations.has_geometry
             geometry_bias = torch.where(known[:, None, None, None], geometry_bias, 0.0)
@@ -464,7 +468,8 @@ class MoleBlend(nn.Module):
         known = relations.has_geometry
         if relations.positions is not None:
             atom_types = relations.atom_features[:, 0]
-            pair_types = torch.stack([atom_types[index.pair_row], atom_types[index.pair_col]], dim=-1)    # (P, 2)
+            pair_types = torch.stack([atom_types[index.pair_row], ATOM_FEATURE_DIMS[0] + atom_types[index.pair_col]],
+                                     dim=-1)                                                             # (P, 2)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, cu_seqlens=cu_seqlens,
                                                    max_seqlen=width)                                     # (H, P)
             geometry_bias = torch.where(known[index.pair_molecule], geometry_bias, 0.0)
@@ -690,16 +695,26 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
                                      prefix: str = "encoder.molecule_encoder.") -> dict[str, Tensor]:
     """Map a Graphormer / Transformer-M (MoleBlend's public code) encoder state_dict onto :class:`MoleBlend`.
 
-    Their embeddings index features shifted by the collator: atom feature ``f`` value ``v`` is row
-    ``1 + 512 f + v`` of ``atom_encoder`` (bond features likewise in ``edge_encoder``), degree ``d`` is row
-    ``d + 1`` of both ``in_degree_encoder`` and ``out_degree_encoder`` (summed: the graphs are undirected), SPD
-    ``d`` is row ``d + 1`` of ``spatial_pos_encoder`` and unreachable pairs (their sentinel 510) row 511; the
-    Gaussian layer's pair-type embeddings index atomic numbers shifted by 1. The rows pyblend's vocabularies
-    use are gathered from those; ``graph_token_virtual_distance`` becomes the virtual-token row of the SPD
-    table; paths longer than ``config.max_distance`` share its row (theirs go up to 509). The layers, the
-    embedding LayerNorm (pre-LN models), the atom (noisy-node) head and the Gaussian layer keep their names (``molecule_3d_bias.gbf`` / ``gbf_proj`` ->
-    ``gaussian.gbf`` / ``gaussian.gbf_proj``, ``edge_proj`` -> ``atom_3d_proj``). The outer-product heads are
-    MoleBlend's own and are not in a Transformer-M checkpoint: load the result with ``strict=False`` and check its report.
+    Their embeddings index features shifted by their data pipeline, ``convert_to_single_emb`` (``1 + 512 f``
+    for feature ``f``) then the collator's padding shifts (each ``+ 1``):
+
+    - atom feature ``f`` value ``v``: row ``2 + 512 f + v`` of ``atom_encoder`` (single-emb, then
+      ``pad_2d_unsqueeze``);
+    - bond feature ``f`` value ``v`` on a path: row ``3 + 512 f + v`` of ``edge_encoder`` (single-emb, ``+ 1``
+      in ``attn_edge_type``, then ``pad_3d_unsqueeze``);
+    - degree ``d``: row ``d + 1`` of both ``in_degree_encoder`` and ``out_degree_encoder`` (summed: the graphs are
+      undirected); SPD ``d``: row ``d + 1`` of ``spatial_pos_encoder``, unreachable pairs (their sentinel 510)
+      row 511;
+    - the Gaussian layer's pair type of atoms ``i, j`` with atomic-number ids ``z_i, z_j``: rows ``3 + z_i`` and
+      ``515 + z_j`` of ``gbf.mul`` / ``gbf.bias`` (summed), which become pyblend's ``z_i`` and ``V + z_j``.
+
+    The rows pyblend's vocabularies use are gathered from those; ``graph_token_virtual_distance`` becomes the
+    virtual-token row of the SPD table; paths longer than ``config.max_distance`` share its row (theirs go up
+    to 509). The layers, the embedding LayerNorm (``config.embedding_layernorm``: their
+    ``encoder_normalize_before``, on in the base model), the atom (noisy-node) head and the Gaussian layer keep
+    their names (``molecule_3d_bias.gbf`` / ``gbf_proj`` -> ``gaussian.gbf`` / ``gaussian.gbf_proj``,
+    ``edge_proj`` -> ``atom_3d_proj``). The outer-product heads are MoleBlend's own and are not in a
+    Transformer-M checkpoint: load the result with ``strict=False`` and check its report.
 
     ``prefix`` is where the encoder sits in their checkpoint (e.g. ``"encoder.molecule_encoder."``); keys
     without it are ignored.
@@ -712,11 +727,15 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
             raise KeyError(f"state: expected {prefix + name!r} in the checkpoint")
         return theirs.pop(name)
 
-    def shifted_rows(table: Tensor, dims) -> Tensor:
-        rows = [1 + 512 * feature + value for feature, size in enumerate(dims) for value in range(size)]
-        return table[torch.tensor(rows)]
+    def shifted_rows(name: str, dims, shift: int) -> Tensor:
+        table = take(name)
+        rows = torch.tensor([shift + 512 * feature + value for feature, size in enumerate(dims) for value in range(size)])
+        if len(table) <= int(rows[-1]):
+            raise ValueError(f"state: {prefix + name} has {len(table)} rows; the features need rows up to "
+                             f"{int(rows[-1])}")
+        return table[rows]
 
-    out["atom_encoder.weight"] = shifted_rows(take("atom_feature.atom_encoder.weight"), ATOM_FEATURE_DIMS)
+    out["atom_encoder.weight"] = shifted_rows("atom_feature.atom_encoder.weight", ATOM_FEATURE_DIMS, shift=2)
     in_degree = take("atom_feature.in_degree_encoder.weight")
     out_degree = take("atom_feature.out_degree_encoder.weight")
     if config.max_degree + 2 > min(len(in_degree), len(out_degree)):
@@ -731,15 +750,19 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
                          f"up to 509 and the unreachable row 511; the checkpoint's has {len(spatial)} rows")
     virtual = take("molecule_attn_bias.graph_token_virtual_distance.weight")
     out["spatial_pos_encoder.weight"] = torch.cat([spatial[1:config.max_distance + 2], spatial[511:512], virtual])
-    out["edge_encoder.weight"] = shifted_rows(take("molecule_attn_bias.edge_encoder.weight"), BOND_FEATURE_DIMS)
+    out["edge_encoder.weight"] = shifted_rows("molecule_attn_bias.edge_encoder.weight", BOND_FEATURE_DIMS, shift=3)
     hops = config.max_hops * config.heads * config.heads
     out["edge_dis_encoder.weight"] = take("molecule_attn_bias.edge_dis_encoder.weight")[:hops]
+    atom_types = ATOM_FEATURE_DIMS[0]
     for name in list(theirs):
         if name.startswith("molecule_3d_bias."):
             rest = name[len("molecule_3d_bias."):]
             value = take(name)
             if rest in ("gbf.mul.weight", "gbf.bias.weight"):
-                value = value[1:ATOM_FEATURE_DIMS[0] + 1]  # atomic-number rows, shifted by 1
+                if len(value) < 515 + atom_types:
+                    raise ValueError(f"state: {prefix + name} has {len(value)} rows; atom j's atomic numbers read "
+                                     f"rows 515 to {514 + atom_types}")
+                value = torch.cat([value[3:3 + atom_types], value[515:515 + atom_types]])  # atom i's, atom j's
             out["atom_3d_proj." + rest[len("edge_proj."):] if rest.startswith("edge_proj.") else
                 "gaussian." + rest] = value
         elif name.startswith(("layers.", "emb_layer_norm.", "atom_proc.")):
