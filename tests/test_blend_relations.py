@@ -268,3 +268,19 @@ def test_relation_blender_draws_in_training_and_uses_every_channel_in_eval():
     assert torch.equal(packed, pack_pairs(every, mask))
     with pytest.raises(ValueError, match="probs"):
         RelationBlender(probs=(1, 1))
+    with pytest.raises(TypeError, match="symmetric: expected a bool; got 'no'"):
+        RelationBlender(symmetric="no")
+
+
+@pytest.mark.parametrize("mode", ["pair", "batch", "molecule"])
+def test_relation_blender_draws_in_one_compiled_graph(mode):
+    """Training draws trace whole (fullgraph): probs are checked on Python floats and the no-2D-outcome check is
+    skipped while compiling (both read tensors on the host, breaking the graph at every call)."""
+    from pyblend.nn import RelationBlender
+
+    torch._dynamo.reset()
+    mask, has_geometry = _mask([5, 3]), torch.tensor([True, False])
+    drawn = torch.compile(RelationBlender(mode=mode), fullgraph=True)(mask, has_geometry=has_geometry)
+    real = mask[:, :, None] & mask[:, None, :]
+    assert ((drawn != 0) == real).all()
+    assert not (drawn[1] & GEOMETRY).any()

@@ -378,6 +378,19 @@ def test_masked_block_compiles_fullgraph_on_the_kernels(generator):
         torch.testing.assert_close(ours, theirs, msg=name)
 
 
+def test_merged_blocks_compile_fullgraph_on_the_kernels(generator):
+    """LegoMerge and LegoFuse trace whole on the Triton path: the check for a sample with no modality reads flags
+    on the host and is skipped while compiling (as the ops' own checks are)."""
+    torch.manual_seed(0)
+    blocks = [LegoBlock(6, 3, l_c=4, l_d=8, depth=1, heads=2, head_dim=4, backend="triton"),
+              LegoBlock(7, 3, l_c=4, l_d=8, depth=1, heads=2, head_dim=4, backend="triton")]
+    x = [torch.randn(2, 5, 6, generator=generator), torch.randn(2, 3, 7, generator=generator)]
+    for model in (LegoMerge(blocks).eval(), LegoFuse(blocks).eval()):
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(got, model(x), msg=type(model).__name__)
+
+
 @pytest.mark.parametrize("fft_dims", [1, 2])
 def test_skipped_sample_follows_the_spec(generator, fft_dims):
     """An absent sample (present False, or no real token) gets the spectrum of the normalised learned latent:

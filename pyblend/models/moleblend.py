@@ -223,7 +223,9 @@ class NoisyNodeHead(nn.Module):
     """Transformer-M's atom head (``AtomTaskHead``, same parameter names): per-head attention over the atoms
     with the 3D bias, each pair's weight times the unit vector along ``pos_j - pos_i`` applied to the values,
     one Linear(dim, 1) per coordinate. The public code passes the whole attention bias of the last layer; this
-    head takes the 3D channel's bias (the blended 2D channels carry no geometry).
+    head takes the 3D channel's bias (the blended 2D channels carry no geometry). The public head also applies
+    dropout 0.1 to its attention probabilities; this one has none (the packed form's factorisation below needs
+    the undropped probabilities).
 
     Padded (``x (B, N, dim)``, ``positions (B, N, 3)``, ``bias (B, H, N, N)``, ``mask``): runs in torch, one
     layer on ``(B, H, N, N, 3)`` at the end of the model. Packed (``x (T, dim)``, ``positions (T, 3)``,
@@ -635,6 +637,8 @@ class MoleBlendPredictor(nn.Module):
 
     Runs on 2D-only batches (no positions: SPD + edge channels) or 2D + 3D ones. ``loss(batch)``: binary
     cross-entropy per task (``task="classification"``) or MSE (``"regression"``) over the labels that are not NaN.
+    The encoder's pretraining heads (``spd_head``, ``edge_head``, ``geometry_head``, ``atom_proc``) get no gradient
+    here: under DistributedDataParallel pass ``find_unused_parameters=True``, or delete them before wrapping.
     """
 
     def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification"):

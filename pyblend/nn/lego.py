@@ -414,8 +414,9 @@ class _LegoMulti(nn.Module):
                 raise ValueError(f"inputs[{index}]: expected batch size {batch} like inputs[0]; got tokens "
                                  f"{describe(tokens)}")
         available = torch.stack([has for _, _, has in encoded])                        # (M, B)
-        missing = (~available.any(dim=0)).nonzero().flatten()
-        if len(missing):
+        # Not under torch.compile, where reading the flags would break the graph (as the ops' own checks).
+        missing = None if torch.compiler.is_compiling() else (~available.any(dim=0)).nonzero().flatten()
+        if missing is not None and len(missing):
             raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "
                              "present sample and a real token); every sample needs at least one")
         return encoded, available
@@ -480,7 +481,8 @@ class LegoFuse(_LegoMulti):
 
     ``forward(inputs, masks=None, present=None, return_embeddings=False)`` as :class:`LegoMerge`: a block whose
     modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); a sample
-    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient).
+    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient: under DistributedDataParallel pass
+    ``find_unused_parameters=True``).
     """
 
     def __init__(self, blocks: Sequence[LegoBlock], mode: str = "stack", head_method: str = "slerp"):

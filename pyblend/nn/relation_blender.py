@@ -34,7 +34,8 @@ class RelationBlender(nn.Module):
 
     def __init__(self, probs=(0.2, 0.2, 0.6), mode: str = "pair", symmetric: bool = False):
         super().__init__()
-        sample_blend(torch.ones(1, 1, dtype=torch.bool), probs=probs, mode=mode)  # validates probs and mode
+        # Validates probs, mode and symmetric.
+        sample_blend(torch.ones(1, 1, dtype=torch.bool), probs=probs, mode=mode, symmetric=symmetric)
         self.probs, self.mode, self.symmetric = tuple(float(p) for p in probs), mode, symmetric
 
     def extra_repr(self) -> str:

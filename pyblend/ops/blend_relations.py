@@ -22,6 +22,8 @@ that a packed batch gets exactly the padded batch's draw from the same generator
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     """
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}; got {mode!r}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric: expected a bool; got {symmetric!r}")
     weights = _probabilities(probs)
     mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
     (batch, atoms), device = mask.shape, mask.device
@@ -77,7 +81,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     allowed = (outcomes & GEOMETRY == 0) | has_geometry[:, None]                       # (B, 3)
     per_molecule = torch.where(allowed, weights.to(device), 0.0)
     empty = per_molecule.sum(1) == 0
-    if bool(empty.any()):
+    # Not under torch.compile, where reading the flags would break the graph (as the ops' id checks).
+    if not torch.compiler.is_compiling() and bool(empty.any()):
         first = int(empty.nonzero()[0])
         raise ValueError(f"has_geometry: molecule {first} has no conformer, and probs {tuple(weights.tolist())} "
                          f"give its 2D outcomes probability 0 in mode {mode!r}")
@@ -232,11 +237,11 @@ def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:
 
 
 def _probabilities(probs) -> Tensor:
+    # Checked on Python floats: bool() of a tensor would break a torch.compile graph at every call.
     try:
-        weights = torch.as_tensor(probs, dtype=torch.float64).flatten()
+        values = probs.detach().flatten().tolist() if isinstance(probs, Tensor) else [float(p) for p in probs]
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"probs: expected three numbers; got {probs!r}") from None
-    if weights.numel() != 3 or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
-            or float(weights.sum()) <= 0:
+    if len(values) != 3 or not all(math.isfinite(p) and p >= 0 for p in values) or sum(values) <= 0:
         raise ValueError(f"probs: expected three finite non-negative numbers with a positive sum; got {probs!r}")
-    return (weights / weights.sum()).float()
+    return torch.tensor([p / sum(values) for p in values], dtype=torch.float32)
