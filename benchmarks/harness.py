@@ -128,12 +128,18 @@ def _quantiles(times_ms: list[float]) -> dict:
             "repeats": len(ordered)}
 
 
+# On a GPU, a call slower than this is timed by the wall clock: do_bench would make at least 8 more calls (its
+# estimate, warm-up and timed runs), minutes for the CPU peers (scipy, networkx, the reference) of some entries.
+SLOW_CALL_S = 0.25
+
+
 def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 5.0, warmed_up: bool = False) -> dict:
     """Time ``fn``: CUDA events through triton.testing.do_bench on a GPU, wall clock on the CPU.
 
     The first call (compilation, caches) is never timed; pass ``warmed_up=True`` when the caller already made
-    it. On the CPU, calls repeat until the budget is spent (at least 3, at most 50: a single call over the
-    budget is still measured 3 times, for p20/p80).
+    it. By the wall clock, calls repeat until the budget is spent (at least 3, at most 50: a single call over the
+    budget is still measured 3 times, for p20/p80). On a GPU, the call that measures peak memory is timed too,
+    and a call slower than ``SLOW_CALL_S`` (a CPU-bound peer) is timed by the wall clock, that call included.
     """
     if not warmed_up:
         fn()
@@ -143,18 +149,28 @@ def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        begin = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - baseline
+        first_ms = (time.perf_counter() - begin) * 1e3
+        peak = int(torch.cuda.max_memory_allocated(device) - baseline)
+        if first_ms > SLOW_CALL_S * 1e3:
+            return {**_quantiles(_wall_clock(fn, time_budget_s, [first_ms], torch.cuda.synchronize)),
+                    "peak_memory_bytes": peak}
         times = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(time_budget_s * 200)),
                                         return_mode="all")
-        return {**_quantiles(list(times)), "peak_memory_bytes": int(peak)}
-    times, started = [], time.perf_counter()
+        return {**_quantiles(list(times)), "peak_memory_bytes": peak}
+    return {**_quantiles(_wall_clock(fn, time_budget_s, [], lambda: None)), "peak_memory_bytes": None}
+
+
+def _wall_clock(fn: Callable[[], Any], time_budget_s: float, times: list[float], synchronize) -> list[float]:
+    started = time.perf_counter() - sum(times) / 1e3
     while len(times) < 3 or (len(times) < 50 and time.perf_counter() - started < time_budget_s):
         begin = time.perf_counter()
         fn()
+        synchronize()
         times.append((time.perf_counter() - begin) * 1e3)
-    return {**_quantiles(times), "peak_memory_bytes": None}
+    return times
 
 
 _COPY_BANDWIDTH: dict[str, float] = {}
@@ -213,14 +229,23 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
     for provider, fn in case.providers.items():
         row = {"entry": case.entry, "case": case.name, "provider": provider, "unit": case.unit,
                "units": case.units, "config": case.config, **environment}
+        # A provider that raises (a Triton compile error, out of memory, a missing extension) is reported with
+        # the others' rows instead of ending the entry.
         try:
             case.check(provider, fn())
-        except AssertionError as failure:
-            log(f"  {case.name} / {provider}: WRONG OUTPUT, not timed: {failure}")
-            rows.append({**row, "status": "wrong", "error": str(failure)})
+        except Exception as failure:
+            reason = str(failure) if isinstance(failure, AssertionError) else short_error(failure)
+            log(f"  {case.name} / {provider}: WRONG OUTPUT, not timed: {reason}")
+            rows.append({**row, "status": "wrong", "error": reason})
+            _release(device)
             continue
-        # The checked call above was the warm-up.
-        timing = measure(fn, device, case.time_budget_s, warmed_up=True)
+        try:  # the checked call above was the warm-up
+            timing = measure(fn, device, case.time_budget_s, warmed_up=True)
+        except Exception as failure:
+            log(f"  {case.name} / {provider}: FAILED WHILE TIMED: {short_error(failure)}")
+            rows.append({**row, "status": "wrong", "error": f"raised while timed: {short_error(failure)}"})
+            _release(device)
+            continue
         rows.append({**row, "status": "ok", **timing, "throughput": case.units / (timing["median_ms"] / 1e3),
                      **_throughput_fields(case, provider, timing["median_ms"], device)})
         log(f"  {case.name} / {provider}: {timing['median_ms']:.3f} ms median over {timing['repeats']}")
@@ -234,6 +259,11 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
                                    if other != row["provider"]}
     _apply_targets(case, rows)
     return rows
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _key(row: dict) -> tuple:

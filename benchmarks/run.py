@@ -6,6 +6,7 @@ rows into ``benchmarks/results/<device>.json`` and draws ``benchmarks/results/<d
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import traceback
@@ -61,7 +62,7 @@ class Context:
             from pyblend.chem import default_molecules
         except ImportError as error:
             raise RuntimeError(f"the default molecule set needs RDKit ({error}); on an offline machine carry "
-                               "its wheel in .whl/ (README: 'Benchmarks on a GPU machine')") from error
+                               "its wheel in .whl/ (README: 'Offline GPU machines')") from error
         return default_molecules(self.limit)
 
     @lru_cache(maxsize=None)
@@ -92,6 +93,13 @@ class Context:
         return graphs
 
 
+def _selected(name: str, cases: str | None) -> bool:
+    if cases is None:
+        return True
+    items = [item for item in cases.split(",") if item.strip()]
+    return any(all(part.strip() in name for part in item.split("&")) for item in items)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyblend bench", description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default=",".join(ENTRIES),
@@ -99,7 +107,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="512 molecules and 1 s per provider: a smoke run")
     parser.add_argument("--molecules", type=int, default=None,
                         help="use only the first N molecules of the default set (default: all; 512 with --quick)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--cases", default=None,
+                        help="keep the cases whose names contain every '&'-joined part of one comma-separated "
+                             "item, e.g. 'with hydrogens,4096' (default: every case); to split a long entry")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the plot go")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -108,32 +120,43 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(ENTRIES))
     if unknown:
         parser.error(f"unknown entries {unknown}; choose from {sorted(ENTRIES)}")
+    if not chosen:
+        parser.error(f"--entries: no entry named; choose from {sorted(ENTRIES)}")
+    if args.molecules is not None and args.molecules < 1:
+        parser.error(f"--molecules: expected a positive number; got {args.molecules}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch here")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     context = Context(device, args.quick, args.molecules)
     print(f"pyblend bench on {device_name(device)}{' (quick)' if args.quick else ''}", flush=True)
+    partial = args.quick or args.molecules is not None
+    results = args.output_dir / f"{device_slug(device)}.json"
     rows, failed = [], []
     for name in chosen:
-        started = time.perf_counter()
+        started, entry_rows = time.perf_counter(), []
         try:
             for case in ENTRIES[name].cases(context):
+                if not _selected(case.name, args.cases):
+                    continue
                 print(f"{name}: {case.name}", flush=True)
-                rows += run_case(case, device, log=lambda line: print(line, flush=True))
+                entry_rows += run_case(case, device, log=lambda line: print(line, flush=True))
         except Exception as error:  # one broken entry must not hide the others' results
             traceback.print_exc()
             failed.append(f"{name}: {type(error).__name__}: {error}")
         print(f"{name}: done in {time.perf_counter() - started:.1f} s", flush=True)
+        rows += entry_rows
+        if entry_rows and not partial:  # after each entry: a run cut short keeps what it finished
+            record(entry_rows, results)
 
     print()
     print(format_table(rows))
     targets = format_targets(rows)
     if targets:
         print("\nTargets\n" + targets)
-    partial = args.quick or args.molecules is not None
     if rows and not partial:
-        results = args.output_dir / f"{device_slug(device)}.json"
-        record(rows, results)
         print(f"\nrows merged into {results}")
-        if not args.no_plot and plot(rows, results.with_suffix(".png")):
+        # Every recorded row, so that a run split over several calls draws one plot of all of them.
+        if not args.no_plot and plot(json.loads(results.read_text()), results.with_suffix(".png")):
             print(f"plot written to {results.with_suffix('.png')}")
     elif partial:
         print("\n(partial run: --quick or --molecules; results not recorded)")

@@ -23,6 +23,48 @@ def test_wrong_provider_is_reported_not_timed():
     assert "targets" not in rows["right"]
 
 
+def test_a_provider_that_raises_is_reported_and_the_others_still_run():
+    calls = {"flaky": 0}
+
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] > 1:
+            raise RuntimeError("CUDA out of memory.\nmore text")
+        return 4
+
+    def broken():
+        raise RuntimeError("pyblend._C is not built")
+
+    case = Case(entry="toy", name="sum", providers={"broken": broken, "flaky": flaky, "right": lambda: 4},
+                check=lambda provider, output: None, units=1, unit="items", time_budget_s=0.01)
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert rows["broken"]["status"] == "wrong" and rows["broken"]["error"] == "RuntimeError: pyblend._C is not built"
+    assert rows["flaky"]["status"] == "wrong"
+    assert rows["flaky"]["error"] == "raised while timed: RuntimeError: CUDA out of memory."
+    assert rows["right"]["status"] == "ok"
+
+
+def test_slow_calls_on_a_gpu_are_timed_by_the_wall_clock(monkeypatch):
+    """A CPU-bound peer in a GPU run (scipy, networkx, the reference) is not handed to do_bench, which would make
+    at least 8 more calls; the timed peak-memory call counts as the first sample."""
+    import time
+
+    import triton.testing
+
+    from pyblend.benchmarks import harness
+
+    for name, stub in (("synchronize", lambda: None), ("memory_allocated", lambda device: 0),
+                       ("reset_peak_memory_stats", lambda device: None), ("max_memory_allocated", lambda device: 0)):
+        monkeypatch.setattr(torch.cuda, name, stub)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *args, **kwargs: pytest.fail("slow call sent to do_bench"))
+    monkeypatch.setattr(harness, "SLOW_CALL_S", 0.005)
+    calls = []
+    timing = harness.measure(lambda: (calls.append(1), time.sleep(0.01)), torch.device("cuda"), time_budget_s=0.0,
+                             warmed_up=True)
+    assert len(calls) == 3 and timing["repeats"] == 3 and timing["median_ms"] >= 10
+    assert timing["peak_memory_bytes"] == 0
+
+
 def test_speedups_and_targets():
     slow = lambda: sum(range(20000))  # noqa: E731
     case = Case(entry="toy", name="sum", providers={"fast": lambda: 199990000, "slow": slow},
@@ -49,6 +91,24 @@ def test_runner_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "pyblend C++ (packed)" in result.stdout and "scipy csgraph (per molecule)" in result.stdout
     assert "WRONG" not in result.stdout and "partial run" in result.stdout
+
+
+def test_runner_refuses_bad_options_and_selects_cases(capsys):
+    from pyblend.benchmarks import run
+
+    for argv, message in [(["--entries", ",,"], "--entries: no entry named"),
+                          (["--molecules", "0"], "--molecules: expected a positive number; got 0"),
+                          (["--device", "tpu"], "invalid choice: 'tpu'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            run.main(["--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err
+    assert run._selected("512 molecules with hydrogens, one batch", "4096,with hydrogens&one batch")
+    assert not run._selected("512 molecules, one batch", "with hydrogens, 4096")
+    assert run._selected("anything", None)
 
 
 def test_bytes_flops_and_memory_targets():
