@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -210,7 +210,15 @@ def poisoned_run(step: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
     return step()
 
 
-def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, log=print) -> list[dict]:
+def _log(line: str) -> None:
+    print(line, flush=True)  # a device call cut short still returns what was printed
+
+
+def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, log=_log,
+          kernels: Sequence[str] | None = None, on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Sweep ``name``'s kernels (``kernels``: only these) within ``budget_s``, shared fairly: each kernel gets an
+    equal part of what is left when it starts, so the last ones are reached. ``on_row`` sees every row as it is
+    made (the caller saves them as it goes)."""
     import importlib
 
     spec = OPS[name]
@@ -231,15 +239,18 @@ def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, 
         step()
     finally:
         setattr(module, spec.config_function, original)
-    rows, started = [], time.perf_counter()
-    for kernel in spec.kernels:
+    rows, deadline = [], time.perf_counter() + budget_s
+    chosen = [kernel for kernel in spec.kernels if kernels is None or kernel in kernels]
+    for kernel in chosen:
         if kernel not in asked:
             log(f"{name}: kernel {kernel!r} is not launched by this workload; skipped")
-            continue
-        for config in candidates(spec, asked[kernel], small):
-            if time.perf_counter() - started > budget_s:
-                log(f"{name}: time budget ({budget_s:.0f} s) spent; stopping")
-                return rows
+    chosen = [kernel for kernel in chosen if kernel in asked]
+    for position, kernel in enumerate(chosen):
+        kernel_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(chosen) - position)
+        for index, config in enumerate(candidates(spec, asked[kernel], small)):
+            if index and time.perf_counter() > kernel_deadline:  # the current configuration always runs
+                log(f"{name}: {kernel}: its share of the time budget is spent; next kernel")
+                break
             row = dict(op=name, kernel=kernel, dtype=str(dtype).removeprefix("torch."), config=config,
                        current=config == asked[kernel])
 
@@ -262,6 +273,7 @@ def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, 
             finally:
                 setattr(module, spec.config_function, original)
             rows.append(row)
+            on_row(row)
             log(f"{kernel:10s} {_brief(config):44s} {row['status']:8s} "
                 f"{row.get('median_ms', float('nan')):9.4f} ms{'  (current)' if row['current'] else ''}")
     return rows
@@ -290,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting candidates after this long")
-    parser.add_argument("--output", type=Path, default=None, help="JSON rows (default: tune-<device>.json here)")
+    parser.add_argument("--kernels", default=None,
+                        help="comma-separated kernel names (e.g. dq,table for relation_attention; default: all)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON rows, rewritten after every candidate (default: tune-<device>.json here)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -299,12 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.ops.split(",") if name not in OPS]
     if unknown:
         parser.error(f"--ops: unknown {', '.join(unknown)}; expected names from {', '.join(OPS)}")
-    started, rows = time.perf_counter(), []
-    for name in args.ops.split(","):
-        remaining = args.budget_s - (time.perf_counter() - started)
-        rows += sweep(name, dtype, device, remaining)
+    kernels = None if args.kernels is None else [name.strip() for name in args.kernels.split(",") if name.strip()]
+    if kernels is not None:
+        known = {kernel for name in args.ops.split(",") for kernel in OPS[name].kernels}
+        if not kernels or set(kernels) - known:
+            parser.error(f"--kernels: expected names from {', '.join(sorted(known))}; got {args.kernels!r}")
     output = args.output or Path(f"tune-{device_slug(device)}.json")
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
+
+    names = [name for name in args.ops.split(",") if kernels is None or set(kernels) & set(OPS[name].kernels)]
     output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
+    deadline = time.perf_counter() + args.budget_s
+    for position, name in enumerate(names):
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:  # building another op's workload would overrun the call
+            _log(f"time budget spent; {', '.join(names[position:])} not swept")
+            break
+        # Ops share the budget as kernels do: an equal part of what is left.
+        sweep(name, dtype, device, remaining / (len(names) - position), kernels=kernels, on_row=save)
     print(summary(rows))
     print(f"rows: {output}")
     return 0

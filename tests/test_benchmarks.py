@@ -327,3 +327,27 @@ def test_launch_configuration_sweep_of_the_other_ops(tmp_path, monkeypatch, op, 
     of the problem is not tried here: under the interpreter the Gaussian kernels then read out of bounds.)"""
     rows = run_sweep(tmp_path, monkeypatch, op, kernels, {"num_warps": 2})
     assert all(row["status"] == "ok" and row["median_ms"] > 0 for row in rows), rows
+
+
+def test_launch_configuration_sweep_shares_its_budget_and_takes_a_kernel_list(tmp_path, monkeypatch):
+    """Out of budget, every kernel still times its current configuration (a baseline for the next call), and
+    ``--kernels`` sweeps only those named; the JSON is written as rows come."""
+    import dataclasses
+    import json
+
+    from pyblend.benchmarks import tune
+
+    monkeypatch.setitem(tune.OPS, "outer_product",
+                        dataclasses.replace(tune.OPS["outer_product"], kernels=("forward", "rows")))
+    monkeypatch.setattr(tune, "candidates", lambda spec, current, small: [dict(current), dict(current, num_warps=2)])
+    output = tmp_path / "rows.json"
+    assert tune.main(["--ops", "outer_product", "--dtype", "float16", "--budget-s", "0.5", "--output",
+                      str(output)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["kernel"], row["current"]) for row in rows] == [("forward", True), ("rows", True)]
+    assert tune.main(["--ops", "outer_product", "--dtype", "float16", "--kernels", "rows", "--output",
+                      str(output)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["kernel"], row["current"]) for row in rows] == [("rows", True), ("rows", False)]
+    with pytest.raises(SystemExit):
+        tune.main(["--ops", "outer_product", "--kernels", "dq"])
