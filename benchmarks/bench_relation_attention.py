@@ -65,7 +65,7 @@ import torch
 from pyblend import reference
 from pyblend.layout import pack_atoms, pack_pairs, pad_atoms, pad_pairs, pair_offsets
 
-from .harness import Case, short_error
+from .harness import Case, name_selected, short_error
 
 ENTRY = "relation_attention"
 HEADS = 32
@@ -445,18 +445,18 @@ def _case_name(label: str, sizes: list[int], heads: int, head_dim: int, dtype: t
             f"H={heads} d={head_dim} {str(dtype).split('.')[-1]}, {MODES[backward]}")
 
 
-def _selected(name: str) -> bool:
-    """``PYBLEND_BENCH_RELATION_ATTENTION``: comma-separated parts of case names, e.g. "d=24" or "N = 128";
-    a case runs when its name contains all of one part's ``&``-joined pieces (unset: every case)."""
-    chosen = os.environ.get("PYBLEND_BENCH_RELATION_ATTENTION", "").strip()
-    return not chosen or any(all(piece.strip() in name for piece in part.split("&"))
-                             for part in chosen.split(",") if part.strip())
+def _selected(name: str, context=None) -> bool:
+    """``--cases`` (``context.cases``), else ``PYBLEND_BENCH_RELATION_ATTENTION``, as
+    :func:`harness.name_selected` reads them, e.g. "d=24&!backward" or "N = 128"; checked before a case is built
+    (each compiles its peers)."""
+    pattern = getattr(context, "cases", None) or os.environ.get("PYBLEND_BENCH_RELATION_ATTENTION")
+    return name_selected(name, pattern)
 
 
 def _gpu_cases(context) -> Iterator[Case]:
     for spec in plan(context):
         name = _case_name(spec["label"], spec["sizes"], HEADS, spec["head_dim"], torch.bfloat16, spec["backward"])
-        if not _selected(name):
+        if not _selected(name, context):
             continue
         torch._dynamo.reset()  # the previous case's compiled peers are done with (and free their memory)
         torch.cuda.empty_cache()

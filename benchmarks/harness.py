@@ -55,6 +55,16 @@ class Case:
     flops: float | None = None
 
 
+def name_selected(name: str, pattern: str | None) -> bool:
+    """Whether a case named ``name`` is kept by ``pattern``: comma-separated items, each of ``&``-joined pieces
+    that the name must all contain (a piece ``!text``: must not contain). None or blank keeps every case; e.g.
+    ``"d=24&forward&!backward,N = 128"``."""
+    items = [item for item in (pattern or "").split(",") if item.strip()]
+    return not items or any(all((piece.strip()[1:] not in name) if piece.strip().startswith("!")
+                                else (piece.strip() in name) for piece in item.split("&") if piece.strip())
+                            for item in items)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64 (complex tensors as their real and imaginary parts)."""
     if got.is_complex():

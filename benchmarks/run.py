@@ -34,6 +34,7 @@ from .harness import (
     device_slug,
     format_table,
     format_targets,
+    name_selected,
     plot,
     record,
     run_case,
@@ -49,8 +50,9 @@ ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "
 class Context:
     """What entries share: the device, the time budget, and the default molecule set featurized once."""
 
-    def __init__(self, device: torch.device, quick: bool, molecules: int | None = None):
+    def __init__(self, device: torch.device, quick: bool, molecules: int | None = None, cases: str | None = None):
         self.device = device
+        self.cases = cases  # --cases: entries whose cases are costly to build filter them before building
         self.quick = quick
         self.time_budget_s = 1.0 if quick else 5.0
         self.limit = molecules if molecules is not None else (512 if quick else None)
@@ -93,13 +95,6 @@ class Context:
         return graphs
 
 
-def _selected(name: str, cases: str | None) -> bool:
-    if cases is None:
-        return True
-    items = [item for item in cases.split(",") if item.strip()]
-    return any(all(part.strip() in name for part in item.split("&")) for item in items)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyblend bench", description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default=",".join(ENTRIES),
@@ -111,7 +106,8 @@ def main(argv=None) -> int:
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--cases", default=None,
                         help="keep the cases whose names contain every '&'-joined part of one comma-separated "
-                             "item, e.g. 'with hydrogens,4096' (default: every case); to split a long entry")
+                             "item ('!text': do not contain), e.g. 'with hydrogens,4096' (default: every case); "
+                             "to split a long entry")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the plot go")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -127,7 +123,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    context = Context(device, args.quick, args.molecules)
+    context = Context(device, args.quick, args.molecules, args.cases)
     print(f"pyblend bench on {device_name(device)}{' (quick)' if args.quick else ''}", flush=True)
     partial = args.quick or args.molecules is not None
     results = args.output_dir / f"{device_slug(device)}.json"
@@ -136,7 +132,7 @@ def main(argv=None) -> int:
         started, entry_rows = time.perf_counter(), []
         try:
             for case in ENTRIES[name].cases(context):
-                if not _selected(case.name, args.cases):
+                if not name_selected(case.name, args.cases):
                     continue
                 print(f"{name}: {case.name}", flush=True)
                 entry_rows += run_case(case, device, log=lambda line: print(line, flush=True))

@@ -106,9 +106,14 @@ def test_runner_refuses_bad_options_and_selects_cases(capsys):
         with pytest.raises(SystemExit):
             run.main(["--device", "cuda"])
         assert "no CUDA device" in capsys.readouterr().err
-    assert run._selected("512 molecules with hydrogens, one batch", "4096,with hydrogens&one batch")
-    assert not run._selected("512 molecules, one batch", "with hydrogens, 4096")
-    assert run._selected("anything", None)
+    from pyblend.benchmarks.harness import name_selected
+
+    assert name_selected("512 molecules with hydrogens, one batch", "4096,with hydrogens&one batch")
+    assert not name_selected("512 molecules, one batch", "with hydrogens, 4096")
+    assert name_selected("anything", None) and name_selected("anything", " ")
+    # "forward" is part of "forward+backward": a negated piece tells them apart.
+    assert name_selected("d=24, forward", "d=24&forward&!backward")
+    assert not name_selected("d=24, forward+backward", "d=24&forward&!backward")
 
 
 def test_bytes_flops_and_memory_targets():
@@ -213,6 +218,11 @@ def test_relation_attention_case_selection(monkeypatch):
     assert not bench._selected(name)
     monkeypatch.setenv("PYBLEND_BENCH_RELATION_ATTENTION", "d=16,pockets&d=24&forward+backward")
     assert bench._selected(name)
+
+    class Context:
+        cases = "pockets&!backward"  # --cases wins over the environment
+
+    assert not bench._selected(name, Context())
 
 
 def test_multi_infonce_case_checks_every_provider_with_the_kernel():
