@@ -136,6 +136,7 @@ def main(argv=None) -> int:
                     continue
                 print(f"{name}: {case.name}", flush=True)
                 entry_rows += run_case(case, device, log=lambda line: print(line, flush=True))
+                del case  # its tensors go before the next case is built (two big cases may not fit at once)
         except Exception as error:  # one broken entry must not hide the others' results
             traceback.print_exc()
             failed.append(f"{name}: {type(error).__name__}: {error}")
