@@ -3,16 +3,17 @@ pyblend's kernels against the same model built from the references.
 
 Workload (GPU): the paper's base model (12 layers, width 768, 32 heads, K = 128 Gaussians), bfloat16 weights,
 256 molecules of the default set with ETKDG + MMFF conformers (heavy atoms), training mode (blending and
-position noise; dropout off, so that both providers compute the same function and can be checked against each
-other and with a float32 run: the kernels' attention dropout draws a different pattern from the reference's). The shortest paths and
-routes are built once outside the timed step (a data-pipeline cost the two providers share); the step is the
+position noise; dropout off, so that both providers compute the same function and can be checked against a
+float32 run of it: the kernels' attention dropout draws a different pattern from the reference's). The shortest
+paths and routes are built once outside the timed step (a data-pipeline cost the two providers share); the step is the
 encoder, the three relation heads with their losses and the noisy-node head, and the backward into every
 parameter.
 
 Two cases on the same molecules: the padded batch (``collate(graphs)``, every pair tensor ``(B, ..., N, N)``)
 and the packed one (``collate(graphs, layout="packed")``: the model runs on ``T + B`` tokens and
 ``sum (1 + N_i)^2`` token pairs, never a ``(B, H, N, N)`` tensor). The two draw their blend and noise in
-different orders, so their losses differ; each case checks its own providers, and a padded timing is only compared with the packed one as two rows of the same run.
+different orders, so their losses differ; each case checks its own providers, and a padded timing is only
+compared with the packed one as two rows of the same run.
 
 Providers: "pyblend Triton" (every op on its kernels: relation attention with the SPD table, Gaussian-basis
 bias, path edge bias, outer-product losses) and "reference eager" (the same module with every op forced to its

@@ -244,8 +244,9 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
         try:
             case.check(provider, fn())
         except Exception as failure:
-            reason = str(failure) if isinstance(failure, AssertionError) else short_error(failure)
-            log(f"  {case.name} / {provider}: WRONG OUTPUT, not timed: {reason}")
+            wrong = isinstance(failure, AssertionError)
+            reason = str(failure) if wrong else short_error(failure)
+            log(f"  {case.name} / {provider}: {'WRONG OUTPUT' if wrong else 'RAISED'}, not timed: {reason}")
             rows.append({**row, "status": "wrong", "error": reason})
             _release(device)
             continue

@@ -733,7 +733,8 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
 
     def shifted_rows(name: str, dims, shift: int) -> Tensor:
         table = take(name)
-        rows = torch.tensor([shift + 512 * feature + value for feature, size in enumerate(dims) for value in range(size)])
+        rows = torch.tensor([shift + 512 * feature + value
+                             for feature, size in enumerate(dims) for value in range(size)])
         if len(table) <= int(rows[-1]):
             raise ValueError(f"state: {prefix + name} has {len(table)} rows; the features need rows up to "
                              f"{int(rows[-1])}")

@@ -481,8 +481,8 @@ class LegoFuse(_LegoMulti):
 
     ``forward(inputs, masks=None, present=None, return_embeddings=False)`` as :class:`LegoMerge`: a block whose
     modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); a sample
-    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient: under DistributedDataParallel pass
-    ``find_unused_parameters=True``).
+    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient:
+    under DistributedDataParallel pass ``find_unused_parameters=True``).
     """
 
     def __init__(self, blocks: Sequence[LegoBlock], mode: str = "stack", head_method: str = "slerp"):
