@@ -63,6 +63,7 @@ def generator():
 
 
 def _default_batch(count: int, hydrogens: bool):
+    pytest.importorskip("rdkit", reason="the default molecule set is RDKit's and featurized with it")
     from pyblend import collate, featurize_many
     from pyblend.chem import default_molecules
 

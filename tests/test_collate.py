@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from pyblend import collate, featurize, layout
+pytest.importorskip("rdkit", reason="collation is tested on featurized molecules (RDKit)")
+
+from pyblend import collate, featurize, layout  # noqa: E402
 from pyblend.data import MolBatch
 
 MOLECULES = ["CCO", "c1ccccc1", "C", "[Na+].[Cl-]", "CC(=O)[O-].[Na+]", "C1CCC2CCCCC2C1", "N.N.Cl[Pt]Cl",

@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from pyblend import collate, featurize_many
-from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor
+pytest.importorskip("rdkit", reason="MoleBlend is tested on featurized molecules (RDKit)")
+
+from pyblend import collate, featurize_many  # noqa: E402
+from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor  # noqa: E402
 
 SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C1CC1C(=O)O", "[Na+].[Cl-]", "C"]
 

@@ -12,7 +12,7 @@ bonds being a contiguous id range).
 import pytest
 import torch
 
-from pyblend import collate, featurize_many, ops
+from pyblend import collate, ops
 from pyblend.kernels import path_edge_bias as kernels
 from pyblend.ops.path_edge_bias import path_edge_bias
 from pyblend.reference.path_edge_bias import path_edge_bias as reference_bias
@@ -38,6 +38,9 @@ GRADIENTS = ("demb", "dw")
 
 @pytest.fixture(scope="module")
 def graphs():
+    pytest.importorskip("rdkit", reason="the molecules are featurized with RDKit")
+    from pyblend import featurize_many
+
     graphs, failures = featurize_many(SMILES, progress=False)
     assert not failures
     return graphs
@@ -224,6 +227,9 @@ def test_several_bond_blocks_and_entry_chunks(graphs, generator):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_single_atoms_and_salts_only(generator, backend):
     """No bond anywhere (E = 0 is allowed): the bias is 0 and the hop weights get no gradient."""
+    pytest.importorskip("rdkit", reason="the molecules are featurized with RDKit")
+    from pyblend import featurize_many
+
     batch = collate(featurize_many(["[Na+].[Cl-]", "C", "[K+].[Br-].[Mg+2]"], progress=False)[0], layout="packed")
     distances, routes = ops.shortest_path_routes(batch.bond_ids, max_hops=3, cu_seqlens=batch.cu_seqlens)
     assert (routes < 0).all()
