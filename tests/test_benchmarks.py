@@ -93,6 +93,38 @@ def test_runner_end_to_end(tmp_path):
     assert "WRONG" not in result.stdout and "partial run" in result.stdout
 
 
+def test_runner_records_each_entry_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """A full (not partial) run merges an entry's rows into the JSON when the entry ends, so a later entry that
+    fails (or a device call cut short) keeps them; --cases drops the cases it does not name."""
+    import json
+    import types
+
+    from pyblend.benchmarks import run
+
+    def toy_cases(context):
+        for name in ("small", "large"):
+            yield Case(entry="toy", name=name, providers={"p": lambda: 4}, check=lambda provider, output: None,
+                       units=1, unit="items", time_budget_s=0.0)
+
+    def broken_cases(context):
+        raise RuntimeError("simulated: this entry cannot run here")
+        yield
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": types.SimpleNamespace(cases=toy_cases),
+                                         "broken": types.SimpleNamespace(cases=broken_cases)})
+    assert run.main(["--entries", "toy,broken", "--cases", "small", "--device", "cpu", "--output-dir",
+                     str(tmp_path), "--no-plot"]) == 1
+    rows = json.loads((tmp_path / f"{run.device_slug(torch.device('cpu'))}.json").read_text())
+    assert [(row["entry"], row["case"], row["status"]) for row in rows] == [("toy", "small", "ok")]
+    assert "ENTRY FAILED: broken: RuntimeError: simulated" in capsys.readouterr().out
+    # A second call adds its rows; the plot draws every recorded row, the first call's included.
+    assert run.main(["--entries", "toy", "--cases", "large", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / f"{run.device_slug(torch.device('cpu'))}.json").read_text())
+    assert sorted(row["case"] for row in rows) == ["large", "small"]
+    if "plot written" in capsys.readouterr().out:  # matplotlib is optional
+        assert (tmp_path / f"{run.device_slug(torch.device('cpu'))}.png").stat().st_size > 0
+
+
 def test_runner_refuses_bad_options_and_selects_cases(capsys):
     from pyblend.benchmarks import run
 
