@@ -104,7 +104,6 @@ def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets
         truth = results[EAGER].item() if EAGER in results else None
     else:
         truth = _step(copy.deepcopy(model).float(), relations, "reference")().item()
-        model.zero_grad(set_to_none=True)
 
     def check(provider: str, result) -> None:
         loss = result.item()

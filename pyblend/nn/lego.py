@@ -415,10 +415,11 @@ class _LegoMulti(nn.Module):
                                  f"{describe(tokens)}")
         available = torch.stack([has for _, _, has in encoded])                        # (M, B)
         # Not under torch.compile, where reading the flags would break the graph (as the ops' own checks).
-        missing = None if torch.compiler.is_compiling() else (~available.any(dim=0)).nonzero().flatten()
-        if missing is not None and len(missing):
-            raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "
-                             "present sample and a real token); every sample needs at least one")
+        if not torch.compiler.is_compiling():
+            missing = (~available.any(dim=0)).nonzero().flatten()
+            if len(missing):
+                raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "
+                                 "present sample and a real token); every sample needs at least one")
         return encoded, available
 
 
