@@ -328,9 +328,9 @@ def test_moleblend_packed_case_builds_on_cpu():
         bench_moleblend.build_case(graphs, config, torch.float32, torch.device("cpu"), triton=False, layout="ragged")
 
 
-def run_sweep(tmp_path, monkeypatch, op, kernels, other):
-    """The tuner's rows for ``op``'s ``kernels`` (interpreter, small workload) with two candidates per kernel: the
-    current configuration and it updated with ``other``."""
+def tuner_rows(tmp_path, monkeypatch, op, kernels, other, *options):
+    """The tuner run with ``options`` on ``op``'s ``kernels`` (interpreter, small workload) with two candidates per
+    kernel, the current configuration and it updated with ``other``: the rows of its JSON."""
     import dataclasses
     import json
 
@@ -339,8 +339,13 @@ def run_sweep(tmp_path, monkeypatch, op, kernels, other):
     monkeypatch.setitem(tune.OPS, op, dataclasses.replace(tune.OPS[op], kernels=kernels))
     monkeypatch.setattr(tune, "candidates", lambda spec, current, small: [dict(current), dict(current, **other)])
     output = tmp_path / "rows.json"
-    assert tune.main(["--ops", op, "--dtype", "float16", "--output", str(output)]) == 0
-    rows = json.loads(output.read_text())["rows"]
+    assert tune.main(["--ops", op, "--dtype", "float16", "--output", str(output), *options]) == 0
+    return json.loads(output.read_text())["rows"]
+
+
+def run_sweep(tmp_path, monkeypatch, op, kernels, other):
+    """The tuner's rows for every candidate of ``op``'s ``kernels`` (see :func:`tuner_rows`)."""
+    rows = tuner_rows(tmp_path, monkeypatch, op, kernels, other)
     assert [(row["kernel"], row["current"]) for row in rows] == [
         (kernels[0], True), (kernels[0], False), (kernels[1], True), (kernels[1], False)]
     for row in rows:
@@ -374,22 +379,12 @@ def test_launch_configuration_sweep_of_the_other_ops(tmp_path, monkeypatch, op, 
 def test_launch_configuration_sweep_shares_its_budget_and_takes_a_kernel_list(tmp_path, monkeypatch):
     """Out of budget, every kernel still times its current configuration (a baseline for the next call), and
     ``--kernels`` sweeps only those named; the JSON is written as rows come."""
-    import dataclasses
-    import json
-
     from pyblend.benchmarks import tune
 
-    monkeypatch.setitem(tune.OPS, "outer_product",
-                        dataclasses.replace(tune.OPS["outer_product"], kernels=("forward", "rows")))
-    monkeypatch.setattr(tune, "candidates", lambda spec, current, small: [dict(current), dict(current, num_warps=2)])
-    output = tmp_path / "rows.json"
-    assert tune.main(["--ops", "outer_product", "--dtype", "float16", "--budget-s", "0.5", "--output",
-                      str(output)]) == 0
-    rows = json.loads(output.read_text())["rows"]
+    kernels, other = ("forward", "rows"), {"num_warps": 2}
+    rows = tuner_rows(tmp_path, monkeypatch, "outer_product", kernels, other, "--budget-s", "0.5")
     assert [(row["kernel"], row["current"]) for row in rows] == [("forward", True), ("rows", True)]
-    assert tune.main(["--ops", "outer_product", "--dtype", "float16", "--kernels", "rows", "--output",
-                      str(output)]) == 0
-    rows = json.loads(output.read_text())["rows"]
+    rows = tuner_rows(tmp_path, monkeypatch, "outer_product", kernels, other, "--kernels", "rows")
     assert [(row["kernel"], row["current"]) for row in rows] == [("rows", True), ("rows", False)]
     with pytest.raises(SystemExit):
         tune.main(["--ops", "outer_product", "--kernels", "dq"])
