@@ -251,13 +251,15 @@ def _(dattn, dfeat, positions, pair_types, means, stds, mul, bias, w1, b1, w2, b
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
     ctx.save_for_backward(*inputs[:12])
     ctx.max_seqlen, ctx.std_eps = inputs[12], inputs[13]
 
 
 def _backward(ctx, dattn, dfeat):
     positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens = ctx.saved_tensors
-    if dattn is None:
+    bias_unused = dattn is None
+    if bias_unused:
         heads = w2.shape[0]
         if cu_seqlens is not None:
             dattn = w1.new_zeros((heads, pair_types.shape[0]))
@@ -266,6 +268,10 @@ def _backward(ctx, dattn, dfeat):
     grads = torch.ops.pyblend.gaussian_basis_bias_backward(dattn, dfeat, positions, pair_types, means, stds, mul,
                                                            bias, w1, b1, w2, b2, mask, cu_seqlens, ctx.max_seqlen,
                                                            ctx.std_eps)
+    if bias_unused:
+        # The atom features never pass through the MLP: None, as autograd gives on the reference path, so that an
+        # optimizer skips w1, b1, w2, b2 (AdamW would decay them, and step on momentum, for a zero gradient).
+        grads = (*grads[:5], None, None, None, None)
     return (grads[0], None, *grads[1:], None, None, None, None)
 
 
