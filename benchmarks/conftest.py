@@ -1,7 +1,9 @@
 """pytest-benchmark view of the suite: `pytest benchmarks --benchmark-only [--benchmark-compare ...]`.
 
 The same cases as `pyblend bench`, one test per (case, provider); each output is checked before it is timed.
-`--bench-molecules N` limits the default molecule set (default: all).
+Cases are built at collection and live until the session ends, so on a GPU select what to build:
+`--bench-entries` and `--bench-cases` work as `pyblend bench`'s `--entries` and `--cases` (pytest's `-k` only
+deselects after every case is built). `--bench-molecules N` limits the default molecule set (default: all).
 """
 import pytest
 import torch
@@ -9,20 +11,39 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--bench-molecules", type=int, default=None, help="first N molecules of the default set")
+    parser.addoption("--bench-entries", default=None,
+                     help="comma-separated entries to build (default: all), as `pyblend bench --entries`")
+    parser.addoption("--bench-cases", default=None,
+                     help="keep the cases whose names match, as `pyblend bench --cases` (e.g. 'd=24&!backward')")
 
 
 _CASES = {}
 
 
+def _chosen_entries(config, entries: dict) -> list[str]:
+    option = config.getoption("--bench-entries")
+    if option is None:
+        return list(entries)
+    chosen = [name.strip() for name in option.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(entries))
+    if unknown or not chosen:
+        raise pytest.UsageError(f"--bench-entries: expected names from {sorted(entries)}; got {option!r}")
+    return chosen
+
+
 def _cases(config):
     if not _CASES:
+        from pyblend.benchmarks.harness import name_selected
         from pyblend.benchmarks.run import ENTRIES, Context
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        context = Context(device, quick=False, molecules=config.getoption("--bench-molecules"))
-        for name, entry in ENTRIES.items():
+        pattern = config.getoption("--bench-cases")
+        context = Context(device, quick=False, molecules=config.getoption("--bench-molecules"), cases=pattern)
+        for name in _chosen_entries(config, ENTRIES):
             try:
-                for case in entry.cases(context):
+                for case in ENTRIES[name].cases(context):
+                    if not name_selected(case.name, pattern):
+                        continue
                     for provider in case.providers:
                         _CASES[f"{name}/{case.name}/{provider}"] = pytest.param((case, provider))
             except Exception as error:  # e.g. no RDKit for the default set: that entry is skipped, not the view

@@ -2,11 +2,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pyblend.benchmarks.harness import Case, _apply_targets, format_table, format_targets, record, run_case
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def test_wrong_provider_is_reported_not_timed():
@@ -146,6 +149,23 @@ def test_runner_refuses_bad_options_and_selects_cases(capsys):
     # "forward" is part of "forward+backward": a negated piece tells them apart.
     assert name_selected("d=24, forward", "d=24&forward&!backward")
     assert not name_selected("d=24, forward+backward", "d=24&forward&!backward")
+
+
+def test_pytest_benchmark_view_builds_only_the_selected_entries_and_cases():
+    """The pytest view builds its cases at collection: --bench-entries / --bench-cases select before building."""
+    pytest.importorskip("rdkit")
+
+    def collect(*options):
+        return subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q",
+                               "-p", "no:cacheprovider", "--bench-molecules", "8", *options],
+                              capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
+
+    found = collect("--bench-entries", "featurize,gaussian_basis", "--bench-cases", "no conformers")
+    assert found.returncode == 0, found.stdout + found.stderr
+    ids = [line for line in found.stdout.splitlines() if "::test_provider[" in line]
+    assert len(ids) == 2 and all("featurize/default set: 8 SMILES, no conformers/" in line for line in ids), ids
+    refused = collect("--bench-entries", "featurize,nope")
+    assert refused.returncode != 0 and "--bench-entries: expected names from" in refused.stdout + refused.stderr
 
 
 def test_bytes_flops_and_memory_targets():
