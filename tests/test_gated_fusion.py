@@ -52,7 +52,8 @@ def upstream(generator, batch, modalities, channels):
 
 
 def run(backend, inputs, present, grads, *, dtype=None, **options):
-    """Outputs and gradients {name: CPU tensor}; ``dtype`` converts the inputs first (the reference in float64)."""
+    """Outputs and gradients {name: CPU tensor, or None for no gradient}; ``dtype`` converts the inputs first (the
+    reference in float64); an output whose upstream gradient in ``grads`` is None stays out of the loss."""
     target = torch.device("cpu") if backend == "reference" else backend_device("triton")
     leaves = [x.detach().to(target, dtype or x.dtype).requires_grad_() for x in inputs]
     mask = None if present is None else present.to(target)
@@ -60,10 +61,11 @@ def run(backend, inputs, present, grads, *, dtype=None, **options):
         outputs = reference.gated_fusion(*leaves, mask, **options)
     else:
         outputs = ops.gated_fusion(*leaves, mask, backend=backend, **options)
-    objective = sum((out.double() * g.to(target)).sum() for out, g in zip(outputs, grads))
+    objective = sum((out.double() * g.to(target)).sum() for out, g in zip(outputs, grads) if g is not None)
     objective.backward()
     found = {name: out.detach().cpu() for name, out in zip(OUTPUTS, outputs)}
-    found.update({name: leaf.grad.detach().cpu() for name, leaf in zip(GRADIENTS, leaves)})
+    found.update({name: None if leaf.grad is None else leaf.grad.detach().cpu()
+                  for name, leaf in zip(GRADIENTS, leaves)})
     return found
 
 
@@ -205,6 +207,19 @@ def test_weights_are_zero_when_missing_and_sum_to_one(generator, backend):
     assert abs(entropy[0]) < 1e-7
     counts = present.sum(1).double()
     assert (entropy >= -1e-6).all() and (entropy.double() <= counts.log() + 1e-5).all()
+
+
+def test_weights_and_entropy_alone_give_h_and_the_gate_no_gradient(generator):
+    """A loss of the modality weights and entropy alone: the reference's score gradient, and no gradient (None,
+    not zeros) for h and the gate logits, which reach only the fused output, as autograd gives the reference."""
+    present = random_mask(generator, 6, 3)
+    inputs = random_inputs(generator, 6, 3, 16, torch.float32, present)
+    grads = (None, *upstream(generator, 6, 3, 16)[1:])
+    got = run("triton", inputs, present, grads)
+    expected = run("reference", inputs, present, grads, dtype=torch.float64)
+    for name in ("dh", "dgate"):
+        assert got[name] is None and expected[name] is None, name
+    assert_close(got["dscore"][present], expected["dscore"][present], torch.float32, "dscore")
 
 
 def test_all_equal_gate_with_rescale_is_the_weighted_mean(generator):

@@ -388,6 +388,32 @@ def test_logits_gradient_flows_back(generator):
     assert (got["logits"][~pairs] == 0).all()
 
 
+@pytest.mark.parametrize("used", ["out", "logits"])
+def test_gradients_through_one_output_alone(generator, used):
+    """With return_logits, a loss of the output alone or the logits alone: the reference's gradients, and none
+    (None, not zeros) for v when only the logits are used, as autograd gives on the reference."""
+    q, k, v, mask = random_padded(generator, [9, 5], heads=2, head_dim=8, dtype=torch.float32)
+    bias = random_bias(generator, (2, 2, 9, 9), mask, torch.float32)
+    upstream = torch.randn((2, 9, 2, 8) if used == "out" else (2, 2, 9, 9), generator=generator,
+                           dtype=torch.float64)
+    found = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        target = torch.device("cpu") if backend == "reference" else device()
+        leaves = [x.detach().to(target, dtype).requires_grad_() for x in (q, k, v, bias)]
+        if backend == "reference":
+            out, logits = reference.relation_attention(*leaves, mask=mask, return_logits=True)
+        else:
+            out, logits = ops.relation_attention(*leaves, mask=mask.to(target), return_logits=True, backend=backend)
+        (out if used == "out" else logits).backward(upstream.to(target, dtype))
+        found[backend] = [None if x.grad is None else x.grad.cpu() for x in leaves]
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), found["triton"], found["reference"]):
+        assert (got is None) == (want is None), f"{name}: {got is None=} but {want is None=} on the reference"
+        if want is not None:
+            real = mask if name != "dbias" else (mask[:, :, None] & mask[:, None, :])[:, None].expand_as(want)
+            assert_close(got[real], want[real], torch.float32, name)
+    assert (found["reference"][2] is None) == (used == "logits")
+
+
 # ------------------------------------------------------------------------------------------- dropout
 
 

@@ -167,6 +167,7 @@ def _(dfused, dweights, dentropy, h, gate_logits, score_logits, present, weights
 def _setup_context(ctx, inputs, output):
     h, gate_logits, score_logits, present, gate_scale, eps = inputs
     _, weights, _ = output
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
     ctx.save_for_backward(h, gate_logits, score_logits, present, weights)
     ctx.gate_scale, ctx.eps = gate_scale, eps
 
@@ -174,7 +175,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dfused, dweights, dentropy):
     h, gate_logits, score_logits, present, weights = ctx.saved_tensors
     batch, modalities, channels = h.shape
-    if dfused is None:
+    weights_only = dfused is None
+    if weights_only:
         dfused = h.new_zeros(batch, channels)
     if dweights is None:
         dweights = weights.new_zeros(batch, modalities)
@@ -182,6 +184,8 @@ def _backward(ctx, dfused, dweights, dentropy):
         dentropy = weights.new_zeros(batch)
     dh, dgate, dscore = torch.ops.pyblend.gated_fusion_backward(
         dfused, dweights, dentropy, h, gate_logits, score_logits, present, weights, ctx.gate_scale, ctx.eps)
+    if weights_only:  # h and the gate reach only the fused output: None, as autograd gives the reference
+        dh = dgate = None
     return dh, dgate, dscore, None, None, None
 
 

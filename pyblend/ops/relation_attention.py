@@ -229,6 +229,7 @@ def _(grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed, return_logits = inputs
     out, lse, _ = output
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
     ctx.save_for_backward(q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens)
     ctx.settings = (max_seqlen, scale, dropout_p, seed, return_logits)
 
@@ -238,14 +239,16 @@ def _backward(ctx, grad_out, grad_lse, grad_logits):
     max_seqlen, scale, dropout_p, seed, return_logits = ctx.settings
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     table_grad = rel_table is not None and ctx.needs_input_grad[5]
-    if grad_out is None:
+    only_logits = grad_out is None
+    if only_logits:
         grad_out = torch.zeros_like(out)
     if not return_logits:
         grad_logits = None
     dq, dk, dv, dbias, dtable = torch.ops.pyblend.relation_attention_backward(
         grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
         dropout_p, seed, bias_grad, table_grad)
-    return (dq, dk, dv, dbias if bias_grad else None, None, dtable if table_grad else None,
+    # v takes no part in the logits: no gradient (None) when only they are used, as autograd gives the reference.
+    return (dq, dk, None if only_logits else dv, dbias if bias_grad else None, None, dtable if table_grad else None,
             None, None, None, None, None, None, None)
 
 
