@@ -284,7 +284,7 @@ def test_opcheck(generator, masked):
     torch.library.opcheck(torch.ops.pyblend.gated_fusion.default, (h, gate, score, present, 2.0, 1e-8))
     _, weights, _ = torch.ops.pyblend.gated_fusion(h, gate, score, present, 2.0, 1e-8)
     grads = tuple(g.float().to(target) for g in upstream(generator, 13, 3, 20))
-    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    # The backward op's own derivative only raises (no double backward): checked on plain tensors.
     torch.library.opcheck(torch.ops.pyblend.gated_fusion_backward.default,
                           (*grads, h.detach(), gate.detach(), score.detach(), present, weights.detach(), 2.0, 1e-8))
 

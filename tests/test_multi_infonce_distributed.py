@@ -95,6 +95,22 @@ def _local_run(scenario: dict, rank: int, world: int) -> dict:
     return found
 
 
+def _double_backward_error(rank: int, world: int) -> str | None:
+    """The error a gradient of the gradient through the autograd gather raises (None if none): its backward's
+    collectives have no derivative, so it must refuse rather than give a second derivative without the other
+    ranks' part."""
+    generator = torch.Generator().manual_seed(rank)
+    leaves = {name: torch.randn(4, 8, generator=generator, dtype=torch.float64).requires_grad_()
+              for name in ("a", "b")}
+    loss = ops.multi_infonce(leaves, [("a", "b")], backend="reference", gather="autograd")
+    gradients = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    try:
+        sum(g.square().sum() for g in gradients).backward()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited already; set before any triton import anyway
     torch.set_num_threads(2)
@@ -105,6 +121,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> N
             start = time.perf_counter()
             results[name] = _local_run(scenario, rank, world)
             results[name]["seconds"] = time.perf_counter() - start
+        results["double backward"] = _double_backward_error(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -272,6 +289,12 @@ def test_gather_none_is_each_ranks_own_batch(distributed_results):
         _compare_local(got, expected, 0, local, half["masks"], "gather=None")
         assert_close(got["dtemperature"].reshape(1), expected["dtemperature"].reshape(1), torch.float32,
                      f"rank {rank} temperature gradient")
+
+
+def test_double_backward_through_the_gather_refuses(distributed_results):
+    for rank, results in enumerate(distributed_results[2]):
+        message = results["double backward"]
+        assert message is not None and "once_differentiable" in message, f"rank {rank}: {message}"
 
 
 def test_report_timings(distributed_results):

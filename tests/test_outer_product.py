@@ -455,7 +455,7 @@ def test_opcheck(generator, mode):
     arguments = _custom_op_arguments(generator, mode)
     op = torch.ops.pyblend.outer_product_logits if mode == 0 else torch.ops.pyblend.outer_product_loss
     torch.library.opcheck(op.default, arguments)
-    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    # The backward op's own derivative only raises (no double backward): checked on plain tensors.
     plain = [x.detach() if isinstance(x, torch.Tensor) else x for x in arguments]
     row, col, weight, bias = plain[:4]
     if mode == 0:

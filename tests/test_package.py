@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 import pyblend
 
@@ -167,3 +169,113 @@ def test_a_cuda_fallback_to_the_reference_warns_once_with_the_reasons():
         warnings.simplefilter("error")
         assert choose_backend("probe_op", None, torch.device("cuda"), candidates) == "reference"  # once
         assert choose_backend("probe_op", None, torch.device("cpu"), candidates) == "reference"
+
+
+def _forward_ad_cases():
+    """(op name, its kernel backend, call(dual, backend) -> output) for every op with a Triton or C++ path;
+    ``dual`` turns the tensor it is given into one carrying a forward-mode tangent."""
+    import torch
+
+    from pyblend import ops
+
+    randn = lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))  # noqa: E731
+    pair_types = torch.zeros(1, 3, 3, dtype=torch.long)
+    gaussian = [torch.rand(4), torch.rand(4) + 0.5, torch.ones(2, 1), torch.zeros(2, 1)]
+    routes = torch.tensor([[[[-1], [0]], [[0], [-1]]]])
+    distances = torch.tensor([[[0, 1], [1, 0]]])
+    latent_weights = dict(q_weight=randn(8, 4), kv_weight=randn(16, 6), out_weight=randn(4, 8))
+    return [
+        ("relation_attention", "triton", lambda dual, backend: ops.relation_attention(dual(randn(1, 3, 2, 8)),
+                                                                             randn(1, 3, 2, 8), randn(1, 3, 2, 8),
+                                                                             backend=backend)),
+        ("gaussian_basis_bias", "triton", lambda dual, backend: ops.gaussian_basis_bias(
+            dual(randn(1, 3, 3)), pair_types, *gaussian, randn(4, 4), randn(4), randn(2, 4), randn(2), backend=backend)[0]),
+        ("path_edge_bias", "triton", lambda dual, backend: ops.path_edge_bias(routes, distances, dual(randn(1, 2)),
+                                                                     randn(1, 2, 2), backend=backend)),
+        ("outer_product_logits", "triton", lambda dual, backend: ops.outer_product_logits(dual(randn(1, 3, 2)),
+                                                                                 randn(1, 3, 2), randn(5, 4), backend=backend)),
+        ("fourier_cross_attention", "triton", lambda dual, backend: ops.fourier_cross_attention(
+            dual(randn(2, 3, 4)), randn(2, 5, 6), heads=2, backend=backend, **latent_weights)),
+        ("gated_fusion", "triton", lambda dual, backend: ops.gated_fusion(randn(2, 2, 4), dual(randn(2, 2, 4)),
+                                                                 randn(2, 2), backend=backend)[0]),
+        ("multi_infonce", "triton", lambda dual, backend: ops.multi_infonce({"a": dual(randn(4, 8)), "b": randn(4, 8)},
+                                                                   [("a", "b")], backend=backend)),
+        ("pair_distances", "cpp", lambda dual, backend: ops.pair_distances(dual(randn(1, 3, 3)), backend=backend)),
+        ("gaussian_basis", "cpp", lambda dual, backend: ops.gaussian_basis(dual(randn(1, 3, 3).abs()), pair_types,
+                                                                  *gaussian, backend=backend)),
+    ]
+
+
+@pytest.mark.parametrize("name", ["relation_attention", "gaussian_basis_bias", "path_edge_bias",
+                                  "outer_product_logits", "fourier_cross_attention", "gated_fusion", "multi_infonce",
+                                  "pair_distances", "gaussian_basis"])
+def test_forward_mode_ad_runs_on_the_reference_only(name):
+    """The kernels register a backward alone: under forward-mode AD their outputs would carry a zero tangent,
+    silently. A request for them refuses tangents with a named reason; the automatic choice (on CUDA too: see the
+    dispatch test below) takes the reference, whose tangent matches a finite difference."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    from pyblend._extension import extension_available
+
+    def case():
+        return {case[0]: case[1:] for case in _forward_ad_cases()}[name]
+
+    backend, call = case()
+    if backend == "cpp" and not extension_available():
+        pytest.skip("pyblend._C is not built")
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match=f"{name}: backend '{backend}' cannot run these inputs: an input "
+                                             "carries a forward-mode AD tangent"):
+            call(lambda x: fwAD.make_dual(x, torch.ones_like(x)), backend)
+    torch.set_default_dtype(torch.float64)  # a finite difference to compare with
+    try:
+        _, call = case()
+        # Not a uniform direction: that moves no distance (shifting every atom alike), for instance.
+        direction = lambda x: torch.linspace(-1, 2, x.numel()).reshape(x.shape)  # noqa: E731
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(call(lambda x: fwAD.make_dual(x, direction(x)), None)).tangent
+        step = 1e-6
+        difference = (call(lambda x: x + step * direction(x), None)
+                      - call(lambda x: x - step * direction(x), None)) / (2 * step)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    if difference.is_complex():
+        tangent, difference = torch.view_as_real(tangent), torch.view_as_real(difference)
+    assert difference.abs().max() > 0, "a case whose output does not depend on its dual input tests nothing"
+    torch.testing.assert_close(tangent, difference, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_mode_tangents_send_cuda_inputs_to_the_reference():
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    from pyblend.ops._dispatch import choose_backend
+
+    candidates = {"triton": lambda: [], "reference": lambda: []}
+    x = torch.randn(3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones(3))
+        with pytest.warns(UserWarning, match="probe_jvp: runs on the reference backend; skipped triton: an input "
+                                             "carries a forward-mode AD tangent"):
+            assert choose_backend("probe_jvp", None, torch.device("cuda"), candidates, inputs={"a": [dual]}) \
+                == "reference"
+        assert choose_backend("probe_jvp", None, torch.device("cuda"), candidates, inputs=(x, None)) == "triton"
+    assert choose_backend("probe_jvp", None, torch.device("cuda"), candidates, inputs=x) == "triton"
+
+
+@pytest.mark.parametrize("name", ["relation_attention", "gaussian_basis_bias", "path_edge_bias",
+                                  "outer_product_logits", "fourier_cross_attention", "gated_fusion", "multi_infonce"])
+def test_double_backward_on_triton_names_the_op_and_the_reference(name):
+    """A gradient of a gradient through a Triton op (e.g. training on forces) raises naming the op and the way
+    out, not PyTorch's advice to register a formula on pyblend's internal backward op."""
+    import torch
+
+    backend, call = {case[0]: case[1:] for case in _forward_ad_cases()}[name]
+    leaves = []
+    out = call(lambda x: leaves.append(x.clone().requires_grad_()) or leaves[-1], backend)
+    out = torch.view_as_real(out) if out.is_complex() else out
+    (gradient,) = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name.split('_logits')[0]}.*: the Triton path has first-order "
+                                           "gradients only; .* needs backend='reference'"):
+        gradient.square().sum().backward()

@@ -331,7 +331,7 @@ def test_opcheck(graphs, generator, layout):
     torch.library.opcheck(torch.ops.pyblend.path_edge_bias.default, args)
     bias = torch.ops.pyblend.path_edge_bias(*args)
     grad = torch.randn(bias.shape, generator=generator).to(target)
-    # The backward op has no autograd formula of its own (no double backward): checked on plain tensors.
+    # The backward op's own derivative only raises (no double backward): checked on plain tensors.
     torch.library.opcheck(torch.ops.pyblend.path_edge_bias_backward.default,
                           (grad, *args[:2], args[2].detach(), args[3].detach()))
 

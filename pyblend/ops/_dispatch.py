@@ -6,6 +6,10 @@ plain-PyTorch reference. A request comes from the op's ``backend=`` argument or 
 environment variable; a request that cannot be met raises with every reason, never silently falls back. Without a
 request, CUDA inputs the kernels cannot take run on the reference with a warning that names the reasons (once
 per op and reasons, as SDPA warns when its fused kernels refuse inputs); other fallbacks log at DEBUG.
+
+Only the reference has forward-mode derivatives: the Triton and C++ ops register a backward alone, and under
+``torch.func.jvp`` or ``torch.autograd.forward_ad`` their outputs would carry a zero tangent, silently. Inputs that
+carry a tangent therefore make those backends refuse, as for any other input they cannot take.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from .._extension import extension_available
 
@@ -46,8 +51,26 @@ def cpp_reasons(device: torch.device) -> list[str]:
     return reasons
 
 
+def forward_ad_reasons(inputs) -> list[str]:
+    """The reason a backend without forward-mode derivatives refuses ``inputs`` (tensors, None, or lists, tuples
+    and dicts of them), or none. Outside a forward-AD level (the usual case) this costs one attribute read."""
+    if torch.compiler.is_compiling() or getattr(forward_ad, "_current_level", 0) < 0:
+        return []
+    pending = [inputs]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, torch.Tensor) and forward_ad.unpack_dual(item).tangent is not None:
+            return ["an input carries a forward-mode AD tangent (torch.func.jvp, torch.autograd.forward_ad); "
+                    "only the reference has forward-mode derivatives"]
+    return []
+
+
 def choose_backend(op: str, requested: str | None, device: torch.device,
-                   candidates: dict[str, Callable[[], Sequence[str]]]) -> str:
+                   candidates: dict[str, Callable[[], Sequence[str]]], inputs=()) -> str:
     """Return the backend ``op`` runs on.
 
     Args:
@@ -57,7 +80,14 @@ def choose_backend(op: str, requested: str | None, device: torch.device,
         candidates: the op's backends: name -> function returning the reasons it cannot run (empty: it can).
             Automatic choice prefers Triton on CUDA, and the C++ engine then the reference on the CPU (Triton's
             interpreter runs only on request).
+        inputs: the op's differentiable inputs (tensors, or lists, tuples and dicts of them): every backend but
+            the reference refuses them when they carry forward-mode AD tangents.
     """
+    tangent_reasons = forward_ad_reasons(inputs)
+    if tangent_reasons:
+        candidates = {name: (reasons if name == "reference" else
+                             lambda reasons=reasons: [*reasons(), *tangent_reasons])
+                      for name, reasons in candidates.items()}
     if requested is None:
         requested = os.environ.get("PYBLEND_BACKEND") or None
     if requested is not None:

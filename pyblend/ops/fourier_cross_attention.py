@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.fourier_cross_attention import fft
+from ._autograd import refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -92,7 +93,7 @@ def fourier_cross_attention(
     chosen = choose_backend("fourier_cross_attention", backend, latent.device, {
         "triton": lambda: _triton_reasons(latent, tokens, weights, heads),
         "reference": lambda: [],
-    })
+    }, inputs=(latent, tokens, weights))
     if chosen == "reference":
         return reference.fourier_cross_attention(latent, tokens, heads=heads, **weights, **options)
     return _triton(latent, tokens, weights, heads, **options)
@@ -251,7 +252,7 @@ def _triton(latent, tokens, weights, heads, *, token_mask, temperature, fft_dims
     kv = F.linear(context.to(tokens.dtype), weights["kv_weight"].to(tokens.dtype)).contiguous()
 
     if latent.is_complex():
-        latent_ri = torch.view_as_real(latent.to(torch.complex64))
+        latent_ri = torch.view_as_real(latent.to(torch.complex64).resolve_conj())  # a conj() view has no real view
     else:
         real = latent.float()
         latent_ri = torch.stack((real, torch.zeros_like(real)), dim=-1)
@@ -457,8 +458,15 @@ def _backward(ctx, grad_out, _do, _dlse):
         grad_out = torch.zeros_like(latent)
     grads = torch.ops.pyblend.fourier_cross_attention_backward(grad_out.contiguous(), latent, kv, token_mask, o,
                                                                lse, *weights, *ctx.options)
-    dweights = [grad if present else None for grad, present in zip(grads[2:], ctx.present)]
+    # A switched-off LayerNorm's weights take no part: no gradient (None), as autograd gives the reference.
+    latent_norm, ff_norm = ctx.options[4], ctx.options[5]
+    unused = set() if latent_norm else {"latent_norm_weight", "latent_norm_bias"}
+    if not (ff_norm and ctx.present[_WEIGHT_ORDER.index("ff_in_weight")]):
+        unused |= {"ff_norm_weight", "ff_norm_bias"}
+    dweights = [grad if present and name not in unused else None
+                for name, grad, present in zip(_WEIGHT_ORDER, grads[2:], ctx.present)]
     return (grads[0], grads[1], None, *dweights, *([None] * len(ctx.options)))
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "fourier_cross_attention")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._autograd import refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -68,7 +69,7 @@ def gated_fusion(h: Tensor, gate_logits: Tensor, score_logits: Tensor, present: 
     chosen = choose_backend("gated_fusion", backend, h.device, {
         "triton": lambda: _triton_reasons(h),
         "reference": lambda: [],
-    })
+    }, inputs=(h, gate_logits, score_logits))
     if chosen == "reference":
         return reference.gated_fusion(h, gate_logits, score_logits, present, eps=float(eps),
                                       gate_scale=float(gate_scale))
@@ -190,3 +191,4 @@ def _backward(ctx, dfused, dweights, dentropy):
 
 
 _fusion_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "gated_fusion")

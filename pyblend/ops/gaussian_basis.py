@@ -60,7 +60,7 @@ def pair_distances(pos, mask=None, *, cu_seqlens=None, backend: str | None = Non
         check_cu_seqlens(cu_seqlens, total=pos.shape[0])
     check_mask(mask, pos.shape[:2], cu_seqlens)
     chosen = choose_backend("pair_distances", backend, pos.device,
-                            {"cpp": lambda: _cpp_reasons([pos]), "reference": lambda: []})
+                            {"cpp": lambda: _cpp_reasons([pos]), "reference": lambda: []}, inputs=pos)
     if chosen == "cpp":
         out = torch.ops.pyblend.pair_distances_cpp(pos, mask, cu_seqlens)
     elif cu_seqlens is None:
@@ -113,7 +113,7 @@ def gaussian_basis(distances, pair_types, means, stds, mul, bias, *, backend: st
                              f"got values in [{low}, {high}]")
     chosen = choose_backend("gaussian_basis", backend, distances.device,
                             {"cpp": lambda: _cpp_reasons([distances, means, stds, mul, bias]),
-                             "reference": lambda: []})
+                             "reference": lambda: []}, inputs=(distances, means, stds, mul, bias))
     if chosen == "cpp":
         out = torch.ops.pyblend.gaussian_basis_cpp(distances, pair_types, means, stds, mul.reshape(-1),
                                                    bias.reshape(-1))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..reference.gaussian_basis_bias import gaussian_basis_bias as _reference
+from ._autograd import refuse_double_backward
 from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
@@ -81,7 +82,7 @@ def gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w
     chosen = choose_backend("gaussian_basis_bias", backend, positions.device, {
         "triton": lambda: _triton_reasons(positions, w1, w2),
         "reference": lambda: [],
-    })
+    }, inputs=(positions, means, stds, mul, bias, w1, b1, w2, b2))
     if chosen == "reference":
         return _reference(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask=mask,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, std_eps=float(std_eps))
@@ -276,3 +277,4 @@ def _backward(ctx, dattn, dfeat):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "gaussian_basis_bias")

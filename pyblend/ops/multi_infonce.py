@@ -53,9 +53,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
+from ._autograd import refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -111,7 +113,7 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
     chosen = choose_backend("multi_infonce", backend, first.device, {
         "triton": lambda: _triton_reasons(embeddings, pairs),
         "reference": lambda: [],
-    })
+    }, inputs=(embeddings, temperature))
     if world is not None:
         return _distributed(embeddings, pairs, weights, temperature, masks, normalize, chosen, gather,
                             process_group, *world)
@@ -198,6 +200,7 @@ class _GatherWithGradient(torch.autograd.Function):
         return _gather(x, group, size)
 
     @staticmethod
+    @once_differentiable  # the collectives below have no derivative: a second differentiation must refuse
     def backward(ctx, grad):
         import torch.distributed as dist
 
@@ -469,6 +472,7 @@ def _row_backward(ctx, grad):
 
 
 _row_lse_op.register_autograd(_row_backward, setup_context=_row_setup_context)
+refuse_double_backward(_row_backward_op, "multi_infonce")
 
 
 def _setup_context(ctx, inputs, output):
@@ -489,3 +493,4 @@ def _backward(ctx, grad_row, grad_col):
 
 
 _lse_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "multi_infonce")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .. import reference
 from ..layout import pair_offsets
+from ._autograd import refuse_double_backward
 from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
@@ -294,7 +295,7 @@ def _backend(op: str, requested: str | None, layout: _Layout) -> str:
     return choose_backend(op, requested, layout.device, {
         "triton": lambda: _triton_reasons(layout),
         "reference": lambda: [],
-    })
+    }, inputs=layout.tensors)
 
 
 def _triton_reasons(layout: _Layout) -> list[str]:
@@ -403,3 +404,4 @@ def _loss_backward(ctx, grad, grad_stats, grad_count):
 
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+refuse_double_backward(_backward_op, "outer_product_logits / outer_product_loss / outer_product_cosine_loss")

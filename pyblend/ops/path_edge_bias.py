@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_offsets
 from ..reference.path_edge_bias import path_edge_bias as _reference
+from ._autograd import refuse_double_backward
 from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -68,7 +69,7 @@ def path_edge_bias(routes, distances, edge_embedding: Tensor, hop_weights: Tenso
     chosen = choose_backend("path_edge_bias", backend, edge_embedding.device, {
         "triton": lambda: _triton_reasons(edge_embedding),
         "reference": lambda: [],
-    })
+    }, inputs=(edge_embedding, hop_weights))
     if chosen == "reference":
         return _reference(routes, distances, edge_embedding, hop_weights).contiguous()
     # Distances past the K hops divide by K, so clamping first changes nothing and keeps int64 ones from wrapping.
@@ -193,3 +194,4 @@ def _backward(ctx, grad):
 
 
 _bias_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "path_edge_bias")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._autograd import refuse_double_backward
 from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
@@ -107,7 +108,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     chosen = choose_backend("relation_attention", backend, q.device, {
         "triton": lambda: _triton_reasons(q),
         "reference": lambda: [],
-    })
+    }, inputs=(q, k, v, bias, rel_table))
     if chosen == "reference":
         # Plain differentiable torch ops: autograd and torch.compile see straight through them.
         return reference.relation_attention(q, k, v, bias, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -253,3 +254,4 @@ def _backward(ctx, grad_out, grad_lse, grad_logits):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_backward_op, "relation_attention")
