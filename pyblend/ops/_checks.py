@@ -26,6 +26,13 @@ def id_range(ids: Tensor, read: Tensor | None = None, fill: int = 0) -> tuple[in
     return low, high
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` that also takes torch.compile's symbolic floats (``dynamic=True`` turns float arguments
+    into SymFloats, which ``math.isfinite`` refuses): ``x - x`` is 0 exactly when x is finite (inf - inf and
+    anything involving NaN are NaN)."""
+    return value - value == 0
+
+
 def describe(x: Tensor) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
 
@@ -78,6 +85,16 @@ def check_same_device(reference: Tensor, reference_name: str, **others: Tensor |
         if x is not None and x.device != reference.device:
             raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}; "
                              f"got {describe(x)}")
+
+
+def check_packed_form(cu_seqlens: Tensor, max_seqlen) -> None:
+    """What :func:`packed_layout` checks without reading ``cu_seqlens`` (under torch.compile, where a host read
+    would break the graph): its dtype and rank, and an int ``max_seqlen``, then trusted."""
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected an int under torch.compile (it cannot read cu_seqlens); "
+                         f"got {max_seqlen!r}")
 
 
 def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, int, int]:

@@ -22,13 +22,12 @@ that a packed batch gets exactly the padded batch's draw from the same generator
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_index, seqlens
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, id_range
+from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, id_range, is_finite
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
 
@@ -46,7 +45,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
 
     Args:
         mask: ``(B, N)`` bool, True = real atom (padded layout). Give this or ``cu_seqlens``.
-        cu_seqlens: ``(B + 1,)`` int32 (packed layout), with ``max_seqlen`` (int, the largest molecule).
+        cu_seqlens: ``(B + 1,)`` int32 (packed layout), with ``max_seqlen`` (int, at least the largest molecule;
+            both checked on the host, or trusted under torch.compile).
         probs: three non-negative numbers with a positive sum (normalised here). ``mode="pair"`` and ``"batch"``:
             the probabilities of (SPD, edge, 3D), 0.2 / 0.2 / 0.6 by default (the paper's). ``mode="molecule"``:
             the probabilities of the subsets (2D = SPD + edge, 3D, 2D + 3D).
@@ -93,12 +93,15 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     later = per_molecule.flip(1).cumsum(1).flip(1)[:, 1:]                                # (B, 2)
     bounds = torch.where(later > 0, cumulative[:, :-1], float("inf"))
 
+    # generator=None is left out: torch.compile traces that overload with concrete sizes only (a crash at the
+    # second batch shape).
+    rand_options = dict(device=device) if generator is None else dict(generator=generator, device=device)
     if mode == "molecule":
-        draw = torch.rand(batch, 1, 1, generator=generator, device=device)
+        draw = torch.rand(batch, 1, 1, **rand_options)
     elif mode == "batch":
-        draw = torch.rand(1, atoms, atoms, generator=generator, device=device).expand(batch, atoms, atoms)
+        draw = torch.rand(1, atoms, atoms, **rand_options).expand(batch, atoms, atoms)
     else:
-        draw = torch.rand(batch, atoms, atoms, generator=generator, device=device)
+        draw = torch.rand(batch, atoms, atoms, **rand_options)
     if symmetric and mode != "molecule":
         draw = torch.triu(draw) + torch.triu(draw, diagonal=1).transpose(1, 2)
     # The outcome whose cumulative interval holds the draw.
@@ -127,11 +130,13 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor 
         check_dtype(mask, "mask", (torch.bool,))
         check_shape(mask, "mask", (None, None), "(B, N)")
     else:
-        check_cu_seqlens(cu_seqlens)
+        eager = not torch.compiler.is_compiling()  # host reads would break a graph: trusted under compile
+        if eager:
+            check_cu_seqlens(cu_seqlens)
         lengths = seqlens(cu_seqlens)
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected an int >= 0 with cu_seqlens; got {max_seqlen!r}")
-        if len(lengths) and int(lengths.max()) > max_seqlen:
+        if eager and len(lengths) and int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen: {max_seqlen} is below the largest molecule in cu_seqlens "
                              f"({int(lengths.max())} atoms)")
         mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]
@@ -242,6 +247,6 @@ def _probabilities(probs) -> Tensor:
         values = probs.detach().flatten().tolist() if isinstance(probs, Tensor) else [float(p) for p in probs]
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"probs: expected three numbers; got {probs!r}") from None
-    if len(values) != 3 or not all(math.isfinite(p) and p >= 0 for p in values) or sum(values) <= 0:
+    if len(values) != 3 or not all(is_finite(p) and p >= 0 for p in values) or sum(values) <= 0:
         raise ValueError(f"probs: expected three finite non-negative numbers with a positive sum; got {probs!r}")
     return torch.tensor([p / sum(values) for p in values], dtype=torch.float32)

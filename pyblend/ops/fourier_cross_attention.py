@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import reference
 from ..reference.fourier_cross_attention import fft
 from ._autograd import refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_shape, describe
+from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["fourier_cross_attention"]
@@ -175,11 +175,11 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
             raise ValueError(f"token_mask: expected a tensor on {latent.device} like latent; "
                              f"got {describe(token_mask)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (math.isfinite(temperature) and temperature > 0):
+            not (is_finite(temperature) and temperature > 0):
         raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
     if isinstance(fft_dims, bool) or fft_dims not in (1, 2):
         raise ValueError(f"fft_dims: expected 1 (over C) or 2 (over C and D); got {fft_dims!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (is_finite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
     return latent, tokens, weights, token_mask
 
@@ -218,10 +218,12 @@ def _token_spectrum(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
 def _ragged_fft_real(packed: Tensor, counts: Tensor) -> Tensor:
     """``Re FFT`` of length ``counts[b]`` of each ``packed[b, :counts[b]]`` (float32 ``(B, N, E)``; zeros from
     ``counts[b]`` on), with no host read: Bluestein's chirp-z transform writes a length-n DFT as a convolution
-    with the chirp ``exp(i pi m^2 / n)``, done by FFTs of one power-of-two length L >= 2N - 1 for every sample.
+    with the chirp ``exp(i pi m^2 / n)``, done by FFTs of one length L = 2N >= 2N - 1 for every sample.
     Costs about three FFTs of length L instead of one of length n, so eager calls use the grouped FFT."""
     batch, width = packed.shape[:2]
-    length = 1 << (2 * width - 1).bit_length()
+    # Any length >= 2N - 1 holds the linear convolution; 2N rather than the next power of two, whose bit_length()
+    # would fix N in the compiled graph (one recompilation per token count).
+    length = 2 * width
     n = counts.clamp(min=1).to(torch.int64)[:, None]
     m = torch.arange(width, device=packed.device, dtype=torch.int64)
     inside = m < counts[:, None]

@@ -10,7 +10,6 @@ with fake implementations, so ``torch.compile`` traces it. Semantics: :mod:`pybl
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -23,9 +22,11 @@ from ._checks import (
     as_tensor,
     check_dtype,
     check_mask,
+    check_packed_form,
     check_same_device,
     check_shape,
     describe,
+    is_finite,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -142,12 +143,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
             raise ValueError(f"positions: expected the packed layout (T, 3), as cu_seqlens is given; "
                              f"got {describe(positions)}")
         if torch.compiler.is_compiling():
-            # Reading cu_seqlens would break the graph: only its form is checked, and P is pair_types' length.
-            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-                raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
-            if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-                raise ValueError(f"max_seqlen: expected an int under torch.compile (it cannot read cu_seqlens); "
-                                 f"got {max_seqlen!r}")
+            check_packed_form(cu_seqlens, max_seqlen)  # P: pair_types' length
             pairs = pair_types.shape[0]
         else:
             _, max_seqlen, pairs = packed_layout(cu_seqlens, positions.shape[0], max_seqlen)
@@ -168,7 +164,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
                 (pair_types.dim() == 4 and pair_types.shape[3] != 2):
             raise ValueError(f"pair_types: expected the padded shape (B, N, N) or (B, N, N, 2) = ({batch}, {atoms}, "
                              f"{atoms}[, 2]); got {describe(pair_types)}")
-    if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (math.isfinite(std_eps)
+    if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (is_finite(std_eps)
                                                                                   and std_eps > 0):
         raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
     if not torch.compiler.is_compiling():

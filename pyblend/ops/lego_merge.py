@@ -28,14 +28,13 @@ latents whose modality the sample has (M becomes that sample's count).
 """
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ._checks import describe
+from ._checks import describe, is_finite
 
 __all__ = ["MERGE_METHODS", "merge_latents", "slerp"]
 
@@ -116,7 +115,7 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
     latents = _check_latents(latents)
     if method not in MERGE_METHODS:
         raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (is_finite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
     mask = _check_present(present, len(latents), latents[0])
     stacked = torch.stack(latents)                                                  # (M, ...)

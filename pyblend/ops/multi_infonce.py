@@ -47,7 +47,6 @@ What a rank gets back, and its gradient:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -58,7 +57,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
 from ._autograd import refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_shape, describe
+from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["multi_infonce"]
@@ -347,7 +346,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
         if len(weights) != len(pairs):
             raise ValueError(f"weights: expected one weight per pair ({len(pairs)}); got {len(weights)}")
         for w in weights:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not is_finite(w):
                 raise TypeError(f"weights: expected finite floats; got {w!r}")
         weights = [float(w) for w in weights]
 
@@ -359,10 +358,10 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
                              f"got {describe(temperature)}")
         if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
+            if not (is_finite(value) and value > 0):
                 raise ValueError(f"temperature: expected a finite value > 0; got {value!r}")
     elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (math.isfinite(temperature) and temperature > 0):
+            not (is_finite(temperature) and temperature > 0):
         raise ValueError(f"temperature: expected a finite float > 0 or a 0-dim tensor; got {temperature!r}")
 
     if not isinstance(normalize, bool):

@@ -20,9 +20,11 @@ from ._checks import (
     as_tensor,
     check_dtype,
     check_mask,
+    check_packed_form,
     check_same_device,
     describe,
     id_range,
+    is_finite,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -50,7 +52,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
             place too, but gets the full-shape gradient autograd expects of it.
         mask: ``(B, N)`` bool, True = real atom (padded layout). Default: every atom is real.
         cu_seqlens: ``(B+1,)`` int32, selects the packed layout; ``max_seqlen``: the longest molecule (read from
-            ``cu_seqlens`` when None).
+            ``cu_seqlens`` when None; required under ``torch.compile``, which cannot read it, and then trusted).
         scale: default ``1 / sqrt(D)``.
         dropout_p: dropout on the attention probabilities, with a seed drawn from ``generator`` (default: torch's
             global generator), so ``torch.manual_seed`` makes it reproducible. Backends draw different patterns.
@@ -64,7 +66,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     Returns:
         ``out`` shaped like ``q`` (zeros at padded atoms and rows with no live key), or ``(out, logits)``.
 
-    Validation reads ``cu_seqlens`` and, outside ``torch.compile``, the relation ids' range: one small
+    Outside ``torch.compile``, validation reads ``cu_seqlens`` and the relation ids' range: one small
     device-to-host copy each.
     """
     q, k, v = (as_tensor(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
@@ -90,7 +92,11 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         raise ValueError(f"q: expected a head width D >= 1; got {describe(q)}")
     if packed:
         check_mask(mask, (), cu_seqlens)
-        host, max_seqlen, pairs = packed_layout(cu_seqlens, q.shape[0], max_seqlen)
+        if torch.compiler.is_compiling():
+            check_packed_form(cu_seqlens, max_seqlen)  # P: the pair length of the bias or the relation ids
+            pairs = bias.shape[-1] if bias is not None else rel_index.shape[0] if rel_index is not None else None
+        else:
+            _, max_seqlen, pairs = packed_layout(cu_seqlens, q.shape[0], max_seqlen)
         batch = cu_seqlens.numel() - 1
     else:
         batch, atoms = q.shape[0], q.shape[1]
@@ -100,7 +106,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     _check_relations(rel_index, rel_table, mask, packed, batch, heads, max_seqlen, pairs if packed else None)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not is_finite(scale):
         raise ValueError(f"scale: expected a finite float; got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1); got {dropout_p!r}")
@@ -138,15 +144,15 @@ def _check_bias(bias, packed, batch, heads, atoms, pairs):
     if bias is None:
         return
     check_dtype(bias, "bias", _FLOAT_DTYPES)
+    # The message is formatted only on failure: under torch.compile, formatting a symbolic size fixes it (one
+    # recompilation per molecule size).
     if packed:
-        ok = bias.dim() == 2 and bias.shape[0] in (1, heads) and bias.shape[1] == pairs
-        want = f"(H|1, P) = ({heads} or 1, {pairs})"
-    else:
-        ok = bias.dim() == 4 and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads) and \
-            tuple(bias.shape[2:]) == (atoms, atoms)
-        want = f"(B|1, H|1, N, N) = ({batch} or 1, {heads} or 1, {atoms}, {atoms})"
-    if not ok:
-        raise ValueError(f"bias: expected shape {want}; got {describe(bias)}")
+        if not (bias.dim() == 2 and bias.shape[0] in (1, heads) and bias.shape[1] == pairs):
+            raise ValueError(f"bias: expected shape (H|1, P) = ({heads} or 1, {pairs}); got {describe(bias)}")
+    elif not (bias.dim() == 4 and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads)
+              and tuple(bias.shape[2:]) == (atoms, atoms)):
+        raise ValueError(f"bias: expected shape (B|1, H|1, N, N) = ({batch} or 1, {heads} or 1, {atoms}, {atoms}); "
+                         f"got {describe(bias)}")
 
 
 def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pairs):

@@ -1,0 +1,117 @@
+"""torch.compile as a molecular model sees it: every batch has its own size (B, N atoms, T, token counts).
+
+After the first change of size PyTorch compiles one graph with symbolic sizes (automatic dynamic shapes), or from
+the start with ``dynamic=True``; an op that reads a size into Python (formats it into a message, takes its
+bit_length, passes ``generator=None`` to a factory that wants concrete sizes) or reads a tensor on the host
+instead fixes it, recompiles for every size or fails. Each case runs several sizes through one compiled function
+and counts the compiled frames; outputs match eager.
+"""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from pyblend import ops
+
+from graphs import backend_device
+
+
+def compile_counted(fn, dynamic=None):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, backend=counter, fullgraph=True, dynamic=dynamic), counter
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_relation_attention_with_a_dense_bias_compiles_once_for_every_batch_shape(generator, backend):
+    """The bias shape check formatted B and N into its message before checking: one compilation per (B, N)."""
+    target = backend_device(backend)
+
+    def attend(q, k, v, bias, mask):
+        return ops.relation_attention(q, k, v, bias, mask=mask, backend=backend)
+
+    compiled, counter = compile_counted(attend)
+    for sizes in ([5, 3, 2], [7, 4], [6, 6, 2, 5]):
+        batch, atoms = len(sizes), max(sizes)
+        mask = (torch.arange(atoms)[None] < torch.tensor(sizes)[:, None]).to(target)
+        q, k, v = (torch.randn(batch, atoms, 2, 8, generator=generator).to(target) for _ in range(3))
+        bias = torch.randn(batch, 2, atoms, atoms, generator=generator).to(target)
+        torch.testing.assert_close(compiled(q, k, v, bias, mask), attend(q, k, v, bias, mask))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 batch shapes"
+
+
+def test_float_arguments_under_dynamic_true(generator):
+    """``dynamic=True`` turns float arguments into symbolic floats, which math.isfinite refused in the checks."""
+    tokens = torch.randn(2, 3, 6, generator=generator)
+    latent_weights = [torch.randn(8, 8, generator=generator), torch.randn(16, 6, generator=generator),
+                      torch.randn(8, 8, generator=generator)]
+    cases = {
+        "relation_attention": (lambda q: ops.relation_attention(q, q, q, scale=0.5),
+                               torch.randn(2, 5, 2, 8, generator=generator)),
+        "gated_fusion": (lambda h: ops.gated_fusion(h, h, h[..., 0], eps=1e-6, gate_scale=2.0)[0],
+                         torch.randn(3, 2, 4, generator=generator)),
+        "multi_infonce": (lambda x: ops.multi_infonce({"a": x, "b": x.flip(0)}, [("a", "b")], temperature=0.2,
+                                                      weights=[1.0]), torch.randn(4, 8, generator=generator)),
+        "fourier_cross_attention": (lambda x: ops.fourier_cross_attention(
+            x, tokens, *latent_weights, heads=2, temperature=0.5, eps=1e-5),
+            torch.randn(2, 4, 8, generator=generator)),
+        "merge_latents": (lambda x: ops.merge_latents([x, x.conj()], eps=1e-6),
+                          torch.randn(2, 4, 3, dtype=torch.complex64, generator=generator)),
+        "sample_blend": (lambda mask: ops.sample_blend(mask, probs=(0.3, 0.3, 0.4)),
+                         torch.ones(2, 4, dtype=torch.bool)),
+    }
+    for name, (fn, x) in cases.items():
+        compiled, _ = compile_counted(fn, dynamic=True)
+        got = compiled(x)
+        if name != "sample_blend":  # a random draw
+            torch.testing.assert_close(got, fn(x), msg=name)
+
+
+@pytest.mark.parametrize("mode", ["pair", "batch", "molecule"])
+def test_sample_blend_compiles_across_batch_shapes(generator, mode):
+    """``torch.rand(..., generator=None)`` takes concrete sizes only: the second batch shape crashed."""
+    compiled, counter = compile_counted(lambda mask: ops.sample_blend(mask, mode=mode))
+    for sizes in ([4, 2, 3], [6, 5], [3, 3, 1, 2]):
+        mask = torch.arange(max(sizes))[None] < torch.tensor(sizes)[:, None]
+        choice = compiled(mask)
+        pairs = mask[:, :, None] & mask[:, None, :]
+        assert choice.shape == pairs.shape and (choice[~pairs] == 0).all() and (choice[pairs] > 0).all()
+    assert counter.frame_count <= 2
+
+
+def test_packed_relation_attention_and_blend_compile_with_max_seqlen(generator):
+    """Packed calls read cu_seqlens on the host when eager; under torch.compile they trust ``max_seqlen`` (the
+    host read broke every fullgraph compile of packed relation attention and blend sampling)."""
+    target = backend_device("triton")
+    lengths = torch.tensor([5, 2, 4])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    q, k, v = (torch.randn(atoms, 2, 8, generator=generator).to(target) for _ in range(3))
+    bias = torch.randn(2, pairs, generator=generator).to(target)
+
+    def attend(q, k, v, bias, cu_seqlens):
+        return ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens, max_seqlen=5, backend="triton")
+
+    compiled, _ = compile_counted(attend)
+    cu_seqlens = cu_seqlens.to(target)
+    torch.testing.assert_close(compiled(q, k, v, bias, cu_seqlens), attend(q, k, v, bias, cu_seqlens))
+    sample, _ = compile_counted(lambda cu: ops.sample_blend(cu_seqlens=cu, max_seqlen=5))
+    assert sample(cu_seqlens).shape == (pairs,)
+    with pytest.raises(ValueError, match="max_seqlen: 4 is below the largest molecule"):
+        ops.sample_blend(cu_seqlens=cu_seqlens, max_seqlen=4)  # eager calls still check it
+
+
+def test_fourier_cross_attention_with_a_token_mask_compiles_once_for_every_token_count(generator):
+    """The masked token FFT's length came from bit_length() of the token count: one compilation per count."""
+    def step(latent, tokens, wq, wkv, wo, mask):
+        return ops.fourier_cross_attention(latent, tokens, wq, wkv, wo, heads=2, token_mask=mask, backend="triton")
+
+    compiled, counter = compile_counted(step)
+    weights = [torch.randn(8, 8, generator=generator) / 3, torch.randn(16, 6, generator=generator) / 3,
+               torch.randn(8, 8, generator=generator) / 3]
+    for batch, tokens in ((3, 7), (4, 9), (2, 12)):
+        mask = torch.rand(batch, tokens, generator=generator) < 0.7
+        mask[0] = True
+        args = (torch.randn(batch, 4, 8, generator=generator), torch.randn(batch, tokens, 6, generator=generator),
+                *weights, mask)
+        torch.testing.assert_close(compiled(*args), step(*args), rtol=2e-4, atol=2e-5)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 token counts"
