@@ -22,7 +22,6 @@ that a packed batch gets exactly the padded batch's draw from the same generator
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
