@@ -19,7 +19,7 @@ from pyblend.reference.fourier_cross_attention import token_spectrum
 
 from graphs import backend_device
 from hopper import run_compile_script
-from tolerances import RELATIVE_ERROR, assert_close, assert_close_to_sum
+from tolerances import RELATIVE_ERROR, assert_close, assert_close_to_sum, relative_error
 
 HAS_CUDA = torch.cuda.is_available()
 # bf16 arithmetic is wrong in Triton's interpreter: bf16 runs on the GPU only.
@@ -272,6 +272,25 @@ def test_conjugate_view_of_a_complex_latent(generator, backend):
     got = fourier_cross_attention(latent.conj(), tokens, heads=2, backend=backend, **problem)
     want = fourier_cross_attention(latent.conj().resolve_conj(), tokens, heads=2, backend=backend, **problem)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_half_precision_tokens_whose_unnormalised_spectrum_leaves_their_range(generator):
+    """float16 tokens near 8000 (valid) and no context LayerNorm: the spectrum's DC term sums every token (~1e5,
+    past float16's 65504) and was cast back to float16 before the K/V projection (inf: a wrong output, NaN
+    gradients). The reference computes it in float32; so does the Triton path now."""
+    problem = rounded(make_problem(generator, batch=2, channels=8, dim=16, tokens=12, width=16, ff=False),
+                      torch.float32)
+    latent = problem.pop("latent").requires_grad_()
+    tokens = (problem.pop("tokens") * 3 + 8000).to(torch.float16).requires_grad_()
+    weights = {name: x.requires_grad_() for name, x in problem.items()}
+    out = fourier_cross_attention(latent, tokens, heads=2, context_norm=False, backend="triton", **weights)
+    torch.view_as_real(out).square().sum().backward()
+    wide = {name: x.detach().double() for name, x in weights.items()}
+    expected = fourier_cross_attention(latent.detach().double(), tokens.detach().double(), heads=2,
+                                       context_norm=False, backend="reference", **wide)
+    assert relative_error(torch.view_as_real(out), torch.view_as_real(expected)) < RELATIVE_ERROR[torch.float16]
+    used = [x for name, x in weights.items() if not name.startswith("context_norm")]  # switched off: no grad
+    assert all(torch.isfinite(x.grad).all() for x in (latent, tokens, *used))
 
 
 def test_reference_computes_in_float64_when_any_input_is(generator):

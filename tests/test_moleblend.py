@@ -486,3 +486,38 @@ def test_packed_batch_runs_packed_on_the_kernels(graphs, graphs_2d, monkeypatch)
     assert padded_calls == [(tokens, 16)], "the forward pads its final activations, once"
     real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_pretraining_under_bfloat16_autocast(graphs, layout):
+    """AMP: the heads' projections come out of autocast in bfloat16 while their output Linear stays float32; the
+    fused pair losses take one dtype, so the model hands them the weights in the rows' dtype."""
+    model = _model()
+    batch = collate(graphs, layout=layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(value) for value in parts.values())
+    missing = [name for name, p in model.named_parameters()
+               if p.grad is None or p.grad.dtype != torch.float32 or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_float64_model_keeps_every_loss_part_in_float64(graphs):
+    model = _model().double()
+    loss, parts = model.pretrain_loss(collate(graphs), generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float64 and {value.dtype for value in parts.values()} == {torch.float64}
+
+
+def test_reset_parameters_restores_every_parameter_after_to_empty():
+    """Meta construction, ``to_empty()``, then ``reset_parameters()`` (deferred initialisation): no parameter may
+    keep the uninitialised memory (LayerNorms and the Gaussian layer were skipped)."""
+    model = _model()
+    for parameter in model.parameters():
+        parameter.data.fill_(float("nan"))  # what to_empty() may leave
+    model.reset_parameters()
+    left = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert not left, left
+    gbf = model.gaussian.gbf
+    assert ((gbf.means.weight >= 0) & (gbf.means.weight <= 3)).all() and (gbf.mul.weight == 1).all()
+    assert all((module.weight == 1).all() for module in model.modules() if isinstance(module, torch.nn.LayerNorm))

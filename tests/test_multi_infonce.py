@@ -544,6 +544,23 @@ def test_module_compiles(generator, backend):
         torch.testing.assert_close(ours, theirs)
 
 
+def test_module_with_some_heads_under_autocast(generator):
+    """Under autocast the heads give bfloat16 while a modality without a head keeps float32: the module takes
+    them to one dtype (the op refuses a mix), and its loss follows the float32 one closely."""
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    torch.manual_seed(0)
+    module = MultiPairContrastive([("a", "b"), ("b", "c")], projections={"a": 5, "b": 7}, projection_dim=8)
+    embeddings = {"a": torch.randn(6, 5, generator=generator), "b": torch.randn(6, 7, generator=generator),
+                  "c": torch.randn(6, 8, generator=generator)}
+    expected = module(embeddings)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module(embeddings)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 3e-2 * expected.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
 def test_module_validates():
     from pyblend.nn.contrastive import MultiPairContrastive
 

@@ -218,6 +218,13 @@ class _OuterProductHead(nn.Module):
         self.row, self.col = _PairProjection(dim, width), _PairProjection(dim, width)
         self.out = nn.Linear(width * width, classes)
 
+    def projected(self, atoms: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(row, col, out.weight, out.bias)`` for the fused ops, which take one dtype: under autocast the
+        projections come out in 16 bits while the parameters stay float32, so these follow the rows (a
+        differentiable cast, as autocast's own Linear makes)."""
+        row, col = self.row(atoms), self.col(atoms)
+        return row, col, self.out.weight.to(row.dtype), self.out.bias.to(row.dtype)
+
 
 class NoisyNodeHead(nn.Module):
     """Transformer-M's atom head (``AtomTaskHead``, same parameter names): per-head attention over the atoms
@@ -353,7 +360,7 @@ class MoleBlend(nn.Module):
         self.edge_head = _OuterProductHead(dim, width, config.max_hops * BOND_FEATURE_DIMS[0])
         self.geometry_head = _OuterProductHead(dim, width, 3)
         self.atom_proc = NoisyNodeHead(dim, heads)
-        self.reset_parameters()
+        self._graphormer_init()
 
     @property
     def unreachable_id(self) -> int:
@@ -364,6 +371,14 @@ class MoleBlend(nn.Module):
         return self.config.max_distance + 2
 
     def reset_parameters(self) -> None:
+        """Every parameter as at construction (after ``to_empty()`` they hold garbage): each submodule's own
+        initialisation, then Graphormer's."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._graphormer_init()
+
+    def _graphormer_init(self) -> None:
         """Graphormer's init: Linear and Embedding weights N(0, 0.02), biases 0; the Gaussian layer keeps its own."""
         gaussian = {id(module) for module in self.gaussian.modules()}
         for module in self.modules():
@@ -554,8 +569,14 @@ class MoleBlend(nn.Module):
         Noise (scale ``noise_scale``) is added to the positions of molecules with a conformer; the blended
         encoder then predicts, for every atom pair, the SPD class, the bond type of each hop of the shortest
         path and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
-        ``generator`` drives both the noise and the blend (default: torch's global generator). A packed batch
-        runs packed (its draws differ from the padded batch's). ``noise``: see :meth:`relation_loss`."""
+        ``generator`` drives both the noise and the blend (default: torch's global generator), not dropout (seed
+        torch too for a reproducible step with dropout); the noise is drawn in eval mode too (it is the
+        denoising target), so an evaluation loss is fixed by ``generator`` or ``noise``. A packed batch runs
+        packed (its draws differ from the padded batch's). ``noise``: see :meth:`relation_loss`.
+
+        A batch in which no molecule has a conformer leaves the 3D parameters (``gaussian``, ``atom_3d_proj``,
+        ``geometry_head``, ``atom_proc``) without gradient: under DistributedDataParallel, where a rank may draw
+        such a batch, pass ``find_unused_parameters=True``."""
         return self.relation_loss(self.build_relations(batch), generator=generator, noise=noise)
 
     def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None,
@@ -609,18 +630,18 @@ class MoleBlend(nn.Module):
                 # Only the molecules with a conformer: the others keep their place with no atoms.
                 lengths = seqlens(relations.cu_seqlens) * known
                 known_cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-                known_rows = atoms[known_atoms]
                 parts["geometry"] = outer_product_cosine_loss(
-                    head.row(known_rows), head.col(known_rows), head.out.weight, head.out.bias,
-                    positions=clean[known_atoms], cu_seqlens=known_cu_seqlens, max_seqlen=relations.max_seqlen)
+                    *head.projected(atoms[known_atoms]), positions=clean[known_atoms], cu_seqlens=known_cu_seqlens,
+                    max_seqlen=relations.max_seqlen)
                 head_layout = {**layout, "pair_atoms": (index.pair_row, index.pair_col)}
             else:
-                parts["geometry"] = outer_product_cosine_loss(head.row(atoms), head.col(atoms), head.out.weight,
-                                                              head.out.bias, positions=clean, mask=known_atoms)
+                parts["geometry"] = outer_product_cosine_loss(*head.projected(atoms), positions=clean,
+                                                              mask=known_atoms)
                 head_layout = layout
             bias = None if geometry_bias is None else geometry_bias.to(atoms.dtype)
             predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)
-            cosine = F.cosine_similarity(predicted.float(), noise.float(), dim=-1, eps=1e-8)
+            wide = torch.promote_types(predicted.dtype, torch.float32)  # float64 models keep float64
+            cosine = F.cosine_similarity(predicted.to(wide), noise.to(wide), dim=-1, eps=1e-8)
             parts["denoise"] = (1 - cosine)[known_atoms].mean()
         total = sum(config.loss_weights[name] * value for name, value in parts.items())
         return total, parts
@@ -628,8 +649,8 @@ class MoleBlend(nn.Module):
     @staticmethod
     def _pair_loss(head: _OuterProductHead, atoms: Tensor, target: Tensor, groups: int = 1, **layout) -> Tensor:
         """``layout``: ``mask`` (padded) or ``cu_seqlens`` and ``max_seqlen`` (packed)."""
-        return outer_product_loss(head.row(atoms), head.col(atoms), head.out.weight, head.out.bias, target=target,
-                                  groups=groups, ignore_index=-100, **layout)
+        return outer_product_loss(*head.projected(atoms), target=target, groups=groups, ignore_index=-100,
+                                  **layout)
 
 
 class MoleBlendPredictor(nn.Module):
@@ -638,7 +659,8 @@ class MoleBlendPredictor(nn.Module):
     Runs on 2D-only batches (no positions: SPD + edge channels) or 2D + 3D ones. ``loss(batch)``: binary
     cross-entropy per task (``task="classification"``) or MSE (``"regression"``) over the labels that are not NaN.
     The encoder's pretraining heads (``spd_head``, ``edge_head``, ``geometry_head``, ``atom_proc``) get no gradient
-    here: under DistributedDataParallel pass ``find_unused_parameters=True``, or delete them before wrapping.
+    here, nor do its 3D parameters (``gaussian``, ``atom_3d_proj``) on a 2D-only batch: under
+    DistributedDataParallel pass ``find_unused_parameters=True`` (deleting the heads is not enough on 2D data).
     """
 
     def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification"):

@@ -16,6 +16,7 @@ Example (MolBind's four pairs, 0.25 each)::
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -80,6 +81,7 @@ class MultiPairContrastive(nn.Module):
             raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
         self.learnable_temperature = bool(learnable_temperature)
         self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
+        self.initial_temperature = float(temperature)
         if self.learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
             self.fixed_temperature = None
@@ -99,6 +101,12 @@ class MultiPairContrastive(nn.Module):
         self.gather = gather
         self.process_group = process_group
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        """The learnable temperature back to its initial value (the heads reset themselves)."""
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.fill_(math.log(1.0 / self.initial_temperature))
 
     @property
     def temperature(self) -> float | Tensor:
@@ -130,6 +138,10 @@ class MultiPairContrastive(nn.Module):
         """``embeddings``: modality -> ``(B, d)``; ``masks``: modality -> ``(B,)`` bool or None. Returns the 0-dim
         loss (across ranks: the global loss; see :func:`pyblend.ops.multi_infonce`)."""
         projected = self.project(embeddings, masks)
+        dtypes = {x.dtype for x in projected.values() if isinstance(x, Tensor)}
+        if len(dtypes) > 1:  # under autocast the heads give 16 bits and unprojected modalities keep theirs
+            common = functools.reduce(torch.promote_types, dtypes)
+            projected = {name: x.to(common) if isinstance(x, Tensor) else x for name, x in projected.items()}
         return ops.multi_infonce(projected, self.pairs, weights=self.weights, temperature=self.temperature,
                                  masks=masks, normalize=self.normalize, backend=self.backend, gather=self.gather,
                                  process_group=self.process_group)

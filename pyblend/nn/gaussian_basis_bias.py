@@ -15,6 +15,8 @@ Transformer-M gives ``gbf.mul`` / ``gbf.bias`` ``padding_idx=0`` (row 0 gets no 
 """
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor, nn
 
 from ..ops.gaussian_basis_bias import gaussian_basis_bias
@@ -24,19 +26,34 @@ __all__ = ["GaussianBasisBias"]
 _PAIR_TYPE_MODES = ("sum2", "single")
 
 
+class _InitEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose ``reset_parameters`` gives the public layer's initialisation (``initializer``,
+    e.g. U(0, 3) or a constant), so that resetting every submodule after ``to_empty()``, in any order, restores
+    the construction's init rather than N(0, 1)."""
+
+    def __init__(self, rows: int, cols: int, initializer):
+        super().__init__(rows, cols)  # nn.Embedding's N(0, 1) draw, as the public layer's construction makes
+        self.initializer = initializer
+
+    def reset_parameters(self) -> None:
+        initializer = getattr(self, "initializer", None)  # None inside nn.Embedding's own __init__
+        if initializer is None:
+            super().reset_parameters()
+        else:
+            initializer(self.weight)
+
+
 class _GaussianLayer(nn.Module):
     """The parameter holder of Uni-Mol / Transformer-M's ``GaussianLayer`` (same names and inits)."""
 
     def __init__(self, num_kernels: int, num_pair_types: int):
         super().__init__()
-        self.means = nn.Embedding(1, num_kernels)
-        self.stds = nn.Embedding(1, num_kernels)
-        self.mul = nn.Embedding(num_pair_types, 1)
-        self.bias = nn.Embedding(num_pair_types, 1)
-        nn.init.uniform_(self.means.weight, 0, 3)
-        nn.init.uniform_(self.stds.weight, 0, 3)
-        nn.init.constant_(self.bias.weight, 0)
-        nn.init.constant_(self.mul.weight, 1)
+        self.means = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3))
+        self.stds = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3))
+        self.mul = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=1))
+        self.bias = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=0))
+        for table in (self.means, self.stds, self.bias, self.mul):  # the public code's order of draws
+            table.reset_parameters()
 
 
 class _NonLinear(nn.Module):

@@ -198,6 +198,10 @@ class LegoBlock(nn.Module):
                                      for _ in range(1 if weight_sharing else depth)])
         self.head = LegoHead(l_d, outputs, device=device, dtype=dtype)
 
+    def reset_parameters(self) -> None:
+        """The latent back to N(0, 1), its initialisation (the layers and the head reset themselves)."""
+        nn.init.normal_(self.latent)
+
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, outputs={self.outputs}, l_c={self.l_c}, l_d={self.l_d}, "
                 f"depth={self.depth}, heads={self.heads}, head_dim={self.head_dim}, "
@@ -482,8 +486,9 @@ class LegoFuse(_LegoMulti):
 
     ``forward(inputs, masks=None, present=None, return_embeddings=False)`` as :class:`LegoMerge`: a block whose
     modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); a sample
-    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads are not used (no gradient:
-    under DistributedDataParallel pass ``find_unused_parameters=True``).
+    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads, and the latents of every block
+    but the first (the chain starts from ``blocks[0].latent``), are not used (no gradient: under
+    DistributedDataParallel pass ``find_unused_parameters=True``).
     """
 
     def __init__(self, blocks: Sequence[LegoBlock], mode: str = "stack", head_method: str = "slerp"):

@@ -114,6 +114,28 @@ def convert_unimol_state_dict(state_dict: Mapping[str, Tensor]) -> OrderedDict[s
     return converted
 
 
+class _GraphormerLinear(nn.Linear):
+    """``nn.Linear`` that keeps Graphormer's initialisation rule for ``reset_parameters``: nn.Linear's default,
+    then a Xavier-uniform weight with ``gain`` and, with ``zero_bias``, a zero bias. Plain nn.Linear while being
+    constructed (``gain`` None), so the construction draws as Graphormer does."""
+
+    gain: float | None = None
+    zero_bias = False
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.gain is not None:
+            self.graphormer_init()
+
+    def graphormer_init(self) -> None:
+        nn.init.xavier_uniform_(self.weight, gain=self.gain)
+        if self.zero_bias and self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _get_name(self) -> str:
+        return "Linear"
+
+
 class RelationBiasedAttention(nn.Module):
     """Multi-head self-attention with an additive per-head pair bias (Graphormer / Uni-Mol / MoleBlend).
 
@@ -153,19 +175,22 @@ class RelationBiasedAttention(nn.Module):
         if not math.isfinite(self.scaling):
             raise ValueError(f"scaling: expected a finite float; got {scaling!r}")
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.reset_parameters()
+        self.q_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.v_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        # Graphormer's order of draws (all four Linears made, then their weights redrawn), then each projection
+        # keeps its rule for later resets.
+        for proj, gain, zero_bias in ((self.q_proj, 1 / math.sqrt(2), False), (self.k_proj, 1 / math.sqrt(2), False),
+                                      (self.v_proj, 1 / math.sqrt(2), False), (self.out_proj, 1.0, True)):
+            proj.gain, proj.zero_bias = gain, zero_bias
+            proj.graphormer_init()
 
     def reset_parameters(self) -> None:
-        """Graphormer's initialisation (see the class docstring)."""
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))
-        nn.init.xavier_uniform_(self.out_proj.weight)
-        if self.out_proj.bias is not None:
-            nn.init.constant_(self.out_proj.bias, 0.0)
+        """Graphormer's initialisation (see the class docstring); each projection's own ``reset_parameters``
+        gives the same, in any order (deferred initialisation after ``to_empty()``)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            proj.reset_parameters()
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

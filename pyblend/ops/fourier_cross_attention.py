@@ -251,7 +251,10 @@ def _triton(latent, tokens, weights, heads, *, token_mask, temperature, fft_dims
     if context_norm:
         context = F.layer_norm(context, (context.shape[-1],), _f32(weights["context_norm_weight"]),
                                _f32(weights["context_norm_bias"]), eps)
-    kv = F.linear(context.to(tokens.dtype), weights["kv_weight"].to(tokens.dtype)).contiguous()
+    # K and V in the tokens' dtype, unless the spectrum was left unnormalised: its DC term sums every token and
+    # leaves the 16-bit range (a silent inf), so that case stays in float32.
+    kv_dtype = torch.float32 if token_fft and not context_norm else tokens.dtype
+    kv = F.linear(context.to(kv_dtype), weights["kv_weight"].to(kv_dtype)).contiguous()
 
     if latent.is_complex():
         latent_ri = torch.view_as_real(latent.to(torch.complex64).resolve_conj())  # a conj() view has no real view
