@@ -521,3 +521,17 @@ def test_reset_parameters_restores_every_parameter_after_to_empty():
     gbf = model.gaussian.gbf
     assert ((gbf.means.weight >= 0) & (gbf.means.weight <= 3)).all() and (gbf.mul.weight == 1).all()
     assert all((module.weight == 1).all() for module in model.modules() if isinstance(module, torch.nn.LayerNorm))
+
+
+def test_meta_construction_then_to_empty_reset_and_load(graphs):
+    """Deferred initialisation end to end: built on the meta device (the feature-row offsets were computed with
+    .tolist(), which meta tensors refuse), materialised, reset (the non-persistent index buffers must be refilled:
+    they are not in the state_dict), then loaded: the same output as the original model."""
+    model = _model().eval()
+    with torch.device("meta"):
+        deferred = MoleBlend(_config())
+    deferred = deferred.to_empty(device="cpu")
+    deferred.reset_parameters()
+    deferred.load_state_dict(model.state_dict())
+    batch = collate(graphs)
+    torch.testing.assert_close(deferred.eval()(batch), model(batch), rtol=0, atol=0)

@@ -32,6 +32,7 @@ to keep returning ``(B, 1 + N, dim)``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -371,8 +372,12 @@ class MoleBlend(nn.Module):
         return self.config.max_distance + 2
 
     def reset_parameters(self) -> None:
-        """Every parameter as at construction (after ``to_empty()`` they hold garbage): each submodule's own
-        initialisation, then Graphormer's."""
+        """Every parameter as at construction (after ``to_empty()`` they hold garbage, the feature-row index
+        buffers too): each submodule's own initialisation, then Graphormer's."""
+        with torch.no_grad():
+            for name, dims in (("atom", ATOM_FEATURE_DIMS), ("bond", BOND_FEATURE_DIMS)):
+                getattr(self, f"{name}_offsets").copy_(_offsets(dims))
+                getattr(self, f"{name}_dims").copy_(torch.tensor(dims))
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -701,7 +706,8 @@ def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:
 
 
 def _offsets(dims) -> Tensor:
-    return torch.tensor([0, *torch.tensor(dims).cumsum(0)[:-1].tolist()], dtype=torch.long)
+    """First row of each feature's block in the summed table (in Python: also under ``torch.device("meta")``)."""
+    return torch.tensor([0, *itertools.accumulate(dims)][:-1], dtype=torch.long)
 
 
 def _packed_positions(positions: Tensor, cu_seqlens: Tensor, width: int, atoms: int) -> Tensor:

@@ -34,8 +34,9 @@ class RelationBlender(nn.Module):
 
     def __init__(self, probs=(0.2, 0.2, 0.6), mode: str = "pair", symmetric: bool = False):
         super().__init__()
-        # Validates probs, mode and symmetric.
-        sample_blend(torch.ones(1, 1, dtype=torch.bool), probs=probs, mode=mode, symmetric=symmetric)
+        # Validates probs, mode and symmetric: on the CPU, also when the module is built under torch.device("meta").
+        with torch.device("cpu"):
+            sample_blend(torch.ones(1, 1, dtype=torch.bool), probs=probs, mode=mode, symmetric=symmetric)
         self.probs, self.mode, self.symmetric = tuple(float(p) for p in probs), mode, symmetric
 
     def extra_repr(self) -> str:
