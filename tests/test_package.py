@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 import pyblend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,9 +170,10 @@ def test_a_cuda_fallback_to_the_reference_warns_once_with_the_reasons():
         assert choose_backend("probe_op", None, torch.device("cpu"), candidates) == "reference"
 
 
-def _forward_ad_cases():
-    """(op name, its kernel backend, call(dual, backend) -> output) for every op with a Triton or C++ path;
-    ``dual`` turns the tensor it is given into one carrying a forward-mode tangent."""
+def _kernel_op_call(name: str):
+    """``(its kernel backend, call(dual, backend) -> output)`` for the op ``name`` (each op with a Triton or C++
+    path), on small inputs drawn afresh in the current default dtype; ``dual`` makes the input it is given the one
+    whose derivative is taken (a forward-mode dual, a requires-grad leaf, a shifted copy)."""
     import torch
 
     from pyblend import ops
@@ -184,31 +184,34 @@ def _forward_ad_cases():
     routes = torch.tensor([[[[-1], [0]], [[0], [-1]]]])
     distances = torch.tensor([[[0, 1], [1, 0]]])
     latent_weights = dict(q_weight=randn(8, 4), kv_weight=randn(16, 6), out_weight=randn(4, 8))
-    return [
-        ("relation_attention", "triton", lambda dual, backend: ops.relation_attention(dual(randn(1, 3, 2, 8)),
-                                                                             randn(1, 3, 2, 8), randn(1, 3, 2, 8),
-                                                                             backend=backend)),
-        ("gaussian_basis_bias", "triton", lambda dual, backend: ops.gaussian_basis_bias(
-            dual(randn(1, 3, 3)), pair_types, *gaussian, randn(4, 4), randn(4), randn(2, 4), randn(2), backend=backend)[0]),
-        ("path_edge_bias", "triton", lambda dual, backend: ops.path_edge_bias(routes, distances, dual(randn(1, 2)),
-                                                                     randn(1, 2, 2), backend=backend)),
-        ("outer_product_logits", "triton", lambda dual, backend: ops.outer_product_logits(dual(randn(1, 3, 2)),
-                                                                                 randn(1, 3, 2), randn(5, 4), backend=backend)),
-        ("fourier_cross_attention", "triton", lambda dual, backend: ops.fourier_cross_attention(
+    calls = {
+        "relation_attention": ("triton", lambda dual, backend: ops.relation_attention(
+            dual(randn(1, 3, 2, 8)), randn(1, 3, 2, 8), randn(1, 3, 2, 8), backend=backend)),
+        "gaussian_basis_bias": ("triton", lambda dual, backend: ops.gaussian_basis_bias(
+            dual(randn(1, 3, 3)), pair_types, *gaussian, randn(4, 4), randn(4), randn(2, 4), randn(2),
+            backend=backend)[0]),
+        "path_edge_bias": ("triton", lambda dual, backend: ops.path_edge_bias(
+            routes, distances, dual(randn(1, 2)), randn(1, 2, 2), backend=backend)),
+        "outer_product_logits": ("triton", lambda dual, backend: ops.outer_product_logits(
+            dual(randn(1, 3, 2)), randn(1, 3, 2), randn(5, 4), backend=backend)),
+        "fourier_cross_attention": ("triton", lambda dual, backend: ops.fourier_cross_attention(
             dual(randn(2, 3, 4)), randn(2, 5, 6), heads=2, backend=backend, **latent_weights)),
-        ("gated_fusion", "triton", lambda dual, backend: ops.gated_fusion(randn(2, 2, 4), dual(randn(2, 2, 4)),
-                                                                 randn(2, 2), backend=backend)[0]),
-        ("multi_infonce", "triton", lambda dual, backend: ops.multi_infonce({"a": dual(randn(4, 8)), "b": randn(4, 8)},
-                                                                   [("a", "b")], backend=backend)),
-        ("pair_distances", "cpp", lambda dual, backend: ops.pair_distances(dual(randn(1, 3, 3)), backend=backend)),
-        ("gaussian_basis", "cpp", lambda dual, backend: ops.gaussian_basis(dual(randn(1, 3, 3).abs()), pair_types,
-                                                                  *gaussian, backend=backend)),
-    ]
+        "gated_fusion": ("triton", lambda dual, backend: ops.gated_fusion(
+            randn(2, 2, 4), dual(randn(2, 2, 4)), randn(2, 2), backend=backend)[0]),
+        "multi_infonce": ("triton", lambda dual, backend: ops.multi_infonce(
+            {"a": dual(randn(4, 8)), "b": randn(4, 8)}, [("a", "b")], backend=backend)),
+        "pair_distances": ("cpp", lambda dual, backend: ops.pair_distances(dual(randn(1, 3, 3)), backend=backend)),
+        "gaussian_basis": ("cpp", lambda dual, backend: ops.gaussian_basis(
+            dual(randn(1, 3, 3).abs()), pair_types, *gaussian, backend=backend)),
+    }
+    return calls[name]
 
 
-@pytest.mark.parametrize("name", ["relation_attention", "gaussian_basis_bias", "path_edge_bias",
-                                  "outer_product_logits", "fourier_cross_attention", "gated_fusion", "multi_infonce",
-                                  "pair_distances", "gaussian_basis"])
+_TRITON_OPS = ["relation_attention", "gaussian_basis_bias", "path_edge_bias", "outer_product_logits",
+               "fourier_cross_attention", "gated_fusion", "multi_infonce"]
+
+
+@pytest.mark.parametrize("name", [*_TRITON_OPS, "pair_distances", "gaussian_basis"])
 def test_forward_mode_ad_runs_on_the_reference_only(name):
     """The kernels register a backward alone: under forward-mode AD their outputs would carry a zero tangent,
     silently. A request for them refuses tangents with a named reason; the automatic choice (on CUDA too: see the
@@ -218,10 +221,7 @@ def test_forward_mode_ad_runs_on_the_reference_only(name):
 
     from pyblend._extension import extension_available
 
-    def case():
-        return {case[0]: case[1:] for case in _forward_ad_cases()}[name]
-
-    backend, call = case()
+    backend, call = _kernel_op_call(name)
     if backend == "cpp" and not extension_available():
         pytest.skip("pyblend._C is not built")
     with fwAD.dual_level():
@@ -230,7 +230,7 @@ def test_forward_mode_ad_runs_on_the_reference_only(name):
             call(lambda x: fwAD.make_dual(x, torch.ones_like(x)), backend)
     torch.set_default_dtype(torch.float64)  # a finite difference to compare with
     try:
-        _, call = case()
+        _, call = _kernel_op_call(name)
         # Not a uniform direction: that moves no distance (shifting every atom alike), for instance.
         direction = lambda x: torch.linspace(-1, 2, x.numel()).reshape(x.shape)  # noqa: E731
         with fwAD.dual_level():
@@ -264,14 +264,13 @@ def test_forward_mode_tangents_send_cuda_inputs_to_the_reference():
     assert choose_backend("probe_jvp", None, torch.device("cuda"), candidates, inputs=x) == "triton"
 
 
-@pytest.mark.parametrize("name", ["relation_attention", "gaussian_basis_bias", "path_edge_bias",
-                                  "outer_product_logits", "fourier_cross_attention", "gated_fusion", "multi_infonce"])
+@pytest.mark.parametrize("name", _TRITON_OPS)
 def test_double_backward_on_triton_names_the_op_and_the_reference(name):
     """A gradient of a gradient through a Triton op (e.g. training on forces) raises naming the op and the way
     out, not PyTorch's advice to register a formula on pyblend's internal backward op."""
     import torch
 
-    backend, call = {case[0]: case[1:] for case in _forward_ad_cases()}[name]
+    backend, call = _kernel_op_call(name)
     leaves = []
     out = call(lambda x: leaves.append(x.clone().requires_grad_()) or leaves[-1], backend)
     out = torch.view_as_real(out) if out.is_complex() else out
