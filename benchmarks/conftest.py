@@ -20,26 +20,20 @@ def pytest_addoption(parser):
 _CASES = {}
 
 
-def _chosen_entries(config, entries: dict) -> list[str]:
-    option = config.getoption("--bench-entries")
-    if option is None:
-        return list(entries)
-    chosen = [name.strip() for name in option.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(entries))
-    if unknown or not chosen:
-        raise pytest.UsageError(f"--bench-entries: expected names from {sorted(entries)}; got {option!r}")
-    return chosen
-
-
 def _cases(config):
     if not _CASES:
         from pyblend.benchmarks.harness import name_selected
-        from pyblend.benchmarks.run import ENTRIES, Context
+        from pyblend.benchmarks.run import ENTRIES, Context, selected_entries
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         pattern = config.getoption("--bench-cases")
         context = Context(device, quick=False, molecules=config.getoption("--bench-molecules"), cases=pattern)
-        for name in _chosen_entries(config, ENTRIES):
+        option = config.getoption("--bench-entries")
+        try:
+            chosen = list(ENTRIES) if option is None else selected_entries(option, "--bench-entries")
+        except ValueError as error:
+            raise pytest.UsageError(str(error)) from None
+        for name in chosen:
             try:
                 for case in ENTRIES[name].cases(context):
                     if not name_selected(case.name, pattern):

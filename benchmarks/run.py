@@ -95,6 +95,17 @@ class Context:
         return graphs
 
 
+def selected_entries(text: str, option: str = "--entries") -> list[str]:
+    """The entries a comma-separated ``text`` names; a ValueError naming ``option`` for an unknown or no name."""
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(ENTRIES))
+    if unknown:
+        raise ValueError(f"{option}: unknown entries {unknown}; choose from {sorted(ENTRIES)}")
+    if not chosen:
+        raise ValueError(f"{option}: no entry named; choose from {sorted(ENTRIES)}")
+    return chosen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyblend bench", description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default=",".join(ENTRIES),
@@ -112,12 +123,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
-    chosen = [name.strip() for name in args.entries.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(ENTRIES))
-    if unknown:
-        parser.error(f"unknown entries {unknown}; choose from {sorted(ENTRIES)}")
-    if not chosen:
-        parser.error(f"--entries: no entry named; choose from {sorted(ENTRIES)}")
+    try:
+        chosen = selected_entries(args.entries)
+    except ValueError as error:
+        parser.error(str(error))
     if args.molecules is not None and args.molecules < 1:
         parser.error(f"--molecules: expected a positive number; got {args.molecules}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -95,7 +95,7 @@ def _local_run(scenario: dict, rank: int, world: int) -> dict:
     return found
 
 
-def _double_backward_error(rank: int, world: int) -> str | None:
+def _double_backward_error(rank: int) -> str | None:
     """The error a gradient of the gradient through the autograd gather raises (None if none): its backward's
     collectives have no derivative, so it must refuse rather than give a second derivative without the other
     ranks' part."""
@@ -121,7 +121,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> N
             start = time.perf_counter()
             results[name] = _local_run(scenario, rank, world)
             results[name]["seconds"] = time.perf_counter() - start
-        results["double backward"] = _double_backward_error(rank, world)
+        results["double backward"] = _double_backward_error(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
