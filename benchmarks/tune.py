@@ -311,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     dtype = getattr(torch, args.dtype)
-    unknown = [name for name in args.ops.split(",") if name not in OPS]
+    ops = args.ops.split(",")
+    unknown = [name for name in ops if name not in OPS]
     if unknown:
         parser.error(f"--ops: unknown {', '.join(unknown)}; expected names from {', '.join(OPS)}")
     kernels = None if args.kernels is None else [name.strip() for name in args.kernels.split(",") if name.strip()]
     if kernels is not None:
-        known = {kernel for name in args.ops.split(",") for kernel in OPS[name].kernels}
+        known = {kernel for name in ops for kernel in OPS[name].kernels}
         if not kernels or set(kernels) - known:
             parser.error(f"--kernels: expected names from {', '.join(sorted(known))}; got {args.kernels!r}")
     output = args.output or Path(f"tune-{device_slug(device)}.json")
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
 
-    names = [name for name in args.ops.split(",") if kernels is None or set(kernels) & set(OPS[name].kernels)]
+    names = [name for name in ops if kernels is None or set(kernels) & set(OPS[name].kernels)]
     output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
     deadline = time.perf_counter() + args.budget_s
     for position, name in enumerate(names):
