@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all test test-full bench build gpu-wheels clean
+.PHONY: all test test-full bench lease build gpu-wheels clean
 
 all: build
 
@@ -33,6 +33,11 @@ test-full: build
 # The main job: every benchmark entry the device supports, on the default molecule set.
 bench: build
 	$(PY) -m pyblend bench $(BENCH_ARGS)
+
+# One call on a lent GPU: the GPU tests, then the benchmark cases the open issues need, within a time budget
+# (benchmarks/lease.py), e.g. LEASE_ARGS="--out DIR --budget-s 420".
+lease: build
+	$(PY) -m pyblend.benchmarks.lease $(LEASE_ARGS)
 
 # Wheels the offline GPU machines lack (their python3 is 3.12): carry .whl/ with the device tool.
 RDKIT_VERSION ?= 2026.9.1

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from .harness import Case
 
+ENTRY = "featurize"
 CONFORMER_MOLECULES = 64
 
 
@@ -30,16 +32,17 @@ def _case(context, smiles, conformer, expected_failures, name) -> Case:
     providers = {"featurize_many, 1 process": lambda: run(1)}
     if workers > 1:
         providers[f"featurize_many, {workers} processes"] = lambda: run(workers)
-    return Case(entry="featurize", name=name, providers=providers,
+    return Case(entry=ENTRY, name=name, providers=providers,
                 check=_checker(smiles, expected_failures, conformer), units=len(smiles), unit="molecules",
                 config={"conformer": conformer}, time_budget_s=context.time_budget_s)
 
 
-def cases(context) -> list[Case]:
+def cases(context) -> Iterator[Case]:
     smiles = context.smiles()
     invalid = context.invalid_indices()
     valid = [text for i, text in enumerate(smiles) if i not in set(invalid)][:CONFORMER_MOLECULES]
-    return [
-        _case(context, smiles, False, invalid, f"default set: {len(smiles)} SMILES, no conformers"),
-        _case(context, valid, True, None, f"first {len(valid)} valid molecules, ETKDG + MMFF conformers"),
-    ]
+    for inputs, conformer, failures, name in (
+            (smiles, False, invalid, f"default set: {len(smiles)} SMILES, no conformers"),
+            (valid, True, None, f"first {len(valid)} valid molecules, ETKDG + MMFF conformers")):
+        if context.wants(ENTRY, name):
+            yield _case(context, inputs, conformer, failures, name)

@@ -35,6 +35,7 @@ TRITON, EAGER, COMPILED = "pyblend Triton", "reference eager", "reference torch.
 HEADS, HEAD_DIM = 8, 64
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 GRADIENTS = ("latent", "tokens", "kv_weight")
+MODES = {False: "forward", True: "forward+backward"}
 
 
 def _problem(batch: int, channels: int, dim: int, tokens: int, width: int, heads: int, head_dim: int,
@@ -72,6 +73,12 @@ def _provider(fn: Callable, problem: dict, heads: int, backward: bool) -> Callab
         return (out.detach(), *grads)
     return run
 
+
+
+def case_name(batch: int, channels: int, dim: int, tokens: int, width: int, dtype: torch.dtype, backward: bool,
+              heads: int = HEADS, head_dim: int = HEAD_DIM) -> str:
+    return (f"B={batch}, latent {channels}x{dim}, N={tokens}, E={width}, {heads}x{head_dim}, "
+            f"{str(dtype).split('.')[-1]}, {MODES[backward]}")
 
 
 def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dtype: torch.dtype,
@@ -115,10 +122,9 @@ def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dty
     inner = heads * head_dim
     flops = (4 * batch * heads * channels * tokens * head_dim + 4 * batch * tokens * width * inner
              + 4 * batch * channels * dim * inner + 8 * batch * channels * dim * (channels + dim))
-    mode = "forward+backward" if backward else "forward"
     config = {"batch": batch, "channels": channels, "dim": dim, "tokens": tokens, "width": width, "heads": heads,
-              "head_dim": head_dim, "dtype": str(dtype).split(".")[-1], "mode": mode}
-    name = f"B={batch}, latent {channels}x{dim}, N={tokens}, E={width}, {heads}x{head_dim}, {config['dtype']}, {mode}"
+              "head_dim": head_dim, "dtype": str(dtype).split(".")[-1], "mode": MODES[backward]}
+    name = case_name(batch, channels, dim, tokens, width, dtype, backward, heads, head_dim)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=batch, unit="samples",
                 config=config, targets=targets or [], skipped=skipped, time_budget_s=time_budget_s,
                 bytes_moved=dict.fromkeys([*providers, *skipped],
@@ -129,20 +135,21 @@ def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dty
 # (batch, C, D, N, E): the paper's shapes first (target), then the size sweep.
 PAPER = [(16, 64, 64, 1000, 1024), (4, 64, 64, 10000, 1024)]
 SWEEP = [(16, 32, 32, 1, 256), (16, 32, 32, 1000, 256), (8, 128, 128, 2000, 512), (2, 256, 256, 4000, 1024)]
+CPU_SHAPE = (2, 16, 16, 64, 32)  # the references only, float32, 2 heads of 8
 
 
 def cases(context) -> Iterator[Case]:
     """A generator: each case's tensors live only while it is built and run."""
     budget = context.time_budget_s
     if context.device.type != "cuda":
-        yield build_case(2, 16, 16, 64, 32, torch.float32, context.device, heads=2, head_dim=8,
-                         time_budget_s=budget, triton=False)
+        if context.wants(ENTRY, case_name(*CPU_SHAPE, torch.float32, True, heads=2, head_dim=8)):
+            yield build_case(*CPU_SHAPE, torch.float32, context.device, heads=2, head_dim=8, time_budget_s=budget,
+                             triton=False)
         return
-    target = [(TRITON, EAGER, 3.0)]
     for backward in (False, True):
-        for shape in PAPER[:1] if context.quick else PAPER:
-            yield build_case(*shape, torch.bfloat16, context.device, backward=backward, targets=target,
-                             time_budget_s=budget)
-        if not context.quick:
-            for shape in SWEEP:
-                yield build_case(*shape, torch.bfloat16, context.device, backward=backward, time_budget_s=budget)
+        shapes = [(shape, True) for shape in (PAPER[:1] if context.quick else PAPER)]
+        shapes += [] if context.quick else [(shape, False) for shape in SWEEP]
+        for shape, paper in shapes:
+            if context.wants(ENTRY, case_name(*shape, torch.bfloat16, backward)):
+                yield build_case(*shape, torch.bfloat16, context.device, backward=backward,
+                                 targets=[(TRITON, EAGER, 3.0)] if paper else [], time_budget_s=budget)

@@ -59,6 +59,11 @@ def _provider(fused_fn: Callable, inputs, present, upstream) -> Callable[[], tup
     return run
 
 
+def case_name(batch: int, width: int, dtype: torch.dtype, modalities: int = MODALITIES,
+              missing: float = MISSING) -> str:
+    return f"B={batch}, M={modalities}, C={width}, {missing:.0%} missing, {str(dtype).split('.')[-1]}, forward+backward"
+
+
 def build_case(batch: int, width: int, dtype: torch.dtype, device: torch.device, modalities: int = MODALITIES,
                missing: float = MISSING, targets: list | None = None, time_budget_s: float = 5.0,
                triton: bool = True) -> Case:
@@ -87,7 +92,7 @@ def build_case(batch: int, width: int, dtype: torch.dtype, device: torch.device,
     element = torch.finfo(dtype).bits // 8
     config = {"batch": batch, "width": width, "modalities": modalities, "missing": missing,
               "dtype": str(dtype).split(".")[-1], "mode": "forward+backward"}
-    name = f"B={batch}, M={modalities}, C={width}, {missing:.0%} missing, {config['dtype']}, forward+backward"
+    name = case_name(batch, width, dtype, modalities, missing)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=batch, unit="samples",
                 config=config, targets=targets or [], skipped=skipped, time_budget_s=time_budget_s,
                 bytes_moved=dict.fromkeys([*providers, *skipped], 6 * batch * modalities * width * element))
@@ -97,9 +102,11 @@ def cases(context) -> Iterator[Case]:
     """A generator: each case's tensors live only while it is built and run."""
     budget = context.time_budget_s
     if context.device.type != "cuda":
-        yield build_case(2048, 256, torch.float32, context.device, time_budget_s=budget, triton=False)
+        if context.wants(ENTRY, case_name(2048, 256, torch.float32)):
+            yield build_case(2048, 256, torch.float32, context.device, time_budget_s=budget, triton=False)
         return
     target = [(TRITON, (EAGER, COMPILED), 2.0)]
     shapes = ((8192, 768), (65536, 768)) if context.quick else ((8192, 768), (65536, 768), (65536, 2048))
     for batch, width in shapes:
-        yield build_case(batch, width, torch.bfloat16, context.device, targets=target, time_budget_s=budget)
+        if context.wants(ENTRY, case_name(batch, width, torch.bfloat16)):
+            yield build_case(batch, width, torch.bfloat16, context.device, targets=target, time_budget_s=budget)

@@ -74,6 +74,12 @@ def _problem(context, count: int, dtype: torch.dtype, device: torch.device):
     return padded, packed, params
 
 
+def case_name(graphs, dtype: torch.dtype, backward: bool) -> str:
+    width = max(graph.num_atoms for graph in graphs)
+    return (f"{len(graphs)} conformer molecules (N <= {width}), K={KERNELS}, H={HEADS}, {str(dtype).split('.')[-1]}, "
+            f"{'forward+backward' if backward else 'forward'}")
+
+
 def build_case(context, count: int, dtype: torch.dtype, device: torch.device, backward: bool,
                triton: bool = True) -> Case:
     from pyblend.layout import pack_pairs
@@ -185,8 +191,7 @@ def build_case(context, count: int, dtype: torch.dtype, device: torch.device, ba
     mode = "forward+backward" if backward else "forward"
     config = {"molecules": batch, "width": width, "atoms": total, "pairs": pairs, "kernels": KERNELS,
               "heads": HEADS, "dtype": str(dtype).split(".")[-1], "mode": mode}
-    return Case(entry=ENTRY, name=f"{batch} conformer molecules (N <= {width}), K={KERNELS}, H={HEADS}, "
-                                  f"{config['dtype']}, {mode}",
+    return Case(entry=ENTRY, name=case_name(context.conformer_molecules(count), dtype, backward),
                 providers=providers, check=check, units=batch, unit="molecules", config=config,
                 targets=[(TRITON_PACKED, EAGER, 5.0), (TRITON_PACKED, EAGER, 8.0, "memory")] if triton else [],
                 skipped=skipped,
@@ -198,7 +203,9 @@ def build_case(context, count: int, dtype: torch.dtype, device: torch.device, ba
 def cases(context) -> Iterator[Case]:
     count = min(MOLECULES, context.limit or MOLECULES)
     if context.device.type != "cuda":
-        yield build_case(context, min(64, count), torch.float32, context.device, backward=True, triton=False)
+        if context.wants(ENTRY, case_name(context.conformer_molecules(min(64, count)), torch.float32, True)):
+            yield build_case(context, min(64, count), torch.float32, context.device, backward=True, triton=False)
         return
     for backward in (False, True):
-        yield build_case(context, count, torch.bfloat16, context.device, backward=backward)
+        if context.wants(ENTRY, case_name(context.conformer_molecules(count), torch.bfloat16, backward)):
+            yield build_case(context, count, torch.bfloat16, context.device, backward=backward)

@@ -75,6 +75,12 @@ def _step(model, relations, backend: str | None):
     return run
 
 
+def case_name(graphs, config, dtype: torch.dtype, layout: str) -> str:
+    width = max(graph.num_atoms for graph in graphs)
+    return (f"{len(graphs)} molecules (N <= {width}), {layout}, {config.layers} layers x {config.dim}, "
+            f"{config.heads} heads, {str(dtype).split('.')[-1]}, pretraining step (forward+backward)")
+
+
 def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets: list | None = None,
                time_budget_s: float = 5.0, triton: bool = True, layout: str = "padded") -> Case:
     """The pretraining step on ``graphs`` collated in ``layout`` ("padded" or "packed")."""
@@ -116,8 +122,7 @@ def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets
     element = {"dtype": str(dtype).split(".")[-1]}
     shape = {"layers": config.layers, "width": config.dim, "heads": config.heads, "kernels": config.num_kernels,
              "molecules": len(graphs), "atoms": int(batch.num_atoms.sum()), "max_atoms": batch.max_seqlen}
-    name = (f"{len(graphs)} molecules (N <= {batch.max_seqlen}), {layout}, {config.layers} layers x {config.dim}, "
-            f"{config.heads} heads, {element['dtype']}, pretraining step (forward+backward)")
+    name = case_name(graphs, config, dtype, layout)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=len(graphs), unit="molecules",
                 config={**shape, **element, "layout": layout, "mode": "forward+backward"}, targets=targets or [],
                 skipped=skipped, time_budget_s=time_budget_s)
@@ -130,10 +135,13 @@ def cases(context) -> Iterator[Case]:
         config = MoleBlendConfig(layers=2, dim=64, heads=8, ffn_dim=64, num_kernels=16, head_width=8,
                                  max_distance=16)
         for layout in LAYOUTS:
-            yield build_case(context.conformer_molecules(16), config, torch.float32, context.device,
-                             time_budget_s=context.time_budget_s, triton=False, layout=layout)
+            graphs = context.conformer_molecules(16)
+            if context.wants(ENTRY, case_name(graphs, config, torch.float32, layout)):
+                yield build_case(graphs, config, torch.float32, context.device, time_budget_s=context.time_budget_s,
+                                 triton=False, layout=layout)
         return
-    count = min(MOLECULES, context.limit or MOLECULES)
+    graphs = context.conformer_molecules(min(MOLECULES, context.limit or MOLECULES))
     for layout in LAYOUTS:
-        yield build_case(context.conformer_molecules(count), MoleBlendConfig(), torch.bfloat16, context.device,
-                         targets=[(TRITON, EAGER, 3.0)], time_budget_s=context.time_budget_s, layout=layout)
+        if context.wants(ENTRY, case_name(graphs, MoleBlendConfig(), torch.bfloat16, layout)):
+            yield build_case(graphs, MoleBlendConfig(), torch.bfloat16, context.device, targets=[(TRITON, EAGER, 3.0)],
+                             time_budget_s=context.time_budget_s, layout=layout)

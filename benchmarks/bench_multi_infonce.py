@@ -81,6 +81,12 @@ def _provider(loss_fn: Callable, embeddings, masks, pairs) -> Callable[[], tuple
 
 
 
+def case_name(batch: int, modalities: int, width: int, dtype: torch.dtype, missing: float = 0.0) -> str:
+    pairs = modalities * (modalities - 1) // 2  # every pair of modalities, as _problem builds them
+    return (f"B={batch}, d={width}, {pairs} pair{'s' * (pairs > 1)}" + (f", {missing:.0%} missing" if missing else "")
+            + f", {str(dtype).split('.')[-1]}, forward+backward")
+
+
 def build_case(batch: int, modalities: int, width: int, dtype: torch.dtype, device: torch.device,
                missing: float = 0.0, targets: list | None = None, time_budget_s: float = 5.0,
                triton: bool = True) -> Case:
@@ -119,8 +125,7 @@ def build_case(batch: int, modalities: int, width: int, dtype: torch.dtype, devi
     element = torch.finfo(dtype).bits // 8
     config = {"batch": batch, "width": width, "modalities": modalities, "pairs": len(pairs), "missing": missing,
               "dtype": str(dtype).split(".")[-1], "mode": "forward+backward", "temperature": TEMPERATURE}
-    name = f"B={batch}, d={width}, {len(pairs)} pair{'s' * (len(pairs) > 1)}" + \
-        (f", {missing:.0%} missing" if missing else "") + f", {config['dtype']}, forward+backward"
+    name = case_name(batch, modalities, width, dtype, missing)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=batch, unit="samples",
                 config=config, targets=targets or [], skipped=skipped, time_budget_s=time_budget_s,
                 bytes_moved=dict.fromkeys([*providers, *skipped], 3 * modalities * batch * width * element),
@@ -131,12 +136,12 @@ def cases(context) -> Iterator[Case]:
     """A generator: each case's tensors live only while it is built and run."""
     budget = context.time_budget_s
     if context.device.type != "cuda":
-        yield build_case(1024, 2, 128, torch.float32, context.device, time_budget_s=budget, triton=False)
+        if context.wants(ENTRY, case_name(1024, 2, 128, torch.float32)):
+            yield build_case(1024, 2, 128, torch.float32, context.device, time_budget_s=budget, triton=False)
         return
     target = [(TRITON, (EAGER, COMPILED), 2.0)]
-    sizes = (4096, 16384) if context.quick else (4096, 16384, 65536)
-    for batch in sizes:
-        yield build_case(batch, 2, WIDTH, torch.bfloat16, context.device, targets=target if batch == 16384 else [],
-                         time_budget_s=budget)
-    if not context.quick:
-        yield build_case(16384, 3, WIDTH, torch.bfloat16, context.device, missing=0.2, time_budget_s=budget)
+    shapes = [(4096, 2, 0.0), (16384, 2, 0.0)] + ([] if context.quick else [(65536, 2, 0.0), (16384, 3, 0.2)])
+    for batch, modalities, missing in shapes:
+        if context.wants(ENTRY, case_name(batch, modalities, WIDTH, torch.bfloat16, missing)):
+            yield build_case(batch, modalities, WIDTH, torch.bfloat16, context.device, missing=missing,
+                             targets=target if (batch, modalities) == (16384, 2) else [], time_budget_s=budget)

@@ -138,6 +138,12 @@ def _reference_provider(problem: Problem, compiled: bool):
 
 
 
+def case_name(label: str, sizes: list[int], head: str, dtype: torch.dtype) -> str:
+    classes, groups = HEADS[head]
+    return (f"{label}: {len(sizes)} molecules ({sum(sizes)} atoms, max {max(sizes)}), {head} head C={classes} "
+            f"G={groups}, d1=d2={FEATURES}, {str(dtype).split('.')[-1]}, forward+backward")
+
+
 def build_case(label: str, sizes: list[int], head: str, dtype: torch.dtype, device: torch.device,
                targets: list | None = None, time_budget_s: float = 5.0, triton: bool = True) -> Case:
     classes, groups = HEADS[head]
@@ -172,8 +178,7 @@ def build_case(label: str, sizes: list[int], head: str, dtype: torch.dtype, devi
     config = {"sizes": label, "molecules": len(sizes), "atoms": problem.total, "pairs": problem.pairs,
               "d1": FEATURES, "d2": FEATURES, "classes": classes, "groups": groups, "head": head,
               "dtype": str(dtype).split(".")[-1], "mode": "forward+backward"}
-    name = (f"{label}: {len(sizes)} molecules ({problem.total} atoms, max {problem.width}), {head} head "
-            f"C={classes} G={groups}, d1=d2={FEATURES}, {config['dtype']}, forward+backward")
+    name = case_name(label, sizes, head, dtype)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=len(sizes), unit="molecules",
                 config=config, targets=targets or [], skipped=skipped, time_budget_s=time_budget_s,
                 bytes_moved=dict.fromkeys([*providers, *skipped], moved),
@@ -186,8 +191,9 @@ def cases(context) -> Iterator[Case]:
     if context.device.type != "cuda":
         rng = random.Random(0)
         sizes = [rng.randint(8, 24) for _ in range(16)]
-        yield build_case("synthetic 8-24 atoms", sizes, "SPD", torch.float32, context.device, time_budget_s=budget,
-                         triton=False)
+        if context.wants(ENTRY, case_name("synthetic 8-24 atoms", sizes, "SPD", torch.float32)):
+            yield build_case("synthetic 8-24 atoms", sizes, "SPD", torch.float32, context.device,
+                             time_budget_s=budget, triton=False)
         return
     targets = [(TRITON, EAGER, 5.0), (TRITON, EAGER, 10.0, "memory")]
     sets = [("default set, heavy atoms", False, HEAVY_BATCH)]
@@ -196,6 +202,8 @@ def cases(context) -> Iterator[Case]:
     for label, hydrogens, count in sets:
         sizes = [graph.num_atoms for graph in context.molecules(hydrogens)[:count]]
         for head in HEADS:
+            if not context.wants(ENTRY, case_name(label, sizes, head, torch.bfloat16)):
+                continue
             torch._dynamo.reset()  # the previous case's compiled reference is done with
             torch.cuda.empty_cache()
             yield build_case(label, sizes, head, torch.bfloat16, context.device, targets=targets,

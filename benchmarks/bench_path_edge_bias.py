@@ -66,6 +66,14 @@ def _provider(bias_fn: Callable, routes, distances, emb, weights, grad, backward
 
 
 
+def case_name(graphs, layout: str, dtype: torch.dtype, backward: bool, heads: int = HEADS, hops: int = HOPS,
+              label: str = "") -> str:
+    sizes = [graph.num_atoms for graph in graphs]
+    pairs = sum(n * n for n in sizes) if layout == "packed" else len(sizes) * max(sizes) ** 2
+    return (f"{label}{', ' if label else ''}{len(sizes)} molecules, {layout} ({pairs} pairs), H={heads} K={hops} "
+            f"{str(dtype).split('.')[-1]}, {MODES[backward]}")
+
+
 def build_case(graphs, layout: str, dtype: torch.dtype, device: torch.device, backward: bool = True,
                heads: int = HEADS, hops: int = HOPS, label: str = "", targets: list | None = None,
                time_budget_s: float = 5.0, triton: bool = True) -> Case:
@@ -112,8 +120,7 @@ def build_case(graphs, layout: str, dtype: torch.dtype, device: torch.device, ba
     config = {"layout": layout, "molecules": molecules, "atoms": sum(g.num_atoms for g in graphs), "pairs": pairs,
               "bonds": emb.shape[0], "heads": heads, "hops": hops, "dtype": str(dtype).split(".")[-1],
               "mode": MODES[backward]}
-    name = (f"{label}{', ' if label else ''}{molecules} molecules, {layout} ({pairs} pairs), H={heads} K={hops} "
-            f"{config['dtype']}, {MODES[backward]}")
+    name = case_name(graphs, layout, dtype, backward, heads, hops, label)
     return Case(entry=ENTRY, name=name, providers=providers, check=check, units=molecules, unit="molecules",
                 config=config, targets=targets or [], skipped=skipped, time_budget_s=time_budget_s,
                 bytes_moved=dict.fromkeys([*providers, *skipped], moved), flops=flops)
@@ -123,9 +130,10 @@ def cases(context) -> Iterator[Case]:
     """A generator: each case's tensors live only while it is built and run."""
     budget = context.time_budget_s
     if context.device.type != "cuda":
-        graphs = context.molecules(False)[:64]
-        yield build_case(graphs, "packed", torch.float32, context.device, backward=True, heads=8,
-                         label="default set, heavy atoms (CPU)", time_budget_s=budget, triton=False)
+        graphs, label = context.molecules(False)[:64], "default set, heavy atoms (CPU)"
+        if context.wants(ENTRY, case_name(graphs, "packed", torch.float32, True, heads=8, label=label)):
+            yield build_case(graphs, "packed", torch.float32, context.device, backward=True, heads=8, label=label,
+                             time_budget_s=budget, triton=False)
         return
     sets = [("default set, heavy atoms", False, HEAVY_BATCH, "packed"),
             ("default set, heavy atoms", False, HEAVY_BATCH, "padded"),
@@ -135,6 +143,8 @@ def cases(context) -> Iterator[Case]:
     for label, hydrogens, count, layout in sets:
         graphs = context.molecules(hydrogens)[:count]
         for backward in (False, True):
+            if not context.wants(ENTRY, case_name(graphs, layout, torch.bfloat16, backward, label=label)):
+                continue
             torch._dynamo.reset()  # the previous case's compiled peers are done with
             torch.cuda.empty_cache()
             yield build_case(graphs, layout, torch.bfloat16, context.device, backward=backward, label=label,

@@ -456,7 +456,7 @@ def _selected(name: str, context=None) -> bool:
 def _gpu_cases(context) -> Iterator[Case]:
     for spec in plan(context):
         name = _case_name(spec["label"], spec["sizes"], HEADS, spec["head_dim"], torch.bfloat16, spec["backward"])
-        if not _selected(name, context):
+        if not (_selected(name, context) and context.wants(ENTRY, name)):
             continue
         torch._dynamo.reset()  # the previous case's compiled peers are done with (and free their memory)
         torch.cuda.empty_cache()
@@ -465,13 +465,15 @@ def _gpu_cases(context) -> Iterator[Case]:
                          time_budget_s=context.time_budget_s, gathered=spec.get("gathered", False))
 
 
-def _cpu_case(context) -> Case:
+def _cpu_cases(context) -> Iterator[Case]:
     sizes = [graph.num_atoms for graph in context.molecules(False)[:64]]
-    problem = Problem(sizes, 8, 16, torch.float32, context.device, backward=True)
     name = _case_name("default set, heavy atoms (CPU)", sizes, 8, 16, torch.float32, True)
-    return build_case(problem, name, config={"sizes": "default set", "hydrogens": False},
-                      targets=[], time_budget_s=context.time_budget_s, pyblend_skip="needs a CUDA device",
-                      peers=(EAGER, COMPILED, SDPA, FLEX_PADDED, FLEX_PACKED))
+    if not (_selected(name, context) and context.wants(ENTRY, name)):
+        return
+    problem = Problem(sizes, 8, 16, torch.float32, context.device, backward=True)
+    yield build_case(problem, name, config={"sizes": "default set", "hydrogens": False},
+                     targets=[], time_budget_s=context.time_budget_s, pyblend_skip="needs a CUDA device",
+                     peers=(EAGER, COMPILED, SDPA, FLEX_PADDED, FLEX_PACKED))
 
 
 def cases(context) -> Iterator[Case]:
@@ -479,4 +481,4 @@ def cases(context) -> Iterator[Case]:
     if context.device.type == "cuda":
         yield from _gpu_cases(context)
     else:
-        yield _cpu_case(context)
+        yield from _cpu_cases(context)

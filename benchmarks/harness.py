@@ -283,12 +283,30 @@ def _key(row: dict) -> tuple:
 
 
 def record(rows: list[dict], path: Path) -> None:
-    """Merge ``rows`` into the JSON list at ``path``: a new row replaces an old one with the same key."""
+    """Merge ``rows`` into the JSON list at ``path``: a new row replaces an old one with the same key. The file is
+    replaced whole (written beside it, then renamed), so a run killed while writing leaves the previous rows."""
     old = json.loads(path.read_text()) if path.exists() else []
     merged = {_key(row): row for row in old}
     merged.update({_key(row): row for row in rows})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(sorted(merged.values(), key=_key), indent=1) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(sorted(merged.values(), key=_key), indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def recorded_cases(path: Path) -> frozenset:
+    """The (entry, case) pairs that the results JSON at ``path`` holds a finished measurement of: some provider
+    timed and none wrong (a case with a wrong provider is measured again)."""
+    if not path.exists():
+        return frozenset()
+    timed, wrong = set(), set()
+    for row in json.loads(path.read_text()):
+        key = (row["entry"], row["case"])
+        if row["status"] == "ok":
+            timed.add(key)
+        elif row["status"] == "wrong":
+            wrong.add(key)
+    return frozenset(timed - wrong)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -37,6 +37,7 @@ from .harness import (
     name_selected,
     plot,
     record,
+    recorded_cases,
     run_case,
 )
 
@@ -48,15 +49,34 @@ ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "
 
 
 class Context:
-    """What entries share: the device, the time budget, and the default molecule set featurized once."""
+    """What entries share: the device, the time budget, which cases to run, and the default molecule set
+    featurized once."""
 
-    def __init__(self, device: torch.device, quick: bool, molecules: int | None = None, cases: str | None = None):
+    def __init__(self, device: torch.device, quick: bool, molecules: int | None = None, cases: str | None = None,
+                 deadline: float | None = None, recorded: frozenset = frozenset()):
         self.device = device
-        self.cases = cases  # --cases: entries whose cases are costly to build filter them before building
+        self.cases = cases  # --cases
+        self.deadline = deadline  # a time.perf_counter() value after which no case is started (None: no limit)
+        self.recorded = recorded  # (entry, case) pairs to leave out (--skip-recorded)
+        self.not_started: dict[tuple[str, str], str] = {}  # (entry, case) -> why it was left out
         self.quick = quick
         self.time_budget_s = 1.0 if quick else 5.0
         self.limit = molecules if molecules is not None else (512 if quick else None)
         self.workers = os.cpu_count() or 1
+
+    def wants(self, entry: str, name: str) -> bool:
+        """Whether to build and run the case ``name`` of ``entry``: ``--cases`` keeps it, it is not recorded yet
+        (with ``--skip-recorded``) and the deadline has not passed. Entries ask before they build a case (building
+        may compile peers for a minute); a case left out for the last two reasons is listed in the summary."""
+        if not name_selected(name, self.cases):
+            return False
+        if (entry, name) in self.recorded:
+            self.not_started[(entry, name)] = "recorded in an earlier run"
+            return False
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.not_started[(entry, name)] = "deadline"
+            return False
+        return True
 
     @lru_cache(maxsize=None)
     def smiles(self) -> list[str]:
@@ -106,7 +126,48 @@ def selected_entries(text: str, option: str = "--entries") -> list[str]:
     return chosen
 
 
+def run_entries(names: list[str], context: Context, results: Path | None = None, log=print
+                ) -> tuple[list[dict], list[str]]:
+    """Run the cases of the entries ``names`` that ``context`` wants, in order; with ``results``, merge each
+    case's rows into that JSON as soon as the case ends (a run cut short keeps every finished case). Returns
+    ``(rows, failures)``: an entry that raises is one failure line and the next entry still runs."""
+    rows, failed = [], []
+    for name in names:
+        started = time.perf_counter()
+        try:
+            for case in ENTRIES[name].cases(context):
+                if not name_selected(case.name, context.cases):
+                    continue
+                log(f"{name}: {case.name}")
+                case_rows = run_case(case, context.device, log=log)
+                del case  # its tensors go before the next case is built (two big cases may not fit at once)
+                rows += case_rows
+                if results is not None and case_rows:
+                    record(case_rows, results)
+        except Exception as error:  # one broken entry must not hide the others' results
+            traceback.print_exc()
+            failed.append(f"{name}: {type(error).__name__}: {error}")
+        log(f"{name}: done in {time.perf_counter() - started:.1f} s")
+    return rows, failed
+
+
+def report(rows: list[dict], failed: list[str], context: Context, log=print) -> None:
+    """The table, the targets, the cases left out (recorded before, or past the deadline) and the failures."""
+    log("")
+    log(format_table(rows))
+    targets = format_targets(rows)
+    if targets:
+        log("\nTargets\n" + targets)
+    if context.not_started:
+        log(f"\nNot started ({len(context.not_started)}):")
+        for (entry, name), why in context.not_started.items():
+            log(f"  {entry}: {name} ({why})")
+    for line in failed:
+        log(f"ENTRY FAILED: {line}")
+
+
 def main(argv=None) -> int:
+    begun = time.perf_counter()
     parser = argparse.ArgumentParser(prog="pyblend bench", description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default=",".join(ENTRIES),
                         help=f"comma-separated entries to run (default: all of {','.join(ENTRIES)})")
@@ -119,6 +180,12 @@ def main(argv=None) -> int:
                         help="keep the cases whose names contain every '&'-joined part of one comma-separated "
                              "item ('!text': do not contain), e.g. 'with hydrogens,4096' (default: every case); "
                              "to split a long entry")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="start no case after this many seconds (the case running then finishes; the cases "
+                             "left are listed): to fit a device call")
+    parser.add_argument("--skip-recorded", action="store_true",
+                        help="leave out the cases the results JSON already holds for this device (some provider "
+                             "timed, none wrong): a run split over several calls resumes where the last stopped")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the plot go")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -129,36 +196,20 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if args.molecules is not None and args.molecules < 1:
         parser.error(f"--molecules: expected a positive number; got {args.molecules}")
+    if args.deadline_s is not None and not args.deadline_s > 0:
+        parser.error(f"--deadline-s: expected a positive number of seconds; got {args.deadline_s}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    context = Context(device, args.quick, args.molecules, args.cases)
-    print(f"pyblend bench on {device_name(device)}{' (quick)' if args.quick else ''}", flush=True)
     partial = args.quick or args.molecules is not None
     results = args.output_dir / f"{device_slug(device)}.json"
-    rows, failed = [], []
-    for name in chosen:
-        started, entry_rows = time.perf_counter(), []
-        try:
-            for case in ENTRIES[name].cases(context):
-                if not name_selected(case.name, args.cases):
-                    continue
-                print(f"{name}: {case.name}", flush=True)
-                entry_rows += run_case(case, device, log=lambda line: print(line, flush=True))
-                del case  # its tensors go before the next case is built (two big cases may not fit at once)
-        except Exception as error:  # one broken entry must not hide the others' results
-            traceback.print_exc()
-            failed.append(f"{name}: {type(error).__name__}: {error}")
-        print(f"{name}: done in {time.perf_counter() - started:.1f} s", flush=True)
-        rows += entry_rows
-        if entry_rows and not partial:  # after each entry: a run cut short keeps what it finished
-            record(entry_rows, results)
-
-    print()
-    print(format_table(rows))
-    targets = format_targets(rows)
-    if targets:
-        print("\nTargets\n" + targets)
+    context = Context(device, args.quick, args.molecules, args.cases,
+                      deadline=None if args.deadline_s is None else begun + args.deadline_s,
+                      recorded=recorded_cases(results) if args.skip_recorded else frozenset())
+    print(f"pyblend bench on {device_name(device)}{' (quick)' if args.quick else ''}", flush=True)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    rows, failed = run_entries(chosen, context, None if partial else results, log)
+    report(rows, failed, context, log)
     if rows and not partial:
         print(f"\nrows merged into {results}")
         # Every recorded row, so that a run split over several calls draws one plot of all of them.
@@ -166,7 +217,5 @@ def main(argv=None) -> int:
             print(f"plot written to {results.with_suffix('.png')}")
     elif partial:
         print("\n(partial run: --quick or --molecules; results not recorded)")
-    for line in failed:
-        print(f"ENTRY FAILED: {line}")
     wrong = [r for r in rows if r["status"] == "wrong"]
     return 1 if failed or wrong else 0

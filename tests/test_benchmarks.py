@@ -408,3 +408,127 @@ def test_launch_configuration_sweep_shares_its_budget_and_takes_a_kernel_list(tm
     assert [(row["kernel"], row["current"]) for row in rows] == [("rows", True), ("rows", False)]
     with pytest.raises(SystemExit):
         tune.main(["--ops", "outer_product", "--kernels", "dq"])
+
+
+def toy_entry(names, seconds=0.0):
+    """A benchmark entry whose cases ask the context before they are built, as the suite's entries do."""
+    import time
+    import types
+
+    def cases(context):
+        for name in names:
+            if context.wants("toy", name):
+                yield Case(entry="toy", name=name, providers={"p": lambda: time.sleep(seconds)},
+                           check=lambda provider, output: None, units=1, unit="items", time_budget_s=0.0)
+    return types.SimpleNamespace(cases=cases)
+
+
+def test_runner_stops_at_its_deadline_and_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """--deadline-s starts no case once it has passed (the one running finishes) and lists the rest; each case's
+    rows are recorded as it ends; --skip-recorded then leaves out the recorded cases and runs the others."""
+    from pyblend.benchmarks import run
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["first", "second", "third"], seconds=0.3)})
+    options = ["--entries", "toy", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plot"]
+    assert run.main([*options, "--deadline-s", "0.2"]) == 0
+    path = tmp_path / f"{run.device_slug(torch.device('cpu'))}.json"
+    assert [row["case"] for row in json.loads(path.read_text())] == ["first"]
+    out = capsys.readouterr().out
+    assert "toy: second (deadline)" in out and "toy: third (deadline)" in out
+    assert run.main([*options, "--skip-recorded"]) == 0
+    assert sorted(row["case"] for row in json.loads(path.read_text())) == ["first", "second", "third"]
+    out = capsys.readouterr().out
+    assert "toy: first (recorded in an earlier run)" in out and "toy: second\n" in out
+    with pytest.raises(SystemExit):
+        run.main([*options, "--deadline-s", "0"])
+    assert "--deadline-s: expected a positive number" in capsys.readouterr().err
+
+
+def test_a_case_with_a_wrong_provider_is_not_counted_as_recorded(tmp_path):
+    from pyblend.benchmarks.harness import recorded_cases
+
+    path = tmp_path / "results.json"
+    rows = [{"entry": "e", "case": "good", "provider": "p", "status": "ok"},
+            {"entry": "e", "case": "bad", "provider": "p", "status": "ok"},
+            {"entry": "e", "case": "bad", "provider": "q", "status": "wrong"},
+            {"entry": "e", "case": "peers only skipped", "provider": "q", "status": "skipped"}]
+    path.write_text(json.dumps(rows))
+    assert recorded_cases(path) == {("e", "good")} and recorded_cases(tmp_path / "none.json") == frozenset()
+
+
+def test_every_gpu_entry_selects_before_it_builds_and_the_lease_plan_names_one_case_an_item():
+    """Every entry's GPU cases, named without a GPU: each entry asks ``context.wants`` before building anything
+    (so ``--cases``, the deadline and --skip-recorded cost no build), and each targeted item of the lease's plan
+    selects exactly one GPU case of its entry."""
+    pytest.importorskip("rdkit")
+    from pyblend.benchmarks import lease, run
+    from pyblend.benchmarks.harness import name_selected
+
+    class Naming(run.Context):
+        """The GPU context, on 40 molecules, that builds nothing: it records the names it is asked about."""
+
+        def __init__(self):
+            super().__init__(torch.device("cuda"), quick=False, molecules=40)
+            self.workers = 1
+            self.asked = []
+
+        def wants(self, entry, name):
+            self.asked.append((entry, name))
+            return False
+
+    context = Naming()
+    for entry in run.ENTRIES:
+        assert list(run.ENTRIES[entry].cases(context)) == [], entry
+    names = {entry: [name for asked, name in context.asked if asked == entry] for entry in run.ENTRIES}
+    assert len(names["relation_attention"]) == 12 and len(names["fourier_cross_attention"]) == 12
+    assert not names["gaussian_basis"], "a CPU-only entry"
+    for entry, pattern, why in lease.PLAN:
+        chosen = [name for name in names[entry] if name_selected(name, pattern)]
+        if why.startswith("issue"):
+            assert len(chosen) == 1, (entry, pattern, chosen)
+        else:
+            assert chosen, (entry, pattern)
+    planned = {entry for entry, _, _ in lease.PLAN}
+    assert planned == set(run.ENTRIES) - {"gaussian_basis", "featurize"}, "every GPU entry is in the lease's plan"
+
+
+def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch, capsys):
+    """The lease on toy entries: rows land in --out as each case ends, starting from the committed results; a
+    second call leaves out what is recorded; the summary names what was not reached."""
+    from pyblend.benchmarks import lease, run
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["a", "b", "c"]), "slow": toy_entry(["s"], 0.4)})
+    monkeypatch.setattr(lease, "PLAN", [("toy", "a", "first"), ("slow", None, "second"), ("toy", None, "rest")])
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(lease, "RESULTS_DIR", committed)
+    slug = run.device_slug(torch.device("cpu"))
+    committed.mkdir()
+    (committed / f"{slug}.json").write_text(json.dumps([
+        {"entry": "toy", "case": "c", "provider": "p", "status": "ok", "device": "earlier", "config": {},
+         "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}]))
+    out = tmp_path / "out"
+    options = ["--out", str(out), "--tests", "none", "--reserve-s", "1.0"]
+    assert lease.main([*options, "--budget-s", "1.2"]) == 0
+    assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "c", "s"]
+    text = capsys.readouterr().out
+    assert "toy: every case" in text.split("Not reached")[1], "the third item had no time left"
+    assert lease.main([*options, "--budget-s", "30"]) == 0
+    assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "b", "c", "s"]
+    text = capsys.readouterr().out
+    assert "toy: b\n" in text and "toy: a\n" not in text and "slow: s\n" not in text and "Not reached" not in text
+
+
+def test_lease_tests_step_reports_and_stops(tmp_path, monkeypatch):
+    from pyblend.benchmarks import lease
+
+    folder = tmp_path / "tests"
+    folder.mkdir()
+    (folder / "test_toy.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                        "def test_slow():\n    time.sleep(60)\n")
+    monkeypatch.setattr(lease, "TESTS", folder)
+    (tmp_path / "out").mkdir()
+    summary = lease.run_tests("all", tmp_path / "out", limit_s=20)
+    assert summary.startswith("STOPPED after 20 s"), summary
+    (folder / "test_toy.py").write_text("def test_quick():\n    pass\n\ndef test_wrong():\n    assert False\n")
+    summary = lease.run_tests("all", tmp_path / "out", limit_s=60)
+    assert summary.startswith("exit 1: 1 failed, 1 passed"), summary
