@@ -6,6 +6,8 @@ bit_length, passes ``generator=None`` to a factory that wants concrete sizes) or
 instead fixes it, recompiles for every size or fails. Each case runs several sizes through one compiled function
 and counts the compiled frames; outputs match eager.
 """
+import functools
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -13,6 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from pyblend import ops
 
 from graphs import backend_device
+from tolerances import assert_close
 
 
 def compile_counted(fn, dynamic=None):
@@ -115,3 +118,96 @@ def test_fourier_cross_attention_with_a_token_mask_compiles_once_for_every_token
                 *weights, mask)
         torch.testing.assert_close(compiled(*args), step(*args), rtol=2e-4, atol=2e-5)
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 token counts"
+
+
+def _close(got, expected, what):
+    """Compiled against eager: the relative error bound of float32 (tests/tolerances.py); most values are
+    bit-identical, and the sums whose order torch.compile changes differ in their last bits."""
+    assert_close(got, expected, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_outer_product_ops_compile_with_fullgraph_and_dynamic_sizes(generator, backend):
+    """Packed outer-product calls read cu_seqlens on the host (P = sum N_i^2 sized their work), and the reference
+    padded them with helpers sized from its values: under torch.compile P comes from the target's length
+    (cross-entropy), a bound from the shapes (the cosine's statistics) or a data-dependent size (the logits), and
+    the reference pads by gathers. Forward and every gradient, one graph for every batch shape."""
+    d1, d2, classes = 3, 5, 6  # no size equal to a batch-dependent one (duck sizing would tie them)
+    device = backend_device(backend)
+
+    def heads(backend, row, col, weight, bias, positions, target, cu_seqlens):
+        layout = dict(cu_seqlens=cu_seqlens, max_seqlen=6, backend=backend)
+        return (ops.outer_product_loss(row, col, weight, bias, target, groups=2, ignore_index=-100, **layout),
+                ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], positions, **layout),
+                ops.outer_product_logits(row, col, weight, bias, **layout))
+
+    def run(fn, leaves, *constants):
+        ce, cosine, logits = fn(*leaves, *constants)
+        return (ce, cosine, logits, *torch.autograd.grad(ce + 2 * cosine + logits.square().mean(), leaves))
+
+    names = ("cross-entropy", "cosine", "logits", "drow", "dcol", "dweight", "dbias")
+    eager = functools.partial(heads, backend)
+    compiled, counter = compile_counted(eager, dynamic=True)
+    for sizes in ([5, 2, 4], [6, 1, 3, 3]):
+        lengths = torch.tensor(sizes)
+        atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32)
+        leaves = [(torch.randn(*shape, generator=generator) * scale).to(device).requires_grad_()
+                  for shape, scale in (((atoms, d1), 1.0), ((atoms, d2), 1.0), ((classes, d1 * d2), 0.3),
+                                       ((classes,), 1.0))]
+        positions = torch.randn(atoms, 3, generator=generator).to(device)
+        target = torch.randint(0, classes // 2, (pairs, 2), generator=generator)
+        target[torch.rand(target.shape, generator=generator) < 0.2] = -100
+        constants = (positions, target.to(device), cu_seqlens)
+        for name, got, expected in zip(names, run(compiled, leaves, *constants), run(eager, leaves, *constants)):
+            _close(got.detach().cpu(), expected.detach().cpu(), f"{name} {sizes}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
+
+
+@pytest.mark.parametrize("layout, backend", [("padded", "reference"), ("packed", "triton")])
+def test_moleblend_relation_loss_compiles_with_fullgraph(generator, monkeypatch, layout, backend):
+    """MoleBlend's pretraining loss after build_relations (whose shortest paths are a data-pipeline op) in one
+    graph: ``bool(known.any())`` read the host, the packed 3D head selected the atoms with a conformer by a boolean
+    mask (a length of its own, compared with the positions'), the denoising loss averaged such a selection, and
+    the packed blend's length was a size of its own. Eval mode and fixed noise: the compiled loss, its parts and
+    every gradient are eager's, for a batch with a molecule without conformer and a single atom, and then for the
+    same batch without any conformer (0 where eager mode skips the 3D parts: zero gradients instead of none).
+    The reference backend's packed layout still reads cu_seqlens on the host, in ops outside the model (README)."""
+    pytest.importorskip("rdkit", reason="MoleBlend is tested on featurized molecules (RDKit)")
+    import dataclasses
+
+    from pyblend import collate, featurize_many
+    from pyblend.models import MoleBlend, MoleBlendConfig
+
+    device = backend_device(backend)
+    graphs, _ = featurize_many(["c1ccccc1O", "CCO", "C"], conformer=True, progress=False)
+    torch.manual_seed(0)
+    model = MoleBlend(MoleBlendConfig(layers=1, dim=16, heads=1, ffn_dim=16, num_kernels=6, head_width=4,
+                                      max_distance=4, max_hops=1, spd_classes=4, dropout=0.0,
+                                      attention_dropout=0.0, activation_dropout=0.0)).to(device).eval()
+    batch = collate(graphs, layout=layout).to(device)
+    cases = []  # with a conformer but for the second molecule; without any
+    for has_positions in ([True, False, True], [False] * 3):
+        relations = model.build_relations(dataclasses.replace(batch, has_positions=torch.tensor(
+            has_positions, device=device)))  # before the backend is forced: shortest paths on their default one
+        cases.append((relations, (torch.randn(relations.positions.shape, generator=generator) * 0.2).to(device)))
+    monkeypatch.setenv("PYBLEND_BACKEND", backend)
+
+    def loss_and_gradients(fn, relations, noise):
+        model.zero_grad(set_to_none=True)
+        loss, parts = fn(relations, noise=noise)
+        loss.backward()
+        return {"loss": loss, **parts, **{name: torch.zeros_like(p) if p.grad is None else p.grad
+                                          for name, p in model.named_parameters()}}
+
+    compiled, counter = compile_counted(model.relation_loss)
+    for case, (relations, noise) in zip(("mixed", "no conformer"), cases):
+        got = loss_and_gradients(compiled, relations, noise)
+        expected = loss_and_gradients(model.relation_loss, relations, noise)
+        for name, value in expected.items():
+            if value.abs().max() == 0:
+                assert (got[name] == 0).all(), f"{case}: {name} is not 0"
+            else:
+                _close(got[name].detach().cpu(), value.detach().cpu(), f"{case}: {name}")
+    assert got["geometry"] == 0 and got["denoise"] == 0 and model.geometry_head.out.weight.grad is None
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for one batch shape"

@@ -499,6 +499,10 @@ class MoleBlend(nn.Module):
                 x = x + torch.where(known[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
         choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator)
+        if torch.compiler.is_compiling():
+            # The choice's length is read from cu_seqlens' values, for torch.compile a size of its own: it is the
+            # batch's pair count P, which tells torch.compile that it matches the biases' (a guard would fail).
+            torch._check(choice.shape[0] == relations.spd.shape[0])
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
         blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
@@ -581,7 +585,10 @@ class MoleBlend(nn.Module):
 
         A batch in which no molecule has a conformer leaves the 3D parameters (``gaussian``, ``atom_3d_proj``,
         ``geometry_head``, ``atom_proc``) without gradient: under DistributedDataParallel, where a rank may draw
-        such a batch, pass ``find_unused_parameters=True``."""
+        such a batch, pass ``find_unused_parameters=True``.
+
+        Under ``torch.compile``, :meth:`build_relations` (shortest paths: a data-pipeline op) stays outside the
+        compiled region; :meth:`relation_loss` traces with ``fullgraph=True`` (see there)."""
         return self.relation_loss(self.build_relations(batch), generator=generator, noise=noise)
 
     def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None,
@@ -589,7 +596,13 @@ class MoleBlend(nn.Module):
         """:meth:`pretrain_loss` from relations already built (``model.build_relations(batch)``: shortest paths,
         routes, positions, in the batch's layout), for loops and benchmarks that reuse them; ``relations`` is not
         modified. ``noise``: the position noise to add instead of drawing it (``noise_scale`` is not applied),
-        shaped like ``relations.positions`` (padded ``(B, N, 3)``, packed ``(T, 3)``)."""
+        shaped like ``relations.positions`` (padded ``(B, N, 3)``, packed ``(T, 3)``).
+
+        Traces with ``torch.compile(fullgraph=True)``, ``dynamic=True`` too: padded on either backend, packed on
+        the Triton one (the reference backend's packed relation attention and Gaussian bias read ``cu_seqlens``
+        on the host); not with a ``generator``, which torch.compile does not take (draw from torch's global one,
+        or pass ``noise``). The compiled loss is the eager one, up to the order of the denoising mean's sum,
+        except that the 3D parts of a batch without any conformer are computed (0, with zero gradients)."""
         config = self.config
         relations = dataclasses.replace(relations)
         clean = relations.positions
@@ -597,8 +610,10 @@ class MoleBlend(nn.Module):
             if noise is not None:
                 raise ValueError("noise: the relations have no positions to add noise to")
         elif noise is None:
-            noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-            noise = noise * config.noise_scale
+            # generator=None left out: torch.compile traces that overload with concrete sizes only (as sample_blend).
+            drawn = dict(device=clean.device, dtype=clean.dtype) if generator is None else \
+                dict(generator=generator, device=clean.device, dtype=clean.dtype)
+            noise = torch.randn(clean.shape, **drawn) * config.noise_scale
         elif not isinstance(noise, Tensor) or noise.shape != clean.shape:
             got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
             raise ValueError(f"noise: expected the shape of the positions {tuple(clean.shape)}; got {got}")
@@ -629,14 +644,25 @@ class MoleBlend(nn.Module):
 
         zero = atoms.new_zeros((), dtype=torch.float32)
         parts["geometry"] = parts["denoise"] = zero
-        if clean is not None and bool(known.any()):
+        # Eager mode skips the 3D parts of a batch without any conformer (their parameters get no gradient);
+        # torch.compile cannot read that on the host and computes them for every batch: then 0, zero gradients.
+        compiling = torch.compiler.is_compiling()
+        if clean is not None and (compiling or bool(known.any())):
             head = self.geometry_head
             if relations.packed:
-                # Only the molecules with a conformer: the others keep their place with no atoms.
+                # Only the molecules with a conformer: the others keep their place with no atoms. Their atoms
+                # go first, by a stable partition (not atoms[known_atoms], whose length would depend on the data);
+                # the rest follow cu_seqlens' end, where eager mode cuts them (its checks want every row
+                # described) and a compiled call, which trusts cu_seqlens, never reads them.
                 lengths = seqlens(relations.cu_seqlens) * known
                 known_cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+                order = torch.argsort(~known_atoms, stable=True)
+                known_rows, known_clean = atoms.index_select(0, order), clean.index_select(0, order)
+                if not compiling:
+                    count = int(known_cu_seqlens[-1])
+                    known_rows, known_clean = known_rows[:count], known_clean[:count]
                 parts["geometry"] = outer_product_cosine_loss(
-                    *head.projected(atoms[known_atoms]), positions=clean[known_atoms], cu_seqlens=known_cu_seqlens,
+                    *head.projected(known_rows), positions=known_clean, cu_seqlens=known_cu_seqlens,
                     max_seqlen=relations.max_seqlen)
                 head_layout = {**layout, "pair_atoms": (index.pair_row, index.pair_col)}
             else:
@@ -647,7 +673,7 @@ class MoleBlend(nn.Module):
             predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)
             wide = torch.promote_types(predicted.dtype, torch.float32)  # float64 models keep float64
             cosine = F.cosine_similarity(predicted.to(wide), noise.to(wide), dim=-1, eps=1e-8)
-            parts["denoise"] = (1 - cosine)[known_atoms].mean()
+            parts["denoise"] = _mean_where(1 - cosine, known_atoms)
         total = sum(config.loss_weights[name] * value for name, value in parts.items())
         return total, parts
 
@@ -696,6 +722,16 @@ class MoleBlendPredictor(nn.Module):
         else:
             each = F.mse_loss(out, labels, reduction="none")
         return torch.where(known, each, 0.0).sum() / known.sum().clamp(min=1)
+
+
+def _mean_where(values: Tensor, selected: Tensor) -> Tensor:
+    """The mean of ``values`` where the bool ``selected`` is True: ``values[selected].mean()``, or under
+    torch.compile (no data-dependent length) the masked sum over the count, 0 for an empty selection (eager mode
+    never takes one). The two differ only by the order of the additions."""
+    if not torch.compiler.is_compiling():
+        return values[selected].mean()
+    total = torch.where(selected, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / selected.sum().clamp(min=1).to(total.dtype)
 
 
 def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:

@@ -24,6 +24,15 @@ Layouts (DESIGN.md): padded ``row (B, N, d1)``, ``col (B, N, d2)`` with ``mask (
 default all real), per-pair tensors ``(B, N, N, ...)``; or packed ``row (T, d1)``, ``col (T, d2)`` with
 ``cu_seqlens (B+1,)`` int32 and ``max_seqlen``, per-pair tensors ``(P, ...)``, molecule i's ``(N_i, N_i)`` block
 row-major at ``sum_{j<i} N_j^2``. Padded entries of per-atom inputs are never read (NaN there is harmless).
+
+Under ``torch.compile`` the checks read no tensor's values: every entry traces with ``fullgraph=True``
+(``dynamic=True`` too) on both backends, padded and packed, forward and backward. A packed call needs an int
+``max_seqlen`` there and trusts ``cu_seqlens`` (rows past ``cu_seqlens[-1]`` are then never read and get zero
+gradients). Sizes come from shapes: the cross-entropy takes ``P = sum N_i^2`` from its packed target's length,
+the Triton cosine loss sizes its per-pair statistics by the bound ``T * max_seqlen``. Only the packed logits have
+a length that no input's shape gives: a data-dependent size (the Triton op reads ``P`` inside itself, one
+device-to-host copy as in an eager call; the reference selects the real pairs by a boolean mask), which
+torch.compile accepts under ``fullgraph=True`` and otherwise treats as a graph break.
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ from ._checks import (
     as_tensor,
     check_dtype,
     check_mask,
+    check_packed_form,
     check_same_device,
     check_shape,
     describe,
@@ -55,6 +65,7 @@ _MAX_FEATURES = 64  # kernels.outer_product.MAX_FEATURES
 _MAX_CLASSES = 128  # kernels.outer_product.MAX_CLASSES
 _MODE_LOGITS, _MODE_CROSS_ENTROPY, _MODE_COSINE = 0, 1, 2
 _INT32 = (-(2**31), 2**31 - 1)
+_UNKNOWN_PAIRS = -1  # the logits op's ``pairs`` where the caller cannot read P (packed, under torch.compile)
 
 
 def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -71,7 +82,8 @@ def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor 
         bias: ``(C,)`` or None, the dtype of ``row``.
         mask: ``(B, N)`` bool, True = real atom (padded layout only; default all real).
         cu_seqlens: ``(B+1,)`` int32, selects the packed layout; ``max_seqlen``: the longest molecule (read
-            from ``cu_seqlens`` when None).
+            from ``cu_seqlens`` when None; required under ``torch.compile``, which cannot read it, and then
+            trusted).
         backend: "triton" | "reference" | None (automatic: Triton for CUDA tensors; ``PYBLEND_BACKEND``).
 
     Returns:
@@ -87,7 +99,8 @@ def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor 
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
     logits = torch.ops.pyblend.outer_product_logits(layout.row2d, layout.col2d, weight, bias, layout.mask1d, start,
-                                                    length, pair_start, layout.max_seqlen, layout.pairs)
+                                                    length, pair_start, layout.max_seqlen,
+                                                    _UNKNOWN_PAIRS if layout.pairs is None else layout.pairs)
     if layout.packed:
         return logits
     return logits.view(layout.batch, layout.max_seqlen, layout.max_seqlen, layout.classes)
@@ -171,9 +184,12 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
                                                     cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
+    # The rows of the per-pair statistics: P, or under torch.compile (P unknown) its bound from the shapes,
+    # sum N_i^2 <= max_seqlen * sum N_i <= max_seqlen * T (rows past P are never written or read).
+    stats_rows = layout.atoms * layout.max_seqlen if layout.pairs is None else layout.pairs
     loss, _, _ = torch.ops.pyblend.outer_product_loss(
         layout.row2d, layout.col2d, weight, bias, positions.reshape(-1, 3).float(), layout.mask1d, start, length,
-        pair_start, layout.max_seqlen, layout.pairs, _MODE_COSINE, 1, 0)
+        pair_start, layout.max_seqlen, stats_rows, _MODE_COSINE, 1, 0)
     return loss
 
 
@@ -181,7 +197,8 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
 
 
 class _Layout:
-    """The validated inputs and the kernels' per-molecule view of them."""
+    """The validated inputs and the kernels' per-molecule view of them. ``pairs`` (P) is None for a packed call
+    under torch.compile, where it cannot be read from ``cu_seqlens``, until a per-pair input gives it."""
 
     def __init__(self, tensors, packed, batch, max_seqlen, atoms, pairs, host_cu_seqlens):
         self.tensors = tensors
@@ -244,8 +261,12 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
     host = None
     if packed:
         check_mask(mask, (), cu_seqlens)
-        host, max_seqlen, pairs = packed_layout(cu_seqlens, row.shape[0], max_seqlen)
-        batch, atoms = host.numel() - 1, row.shape[0]
+        if torch.compiler.is_compiling():
+            check_packed_form(cu_seqlens, max_seqlen)  # P: from a per-pair input, or read by the kernel's op
+            pairs = None
+        else:
+            host, max_seqlen, pairs = packed_layout(cu_seqlens, row.shape[0], max_seqlen)
+        batch, atoms = cu_seqlens.numel() - 1, row.shape[0]
     else:
         if max_seqlen is not None and max_seqlen != row.shape[1]:
             raise ValueError(f"max_seqlen: the padded layout's width is row.shape[1] = {row.shape[1]}; got "
@@ -273,6 +294,8 @@ def _validate_target(target, layout: _Layout, groups, ignore_index) -> Tensor:
         check_shape(target, "target", pairs_shape, meaning + ")")
     else:
         check_shape(target, "target", (*pairs_shape, groups), meaning + ", G)")
+    if layout.pairs is None:  # packed under torch.compile: the target's length gives P
+        layout.pairs = target.shape[0]
     if not torch.compiler.is_compiling():
         _check_target_range(target, layout, groups, ignore_index)
     return target
@@ -316,15 +339,21 @@ def _triton_reasons(layout: _Layout) -> list[str]:
 def _logits_op(row: Tensor, col: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                start: Tensor, length: Tensor, pair_start: Tensor, max_n: int, pairs: int) -> Tensor:
     """Logits ``(Q, C)`` in row's dtype; row ``(A, d1)``, col ``(A, d2)``, mask ``(A,)``, the molecules' atom
-    starts, widths (int32) and pair starts (int64) ``(B,)``."""
+    starts, widths (int32) and pair starts (int64) ``(B,)``; ``pairs``: Q, or ``_UNKNOWN_PAIRS`` for the packed
+    layout under torch.compile: then Q is the end of the last molecule's pair block, read here (one
+    device-to-host copy, as the eager call's validation makes), and the fake gives a data-dependent size."""
     from ..kernels import outer_product as kernel
 
+    if pairs == _UNKNOWN_PAIRS:
+        pairs = int(pair_start[-1] + length[-1].long() ** 2) if length.numel() else 0
     return kernel.outer_product_forward(row, col, weight, bias, None, mask, start, length, pair_start, max_n, pairs,
                                         kernel.MODE_LOGITS, 1, 0)
 
 
 @_logits_op.register_fake
 def _(row, col, weight, bias, mask, start, length, pair_start, max_n, pairs):
+    if pairs == _UNKNOWN_PAIRS:
+        pairs = torch.library.get_ctx().new_dynamic_size()
     return row.new_empty((pairs, weight.shape[0]))
 
 
@@ -332,8 +361,9 @@ def _(row, col, weight, bias, mask, start, length, pair_start, max_n, pairs):
 def _loss_op(row: Tensor, col: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Tensor, mask: Optional[Tensor],
              start: Tensor, length: Tensor, pair_start: Tensor, max_n: int, pairs: int, mode: int, groups: int,
              ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss () float32, stats (Q, G | 2) float32, count () float64)``; ``aux``: the target ``(Q, G)``
-    (mode 1, cross-entropy) or float32 positions ``(A, 3)`` (mode 2, cosine)."""
+    """``(loss () float32, stats (pairs, G | 2) float32, count () float64)``; ``aux``: the target ``(Q, G)``
+    (mode 1, cross-entropy) or float32 positions ``(A, 3)`` (mode 2, cosine). ``pairs``: Q, or for the cosine
+    a bound of it (the statistics' rows past Q are never written or read)."""
     from ..kernels import outer_product as kernel
 
     stats, total, count = kernel.outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair_start,
