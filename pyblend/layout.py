@@ -9,6 +9,8 @@ bool, True = real atom. Entries that touch a masked atom carry no meaning and ar
 stored row-major starting at ``pair_offsets(cu_seqlens)[i] = sum_{j<i} N_j^2``.
 
 Both layouts keep atom order: packing a padded batch keeps its real atoms in order, molecule after molecule.
+The helpers given their sizes (``pad_*`` a width, ``unpad_*``, ``atom_molecules``, ``pair_index`` and
+``prepend_token`` their counts) read no tensor's values, so ``torch.compile(fullgraph=True)`` traces them.
 This module imports nothing from the rest of pyblend, so every layer may use it.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import Tensor
 
 __all__ = [
     "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
-    "pad_atoms", "pad_pairs", "pair_index", "pair_offsets", "prepend_token", "seqlens",
+    "pad_atoms", "pad_pairs", "padded_width", "pair_index", "pair_offsets", "prepend_token", "seqlens",
+    "unpad_atoms", "unpad_pairs",
 ]
 
 
@@ -129,45 +132,79 @@ def _check_bool_mask(mask: Tensor) -> None:
         raise TypeError(f"mask: expected a bool tensor (B, N); got {mask.dtype} {tuple(mask.shape)}")
 
 
-def _molecule_index(cu_seqlens: Tensor, counts: Tensor) -> Tensor:
-    return torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=cu_seqlens.device), counts)
+def padded_width(cu_seqlens: Tensor, max_seqlen: int | None = None) -> int:
+    """The width of a packed batch's padded layout: ``max_seqlen`` when given (not read from ``cu_seqlens``:
+    torch.compile traces it), else the longest molecule (one device-to-host read)."""
+    if max_seqlen is not None:
+        return max_seqlen
+    lengths = seqlens(cu_seqlens)
+    return int(lengths.max()) if lengths.numel() else 0
 
 
-def _check_rows(x: Tensor, molecule: Tensor, what: str) -> None:
-    if x.shape[0] != molecule.shape[0]:
-        raise ValueError(f"x: cu_seqlens describes {molecule.shape[0]} {what}, but x has {x.shape[0]} rows "
-                         f"(shape {tuple(x.shape)})")
-
-
-def _padded_width(lengths: Tensor, max_seqlen: int | None) -> int:
-    longest = int(lengths.max()) if lengths.numel() else 0
+def _checked_width(x: Tensor, lengths: Tensor, max_seqlen: int | None, what: str) -> int:
+    """The padded width, after checking on the host (one device-to-host copy) that ``max_seqlen`` holds the
+    longest molecule and that ``x`` has the rows (``what``: "atoms" or "pairs") that ``cu_seqlens`` describes.
+    Under torch.compile a given ``max_seqlen`` is trusted instead: nothing is read."""
+    if max_seqlen is not None and torch.compiler.is_compiling():
+        return max_seqlen
+    host = lengths.cpu()
+    longest = int(host.max()) if host.numel() else 0
     if max_seqlen is None:
-        return longest
-    if max_seqlen < longest:
+        max_seqlen = longest
+    elif max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected >= the longest molecule ({longest} atoms), got {max_seqlen}")
+    if (host < 0).any():
+        raise ValueError(f"cu_seqlens: expected non-decreasing values, got molecule lengths {host.tolist()}")
+    rows = int((host if what == "atoms" else host**2).sum())
+    if x.shape[0] != rows:
+        raise ValueError(f"x: cu_seqlens describes {rows} {what}, but x has {x.shape[0]} rows "
+                         f"(shape {tuple(x.shape)})")
     return max_seqlen
 
 
+def _gather_padded(x: Tensor, index: Tensor, real: Tensor, value) -> Tensor:
+    """``x (rows, ...)`` read at ``index`` where ``real``, ``value`` elsewhere: one gather from ``x`` with a row
+    of ``value`` appended, sized like ``index`` (so by shapes and ints, never by tensor values). Rows of ``x``
+    that no index names are never read."""
+    filler = torch.full((1, *x.shape[1:]), value, dtype=x.dtype, device=x.device)
+    x = torch.cat([x, filler])
+    return x[torch.where(real, index, x.shape[0] - 1)]
+
+
 def pad_atoms(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, value=0) -> Tensor:
-    """``x (T, ...)`` -> ``(B, max_seqlen, ...)``, filling padding with ``value``."""
+    """``x (T, ...)`` -> ``(B, max_seqlen, ...)``, filling padding with ``value``.
+
+    One gather whose sizes come from the shapes and ``max_seqlen``. ``max_seqlen`` None: the longest molecule.
+    Eager calls check ``max_seqlen`` and the row count on the host (one device-to-host copy); under
+    torch.compile a given ``max_seqlen`` is trusted and nothing is read (``fullgraph=True`` traces it)."""
     lengths = seqlens(cu_seqlens)
-    width = _padded_width(lengths, max_seqlen)
-    out = x.new_full((lengths.numel(), width, *x.shape[1:]), value)
-    molecule = _molecule_index(cu_seqlens, lengths)
-    _check_rows(x, molecule, "atoms")
-    position = torch.arange(x.shape[0], device=x.device) - cu_seqlens.long()[molecule]
-    out[molecule, position] = x
-    return out
+    width = _checked_width(x, lengths, max_seqlen, "atoms")
+    index = cu_seqlens[:-1, None].long() + torch.arange(width, device=x.device)
+    return _gather_padded(x, index, mask_from_cu_seqlens(cu_seqlens, width), value)
 
 
 def pad_pairs(x: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None, value=0) -> Tensor:
-    """``x (P, ...)`` -> ``(B, max_seqlen, max_seqlen, ...)``, filling padding with ``value``."""
+    """``x (P, ...)`` -> ``(B, max_seqlen, max_seqlen, ...)``, filling padding with ``value``; checks and
+    tracing as :func:`pad_atoms`."""
     lengths = seqlens(cu_seqlens)
-    width = _padded_width(lengths, max_seqlen)
-    out = x.new_full((lengths.numel(), width, width, *x.shape[1:]), value)
-    molecule = _molecule_index(cu_seqlens, lengths**2)
-    _check_rows(x, molecule, "pairs")
-    local = torch.arange(x.shape[0], device=x.device) - pair_offsets(cu_seqlens)[molecule]
-    n = lengths[molecule]
-    out[molecule, local // n, local % n] = x
-    return out
+    width = _checked_width(x, lengths, max_seqlen, "pairs")
+    mask = mask_from_cu_seqlens(cu_seqlens, width)
+    local = torch.arange(width, device=x.device)
+    index = pair_offsets(cu_seqlens)[:-1, None, None] + local[:, None] * lengths[:, None, None] + local
+    return _gather_padded(x, index, mask[:, :, None] & mask[:, None, :], value)
+
+
+def unpad_atoms(x: Tensor, cu_seqlens: Tensor, atoms: int | None = None) -> Tensor:
+    """``x (B, N, ...)`` -> ``(T, ...)``, the inverse of :func:`pad_atoms` (what :func:`pack_atoms` gives for
+    the mask of ``cu_seqlens``) by one gather. ``atoms``: T when known (saves a device-to-host read; then the
+    size comes from it and torch.compile traces it)."""
+    molecule = atom_molecules(cu_seqlens, atoms)
+    position = torch.arange(molecule.numel(), device=x.device) - cu_seqlens.long()[molecule]
+    return x[molecule, position]
+
+
+def unpad_pairs(x: Tensor, cu_seqlens: Tensor, pairs: int | None = None) -> Tensor:
+    """``x (B, N, N, ...)`` -> ``(P, ...)``, the inverse of :func:`pad_pairs` by one gather. ``pairs``: P when
+    known (saves a device-to-host read; then the size comes from it and torch.compile traces it)."""
+    molecule, i, j = pair_index(cu_seqlens, pairs)
+    return x[molecule, i, j]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from pyblend import ops
+from pyblend import layout, ops
 
 from graphs import backend_device
 from tolerances import assert_close
@@ -103,10 +103,19 @@ def test_packed_relation_attention_and_blend_compile_with_max_seqlen(generator):
         ops.sample_blend(cu_seqlens=cu_seqlens, max_seqlen=4)  # eager calls still check it
 
 
-def test_fourier_cross_attention_with_a_token_mask_compiles_once_for_every_token_count(generator):
-    """The masked token FFT's length came from bit_length() of the token count: one compilation per count."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fourier_cross_attention_with_a_token_mask_compiles_once_for_every_token_count(generator, backend):
+    """The masked token FFT's length came from bit_length() of the token count: one compilation per count; and
+    the reference found each sample's real tokens on the host (a graph break): under torch.compile both take
+    every length at once (Bluestein). A sample without tokens; the reference's gradients too."""
     def step(latent, tokens, wq, wkv, wo, mask):
-        return ops.fourier_cross_attention(latent, tokens, wq, wkv, wo, heads=2, token_mask=mask, backend="triton")
+        return ops.fourier_cross_attention(latent, tokens, wq, wkv, wo, heads=2, token_mask=mask, backend=backend)
+
+    def run(fn, leaves, mask):
+        out = torch.view_as_real(fn(*leaves, mask))
+        if backend == "triton":  # its gradients: tests/test_fourier_cross_attention.py, test_lego.py
+            return (out,)
+        return (out, *torch.autograd.grad(out.square().sum(), leaves))
 
     compiled, counter = compile_counted(step)
     weights = [torch.randn(8, 8, generator=generator) / 3, torch.randn(16, 6, generator=generator) / 3,
@@ -114,9 +123,11 @@ def test_fourier_cross_attention_with_a_token_mask_compiles_once_for_every_token
     for batch, tokens in ((3, 7), (4, 9), (2, 12)):
         mask = torch.rand(batch, tokens, generator=generator) < 0.7
         mask[0] = True
-        args = (torch.randn(batch, 4, 8, generator=generator), torch.randn(batch, tokens, 6, generator=generator),
-                *weights, mask)
-        torch.testing.assert_close(compiled(*args), step(*args), rtol=2e-4, atol=2e-5)
+        mask[-1] = False
+        leaves = [x.requires_grad_() for x in (torch.randn(batch, 4, 8, generator=generator),
+                                               torch.randn(batch, tokens, 6, generator=generator), *weights)]
+        for got, expected in zip(run(compiled, leaves, mask), run(step, leaves, mask)):
+            torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-5)
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 3 token counts"
 
 
@@ -124,6 +135,127 @@ def _close(got, expected, what):
     """Compiled against eager: the relative error bound of float32 (tests/tolerances.py); most values are
     bit-identical, and the sums whose order torch.compile changes differ in their last bits."""
     assert_close(got, expected, torch.float32, what)
+
+
+def _batch(sizes):
+    """``(cu_seqlens, T, P, max_seqlen)`` of molecules of ``sizes`` atoms."""
+    lengths = torch.tensor(sizes)
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return cu_seqlens, int(lengths.sum()), int((lengths * lengths).sum()), max(sizes)
+
+
+# Two batches, the first with a single-atom and an empty molecule. The first's sizes (B, B + 1, T, P, max_seqlen)
+# differ from each other and from every fixed size in the tests below: duck sizing would tie equal sizes.
+_BATCHES = ([4, 1, 0, 2, 3], [6, 2, 5])
+
+
+def test_layout_pads_and_unpads_by_gathers_under_fullgraph(generator):
+    """pad_atoms and pad_pairs sized a scatter by repeat_interleave of cu_seqlens' lengths and checked the width
+    on the host: with max_seqlen they gather, sized by the shapes and max_seqlen, and so do unpad_atoms and
+    unpad_pairs (sized by T and P). Bit for bit eager's, one graph for both batch shapes."""
+    def convert(atoms, pairs, flags, cu_seqlens, max_seqlen):
+        padded_atoms = layout.pad_atoms(atoms, cu_seqlens, max_seqlen, value=float("nan"))
+        padded_pairs = layout.pad_pairs(pairs, cu_seqlens, max_seqlen, value=-1)
+        return (padded_atoms, padded_pairs, layout.pad_pairs(flags, cu_seqlens, max_seqlen, value=False),
+                layout.unpad_atoms(padded_atoms, cu_seqlens, atoms.shape[0]),
+                layout.unpad_pairs(padded_pairs, cu_seqlens, pairs.shape[0]))
+
+    compiled, counter = compile_counted(convert, dynamic=True)
+    for sizes in _BATCHES:
+        cu_seqlens, atoms, pairs, width = _batch(sizes)
+        inputs = (torch.randn(atoms, 3, generator=generator), torch.randint(0, 9, (pairs,), generator=generator),
+                  torch.rand(pairs, generator=generator) < 0.5, cu_seqlens, width)
+        got, expected = compiled(*inputs), convert(*inputs)
+        for name, a, b in zip(("atoms", "pairs", "flags", "unpadded atoms", "unpadded pairs"), got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name} {sizes}")
+        assert torch.equal(got[3], inputs[0]) and torch.equal(got[4], inputs[1])
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
+
+
+def test_packed_reference_relation_attention_compiles_with_fullgraph(generator):
+    """The reference backend's packed relation attention padded its inputs to the longest molecule, read from
+    cu_seqlens on the host, and packed its outputs by boolean masks (data-dependent lengths): it pads by gathers
+    sized by max_seqlen and packs by gathers sized by T and P. A dense packed bias plus a relation table, with
+    the logits, forward and every gradient, one graph for both batch shapes."""
+    heads, head_dim, relations = 2, 16, 7
+
+    def attend(q, k, v, bias, rel_table, rel_index, cu_seqlens, max_seqlen):
+        # dropout_p given: under dynamic=True the default's float becomes a symbol, and the trace restarts.
+        return ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=0.0,
+                                      return_logits=True, rel_index=rel_index, rel_table=rel_table,
+                                      backend="reference")
+
+    def run(fn, leaves, *constants):
+        out, logits = fn(*leaves, *constants)
+        return (out, logits, *torch.autograd.grad(out.square().sum() + logits.square().sum(), leaves))
+
+    names = ("out", "logits", "dq", "dk", "dv", "dbias", "dtable")
+    compiled, counter = compile_counted(attend, dynamic=True)
+    for sizes in _BATCHES:
+        cu_seqlens, atoms, pairs, width = _batch(sizes)
+        leaves = [torch.randn(*shape, generator=generator).requires_grad_() for shape in (
+            (atoms, heads, head_dim), (atoms, heads, head_dim), (atoms, heads, head_dim), (heads, pairs),
+            (relations, heads))]
+        rel_index = torch.randint(0, relations, (pairs,), generator=generator, dtype=torch.int16)
+        constants = (rel_index, cu_seqlens, width)
+        for name, got, expected in zip(names, run(compiled, leaves, *constants), run(attend, leaves, *constants)):
+            _close(got.detach(), expected.detach(), f"{name} {sizes}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
+
+
+def test_reference_relation_attention_dropout_compiles_with_dynamic_sizes(generator):
+    """The reference drew its dropout pattern by ``torch.rand(..., generator=None)``, which torch.compile takes
+    with concrete sizes only (as sample_blend). Padded and packed, one graph for both batch shapes; the same seed
+    draws the same pattern as eager (aot_eager runs the same random ops)."""
+    def attend(q, padded_q, mask, cu_seqlens, max_seqlen):
+        return (ops.relation_attention(q, q, q, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=0.5,
+                                       backend="reference"),
+                ops.relation_attention(padded_q, padded_q, padded_q, mask=mask, dropout_p=0.5, backend="reference"))
+
+    compiled, counter = compile_counted(attend, dynamic=True)
+    for sizes in _BATCHES:
+        cu_seqlens, atoms, _, width = _batch(sizes)
+        q = torch.randn(atoms, 2, 16, generator=generator)
+        inputs = (q, layout.pad_atoms(q, cu_seqlens, width), layout.mask_from_cu_seqlens(cu_seqlens, width),
+                  cu_seqlens, width)
+        seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+        torch.manual_seed(seed)
+        got = compiled(*inputs)
+        torch.manual_seed(seed)
+        for name, a, b in zip(("packed", "padded"), got, attend(*inputs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} {sizes}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
+
+
+def test_packed_reference_gaussian_basis_bias_compiles_with_fullgraph(generator):
+    """The reference backend's packed Gaussian bias read the longest molecule from cu_seqlens on the host and
+    packed its outputs by boolean masks (data-dependent lengths): gathers sized by max_seqlen, T and P instead.
+    Both outputs and every gradient, one graph for both batch shapes."""
+    kernels, hidden, types, heads = 11, 9, 3, 2
+
+    def bias_and_features(positions, means, stds, mul, bias, w1, b1, w2, b2, pair_types, cu_seqlens, max_seqlen):
+        return ops.gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2,
+                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend="reference")
+
+    def run(fn, leaves, *constants):
+        attn, atom = fn(*leaves, *constants)
+        return (attn, atom, *torch.autograd.grad(attn.square().sum() + atom.square().sum(), leaves))
+
+    names = ("attn_bias", "atom_features", "dpositions", "dmeans", "dstds", "dmul", "dbias", "dw1", "db1", "dw2",
+             "db2")
+    compiled, counter = compile_counted(bias_and_features, dynamic=True)
+    parameters = [torch.randn(*shape, generator=generator) for shape in (
+        (kernels,), (kernels,), (types, 1), (types, 1), (hidden, kernels), (hidden,), (heads, hidden), (heads,))]
+    parameters[0] = parameters[0].abs() * 2  # means: distances are positive
+    for sizes in _BATCHES:
+        cu_seqlens, atoms, pairs, width = _batch(sizes)
+        leaves = [(torch.randn(atoms, 3, generator=generator) * 2).requires_grad_(),
+                  *(x.clone().requires_grad_() for x in parameters)]
+        constants = (torch.randint(0, types, (pairs,), generator=generator), cu_seqlens, width)
+        for name, got, expected in zip(names, run(compiled, leaves, *constants), run(bias_and_features, leaves,
+                                                                                       *constants)):
+            _close(got.detach(), expected.detach(), f"{name} {sizes}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -164,7 +296,7 @@ def test_packed_outer_product_ops_compile_with_fullgraph_and_dynamic_sizes(gener
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
 
 
-@pytest.mark.parametrize("layout, backend", [("padded", "reference"), ("packed", "triton")])
+@pytest.mark.parametrize("layout, backend", [("padded", "reference"), ("packed", "reference"), ("packed", "triton")])
 def test_moleblend_relation_loss_compiles_with_fullgraph(generator, monkeypatch, layout, backend):
     """MoleBlend's pretraining loss after build_relations (whose shortest paths are a data-pipeline op) in one
     graph: ``bool(known.any())`` read the host, the packed 3D head selected the atoms with a conformer by a boolean
@@ -172,7 +304,7 @@ def test_moleblend_relation_loss_compiles_with_fullgraph(generator, monkeypatch,
     the packed blend's length was a size of its own. Eval mode and fixed noise: the compiled loss, its parts and
     every gradient are eager's, for a batch with a molecule without conformer and a single atom, and then for the
     same batch without any conformer (0 where eager mode skips the 3D parts: zero gradients instead of none).
-    The reference backend's packed layout still reads cu_seqlens on the host, in ops outside the model (README)."""
+    Packed on the reference backend, its relation attention and Gaussian bias read cu_seqlens on the host."""
     pytest.importorskip("rdkit", reason="MoleBlend is tested on featurized molecules (RDKit)")
     import dataclasses
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from pyblend.kernels.fourier_cross_attention import launch_config
-from pyblend.ops.fourier_cross_attention import _WEIGHT_ORDER, _ragged_fft_real, fourier_cross_attention
+from pyblend.ops.fourier_cross_attention import _WEIGHT_ORDER, fourier_cross_attention
 from pyblend.reference.fourier_cross_attention import fourier_cross_attention as reference
-from pyblend.reference.fourier_cross_attention import token_spectrum
+from pyblend.reference.fourier_cross_attention import ragged_fft_real, token_spectrum
 
 from graphs import backend_device
 from hopper import run_compile_script
@@ -331,7 +331,7 @@ def test_ragged_fft_of_every_length_at_once_matches_the_fft_per_sample(generator
     inside = torch.arange(tokens) < counts[:, None]
     packed[~inside] = float("nan")
     expected = token_spectrum(packed, inside)
-    got = _ragged_fft_real(packed.float(), counts)
+    got = ragged_fft_real(packed.float(), counts)
     assert_close(got, expected, torch.float32, "ragged FFT")
 
 

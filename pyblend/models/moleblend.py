@@ -598,10 +598,9 @@ class MoleBlend(nn.Module):
         modified. ``noise``: the position noise to add instead of drawing it (``noise_scale`` is not applied),
         shaped like ``relations.positions`` (padded ``(B, N, 3)``, packed ``(T, 3)``).
 
-        Traces with ``torch.compile(fullgraph=True)``, ``dynamic=True`` too: padded on either backend, packed on
-        the Triton one (the reference backend's packed relation attention and Gaussian bias read ``cu_seqlens``
-        on the host); not with a ``generator``, which torch.compile does not take (draw from torch's global one,
-        or pass ``noise``). The compiled loss is the eager one, up to the order of the denoising mean's sum,
+        Traces with ``torch.compile(fullgraph=True)``, ``dynamic=True`` too, padded or packed on either backend;
+        not with a ``generator``, which torch.compile does not take (draw from torch's global one, or pass
+        ``noise``). The compiled loss is the eager one, up to the order of the denoising mean's sum,
         except that the 3D parts of a batch without any conformer are computed (0, with zero gradients)."""
         config = self.config
         relations = dataclasses.replace(relations)

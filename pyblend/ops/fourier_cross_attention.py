@@ -22,7 +22,6 @@ Complex tensors cross the op boundary as ``torch.view_as_real`` float32 views.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from ..reference.fourier_cross_attention import fft
+from ..reference.fourier_cross_attention import fft, pack_tokens, token_spectrum
 from ._autograd import refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
@@ -194,17 +193,13 @@ def _token_spectrum(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
     library handles in O(N log N); a DFT by matrix products would cost O(N^2 E). Samples are packed (real tokens
     first, in order; masked slots are never read, so NaN there cannot leak) and transformed in one batch per
     distinct token count (one device-to-host read of the counts); under torch.compile, where that read would
-    break the graph, all lengths at once by :func:`_ragged_fft_real`."""
+    break the graph, the reference's :func:`token_spectrum` does all lengths at once (Bluestein)."""
     x = tokens.float()
     if token_mask is None:
         return fft(x, (1,)).real
-    counts = token_mask.sum(1)
-    order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)
-    index = order[..., None].expand(-1, -1, x.shape[2])
-    packed = x.gather(1, index)
     if torch.compiler.is_compiling():
-        # Reading the counts on the host would break the graph: every length at once instead.
-        return torch.zeros_like(x).scatter(1, index, _ragged_fft_real(packed, counts))
+        return token_spectrum(x, token_mask)
+    packed, index, counts = pack_tokens(x, token_mask)
     spectra = torch.zeros_like(packed)
     for count in counts.unique().tolist():
         if count == 0:
@@ -213,30 +208,6 @@ def _token_spectrum(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
         spectra = spectra.index_put((chosen,), F.pad(torch.fft.fft(packed[chosen, :count], dim=1).real,
                                                      (0, 0, 0, x.shape[1] - count)))
     return torch.zeros_like(x).scatter(1, index, spectra)
-
-
-def _ragged_fft_real(packed: Tensor, counts: Tensor) -> Tensor:
-    """``Re FFT`` of length ``counts[b]`` of each ``packed[b, :counts[b]]`` (float32 ``(B, N, E)``; zeros from
-    ``counts[b]`` on), with no host read: Bluestein's chirp-z transform writes a length-n DFT as a convolution
-    with the chirp ``exp(i pi m^2 / n)``, done by FFTs of one length L = 2N >= 2N - 1 for every sample.
-    Costs about three FFTs of length L instead of one of length n, so eager calls use the grouped FFT."""
-    batch, width = packed.shape[:2]
-    # Any length >= 2N - 1 holds the linear convolution; 2N rather than the next power of two, whose bit_length()
-    # would fix N in the compiled graph (one recompilation per token count).
-    length = 2 * width
-    n = counts.clamp(min=1).to(torch.int64)[:, None]
-    m = torch.arange(width, device=packed.device, dtype=torch.int64)
-    inside = m < counts[:, None]
-    # m^2 mod 2n in integers: the phase pi m^2 / n stays exact for any N.
-    angle = (m * m % (2 * n)).double() * (math.pi / n.double())
-    chirp = torch.polar(inside.double(), angle).to(torch.complex64)  # (B, N), zero from n on
-    signal = torch.where(inside[..., None], packed, 0.0) * chirp.conj()[..., None]
-    kernel = torch.zeros(batch, length, dtype=torch.complex64, device=packed.device)
-    kernel[:, :width] = chirp
-    kernel[:, length - width + 1:] = chirp[:, 1:].flip(1)  # b[-m] = b[m]: the negative lags wrap around
-    spectrum = torch.fft.ifft(torch.fft.fft(signal, n=length, dim=1) * torch.fft.fft(kernel, dim=1)[..., None],
-                              dim=1)[:, :width]
-    return (spectrum * chirp.conj()[..., None]).real
 
 
 def _triton(latent, tokens, weights, heads, *, token_mask, temperature, fft_dims, token_fft, normalize, inverse,

@@ -6,7 +6,9 @@ Gaussian features (Transformer-M's 3D atom feature).
 Backends: Triton (CUDA tensors, or the interpreter on request) and the plain-PyTorch reference. The Triton path
 never writes the ``(B, N, N, K)`` features, forward or backward: it is a torch.library custom op
 (``pyblend::gaussian_basis_bias``) whose backward is another (``pyblend::gaussian_basis_bias_backward``), both
-with fake implementations, so ``torch.compile`` traces it. Semantics: :mod:`pyblend.reference.gaussian_basis_bias`.
+with fake implementations, so ``torch.compile`` traces it; the reference path (plain torch ops, packed: padded and
+packed back by gathers sized by the shapes and ``max_seqlen``) traces too, ``fullgraph=True`` included.
+Semantics: :mod:`pyblend.reference.gaussian_basis_bias`.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w
         a padded atom and at padded atoms. Gaussians, MLP and sums are computed in float32 (float64 on the
         reference backend for float64 inputs).
 
-    Validation reads ``cu_seqlens`` and, outside ``torch.compile``, the range of the pair types: one small
+    Outside ``torch.compile``, validation reads ``cu_seqlens`` and the range of the pair types: one small
     device-to-host copy each.
     """
     (positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens, max_seqlen) = _validate(

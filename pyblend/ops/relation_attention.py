@@ -2,8 +2,9 @@
 
 Backends: Triton (CUDA tensors, or the interpreter on request) and the plain-PyTorch reference. The Triton
 path is a torch.library custom op (``pyblend::relation_attention``, its backward another, both with fake
-implementations) so ``torch.compile`` traces it; the reference path is plain differentiable torch ops.
-Semantics: :mod:`pyblend.reference.relation_attention`.
+implementations) so ``torch.compile`` traces it; the reference path is plain differentiable torch ops. Both
+trace with ``fullgraph=True`` in either layout (packed: with ``max_seqlen``, as the reference then pads and packs
+by gathers sized by the shapes and ``max_seqlen``). Semantics: :mod:`pyblend.reference.relation_attention`.
 """
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ Returns the complex latent ``(B, C, D)``: complex128 for float64/complex128 inpu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,16 +51,59 @@ def fft(x: Tensor, dim: tuple[int, ...], *, inverse: bool = False) -> Tensor:
 
 def token_spectrum(tokens: Tensor, token_mask: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """``Re FFT`` of ``tokens (B, N, E)`` along N over each sample's real tokens (step 3), computed in ``dtype``
-    (default: the tokens' dtype promoted to float32/float64). Masked positions come back as zeros."""
+    (default: the tokens' dtype promoted to float32/float64). Masked positions come back as zeros.
+
+    Eager calls transform each sample alone (its real tokens found on the host). Under torch.compile, where
+    that read would break the graph, every length at once by :func:`ragged_fft_real`: the same transform up to
+    rounding (Bluestein's algorithm), which ``fullgraph=True`` traces."""
     tokens = tokens.to(dtype or _compute_dtype(tokens))
     if token_mask is None:
         return fft(tokens, (1,)).real
+    if torch.compiler.is_compiling():
+        packed, index, counts = pack_tokens(tokens, token_mask)
+        return torch.zeros_like(tokens).scatter(1, index, ragged_fft_real(packed, counts))
     out = torch.zeros_like(tokens)
     for b in range(tokens.shape[0]):
         real = token_mask[b].nonzero().squeeze(1)
         if len(real):
             out[b, real] = torch.fft.fft(tokens[b, real], dim=0).real
     return out
+
+
+def pack_tokens(tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each sample's real tokens first, in order: ``(packed (B, N, E), index (B, N, E), counts (B,))`` with
+    ``packed = tokens.gather(1, index)`` (its rows from ``counts[b]`` on hold masked tokens: never read them)
+    and ``index`` the permutation that ``scatter(1, index, ...)`` undoes. No host read."""
+    counts = token_mask.sum(1)
+    order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)
+    index = order[..., None].expand(-1, -1, tokens.shape[2])
+    return tokens.gather(1, index), index, counts
+
+
+def ragged_fft_real(packed: Tensor, counts: Tensor) -> Tensor:
+    """``Re FFT`` of length ``counts[b]`` of each ``packed[b, :counts[b]]`` (float32 or float64 ``(B, N, E)``;
+    zeros from ``counts[b]`` on), with no host read: Bluestein's chirp-z transform writes a length-n DFT as a
+    convolution with the chirp ``exp(i pi m^2 / n)``, done by FFTs of one length L = 2N >= 2N - 1 for every
+    sample. Costs about three FFTs of length L instead of one of length n, so eager calls transform each length
+    on its own."""
+    batch, width = packed.shape[:2]
+    complex_dtype = torch.complex128 if packed.dtype == torch.float64 else torch.complex64
+    # Any length >= 2N - 1 holds the linear convolution; 2N rather than the next power of two, whose bit_length()
+    # would fix N in the compiled graph (one recompilation per token count).
+    length = 2 * width
+    n = counts.clamp(min=1).to(torch.int64)[:, None]
+    m = torch.arange(width, device=packed.device, dtype=torch.int64)
+    inside = m < counts[:, None]
+    # m^2 mod 2n in integers: the phase pi m^2 / n stays exact for any N.
+    angle = (m * m % (2 * n)).double() * (math.pi / n.double())
+    chirp = torch.polar(inside.double(), angle).to(complex_dtype)  # (B, N), zero from n on
+    signal = torch.where(inside[..., None], packed, 0.0) * chirp.conj()[..., None]
+    kernel = torch.zeros(batch, length, dtype=complex_dtype, device=packed.device)
+    kernel[:, :width] = chirp
+    kernel[:, length - width + 1:] = chirp[:, 1:].flip(1)  # b[-m] = b[m]: the negative lags wrap around
+    spectrum = torch.fft.ifft(torch.fft.fft(signal, n=length, dim=1) * torch.fft.fft(kernel, dim=1)[..., None],
+                              dim=1)[:, :width]
+    return (spectrum * chirp.conj()[..., None]).real
 
 
 def fourier_cross_attention(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layout import mask_from_cu_seqlens, pack_atoms, pack_pairs, pad_atoms, pad_pairs
+from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs, padded_width, unpad_atoms, unpad_pairs
 
 __all__ = ["gaussian_basis_bias", "gaussian_basis_bias_features"]
 
@@ -72,13 +72,13 @@ def gaussian_basis_bias(positions: Tensor, pair_types: Tensor, means: Tensor, st
         ``(T, K)``, in ``w1``'s dtype (computed in float64 when an input is float64, else float32).
     """
     if cu_seqlens is not None:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        width = max_seqlen if max_seqlen is not None else int(lengths.max()) if lengths.numel() else 0
-        padded_mask = mask_from_cu_seqlens(cu_seqlens, width)
+        # Sizes from the shapes and max_seqlen (read from cu_seqlens only when None): torch.compile traces it.
+        width = padded_width(cu_seqlens, max_seqlen)
         attn, atom = gaussian_basis_bias(
             pad_atoms(positions, cu_seqlens, width), pad_pairs(pair_types, cu_seqlens, width), means, stds, mul,
-            bias, w1, b1, w2, b2, mask=padded_mask, std_eps=std_eps)
-        return pack_pairs(attn.permute(0, 2, 3, 1), padded_mask).t(), pack_atoms(atom, padded_mask)
+            bias, w1, b1, w2, b2, mask=mask_from_cu_seqlens(cu_seqlens, width), std_eps=std_eps)
+        return (unpad_pairs(attn.permute(0, 2, 3, 1), cu_seqlens, pair_types.shape[0]).t(),
+                unpad_atoms(atom, cu_seqlens, positions.shape[0]))
     batch, atoms, _ = positions.shape
     if mask is None:
         mask = torch.ones(batch, atoms, dtype=torch.bool, device=positions.device)

@@ -19,9 +19,10 @@ are the outputs of the per-atom row/col projections (``Linear -> GELU -> LayerNo
 - Padded entries of ``row``/``col``/``positions`` are never read as data: NaN there reaches nothing.
 
 Under ``torch.compile`` (packed: with an int ``max_seqlen``) packed inputs are padded by gathers whose sizes are
-``(B, max_seqlen)``, never read from ``cu_seqlens``, so the losses and the padded logits trace without a
-data-dependent size. The packed logits select the real pairs by a boolean mask: a tensor of data-dependent length
-``P = sum N_i^2``, which torch.compile traces with ``fullgraph=True`` (otherwise a graph break).
+``(B, max_seqlen)``, never read from ``cu_seqlens`` (:func:`pyblend.layout.pad_atoms`, ``pad_pairs``), so the
+losses and the padded logits trace without a data-dependent size. The packed logits select the real pairs by a
+boolean mask: a tensor of data-dependent length ``P = sum N_i^2``, which torch.compile traces with
+``fullgraph=True`` (otherwise a graph break).
 
 Everything materialises ``(B, N, N, d1 * d2)`` and ``(B, N, N, C)``: this is the ground truth and the baseline,
 not a way to train. Computes in float64 for float64 inputs and in float32 otherwise; losses are returned in the
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layout import mask_from_cu_seqlens, pack_pairs, pair_offsets, seqlens
+from ..layout import mask_from_cu_seqlens, pack_pairs, pad_atoms, pad_pairs, padded_width
 
 __all__ = ["cosine_loss_of_logits", "outer_product_cosine_loss", "outer_product_logits", "outer_product_loss"]
 
@@ -42,43 +43,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _width(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
-    """The padded width of a packed batch: ``max_seqlen``, or the longest molecule (a host read) when None."""
-    if max_seqlen is not None:
-        return max_seqlen
-    lengths = seqlens(cu_seqlens)
-    return int(lengths.max()) if lengths.numel() else 0
-
-
-def _gather_padded(x: Tensor, index: Tensor, real: Tensor, value) -> Tensor:
-    """``x (rows, ...)`` read at ``index`` where ``real``, ``value`` elsewhere: one gather from ``x`` with a row
-    of ``value`` appended, whose sizes are those of ``index`` (what makes it traceable: the layout helpers size
-    their scatter from the values of ``cu_seqlens``). Rows of ``x`` that no index names are never read."""
-    filler = torch.full((1, *x.shape[1:]), value, dtype=x.dtype, device=x.device)
-    x = torch.cat([x, filler])
-    return x[torch.where(real, index, x.shape[0] - 1)]
-
-
-def _pad_packed_atoms(x: Tensor, cu_seqlens: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Packed per-atom ``x (T, ...)`` -> ``(B, width, ...)`` (0 at padding) and the ``(B, width)`` mask."""
-    mask = mask_from_cu_seqlens(cu_seqlens, width)
-    index = cu_seqlens[:-1, None].long() + torch.arange(width, device=x.device)
-    return _gather_padded(x, index, mask, 0), mask
-
-
-def _pad_packed_pairs(x: Tensor, cu_seqlens: Tensor, width: int, value) -> Tensor:
-    """Packed per-pair ``x (P, ...)`` -> ``(B, width, width, ...)``, ``value`` at pairs touching padding."""
-    mask = mask_from_cu_seqlens(cu_seqlens, width)
-    lengths = seqlens(cu_seqlens)[:, None, None]
-    local = torch.arange(width, device=x.device)
-    index = pair_offsets(cu_seqlens)[:-1, None, None] + local[:, None] * lengths + local
-    return _gather_padded(x, index, mask[:, :, None] & mask[:, None, :], value)
-
-
 def _padded(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int | None):
     """Per-atom ``x`` in the padded layout with its mask, padded entries zeroed (never read as data)."""
     if cu_seqlens is not None:
-        x, mask = _pad_packed_atoms(x, cu_seqlens, _width(cu_seqlens, max_seqlen))
+        width = padded_width(cu_seqlens, max_seqlen)
+        x, mask = pad_atoms(x, cu_seqlens, width), mask_from_cu_seqlens(cu_seqlens, width)
     elif mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -122,7 +91,7 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
     classes = logits.shape[-1] // groups
     target = target.long()
     if cu_seqlens is not None:
-        target = _pad_packed_pairs(target, cu_seqlens, width, ignore_index)
+        target = pad_pairs(target, cu_seqlens, width, value=ignore_index)
     target = target.reshape(batch, width, width, groups)
     pairs = mask[:, :, None] & mask[:, None, :]
     target = torch.where(pairs[..., None], target, torch.full_like(target, ignore_index))

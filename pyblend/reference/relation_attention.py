@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..layout import mask_from_cu_seqlens, pack_atoms, pad_atoms, pad_pairs, seqlens
+from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs, padded_width, pair_index, unpad_atoms
 
 __all__ = ["bias_from_relations", "relation_attention"]
 
@@ -82,7 +82,9 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
     probs = torch.where(row_live, torch.softmax(torch.where(row_live, scores, zero), dim=-1), zero)
     if dropout_p > 0.0:
         if dropout_keep is None:
-            dropout_keep = torch.rand(probs.shape, generator=generator, device=probs.device) >= dropout_p
+            # generator=None left out: torch.compile traces that overload with concrete sizes only (as sample_blend).
+            drawn = {} if generator is None else {"generator": generator}
+            dropout_keep = torch.rand(probs.shape, device=probs.device, **drawn) >= dropout_p
         probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), zero)
     out = torch.einsum("bhij,bjhd->bihd", probs, v).to(dtype)
     if not return_logits:
@@ -92,11 +94,11 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
 
 def _packed(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, dropout_keep, return_logits, rel_index,
             rel_table, generator):
-    """The packed layout through the padded one: pad, attend, pack back (a reference, not a fast path)."""
-    width = int(seqlens(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0
-    width = max(width, max_seqlen or 0)
+    """The packed layout through the padded one: pad, attend, pack back (a reference, not a fast path). Every
+    size comes from the shapes and ``max_seqlen`` (read from ``cu_seqlens`` only when None), so torch.compile
+    traces it with ``fullgraph=True``."""
+    width = padded_width(cu_seqlens, max_seqlen)
     mask = mask_from_cu_seqlens(cu_seqlens, width)
-    pairs = mask[:, :, None] & mask[:, None, :]
 
     def pad_per_pair(x):  # (H|1, P) -> (B, H|1, N, N)
         return pad_pairs(x.transpose(0, 1), cu_seqlens, width).permute(0, 3, 1, 2)
@@ -108,6 +110,9 @@ def _packed(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, dropout_kee
         rel_index=None if rel_index is None else pad_pairs(rel_index, cu_seqlens, width),
         rel_table=rel_table, generator=generator)
     if not return_logits:
-        return pack_atoms(padded, mask)
+        return unpad_atoms(padded, cu_seqlens, q.shape[0])
     out, logits = padded
-    return pack_atoms(out, mask), logits.permute(1, 0, 2, 3)[:, pairs]
+    # P from a per-pair input's length; without one, read from cu_seqlens (under torch.compile: a data-dependent size).
+    per_pair = next((x for x in (bias, rel_index, dropout_keep) if x is not None), None)
+    molecule, i, j = pair_index(cu_seqlens, None if per_pair is None else per_pair.shape[-1])
+    return unpad_atoms(out, cu_seqlens, q.shape[0]), logits.permute(1, 0, 2, 3)[:, molecule, i, j]
