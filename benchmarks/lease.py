@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import RESULTS_DIR, device_name, device_slug, format_table, format_targets, plot, recorded_cases
-from .run import ENTRIES, Context, run_entries
+from .harness import RESULTS_DIR, device_name, device_slug, plot, recorded_cases
+from .run import Context, report, run_entries
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"  # present in a checkout (editable install), not a wheel
 
@@ -167,20 +167,12 @@ def main(argv=None) -> int:
     log("\n================ summary")
     log(f"device: {device_name(device)}; {args.budget_s - left():.0f} s of {args.budget_s:.0f}")
     log(f"tests: {tests}")
-    if rows:
-        log(format_table(rows))
-        targets = format_targets(rows)
-        log("\nTargets\n" + (targets or "(none of this call's cases carries a target)"))
-    else:
-        log("no benchmark case ran")
-    unreached = [f"{entry}: {pattern or 'every case'}" for entry, pattern, _ in PLAN[begun_items:]]
-    late = [f"{entry}: {name}" for (entry, name), why in context.not_started.items() if why == "deadline"]
-    if late or unreached:
-        log(f"\nNot reached ({len(late)} cases past the deadline, {len(unreached)} plan items not begun):")
-        for line in late + unreached:
-            log(f"  {line}")
-    for line in failed:
-        log(f"ENTRY FAILED: {line}")
+    late = {key: why for key, why in context.not_started.items() if why == "deadline"}  # not the recorded ones
+    report(rows, failed, late, log)
+    if begun_items < len(PLAN):
+        log(f"\nPlan items not begun ({len(PLAN) - begun_items}):")
+        for entry, pattern, why in PLAN[begun_items:]:
+            log(f"  {entry}: {pattern or 'every case'} ({why})")
     if results.exists():
         plot(json.loads(results.read_text()), results.with_suffix(".png"))
         log(f"\nrows: {results} (copy it to {committed} and commit it)")

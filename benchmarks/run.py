@@ -151,16 +151,16 @@ def run_entries(names: list[str], context: Context, results: Path | None = None,
     return rows, failed
 
 
-def report(rows: list[dict], failed: list[str], context: Context, log=print) -> None:
-    """The table, the targets, the cases left out (recorded before, or past the deadline) and the failures."""
+def report(rows: list[dict], failed: list[str], not_started: dict[tuple[str, str], str], log=print) -> None:
+    """The table, the targets, the cases left out (``not_started``: (entry, case) -> why) and the failures."""
     log("")
     log(format_table(rows))
     targets = format_targets(rows)
     if targets:
         log("\nTargets\n" + targets)
-    if context.not_started:
-        log(f"\nNot started ({len(context.not_started)}):")
-        for (entry, name), why in context.not_started.items():
+    if not_started:
+        log(f"\nNot started ({len(not_started)}):")
+        for (entry, name), why in not_started.items():
             log(f"  {entry}: {name} ({why})")
     for line in failed:
         log(f"ENTRY FAILED: {line}")
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     print(f"pyblend bench on {device_name(device)}{' (quick)' if args.quick else ''}", flush=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
     rows, failed = run_entries(chosen, context, None if partial else results, log)
-    report(rows, failed, context, log)
+    report(rows, failed, context.not_started, log)
     if rows and not partial:
         print(f"\nrows merged into {results}")
         # Every recorded row, so that a run split over several calls draws one plot of all of them.

@@ -511,11 +511,11 @@ def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch
     assert lease.main([*options, "--budget-s", "1.2"]) == 0
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "c", "s"]
     text = capsys.readouterr().out
-    assert "toy: every case" in text.split("Not reached")[1], "the third item had no time left"
+    assert "toy: every case (rest)" in text.split("Plan items not begun (1)")[1], "the third item had no time left"
     assert lease.main([*options, "--budget-s", "30"]) == 0
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "b", "c", "s"]
     text = capsys.readouterr().out
-    assert "toy: b\n" in text and "toy: a\n" not in text and "slow: s\n" not in text and "Not reached" not in text
+    assert "toy: b\n" in text and "toy: a\n" not in text and "slow: s\n" not in text and "not begun" not in text
 
 
 def test_lease_tests_step_reports_and_stops(tmp_path, monkeypatch):
