@@ -532,3 +532,17 @@ def test_lease_tests_step_reports_and_stops(tmp_path, monkeypatch):
     (folder / "test_toy.py").write_text("def test_quick():\n    pass\n\ndef test_wrong():\n    assert False\n")
     summary = lease.run_tests("all", tmp_path / "out", limit_s=60)
     assert summary.startswith("exit 1: 1 failed, 1 passed"), summary
+
+
+def test_path_edge_bias_names_its_cases_with_the_pairs_it_builds():
+    """The name is made before the case is built (from the molecules' sizes): its pair count must be the one the
+    built problem has, padded (B N^2) and packed (sum N_i^2)."""
+    pytest.importorskip("rdkit")
+    from pyblend import featurize_many
+    from pyblend.benchmarks import bench_path_edge_bias as bench
+
+    graphs, _ = featurize_many(["CCO", "c1ccccc1O", "C", "CC(=O)N"], progress=False)
+    for layout in ("padded", "packed"):
+        routes = bench._problem(graphs, layout, 2, 3, torch.float32, torch.device("cpu"))[0]
+        name = bench.case_name(graphs, layout, torch.float32, True, heads=2, hops=3)
+        assert f"{layout} ({routes[..., 0].numel()} pairs)" in name, name
