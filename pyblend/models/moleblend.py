@@ -649,17 +649,17 @@ class MoleBlend(nn.Module):
         if clean is not None and (compiling or bool(known.any())):
             head = self.geometry_head
             if relations.packed:
-                # Only the molecules with a conformer: the others keep their place with no atoms. Their atoms
-                # go first, by a stable partition (not atoms[known_atoms], whose length would depend on the data);
-                # the rest follow cu_seqlens' end, where eager mode cuts them (its checks want every row
-                # described) and a compiled call, which trusts cu_seqlens, never reads them.
+                # Only the molecules with a conformer: the others keep their place with no atoms.
                 lengths = seqlens(relations.cu_seqlens) * known
                 known_cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-                order = torch.argsort(~known_atoms, stable=True)
-                known_rows, known_clean = atoms.index_select(0, order), clean.index_select(0, order)
-                if not compiling:
-                    count = int(known_cu_seqlens[-1])
-                    known_rows, known_clean = known_rows[:count], known_clean[:count]
+                if compiling:
+                    # The same rows in the same order by a stable partition (a boolean selection's length would
+                    # depend on the data); the rows past cu_seqlens' end follow, and a compiled call, which
+                    # trusts cu_seqlens, never reads them.
+                    order = torch.argsort(~known_atoms, stable=True)
+                    known_rows, known_clean = atoms.index_select(0, order), clean.index_select(0, order)
+                else:
+                    known_rows, known_clean = atoms[known_atoms], clean[known_atoms]
                 parts["geometry"] = outer_product_cosine_loss(
                     *head.projected(known_rows), positions=known_clean, cu_seqlens=known_cu_seqlens,
                     max_seqlen=relations.max_seqlen)
