@@ -420,7 +420,7 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
                    dtype: torch.dtype) -> dict:
     """Tiles and warps. A pair tile is BLOCK_I x BLOCK_J pairs (tl.dot needs >= 16) and the hidden layer goes by
     chunks of BLOCK_C units. Chosen so that ptxas (sm_90) spills no register: 16-bit and float32 weights at
-    K = K_hidden <= 256, H <= 128, TF32 ones at H <= 64 (its pairs kernel spills at H = 128); not yet tuned on a GPU
+    K = K_hidden <= 256, H <= 128, TF32 ones too; not yet tuned on a GPU
     (small tiles: wgmma wants 64 rows, so these run as mma.sync). ``dtype`` is the weights' dtype, that of the
     matmuls."""
     if kernel == "positions":
@@ -454,6 +454,10 @@ def _launch_config(kernel: str, max_seqlen: int, num_kernels: int, hidden: int, 
             config["BLOCK_I"] = 4
         if kernel != "weights" and block_k > 128:
             config["BLOCK_C"] = 16
+        if kernel == "pairs" and block_k > 128 and precision.dot_precision(dtype) == "tf32":
+            # TF32's pairs kernel at K = 256 spilled unpipelined (16-24 bytes at H = 128), not with 2 stages;
+            # 2 stages spill in other shapes (K = 128, H = 128; IEEE K = 256), so they are kept to this one.
+            config["num_stages"] = 2
     return config
 
 
