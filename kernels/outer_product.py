@@ -320,9 +320,10 @@ def _outer_product_bwd_cols_kernel(
 
 
 def launch_config(kernel: str, max_n: int, d1: int, d2: int, mode: int, dtype: torch.dtype) -> dict:
-    """Tiles and warps of ``kernel`` ("forward", "rows" or "cols"): square pair tiles of 16 (small molecules, or
-    more than 32 features a side: 32-tiles spill on sm_90 there) or 32; chosen so that ptxas (sm_90, arguments
-    specialised as at launch) spills no register; not yet tuned on a GPU."""
+    """Tiles and warps of ``kernel`` ("forward", "rows" or "cols") for ``d1 = d2`` a power of two (the launchers
+    pad the features so: ``_square_features``): square pair tiles of 16 (small molecules, or more than 32 features
+    a side: 32-tiles spill on sm_90 there) or 32; chosen so that ptxas (sm_90, arguments specialised as at launch)
+    spills no register; not yet tuned on a GPU."""
     block = 16 if max_n <= 16 or max(d1, d2) > 32 else 32
     config = dict(BLOCK_I=block, BLOCK_J=block, BLOCK_D1=max(16, triton.next_power_of_2(d1)),
                   BLOCK_D2=max(16, triton.next_power_of_2(d2)))
@@ -332,17 +333,13 @@ def launch_config(kernel: str, max_n: int, d1: int, d2: int, mode: int, dtype: t
         # kernel from ptxas's reports, which are erratic: besides spilling at 255 registers, it aimed some kernels
         # at 64-128 registers and spilled a few scalars to get there; other warps, or no software pipelining (no
         # prefetched next tile), moved it off those targets.
-        square = config["BLOCK_D1"] == config["BLOCK_D2"]
-        exact = config["BLOCK_D1"] == d1 and config["BLOCK_D2"] == d2  # unmasked feature tiles
         if max(d1, d2) > 32:
-            if kernel == "rows":
-                # 8 warps spilled at 255 registers; 32 (at most 64 registers) did not, except with unequal feature
-                # tiles, which 16 warps over 32-wide j-tiles hold (the kernel loops over j-tiles of any width).
-                return dict(config, num_warps=32) if square else dict(config, BLOCK_J=32, num_warps=16)
+            if kernel == "rows":  # 8 warps spilled at 255 registers; 32 (at most 64 registers) did not
+                return dict(config, num_warps=32)
             return dict(config, num_warps=8, num_stages=1)
         if kernel == "rows":
-            return dict(config, num_warps=4 if block == 32 and mode == MODE_LOGITS and exact and square else 8)
-        if kernel == "cols" and (mode == MODE_COSINE or not exact):
+            return dict(config, num_warps=4 if block == 32 and mode == MODE_LOGITS else 8)
+        if kernel == "cols" and mode == MODE_COSINE:
             return dict(config, num_warps=4, num_stages=1)
         return dict(config, num_warps=4)
     warps = 8 if max(d1, d2) > 32 else 4
@@ -362,6 +359,22 @@ def row_programs(items: int, device: torch.device) -> int:
 
 def _mask_bytes(mask, like):
     return mask.view(torch.uint8) if mask is not None else like.new_empty(1, dtype=torch.uint8)
+
+
+def _square_features(row, col, weight):
+    """The operands zero-padded to one square power-of-two feature tile ``F = max(16, next_pow2(max(d1, d2)))`` a
+    side: ``(row (A, F), col (A, F), weight (C, F * F))``, unchanged if already so. Masked (d not a power of two)
+    or unequal feature tiles made ptxas spill (sm_90: up to 324 bytes in IEEE float32's rows backward at d = 40,
+    4-36 bytes with the tensor cores), square unmasked ones did not; the zeros add exact zeros, so the values are
+    those of the unpadded problem, at the square tile's cost."""
+    d1, d2 = row.shape[1], col.shape[1]
+    width = max(16, triton.next_power_of_2(max(d1, d2)))
+    if d1 == d2 == width:
+        return row, col, weight
+    classes = weight.shape[0]
+    weight = torch.nn.functional.pad(weight.reshape(classes, d1, d2), (0, width - d2, 0, width - d1))
+    return (torch.nn.functional.pad(row, (0, width - d1)), torch.nn.functional.pad(col, (0, width - d2)),
+            weight.reshape(classes, width * width))
 
 
 def _common(row, col, weight, bias, mask, max_n, mode):
@@ -391,6 +404,7 @@ def outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair
     Returns logits ``(Q, C)`` in row's dtype (``MODE_LOGITS``), else ``(stats (Q, G or 2) float32,
     loss_sum, count)`` (float32 and float64 scalars).
     """
+    row, col, weight = _square_features(row, col, weight)
     d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
     flags = configs["forward"]
     batch = start.numel()
@@ -419,6 +433,8 @@ def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, lengt
     """Gradients ``(drow (A, d1), dcol (A, d2), dweight (C, d1 * d2), dbias (C,))`` in the inputs' dtypes (0 at
     padded atoms). ``grad``: the logits' gradient ``(Q, C)`` (``MODE_LOGITS``), else a float32 ``(1,)`` tensor
     holding the loss gradient divided by the count. ``stats``: the forward's (ignored for logits)."""
+    d1_given, d2_given = row.shape[1], col.shape[1]
+    row, col, weight = _square_features(row, col, weight)
     d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
     batch = start.numel()
     classes = weight.shape[0]
@@ -444,6 +460,10 @@ def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, lengt
             BLOCK_C=max(16, triton.next_power_of_2(classes)), **configs["rows"])
         _outer_product_bwd_cols_kernel[(batch, triton.cdiv(max_n, configs["cols"]["BLOCK_J"]))](
             *common, dcol, d1, d2, classes, groups, ignore_index, *strides, **configs["cols"])
-    dweight = dw.sum(0).reshape(classes, d1 * d2).to(weight.dtype)
+    dweight = dw.sum(0)
+    if (d1, d2) != (d1_given, d2_given):  # _square_features padded them
+        drow, dcol = drow[:, :d1_given].contiguous(), dcol[:, :d2_given].contiguous()
+        dweight = dweight[:, :d1_given, :d2_given]
+    dweight = dweight.reshape(classes, d1_given * d2_given).to(weight.dtype)
     dbias = db.sum(0).to(weight.dtype)
     return drow, dcol, dweight, dbias
