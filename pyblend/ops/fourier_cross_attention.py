@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import reference
 from ..reference.fourier_cross_attention import fft, pack_tokens, token_spectrum
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
 
@@ -234,9 +234,9 @@ def _triton(latent, tokens, weights, heads, *, token_mask, temperature, fft_dims
         latent_ri = torch.stack((real, torch.zeros_like(real)), dim=-1)
     head_dim = weights["q_weight"].shape[0] // heads
     scale = head_dim ** -0.5 / temperature
-    out = torch.ops.pyblend.fourier_cross_attention(
-        latent_ri.contiguous(), kv, token_mask, *(_f32(weights[name]) for name in _WEIGHT_ORDER), heads, scale,
-        fft_dims, normalize, latent_norm, ff_norm, inverse, eps)[0]
+    out = call(
+        _forward_op, latent_ri.contiguous(), kv, token_mask, *(_f32(weights[name]) for name in _WEIGHT_ORDER), heads,
+        scale, fft_dims, normalize, latent_norm, ff_norm, inverse, eps)[0]
     return torch.view_as_complex(out)
 
 
@@ -432,8 +432,8 @@ def _backward(ctx, grad_out, _do, _dlse):
     latent, kv, token_mask, o, lse, *weights = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(latent)
-    grads = torch.ops.pyblend.fourier_cross_attention_backward(grad_out.contiguous(), latent, kv, token_mask, o,
-                                                               lse, *weights, *ctx.options)
+    grads = call(_backward_op, grad_out.contiguous(), latent, kv, token_mask, o,
+                 lse, *weights, *ctx.options)
     # A switched-off LayerNorm's weights take no part: no gradient (None), as autograd gives the reference.
     latent_norm, ff_norm = ctx.options[4], ctx.options[5]
     unused = set() if latent_norm else {"latent_norm_weight", "latent_norm_bias"}

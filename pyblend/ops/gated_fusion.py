@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
 
@@ -72,7 +72,7 @@ def gated_fusion(h: Tensor, gate_logits: Tensor, score_logits: Tensor, present: 
     if chosen == "reference":
         return reference.gated_fusion(h, gate_logits, score_logits, present, eps=float(eps),
                                       gate_scale=float(gate_scale))
-    return torch.ops.pyblend.gated_fusion(h, gate_logits, score_logits, present, float(gate_scale), float(eps))
+    return call(_fusion_op, h, gate_logits, score_logits, present, float(gate_scale), float(eps))
 
 
 def _triton_reasons(h: Tensor) -> list[str]:
@@ -182,8 +182,9 @@ def _backward(ctx, dfused, dweights, dentropy):
         dweights = weights.new_zeros(batch, modalities)
     if dentropy is None:
         dentropy = weights.new_zeros(batch)
-    dh, dgate, dscore = torch.ops.pyblend.gated_fusion_backward(
-        dfused, dweights, dentropy, h, gate_logits, score_logits, present, weights, ctx.gate_scale, ctx.eps)
+    dh, dgate, dscore = call(
+        _backward_op, dfused, dweights, dentropy, h, gate_logits, score_logits, present, weights, ctx.gate_scale,
+        ctx.eps)
     if weights_only:  # h and the gate reach only the fused output: None, as autograd gives the reference
         dh = dgate = None
     return dh, dgate, dscore, None, None, None

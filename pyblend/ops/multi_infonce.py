@@ -56,7 +56,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
 from ._dispatch import choose_backend, triton_reasons
 
@@ -145,7 +145,7 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
 def _pair_loss(x, y, x_safe, y_safe, x_scale, y_scale, present):
     x_scale = x_scale.to(torch.float32).contiguous()
     y_scale = y_scale.to(torch.float32).contiguous()
-    row_lse, col_lse = torch.ops.pyblend.multi_infonce_lse(x, y, x_scale, y_scale, present)
+    row_lse, col_lse = call(_lse_op, x, y, x_scale, y_scale, present)
     diagonal = (x_safe.float() * y_safe.float()).sum(-1) * x_scale * y_scale
     terms = row_lse + col_lse - 2.0 * diagonal
     if present is None:
@@ -264,10 +264,10 @@ def _local_pair_loss(x, y, x_all, y_all, x_scale, y_scale, x_all_scale, y_all_sc
     local_present = None if present is None else present[offset:offset + rows]
     x_scale = x_scale.to(torch.float32).contiguous()
     y_scale = y_scale.to(torch.float32).contiguous()
-    x_row_lse = torch.ops.pyblend.multi_infonce_row_lse(x, y_all, x_scale, y_all_scale.contiguous(),
-                                                        local_present, present)
-    y_row_lse = torch.ops.pyblend.multi_infonce_row_lse(y, x_all, y_scale, x_all_scale.contiguous(),
-                                                        local_present, present)
+    x_row_lse = call(_row_lse_op, x, y_all, x_scale, y_all_scale.contiguous(),
+                     local_present, present)
+    y_row_lse = call(_row_lse_op, y, x_all, y_scale, x_all_scale.contiguous(),
+                     local_present, present)
     # The positives, against the gathered copies (the same values as the local ones): with a no-grad gather the
     # partner is a constant, as in the public code; with autograd its gradient flows back to its owner.
     x_partner = x_all[offset:offset + rows].float()
@@ -463,8 +463,8 @@ def _row_setup_context(ctx, inputs, output):
 def _row_backward(ctx, grad):
     x, y, x_scale, y_scale, row_present, col_present, row_lse = ctx.saved_tensors
     columns = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[3])  # a no-grad gather needs no dy
-    dx, dy, dx_scale, dy_scale = torch.ops.pyblend.multi_infonce_row_lse_backward(
-        grad, x, y, x_scale, y_scale, row_present, col_present, row_lse, columns)
+    dx, dy, dx_scale, dy_scale = call(
+        _row_backward_op, grad, x, y, x_scale, y_scale, row_present, col_present, row_lse, columns)
     if not columns:
         return dx, None, dx_scale.to(x_scale.dtype), None, None, None
     return dx, dy, dx_scale.to(x_scale.dtype), dy_scale.to(y_scale.dtype), None, None
@@ -486,8 +486,8 @@ def _backward(ctx, grad_row, grad_col):
         grad_row = torch.zeros_like(row_lse)
     if grad_col is None:
         grad_col = torch.zeros_like(col_lse)
-    dx, dy, dx_scale, dy_scale = torch.ops.pyblend.multi_infonce_lse_backward(
-        grad_row, grad_col, x, y, x_scale, y_scale, present, row_lse, col_lse)
+    dx, dy, dx_scale, dy_scale = call(
+        _backward_op, grad_row, grad_col, x, y, x_scale, y_scale, present, row_lse, col_lse)
     return dx, dy, dx_scale.to(x_scale.dtype), dy_scale.to(y_scale.dtype), None
 
 

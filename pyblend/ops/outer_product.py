@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .. import reference
 from ..layout import pair_offsets
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
@@ -98,9 +98,9 @@ def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor 
                                                max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
-    logits = torch.ops.pyblend.outer_product_logits(layout.row2d, layout.col2d, weight, bias, layout.mask1d, start,
-                                                    length, pair_start, layout.max_seqlen,
-                                                    _UNKNOWN_PAIRS if layout.pairs is None else layout.pairs)
+    logits = call(_logits_op, layout.row2d, layout.col2d, weight, bias, layout.mask1d, start,
+                  length, pair_start, layout.max_seqlen,
+                  _UNKNOWN_PAIRS if layout.pairs is None else layout.pairs)
     if layout.packed:
         return logits
     return logits.view(layout.batch, layout.max_seqlen, layout.max_seqlen, layout.classes)
@@ -141,8 +141,8 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
                                              max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
-    loss, _, _ = torch.ops.pyblend.outer_product_loss(
-        layout.row2d, layout.col2d, weight, bias, target.reshape(layout.pairs, groups), layout.mask1d, start,
+    loss, _, _ = call(
+        _loss_op, layout.row2d, layout.col2d, weight, bias, target.reshape(layout.pairs, groups), layout.mask1d, start,
         length, pair_start, layout.max_seqlen, layout.pairs, _MODE_CROSS_ENTROPY, groups, ignore_index)
     return loss
 
@@ -187,9 +187,9 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
     # The rows of the per-pair statistics: P, or under torch.compile (P unknown) its bound from the shapes,
     # sum N_i^2 <= max_seqlen * sum N_i <= max_seqlen * T (rows past P are never written or read).
     stats_rows = layout.atoms * layout.max_seqlen if layout.pairs is None else layout.pairs
-    loss, _, _ = torch.ops.pyblend.outer_product_loss(
-        layout.row2d, layout.col2d, weight, bias, positions.reshape(-1, 3).float(), layout.mask1d, start, length,
-        pair_start, layout.max_seqlen, stats_rows, _MODE_COSINE, 1, 0)
+    loss, _, _ = call(
+        _loss_op, layout.row2d, layout.col2d, weight, bias, positions.reshape(-1, 3).float(), layout.mask1d, start,
+        length, pair_start, layout.max_seqlen, stats_rows, _MODE_COSINE, 1, 0)
     return loss
 
 
@@ -410,8 +410,9 @@ def _logits_setup(ctx, inputs, output):
 
 def _logits_backward(ctx, grad):
     row, col, weight, bias, mask, start, length, pair_start = ctx.saved_tensors
-    drow, dcol, dweight, dbias = torch.ops.pyblend.outer_product_backward(
-        grad, row, col, weight, bias, None, mask, start, length, pair_start, None, ctx.max_n, _MODE_LOGITS, 1, 0)
+    drow, dcol, dweight, dbias = call(
+        _backward_op, grad, row, col, weight, bias, None, mask, start, length, pair_start, None, ctx.max_n,
+        _MODE_LOGITS, 1, 0)
     return drow, dcol, dweight, _bias_gradient(ctx, bias, dbias), None, None, None, None, None, None
 
 
@@ -427,8 +428,9 @@ def _loss_backward(ctx, grad, grad_stats, grad_count):
     row, col, weight, bias, aux, mask, start, length, pair_start, stats, count = ctx.saved_tensors
     max_n, mode, groups, ignore_index = ctx.settings
     scale = (grad.double() / count.clamp(min=1)).float().reshape(1)
-    drow, dcol, dweight, dbias = torch.ops.pyblend.outer_product_backward(
-        scale, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode, groups, ignore_index)
+    drow, dcol, dweight, dbias = call(
+        _backward_op, scale, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode, groups,
+        ignore_index)
     return (drow, dcol, dweight, _bias_gradient(ctx, bias, dbias), *([None] * 10))
 
 

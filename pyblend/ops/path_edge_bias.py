@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..layout import check_cu_seqlens, pair_offsets
 from ..reference.path_edge_bias import path_edge_bias as _reference
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe
 from ._dispatch import choose_backend, triton_reasons
 
@@ -74,9 +74,9 @@ def path_edge_bias(routes, distances, edge_embedding: Tensor, hop_weights: Tenso
         return _reference(routes, distances, edge_embedding, hop_weights).contiguous()
     # Distances past the K hops divide by K, so clamping first changes nothing and keeps int64 ones from wrapping.
     hops = routes.shape[-1]
-    return torch.ops.pyblend.path_edge_bias(routes.to(torch.int32).contiguous(),
-                                            distances.clamp(-1, hops).to(torch.int32).contiguous(),
-                                            edge_embedding.contiguous(), hop_weights.contiguous())
+    return call(_bias_op, routes.to(torch.int32).contiguous(),
+                distances.clamp(-1, hops).to(torch.int32).contiguous(),
+                edge_embedding.contiguous(), hop_weights.contiguous())
 
 
 def _triton_reasons(edge_embedding: Tensor) -> list[str]:
@@ -188,8 +188,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     routes, distances, edge_embedding, hop_weights = ctx.saved_tensors
-    dembedding, dweights = torch.ops.pyblend.path_edge_bias_backward(grad, routes, distances, edge_embedding,
-                                                                     hop_weights)
+    dembedding, dweights = call(_backward_op, grad, routes, distances, edge_embedding,
+                                hop_weights)
     return None, None, dembedding, dweights
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._autograd import refuse_double_backward
+from ._autograd import call, refuse_double_backward
 from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
@@ -126,9 +126,9 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     if dropout_p > 0.0:
         where = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where).item())
-    out, _, logits = torch.ops.pyblend.relation_attention(
-        q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale), float(dropout_p), seed,
-        bool(return_logits))
+    out, _, logits = call(
+        _forward_op, q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale),
+        float(dropout_p), seed, bool(return_logits))
     return (out, logits) if return_logits else out
 
 
@@ -252,9 +252,9 @@ def _backward(ctx, grad_out, grad_lse, grad_logits):
         grad_out = torch.zeros_like(out)
     if not return_logits:
         grad_logits = None
-    dq, dk, dv, dbias, dtable = torch.ops.pyblend.relation_attention_backward(
-        grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale,
-        dropout_p, seed, bias_grad, table_grad)
+    dq, dk, dv, dbias, dtable = call(
+        _backward_op, grad_out, grad_logits, q, k, v, out, lse, bias, rel_index, rel_table, mask, cu_seqlens,
+        max_seqlen, scale, dropout_p, seed, bias_grad, table_grad)
     # v takes no part in the logits: no gradient (None) when only they are used, as autograd gives the reference.
     return (dq, dk, None if only_logits else dv, dbias if bias_grad else None, None, dtable if table_grad else None,
             None, None, None, None, None, None, None)
