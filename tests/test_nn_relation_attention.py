@@ -276,6 +276,26 @@ def test_dropout_only_in_training(generator):
     assert not torch.allclose(first, plain(x)), "training mode must drop attention probabilities"
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_activation_checkpointing_recomputes_the_same_dropout(generator, backend):
+    """torch.utils.checkpoint reruns the forward in the backward with torch's RNG state restored: the dropout seed
+    the op draws from it must repeat, so outputs and gradients equal the uncheckpointed ones exactly."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    layer = RelationBiasedAttention(16, 2, dropout=0.3, device=device)
+    x = randn(generator, 2, 5, 16).float().to(device).requires_grad_()
+    bias = randn(generator, 2, 2, 5, 5).float().to(device)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(seed)
+        attend = lambda x: layer(x, bias, backend=backend)  # noqa: E731
+        out = torch.utils.checkpoint.checkpoint(attend, x, use_reentrant=False) if checkpointed else attend(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])))
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)
+    assert not torch.equal(results[0][0], layer.eval()(x, bias, backend=backend)), "dropout must be on"
+
+
 # ------------------------------------------------------------------------------------------------- refusals
 
 
