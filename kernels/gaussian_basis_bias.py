@@ -525,11 +525,11 @@ def gaussian_basis_bias_forward(positions, pair_types, means, stds, mul, bias, w
     return out, feat
 
 
-def backward_programs(work_items: int) -> int:
+def backward_programs(work_items: int, device: torch.device) -> int:
     """How many programs share the backward's work items: each writes one partial-sum row, so enough to fill
-    a GPU (a few per SM), no more."""
-    if torch.cuda.is_available():
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    the GPU the tensors are on (a few per SM), no more."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(work_items, 4 * sms))
     return max(1, min(work_items, 4))
 
@@ -552,7 +552,7 @@ def gaussian_basis_bias_backward(dout, dfeat, positions, pair_types, means, stds
     split = {}
     for name, config in (("pairs", pairs_config), ("weights", weights_config)):
         tiles = triton.cdiv(max(problem.width, 1), config["BLOCK_I"])
-        split[name] = (problem.batch * tiles, tiles, backward_programs(problem.batch * tiles))
+        split[name] = (problem.batch * tiles, tiles, backward_programs(problem.batch * tiles, positions.device))
     row = bc * bk + bh * bc + bc + bh
     gaussian_partial = torch.zeros((split["pairs"][2], 2, bk), dtype=torch.float32, device=w1.device)
     mlp_partial = torch.zeros((split["weights"][2], chunks, row), dtype=torch.float32, device=w1.device)
