@@ -247,6 +247,7 @@ def test_packed_reference_gaussian_basis_bias_compiles_with_fullgraph(generator)
     parameters = [torch.randn(*shape, generator=generator) for shape in (
         (kernels,), (kernels,), (types, 1), (types, 1), (hidden, kernels), (hidden,), (heads, hidden), (heads,))]
     parameters[0] = parameters[0].abs() * 2  # means: distances are positive
+    graphs = []
     for sizes in _BATCHES:
         cu_seqlens, atoms, pairs, width = _batch(sizes)
         leaves = [(torch.randn(atoms, 3, generator=generator) * 2).requires_grad_(),
@@ -255,7 +256,10 @@ def test_packed_reference_gaussian_basis_bias_compiles_with_fullgraph(generator)
         for name, got, expected in zip(names, run(compiled, leaves, *constants), run(bias_and_features, leaves,
                                                                                        *constants)):
             _close(got.detach(), expected.detach(), f"{name} {sizes}")
-    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 2 batch shapes"
+        graphs.append(counter.frame_count)
+    # torch 2.11 restarts the first trace once to specialise the float std_eps (dynamic=True), which the counter
+    # sees as a second graph; 2.13 does not. What matters: the second batch shape compiles nothing new.
+    assert graphs[0] in (1, 2) and graphs[1] == graphs[0], f"graphs compiled after each batch shape: {graphs}"
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
