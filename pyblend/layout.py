@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._values import values_hidden
+
 __all__ = [
     "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
     "pad_atoms", "pad_pairs", "padded_width", "pair_index", "pair_offsets", "prepend_token", "seqlens",
@@ -145,7 +147,7 @@ def _checked_width(x: Tensor, lengths: Tensor, max_seqlen: int | None, what: str
     """The padded width, after checking on the host (one device-to-host copy) that ``max_seqlen`` holds the
     longest molecule and that ``x`` has the rows (``what``: "atoms" or "pairs") that ``cu_seqlens`` describes.
     Under torch.compile a given ``max_seqlen`` is trusted instead: nothing is read."""
-    if max_seqlen is not None and torch.compiler.is_compiling():
+    if max_seqlen is not None and values_hidden(lengths):
         return max_seqlen
     host = lengths.cpu()
     longest = int(host.max()) if host.numel() else 0

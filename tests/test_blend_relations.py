@@ -149,6 +149,24 @@ def test_packed_every_channel_makes_no_padded_pair_tensor():
     assert max(record.sizes) <= sum(n * n for n in lengths), record.shapes
 
 
+@pytest.mark.parametrize("draw", [sample_blend, every_channel])
+def test_packed_pair_count_given_is_checked_and_changes_nothing(draw):
+    """``pairs`` (P, known from a per-pair input) saves the host read of cu_seqlens that meta tensors cannot do;
+    in eager mode it is checked against cu_seqlens, and the padded layout refuses it."""
+    mask = _mask([4, 1, 7, 2])
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    options = dict(generator=_generator(3)) if draw is sample_blend else {}
+    given = draw(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, pairs=70, **options)
+    options = dict(generator=_generator(3)) if draw is sample_blend else {}
+    assert torch.equal(given, draw(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **options))
+    with pytest.raises(ValueError, match=r"pairs: cu_seqlens describes P = sum N_i\^2 = 70 pairs; got 69"):
+        draw(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, pairs=69)
+    with pytest.raises(ValueError, match="pairs: the packed layout's P"):
+        draw(mask, pairs=70)
+    meta = draw(cu_seqlens=cu_seqlens.to("meta"), max_seqlen=max_seqlen, pairs=70)
+    assert meta.is_meta and meta.shape == (70,) and meta.dtype == torch.uint8
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(probs=(0.5, 0.5)), "probs"),
     (dict(probs=(-0.1, 0.5, 0.6)), "probs"),

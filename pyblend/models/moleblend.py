@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._values import values_hidden
 from ..features import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 from ..data import MolBatch
 from ..layout import atom_molecules, mask_from_cu_seqlens, pad_atoms, pair_index, prepend_token, seqlens
@@ -498,11 +499,10 @@ class MoleBlend(nn.Module):
             if config.atom_3d_feature:
                 x = x + torch.where(known[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
-        choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator)
-        if torch.compiler.is_compiling():
-            # The choice's length is read from cu_seqlens' values, for torch.compile a size of its own: it is the
-            # batch's pair count P, which tells torch.compile that it matches the biases' (a guard would fail).
-            torch._check(choice.shape[0] == relations.spd.shape[0])
+        # P from the relations' length: torch.compile would otherwise make the choice's length, read from
+        # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
+        choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
+                              pairs=relations.spd.shape[0])
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
         blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
@@ -644,15 +644,16 @@ class MoleBlend(nn.Module):
         zero = atoms.new_zeros((), dtype=torch.float32)
         parts["geometry"] = parts["denoise"] = zero
         # Eager mode skips the 3D parts of a batch without any conformer (their parameters get no gradient);
-        # torch.compile cannot read that on the host and computes them for every batch: then 0, zero gradients.
-        compiling = torch.compiler.is_compiling()
-        if clean is not None and (compiling or bool(known.any())):
+        # torch.compile cannot read that on the host and computes them for every batch: then 0, zero gradients
+        # (so do meta and fake tensors, which have no values).
+        values_unknown = values_hidden(known)
+        if clean is not None and (values_unknown or bool(known.any())):
             head = self.geometry_head
             if relations.packed:
                 # Only the molecules with a conformer: the others keep their place with no atoms.
                 lengths = seqlens(relations.cu_seqlens) * known
                 known_cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-                if compiling:
+                if values_unknown:
                     # The same rows in the same order by a stable partition (a boolean selection's length would
                     # depend on the data); the rows past cu_seqlens' end follow, and a compiled call, which
                     # trusts cu_seqlens, never reads them.
@@ -727,7 +728,7 @@ def _mean_where(values: Tensor, selected: Tensor) -> Tensor:
     """The mean of ``values`` where the bool ``selected`` is True: ``values[selected].mean()``, or under
     torch.compile (no data-dependent length) the masked sum over the count, 0 for an empty selection (eager mode
     never takes one). The two differ only by the order of the additions."""
-    if not torch.compiler.is_compiling():
+    if not values_hidden(selected):
         return values[selected].mean()
     total = torch.where(selected, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
     return total / selected.sum().clamp(min=1).to(total.dtype)

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._values import values_hidden
 from ..ops._checks import describe
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_latents, slerp
@@ -419,7 +420,7 @@ class _LegoMulti(nn.Module):
                                  f"{describe(tokens)}")
         available = torch.stack([has for _, _, has in encoded])                        # (M, B)
         # Not under torch.compile, where reading the flags would break the graph (as the ops' own checks).
-        if not torch.compiler.is_compiling():
+        if not values_hidden(available):
             missing = (~available.any(dim=0)).nonzero().flatten()
             if len(missing):
                 raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "

@@ -44,13 +44,15 @@ class RelationBlender(nn.Module):
 
     def forward(self, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
                 max_seqlen: int | None = None, has_geometry: Tensor | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-        """The choices, uint8 ``(B, N, N)`` (``mask (B, N)``) or ``(P,)`` (``cu_seqlens``); see ``sample_blend``."""
+                generator: torch.Generator | None = None, pairs: int | None = None) -> Tensor:
+        """The choices, uint8 ``(B, N, N)`` (``mask (B, N)``) or ``(P,)`` (``cu_seqlens``, and ``pairs = P`` when
+        known); see ``sample_blend``."""
         if self.training:
             return sample_blend(mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, probs=self.probs,
                                 mode=self.mode, symmetric=self.symmetric, has_geometry=has_geometry,
-                                generator=generator)
-        return every_channel(mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, has_geometry=has_geometry)
+                                generator=generator, pairs=pairs)
+        return every_channel(mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, has_geometry=has_geometry,
+                             pairs=pairs)
 
     @staticmethod
     def blend(choice: Tensor, **biases) -> dict[str, Tensor | None]:

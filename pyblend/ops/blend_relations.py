@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from ..layout import check_cu_seqlens, pair_index, seqlens
 from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, id_range, is_finite
 
@@ -39,7 +40,8 @@ _MOLECULE_SUBSETS = (SPD | EDGE, GEOMETRY, SPD | EDGE | GEOMETRY)
 
 def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                  probs=(0.2, 0.2, 0.6), mode: str = "pair", symmetric: bool = False,
-                 has_geometry: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 has_geometry: Tensor | None = None, generator: torch.Generator | None = None,
+                 pairs: int | None = None) -> Tensor:
     """Draw the relation channels of every atom pair.
 
     Args:
@@ -56,6 +58,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         has_geometry: ``(B,)`` bool, False for a molecule without a conformer: its pairs never get the 3D channel
             (the draw is renormalised over the channels or subsets left). None = every molecule has one.
         generator: a ``torch.Generator`` on the choice's device, for reproducible draws.
+        pairs: packed layout, ``P = sum N_i^2`` when known (e.g. a per-pair input's length): saves reading
+            ``cu_seqlens`` on the host, and is needed for meta and fake tensors, which have no values.
 
     Returns:
         uint8 ``(B, N, N)`` (padded) or ``(P,)`` (packed, pairs of molecule i row-major after those of the
@@ -66,7 +70,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric: expected a bool; got {symmetric!r}")
     weights = _probabilities(probs)
-    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs)
     (batch, atoms), device = mask.shape, mask.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: expected a generator on {device.type} (where the choices are drawn); "
@@ -81,7 +85,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     per_molecule = torch.where(allowed, weights.to(device), 0.0)
     empty = per_molecule.sum(1) == 0
     # Not under torch.compile, where reading the flags would break the graph (as the ops' id checks).
-    if not torch.compiler.is_compiling() and bool(empty.any()):
+    if not values_hidden(has_geometry) and bool(empty.any()):
         first = int(empty.nonzero()[0])
         raise ValueError(f"has_geometry: molecule {first} has no conformer, and probs {tuple(weights.tolist())} "
                          f"give its 2D outcomes probability 0 in mode {mode!r}")
@@ -105,7 +109,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         draw = torch.triu(draw) + torch.triu(draw, diagonal=1).transpose(1, 2)
     # The outcome whose cumulative interval holds the draw.
     if cu_seqlens is not None:
-        molecule, i, j = pair_index(cu_seqlens)
+        molecule, i, j = pair_index(cu_seqlens, pairs)
         # Indexing the expanded view reads the real pairs' draws without materialising a padded tensor.
         index = (draw.expand(batch, atoms, atoms)[molecule, i, j, None] >= bounds[molecule]).sum(-1)
         return outcomes[index]
@@ -118,7 +122,7 @@ def _on_real_pairs(choice: Tensor, mask: Tensor) -> Tensor:
     return torch.where(pairs, choice, torch.zeros((), dtype=torch.uint8, device=mask.device))
 
 
-def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor | None, Tensor]:
+def _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs) -> tuple[Tensor, Tensor | None, Tensor]:
     """Validated ``(atom mask (B, N), cu_seqlens or None, has_geometry (B,))``; a packed batch gets its padded
     ``(B, N)`` mask (for the batch size and width)."""
     mask = as_tensor(mask, "mask", optional=True)
@@ -128,8 +132,11 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor 
     if mask is not None:
         check_dtype(mask, "mask", (torch.bool,))
         check_shape(mask, "mask", (None, None), "(B, N)")
+        if pairs is not None:
+            raise ValueError(f"pairs: the packed layout's P (with cu_seqlens); the padded layout (mask) takes "
+                             f"none, got {pairs!r}")
     else:
-        eager = not torch.compiler.is_compiling()  # host reads would break a graph: trusted under compile
+        eager = not values_hidden(cu_seqlens)  # host reads would break a graph: trusted under compile
         if eager:
             check_cu_seqlens(cu_seqlens)
         lengths = seqlens(cu_seqlens)
@@ -138,6 +145,9 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor 
         if eager and len(lengths) and int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen: {max_seqlen} is below the largest molecule in cu_seqlens "
                              f"({int(lengths.max())} atoms)")
+        if pairs is not None and eager and int((lengths ** 2).sum()) != pairs:
+            raise ValueError(f"pairs: cu_seqlens describes P = sum N_i^2 = {int((lengths ** 2).sum())} pairs; "
+                             f"got {pairs}")
         mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]
     batch = mask.shape[0]
     if has_geometry is None:
@@ -149,13 +159,13 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry) -> tuple[Tensor, Tensor 
 
 
 def every_channel(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
-                  has_geometry: Tensor | None = None) -> Tensor:
+                  has_geometry: Tensor | None = None, pairs: int | None = None) -> Tensor:
     """The no-blending choice (inference): every real pair uses SPD, edge and 3D, or SPD and edge where its
     molecule has no conformer. Arguments and result as :func:`sample_blend`."""
-    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry)
+    mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs)
     channels = torch.where(has_geometry, SPD | EDGE | GEOMETRY, SPD | EDGE).to(torch.uint8)
     if cu_seqlens is not None:
-        return torch.repeat_interleave(channels, seqlens(cu_seqlens) ** 2)
+        return torch.repeat_interleave(channels, seqlens(cu_seqlens) ** 2, output_size=pairs)
     return _on_real_pairs(channels[:, None, None].expand(-1, *mask.shape[1:], mask.shape[1]), mask)
 
 
@@ -222,7 +232,7 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
             raise ValueError(f"spd_table: expected (R, H); got {describe(spd_table)}")
         rows = spd_table.shape[0]
         check_dtype(spd_index, "spd_index", INTEGER_DTYPES)
-        if not torch.compiler.is_compiling():  # reading the ids would break the graph
+        if not values_hidden(spd_index):  # reading the ids would break the graph
             _check_spd_ids(spd_index, choice, rows)
         index_dtype = torch.int16 if rows + 1 <= torch.iinfo(torch.int16).max else torch.int32
         rel_index = torch.where((choice & SPD) != 0, spd_index.to(index_dtype),

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._values import values_hidden
 from .. import reference
 from ..reference.fourier_cross_attention import fft, pack_tokens, token_spectrum
 from ._autograd import call, refuse_double_backward
@@ -197,7 +198,7 @@ def _token_spectrum(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
     x = tokens.float()
     if token_mask is None:
         return fft(x, (1,)).real
-    if torch.compiler.is_compiling():
+    if values_hidden(token_mask):
         return token_spectrum(x, token_mask)
     packed, index, counts = pack_tokens(x, token_mask)
     spectra = torch.zeros_like(packed)

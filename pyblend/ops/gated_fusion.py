@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from .. import reference
 from ._autograd import call, refuse_double_backward
 from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
@@ -111,7 +112,7 @@ def _validate(h, gate_logits, score_logits, present, eps, gate_scale):
         check_shape(present, "present", (batch, modalities), "(B, M) like h")
         if present.device != h.device:
             raise ValueError(f"present: expected a tensor on {h.device} like h; got {describe(present)}")
-        if not torch.compiler.is_compiling():
+        if not values_hidden(present):
             _check_every_sample_has_a_modality(present)
     return h, gate_logits, score_logits, present
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from ..reference.gaussian_basis_bias import gaussian_basis_bias as _reference
 from ._autograd import call, refuse_double_backward
 from ._checks import (
@@ -144,7 +145,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
         if positions.dim() != 2 or positions.shape[1] != 3:
             raise ValueError(f"positions: expected the packed layout (T, 3), as cu_seqlens is given; "
                              f"got {describe(positions)}")
-        if torch.compiler.is_compiling():
+        if values_hidden(cu_seqlens):
             check_packed_form(cu_seqlens, max_seqlen)  # P: pair_types' length
             pairs = pair_types.shape[0]
         else:
@@ -169,7 +170,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
     if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (is_finite(std_eps)
                                                                                   and std_eps > 0):
         raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
-    if not torch.compiler.is_compiling():
+    if not values_hidden(pair_types):
         _check_type_range(pair_types, mask, num_types, packed)
     return positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens, max_seqlen
 

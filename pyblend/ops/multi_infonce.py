@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._values import values_hidden
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
 from ._autograd import call, refuse_double_backward
@@ -356,7 +357,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
         if temperature.device != first.device and temperature.device.type != "cpu":
             raise ValueError(f"temperature: expected a tensor on {first.device} (or the CPU); "
                              f"got {describe(temperature)}")
-        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+        if temperature.device.type == "cpu" and not values_hidden(temperature):
             value = float(temperature.detach())
             if not (is_finite(value) and value > 0):
                 raise ValueError(f"temperature: expected a finite value > 0; got {value!r}")

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from .. import reference
 from ..layout import pair_offsets
 from ._autograd import call, refuse_double_backward
@@ -261,7 +262,7 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
     host = None
     if packed:
         check_mask(mask, (), cu_seqlens)
-        if torch.compiler.is_compiling():
+        if values_hidden(cu_seqlens):
             check_packed_form(cu_seqlens, max_seqlen)  # P: from a per-pair input, or read by the kernel's op
             pairs = None
         else:
@@ -296,7 +297,7 @@ def _validate_target(target, layout: _Layout, groups, ignore_index) -> Tensor:
         check_shape(target, "target", (*pairs_shape, groups), meaning + ", G)")
     if layout.pairs is None:  # packed under torch.compile: the target's length gives P
         layout.pairs = target.shape[0]
-    if not torch.compiler.is_compiling():
+    if not values_hidden(target):
         _check_target_range(target, layout, groups, ignore_index)
     return target
 

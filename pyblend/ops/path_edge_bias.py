@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from ..layout import check_cu_seqlens, pair_offsets
 from ..reference.path_edge_bias import path_edge_bias as _reference
 from ._autograd import call, refuse_double_backward
@@ -111,7 +112,7 @@ def _validate(routes, distances, edge_embedding, hop_weights, cu_seqlens):
                              f"got {describe(routes)}")
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
-        if not torch.compiler.is_compiling():  # value checks read the host; torch.compile traces without them
+        if not values_hidden(cu_seqlens):  # value checks read the host; torch.compile traces without them
             check_cu_seqlens(cu_seqlens)
             pairs = int(pair_offsets(cu_seqlens.cpu())[-1])
             if pairs != routes.shape[0]:
@@ -137,7 +138,7 @@ def _validate(routes, distances, edge_embedding, hop_weights, cu_seqlens):
         raise ValueError(f"hop_weights: expected K_max >= K = {hops} (the hops in routes); "
                          f"got {describe(hop_weights)}")
 
-    if routes.numel() and not torch.compiler.is_compiling():
+    if routes.numel() and not values_hidden(routes):
         low, high = (int(x) for x in torch.aminmax(routes))  # the one device-to-host read
         if low < -1:
             raise ValueError(f"routes: expected bond ids >= 0 and -1 past a path's end; got {low}")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._values import values_hidden
 from .. import reference
 from ._autograd import call, refuse_double_backward
 from ._checks import (
@@ -93,7 +94,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         raise ValueError(f"q: expected a head width D >= 1; got {describe(q)}")
     if packed:
         check_mask(mask, (), cu_seqlens)
-        if torch.compiler.is_compiling():
+        if values_hidden(cu_seqlens):
             check_packed_form(cu_seqlens, max_seqlen)  # P: the pair length of the bias or the relation ids
             pairs = bias.shape[-1] if bias is not None else rel_index.shape[0] if rel_index is not None else None
         else:
@@ -170,7 +171,7 @@ def _check_relations(rel_index, rel_table, mask, packed, batch, heads, atoms, pa
     if tuple(rel_index.shape) != want:
         meaning = "(P,)" if packed else "(B, N, N)"
         raise ValueError(f"rel_index: expected shape {meaning} = {want}; got {describe(rel_index)}")
-    if torch.compiler.is_compiling():  # reading values would break the graph; the kernel masks bad ids
+    if values_hidden(rel_index):  # reading values would break the graph; the kernel masks bad ids
         return
     # Padded pairs may hold any id: they are never read (0 is always valid).
     bounds = id_range(rel_index, None if mask is None else mask[:, :, None] & mask[:, None, :])

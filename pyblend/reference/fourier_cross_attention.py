@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._values import values_hidden
+
 __all__ = ["fft", "fourier_cross_attention", "token_spectrum"]
 
 
@@ -54,12 +56,12 @@ def token_spectrum(tokens: Tensor, token_mask: Tensor | None = None, dtype: torc
     (default: the tokens' dtype promoted to float32/float64). Masked positions come back as zeros.
 
     Eager calls transform each sample alone (its real tokens found on the host). Under torch.compile, where
-    that read would break the graph, every length at once by :func:`ragged_fft_real`: the same transform up to
+    that read would break the graph (and for meta or fake tensors, which have no values), every length at once by :func:`ragged_fft_real`: the same transform up to
     rounding (Bluestein's algorithm), which ``fullgraph=True`` traces."""
     tokens = tokens.to(dtype or _compute_dtype(tokens))
     if token_mask is None:
         return fft(tokens, (1,)).real
-    if torch.compiler.is_compiling():
+    if values_hidden(token_mask):
         packed, index, counts = pack_tokens(tokens, token_mask)
         return torch.zeros_like(tokens).scatter(1, index, ragged_fft_real(packed, counts))
     out = torch.zeros_like(tokens)
