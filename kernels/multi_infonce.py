@@ -31,6 +31,7 @@ Absent samples (``present`` False) are never read: their loads are masked, their
 exactly 0, so a NaN stored there cannot reach anything.
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -201,6 +202,10 @@ def _launch_config(kernel: str, batch: int, dim: int, dtype: torch.dtype) -> dic
     kernels ("forward", "rows", "columns") of a call share them and may differ in warps and stages. Chosen so that
     ptxas (sm_90, sizes and aligned pointers specialised as at launch) spills no register; not yet tuned on a GPU."""
     block_d = max(16, triton.next_power_of_2(dim))
+    if block_d > 512:
+        # (16, 1024) tiles: with the choices below, 16-bit backwards spilled 228-560 bytes (4 warps) or 108 (8
+        # warps, pipelined); 8 warps without software pipelining spilled nothing in any dtype, TF32 included.
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, num_stages=1)
     if dtype == torch.float32:
         # IEEE float32 dots run on the FMA units, each thread holding whole operand rows: the 16-bit choices spilled
         # there (up to 1.1 KB at D = 128). Below, ptxas also trims a kernel to the next occupancy step (64 or 128
@@ -233,6 +238,24 @@ def _flags(x, present, rows: int, cols: int, columns: bool, kernel: str = "forwa
                 **_launch_config(kernel, min(rows, cols), x.shape[1], x.dtype))
 
 
+def _aligned(x, y):
+    """``(x, y)`` with more than 512 features zero-padded to a multiple of 16: at D = 600, a width whose rows are
+    not 16-byte multiples, ptxas (sm_90) spilled up to 10 KB in float32's rows backward and 32 bytes in bf16's,
+    at D = 768, 800 or 1024 nothing (nor at unaligned widths up to 512). Zeros add nothing to ``x y^T``; the
+    backward cuts their gradient off."""
+    dim = x.shape[1]
+    if dim <= 512 or dim % 16 == 0:
+        return x, y
+    return F.pad(x, (0, -dim % 16)), F.pad(y, (0, -dim % 16))
+
+
+def _cut(dx, dy, dim: int):
+    """The gradients of the ``dim`` features given, without ``_aligned``'s padding."""
+    if dx.shape[1] == dim:
+        return dx, dy
+    return dx[:, :dim].contiguous(), dy[:, :dim].contiguous()
+
+
 def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
     """Row and column log-sum-exps of ``S = (x y^T) * x_scale[:, None] * y_scale[None, :]`` over present pairs.
 
@@ -240,6 +263,7 @@ def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
     ``(B,)`` contiguous or None (all present). Returns ``(row_lse, col_lse)``, float32 ``(B,)``, 0 at absent
     samples.
     """
+    x, y = _aligned(x, y)
     batch, dim = x.shape
     mask = _mask_bytes(present, x)
     flags = _flags(x, present, batch, batch, True)
@@ -259,6 +283,8 @@ def multi_infonce_lse_forward(x, y, x_scale, y_scale, present):
 def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, row_lse, col_lse):
     """Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)``: ``(dx, dy, dx_scale, dy_scale)``, dx and dy
     contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples."""
+    given = x.shape[1]
+    x, y = _aligned(x, y)
     batch, dim = x.shape
     mask = _mask_bytes(present, x)
     flags = _flags(x, present, batch, batch, True, "rows")
@@ -267,7 +293,7 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
     dx_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
     dy_scale = torch.empty(batch, dtype=torch.float32, device=x.device)
     if batch == 0:
-        return dx, dy, dx_scale, dy_scale
+        return (*_cut(dx, dy, given), dx_scale, dy_scale)
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous()
     arguments = (x, y, x_scale, y_scale, mask, mask, row_lse, col_lse, g_row, g_col)
@@ -277,7 +303,7 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
     flags = _flags(x, present, batch, batch, True, "columns")
     _multi_infonce_bwd_cols_kernel[(triton.cdiv(batch, flags["BLOCK_N"]),)](
         *arguments, dy, dy_scale, *sizes, **flags)
-    return dx, dy, dx_scale, dy_scale
+    return (*_cut(dx, dy, given), dx_scale, dy_scale)
 
 
 # Rectangular: the distributed path. A rank's local rows x (M, D) against the gathered columns y (N, D); only the
@@ -291,6 +317,7 @@ def multi_infonce_row_lse_forward(x, y, x_scale, y_scale, row_present, col_prese
     contiguous; row_present ``(M,)`` and col_present ``(N,)``: bool, contiguous, both or neither (None: all
     present). Returns float32 ``(M,)``, 0 at absent rows and at rows with no present column.
     """
+    x, y = _aligned(x, y)
     rows, dim = x.shape
     cols = y.shape[0]
     flags = _flags(x, row_present, rows, cols, False)
@@ -311,6 +338,8 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
     """Gradients of ``sum(g_row * row_lse)``: ``(dx (M, D), dy (N, D), dx_scale (M,), dy_scale (N,))``, dx and dy
     contiguous in the inputs' dtype, the scales' float32; all 0 at absent samples. Without ``columns`` dy and
     dy_scale are returned uninitialised (the caller does not need them) and their kernel is not launched."""
+    given = x.shape[1]
+    x, y = _aligned(x, y)
     rows, dim = x.shape
     cols = y.shape[0]
     flags = _flags(x, row_present, rows, cols, False, "rows")
@@ -319,7 +348,7 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
     dx_scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     dy_scale = torch.empty(cols, dtype=torch.float32, device=x.device)
     if rows == 0 or cols == 0:
-        return dx.zero_(), dy.zero_(), dx_scale.zero_(), dy_scale.zero_()
+        return (*_cut(dx.zero_(), dy.zero_(), given), dx_scale.zero_(), dy_scale.zero_())
     g_row = g_row.float().contiguous()
     arguments = (x, y, x_scale, y_scale, _mask_bytes(row_present, x), _mask_bytes(col_present, x), row_lse,
                  row_lse, g_row, g_row)
@@ -330,4 +359,4 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
         flags = _flags(x, row_present, rows, cols, False, "columns")
         _multi_infonce_bwd_cols_kernel[(triton.cdiv(cols, flags["BLOCK_N"]),)](
             *arguments, dy, dy_scale, *sizes, **flags)
-    return dx, dy, dx_scale, dy_scale
+    return (*_cut(dx, dy, given), dx_scale, dy_scale)

@@ -107,9 +107,14 @@ def test_unnormalized_float_temperature(generator, dtype):
     check_against_reference(embeddings, [("a", "b")], dtype, temperature=0.5, normalize=False)
 
 
-def test_wide_embeddings(generator):
-    embeddings = random_embeddings(generator, 40, {"conformer": 512, "text": 512}, torch.float32)
-    check_against_reference(embeddings, [("conformer", "text")], torch.float32, temperature=torch.tensor(0.1))
+@pytest.mark.parametrize("dim", [512, 600, 1024])
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_wide_embeddings(generator, dim, dtype):
+    """Up to 1024 features on Triton: (16, 1024) tiles past 512, and widths past 512 that are not multiples of 16
+    (600) zero-padded to one (the gradients come back cut to 600); absent samples in both modalities."""
+    masks = {"conformer": random_mask(generator, 40), "text": random_mask(generator, 40)}
+    embeddings = random_embeddings(generator, 40, {"conformer": dim, "text": dim}, dtype, masks)
+    check_against_reference(embeddings, [("conformer", "text")], dtype, masks=masks, temperature=torch.tensor(0.1))
 
 
 @pytest.mark.parametrize("dim", [48, 100, 200])
@@ -325,13 +330,17 @@ COMPILE_SHAPES = [(24, 4096, True), (128, 4096, True), (512, 4096, True), (128, 
 QUICK_FLOAT32 = (512, 4096, True)
 # float32's other tiles: (32, 64) over 8 warps, and 16 rows for small batches (the rectangular one has 2 rows).
 FLOAT32_TILES = [(64, 4096, True), (24, 16, True), (64, 16, False)]
+# Past 512 features: (16, 1024) tiles over 8 warps, unpipelined; 600 is padded to 608 (unaligned, it spilled).
+WIDE_SHAPES = [(1024, 4096, True), (600, 4096, False), (768, 16, True), (1000, 4096, True)]
 
 
 @pytest.mark.parametrize("cases", [
-    pytest.param([(*shape, "bfloat16") for shape in COMPILE_SHAPES] + [(*QUICK_FLOAT32, "float32")],
-                 id="bf16+f32-d512"),
-    pytest.param([(*shape, "float32") for shape in COMPILE_SHAPES + FLOAT32_TILES if shape != QUICK_FLOAT32]
-                 + [(*shape, "tf32") for shape in COMPILE_SHAPES], id="f32+tf32", marks=pytest.mark.full)])
+    pytest.param([(*shape, "bfloat16") for shape in COMPILE_SHAPES + WIDE_SHAPES[:1]]
+                 + [(*QUICK_FLOAT32, "float32")], id="bf16+f32-d512"),
+    pytest.param([(*shape, "float32") for shape in COMPILE_SHAPES + FLOAT32_TILES + WIDE_SHAPES
+                  if shape != QUICK_FLOAT32]
+                 + [(*shape, "tf32") for shape in COMPILE_SHAPES + WIDE_SHAPES]
+                 + [(*shape, "bfloat16") for shape in WIDE_SHAPES[1:]], id="f32+tf32", marks=pytest.mark.full)])
 def test_kernels_compile_for_hopper_without_spills(cases):
     """Calls the launchers on CPU tensors (masked; (d, B, square, dtype) in ``cases``) and lowers the three kernels
     to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, and
@@ -349,11 +358,12 @@ def test_kernels_compile_for_hopper_without_spills(cases):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim", [512, 1000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_dtypes(generator, dtype):
+def test_gpu_dtypes(generator, dtype, dim):
     batch = 300
     masks = {"graph": random_mask(generator, batch, 0.9), "pocket": random_mask(generator, batch, 0.5)}
-    embeddings = random_embeddings(generator, batch, {"graph": 512, "text": 512, "pocket": 512}, dtype, masks)
+    embeddings = random_embeddings(generator, batch, {"graph": dim, "text": dim, "pocket": dim}, dtype, masks)
     check_against_reference(embeddings, [("graph", "text"), ("graph", "pocket"), ("text", "pocket")], dtype,
                             masks=masks, weights=[0.5, 0.25, 0.25], temperature=torch.tensor(0.1))
 
@@ -365,9 +375,10 @@ def test_gpu_dtypes(generator, dtype):
 @pytest.mark.parametrize("rows, cols", [(1, 16), (5, 70), (37, 74), (70, 3)])
 def test_row_lse_rectangular_matches_torch(generator, rows, cols, masked):
     """The distributed path's op: local rows (M, d) against gathered columns (N, d), row log-sum-exps only,
-    forward and backward (every input's gradient) against float64 torch."""
+    forward and backward (every input's gradient) against float64 torch; one case at d = 600, which the
+    launchers pad to 608."""
     target = backend_device("triton")
-    dim = 24
+    dim = 600 if (rows, cols) == (5, 70) else 24  # 600: padded to 608 features (past 512, not a multiple of 16)
     x = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
     y = torch.randn(cols, dim, generator=generator, dtype=torch.float64)
     x_scale = torch.rand(rows, generator=generator, dtype=torch.float64) * 5 + 1
