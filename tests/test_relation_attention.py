@@ -660,6 +660,41 @@ def test_kernels_compile_for_hopper_without_spills(shapes):
             assert int(words[6]) > 0, f"{line}: the per-atom tiles should load 16 bytes per instruction"
 
 
+TABLE_ONLY_COMPILE = """
+import torch
+from hopper import captured_launches, lower_launch
+from pyblend.kernels import relation_attention as kernels
+
+HEADS, RELATIONS = 32, 67
+for max_seqlen, head_dim, dtype_name in SHAPES:
+    dtype = getattr(torch, dtype_name)
+    lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
+    q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=dtype) for _ in range(3))
+    rel_index = torch.randint(0, RELATIONS, (pairs,), dtype=torch.int8)
+    problem = (None, rel_index, torch.randn(RELATIONS, HEADS, dtype=dtype), None, cu_seqlens, max_seqlen,
+               head_dim ** -0.5, 0.0, 0)
+    with captured_launches() as captured:
+        out, lse, _ = kernels.relation_attention_forward(q, k, v, *problem, False)
+        kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, False, True)
+    for kernel, args, kwargs in captured:
+        print(kernel.fn.__name__, "spills", lower_launch(kernel, args, kwargs)[1], max_seqlen, head_dim, dtype_name)
+"""
+
+
+@pytest.mark.full
+def test_relation_table_alone_compiles_for_hopper_without_spills():
+    """The table form as MoleBlend's SPD channel uses it: no dense bias, no dropout, no logits (other constexpr
+    branches than the every-feature sweep, and float32's table kernel spilled 276 bytes there at D = 64)."""
+    shapes = [(130, 24, "bfloat16"), (512, 32, "bfloat16"), (130, 64, "bfloat16"), (130, 64, "float32"),
+              (512, 64, "float32"), (130, 24, "float32")]
+    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + TABLE_ONLY_COMPILE)
+    assert len(lines) == 4 * len(shapes), lines
+    for line in lines:
+        assert int(line.split()[2]) == 0, f"{line}: registers spill"
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
