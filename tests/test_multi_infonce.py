@@ -111,10 +111,13 @@ def test_unnormalized_float_temperature(generator, dtype):
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 def test_wide_embeddings(generator, dim, dtype):
     """Up to 1024 features on Triton: (16, 1024) tiles past 512, and widths past 512 that are not multiples of 16
-    (600) zero-padded to one (the gradients come back cut to 600); absent samples in both modalities."""
+    (600) zero-padded to one (the gradients come back cut to 600); absent samples in both modalities. Also held
+    to 3x PyTorch's own error in the dtype (flash-attn's rule): the temperature's gradient sums B^2 terms that
+    can cancel to near 0 (seed 384444737 at d = 1024: float32 torch 5.3e-5 from float64, ours 3.5e-5)."""
     masks = {"conformer": random_mask(generator, 40), "text": random_mask(generator, 40)}
     embeddings = random_embeddings(generator, 40, {"conformer": dim, "text": dim}, dtype, masks)
-    check_against_reference(embeddings, [("conformer", "text")], dtype, masks=masks, temperature=torch.tensor(0.1))
+    check_against_reference(embeddings, [("conformer", "text")], dtype, against_torch=True, masks=masks,
+                            temperature=torch.tensor(0.1))
 
 
 @pytest.mark.parametrize("dim", [48, 100, 200])
