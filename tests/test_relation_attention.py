@@ -599,7 +599,9 @@ def test_triton_refuses_float64_with_a_reason():
 # --------------------------------------------------------------------------------------------- compile
 
 
-HOPPER_COMPILE = """
+# Packed molecules of N, N / 2 + 1 and 1 atoms, H = 32, and a relation table of 67 rows, per (N, D, dtype) of
+# SHAPES; each script below goes on inside the loop.
+COMPILE_PROBLEMS = """
 import torch
 from hopper import captured_launches, lower_launch
 from pyblend.kernels import relation_attention as kernels
@@ -613,7 +615,10 @@ for max_seqlen, head_dim, dtype_name in SHAPES:
     q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=dtype) for _ in range(3))
     rel_index = torch.randint(0, RELATIONS, (pairs,), dtype=torch.int8)
     table = torch.randn(RELATIONS, HEADS, dtype=dtype)
-    launches = {}
+"""
+
+
+HOPPER_COMPILE = COMPILE_PROBLEMS + """    launches = {}
     # Every feature on, packed; a per-head bias (dBias written by the dK/dV kernel), then one broadcast over heads
     # (its own reduction kernel).
     for bias in (torch.randn(HEADS, pairs, dtype=dtype), torch.randn(1, pairs, dtype=dtype)):
@@ -660,21 +665,7 @@ def test_kernels_compile_for_hopper_without_spills(shapes):
             assert int(words[6]) > 0, f"{line}: the per-atom tiles should load 16 bytes per instruction"
 
 
-TABLE_ONLY_COMPILE = """
-import torch
-from hopper import captured_launches, lower_launch
-from pyblend.kernels import relation_attention as kernels
-
-HEADS, RELATIONS = 32, 67
-for max_seqlen, head_dim, dtype_name in SHAPES:
-    dtype = getattr(torch, dtype_name)
-    lengths = torch.tensor([max_seqlen, max_seqlen // 2 + 1, 1])
-    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    atoms, pairs = int(lengths.sum()), int((lengths * lengths).sum())
-    q, k, v = (torch.randn(atoms, HEADS, head_dim, dtype=dtype) for _ in range(3))
-    rel_index = torch.randint(0, RELATIONS, (pairs,), dtype=torch.int8)
-    problem = (None, rel_index, torch.randn(RELATIONS, HEADS, dtype=dtype), None, cu_seqlens, max_seqlen,
-               head_dim ** -0.5, 0.0, 0)
+TABLE_ONLY_COMPILE = COMPILE_PROBLEMS + """    problem = (None, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.0, 0)
     with captured_launches() as captured:
         out, lse, _ = kernels.relation_attention_forward(q, k, v, *problem, False)
         kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, False, True)
