@@ -146,7 +146,8 @@ def padded_width(cu_seqlens: Tensor, max_seqlen: int | None = None) -> int:
 def _checked_width(x: Tensor, lengths: Tensor, max_seqlen: int | None, what: str) -> int:
     """The padded width, after checking on the host (one device-to-host copy) that ``max_seqlen`` holds the
     longest molecule and that ``x`` has the rows (``what``: "atoms" or "pairs") that ``cu_seqlens`` describes.
-    Under torch.compile a given ``max_seqlen`` is trusted instead: nothing is read."""
+    Under torch.compile (and for meta or fake tensors) a given ``max_seqlen`` is trusted instead: nothing is
+    read."""
     if max_seqlen is not None and values_hidden(lengths):
         return max_seqlen
     host = lengths.cpu()
