@@ -66,7 +66,7 @@ _MAX_FEATURES = 64  # kernels.outer_product.MAX_FEATURES
 _MAX_CLASSES = 128  # kernels.outer_product.MAX_CLASSES
 _MODE_LOGITS, _MODE_CROSS_ENTROPY, _MODE_COSINE = 0, 1, 2
 _INT32 = (-(2**31), 2**31 - 1)
-_UNKNOWN_PAIRS = -1  # the logits op's ``pairs`` where the caller cannot read P (packed, under torch.compile)
+_UNKNOWN_PAIRS = -1  # the logits op's ``pairs`` where the caller cannot read P (packed, values hidden)
 
 
 def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -185,7 +185,7 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
                                                     cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
-    # The rows of the per-pair statistics: P, or under torch.compile (P unknown) its bound from the shapes,
+    # The rows of the per-pair statistics: P, or where values are hidden (P unknown) its bound from the shapes,
     # sum N_i^2 <= max_seqlen * sum N_i <= max_seqlen * T (rows past P are never written or read).
     stats_rows = layout.atoms * layout.max_seqlen if layout.pairs is None else layout.pairs
     loss, _, _ = call(
@@ -199,7 +199,8 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
 
 class _Layout:
     """The validated inputs and the kernels' per-molecule view of them. ``pairs`` (P) is None for a packed call
-    under torch.compile, where it cannot be read from ``cu_seqlens``, until a per-pair input gives it."""
+    where values are hidden (torch.compile, meta or fake tensors: ``values_hidden``), so it cannot be read from
+    ``cu_seqlens``, until a per-pair input gives it."""
 
     def __init__(self, tensors, packed, batch, max_seqlen, atoms, pairs, host_cu_seqlens):
         self.tensors = tensors
@@ -295,7 +296,7 @@ def _validate_target(target, layout: _Layout, groups, ignore_index) -> Tensor:
         check_shape(target, "target", pairs_shape, meaning + ")")
     else:
         check_shape(target, "target", (*pairs_shape, groups), meaning + ", G)")
-    if layout.pairs is None:  # packed under torch.compile: the target's length gives P
+    if layout.pairs is None:  # packed, values hidden (torch.compile, meta): the target's length gives P
         layout.pairs = target.shape[0]
     if not values_hidden(target):
         _check_target_range(target, layout, groups, ignore_index)
