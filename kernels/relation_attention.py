@@ -90,7 +90,19 @@ def _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
             index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
             HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr):
     """S = Q K^T * scale + bias + rel_table[rel_index] for one tile, float32; the bias is read on real pairs."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    return _biased_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION), rows, cols, real, b, h, pair_start,
+                          seqlen, scale, bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                          index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                          HAS_BIAS, HAS_TABLE, PACKED)
+
+
+@triton.jit
+def _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
+                   bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                   index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                   HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, PACKED: tl.constexpr):
+    """_logits from the tile's Q K^T (float32)."""
+    s = qk * scale
     if HAS_BIAS:
         offsets = _pair_offsets(rows, cols, b, h, pair_start, seqlen, s_bias_b, s_bias_h, s_bias_i, s_bias_j, PACKED)
         s += tl.load(bias_ptr + offsets, mask=real, other=0.0).to(tl.float32)
@@ -199,6 +211,16 @@ def _score_gradient(q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, k
                 HAS_BIAS, HAS_TABLE, PACKED, PRECISION)
     p = tl.where(keys_real[None, :], tl.exp((s - row_max[:, None]) - log_l[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return _dropout_and_score_gradient(p, dp, delta, real, rows, cols, b, h, pair_start, seqlen, dlogits_ptr,
+                                       num_heads, padded_len, total_pairs, dropout_p, seed,
+                                       PACKED, DROPOUT, HAS_DLOGITS)
+
+
+@triton.jit
+def _dropout_and_score_gradient(p, dp, delta, real, rows, cols, b, h, pair_start, seqlen, dlogits_ptr,
+                                num_heads, padded_len, total_pairs, dropout_p, seed,
+                                PACKED: tl.constexpr, DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr):
+    """(P after dropout, dL/dS) from the tile's probabilities P and dL/dP before dropout, dp = dO V^T."""
     canonical = _canonical_offsets(rows, cols, b, h, pair_start, seqlen, num_heads, padded_len, total_pairs, PACKED)
     if DROPOUT:
         keep = _dropout_keep(seed, canonical, dropout_p)
@@ -315,32 +337,57 @@ def _relation_attention_bwd_q_kernel(
 
 @triton.jit
 def _tile_score_gradient(
-    b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+    b, h, rows, cols, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
     bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
     s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h, s_l_b, s_l_n, s_l_h, s_l_plane,
     s_bias_b, s_bias_h, s_bias_i, s_bias_j, s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
     s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_STEP: tl.constexpr,
 ):
-    """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside)."""
+    """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside). With
+    D_STEP < BLOCK_D, Q K^T and dO V^T are summed over head-dimension slices of D_STEP, so that only slices of
+    the four per-atom tiles are live at once (float32 at D = 128: whole tiles spilled 5.5 KB)."""
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
     rows_in = rows < seqlen
     cols_in = cols < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
-    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
     row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
     delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
-    _, ds = _score_gradient(
-        q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
-        bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
-        index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
-        dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
-        HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+    if D_STEP >= BLOCK_D:
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+        _, ds = _score_gradient(
+            q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
+            bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+            index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+            dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
+            HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
+    else:
+        qk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d_start in range(0, BLOCK_D, D_STEP):
+            offs_d = d_start + tl.arange(0, D_STEP)
+            q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+            k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+            qk += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+            v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+            dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        real = rows_real[:, None] & keys_real[None, :]
+        s = _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
+                           bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                           index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                           HAS_BIAS, HAS_TABLE, PACKED)
+        p = tl.where(keys_real[None, :], tl.exp((s - row_max[:, None]) - log_l[:, None]), 0.0)
+        _, ds = _dropout_and_score_gradient(p, dp, delta, real, rows, cols, b, h, pair_start, seqlen, dlogits_ptr,
+                                            num_heads, padded_len, total_pairs, dropout_p, seed,
+                                            PACKED, DROPOUT, HAS_DLOGITS)
     return ds, rows_real[:, None] & keys_real[None, :], pair_start, seqlen
 
 
@@ -357,6 +404,7 @@ def _relation_attention_bwd_bias_kernel(
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    D_STEP: tl.constexpr,
 ):
     """dBias of a broadcast bias: one program per (row tile, column tile, bias slice), summing the score
     gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
@@ -377,18 +425,18 @@ def _relation_attention_bwd_bias_kernel(
         batch_count = 1
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(b_first, b_first + batch_count):
         for h in range(h_first, h_first + head_count):
             ds, _, _, _ = _tile_score_gradient(
-                b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+                b, h, rows, cols, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
                 s_l_b, s_l_n, s_l_h, s_l_plane, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
                 s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
-                HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
+                HAS_BIAS, HAS_TABLE, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_STEP)
             total += ds
     # The output slice is (b_first, h_first): 0 along a summed dimension, whose dbias stride is 0 anyway.
     start, seqlen, pair_start = _sequence(b_first, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -408,7 +456,7 @@ def _relation_attention_bwd_table_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, D_STEP: tl.constexpr,
 ):
     """d(rel_table) partial sums: program (h, g) owns ``partial[h, g, :]`` (float32, zeroed) and adds the score
     gradient of head h over molecule group g, tile by tile of each molecule's own pairs, one relation chunk at a
@@ -416,7 +464,6 @@ def _relation_attention_bwd_table_kernel(
     h = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     own = partial_ptr + (h * tl.num_programs(1) + group) * num_relations
-    offs_d = tl.arange(0, BLOCK_D)
     chunk = tl.arange(0, CHUNK)
     b_first = group * molecules_per_group
     b_last = tl.minimum(b_first + molecules_per_group, num_batch)
@@ -428,13 +475,14 @@ def _relation_attention_bwd_table_kernel(
             rows = (tile // side) * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = (tile % side) * BLOCK_N + tl.arange(0, BLOCK_N)
             ds, real, pair_start, seqlen = _tile_score_gradient(
-                b, h, rows, cols, offs_d, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
+                b, h, rows, cols, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dlogits_ptr,
                 bias_ptr, index_ptr, table_ptr, mask_ptr, cu_seqlens_ptr, pair_offsets_ptr,
                 s_q_b, s_q_n, s_q_h, s_k_b, s_k_n, s_k_h, s_v_b, s_v_n, s_v_h, s_o_b, s_o_n, s_o_h,
                 s_l_b, s_l_n, s_l_h, s_l_plane, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                 s_index_b, s_index_i, s_index_j, s_table_r, s_table_h, num_relations,
                 s_m_b, s_m_n, padded_len, num_heads, HEAD_DIM, total_pairs, scale, dropout_p, seed,
-                HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN)
+                HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN,
+                BLOCK_M, BLOCK_N, BLOCK_D, D_STEP)
             offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
             relation = tl.load(index_ptr + offsets, mask=real, other=-1).to(tl.int32)
             lowest = tl.min(tl.where(real, relation, num_relations), axis=1)
@@ -485,9 +533,12 @@ def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dty
         if kernel == "table":
             if block_d == 64:
                 # 32-key tiles spilled 276-312 bytes with the relation table alone (no dense bias, no dropout),
-                # 16 keys over 8 warps nothing. (At D = 128 the table alone still spills: 5.5 KB with 32 keys,
-                # 0.2 KB with 16, which spill 1.8 KB with every feature on; kept at 32.)
+                # 16 keys over 8 warps nothing.
                 return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8)
+            if block_d == 128:
+                # Whole 32 x 128 tiles of q, k, v and dO spilled 5.5 KB with the table alone; 64-wide slices of
+                # them, nothing with the table alone or with every feature on.
+                return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, D_STEP=64)
             block = 16 if short and block_d <= 64 else 32
             return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=8 if block == 32 else 4)
     if kernel == "forward":
@@ -581,6 +632,8 @@ class _Problem:
     def config(self, kernel: str) -> tuple[dict, int]:
         """The kernel's launch configuration and its number of row tiles."""
         config = _launch_config(kernel, self.padded_len, self.head_dim, self.q.dtype)
+        if kernel in ("bias", "table"):
+            config.setdefault("D_STEP", config["BLOCK_D"])
         return config, triton.cdiv(self.padded_len, config["BLOCK_M"])
 
 

@@ -252,6 +252,22 @@ def test_table_gradient_with_ids_far_apart(generator, packed):
     assert (got["drel_table"][unused] == 0).all() and (got["drel_table"][ids] != 0).all()
 
 
+@pytest.mark.parametrize("head_dim", [100, 128])
+def test_table_gradient_over_head_dimension_slices(generator, head_dim):
+    """float32 at D > 64: the table-gradient kernel sums Q K^T and dO V^T over 64-wide slices of the head
+    dimension (whole 32 x 128 tiles spilled 5.5 KB); at D = 100 the second slice is partly masked. Two tiles a
+    side for the 37-atom molecule."""
+    from pyblend.kernels import relation_attention as kernels
+
+    config = kernels._launch_config("table", 37, head_dim, torch.float32)
+    assert config.get("D_STEP", config["BLOCK_D"]) < config["BLOCK_D"], config
+    q, k, v, mask = random_padded(generator, [37, 5, 1], heads=2, head_dim=head_dim, dtype=torch.float32)
+    relations = torch.randint(0, 30, (3, 37, 37), generator=generator, dtype=torch.int16)
+    relations[~(mask[:, :, None] & mask[:, None, :])] = -1
+    table = torch.randn(30, 2, generator=generator)
+    check_against_reference(generator, torch.float32, q, k, v, rel_table=table, mask=mask, rel_index=relations)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_ids_outside_the_table_add_nothing_under_compile(generator, backend):
     """torch.compile skips the id range check (reading ids would break the graph): ids outside [0, R) then add no
@@ -682,9 +698,10 @@ TABLE_ONLY_COMPILE = COMPILE_PROBLEMS + """    problem = (None, rel_index, table
 @pytest.mark.full
 def test_relation_table_alone_compiles_for_hopper_without_spills():
     """The table form as MoleBlend's SPD channel uses it: no dense bias, no dropout, no logits (other constexpr
-    branches than the every-feature sweep, and float32's table kernel spilled 276 bytes there at D = 64)."""
+    branches than the every-feature sweep, and float32's table kernel spilled there: 276 bytes at D = 64, 5.5 KB
+    at D = 128)."""
     shapes = [(130, 24, "bfloat16"), (512, 32, "bfloat16"), (130, 64, "bfloat16"), (130, 64, "float32"),
-              (512, 64, "float32"), (130, 24, "float32")]
+              (512, 64, "float32"), (130, 24, "float32"), (130, 128, "float32"), (512, 100, "float32")]
     lines = run_compile_script(f"SHAPES = {shapes!r}\n" + TABLE_ONLY_COMPILE)
     assert len(lines) == 4 * len(shapes), lines
     for line in lines:
