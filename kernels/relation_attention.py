@@ -346,9 +346,9 @@ def _tile_score_gradient(
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_STEP: tl.constexpr,
 ):
-    """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside). With
-    D_STEP < BLOCK_D, Q K^T and dO V^T are summed over head-dimension slices of D_STEP, so that only slices of
-    the four per-atom tiles are live at once (float32 at D = 128: whole tiles spilled 5.5 KB)."""
+    """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside). Q K^T and
+    dO V^T are summed over head-dimension slices of D_STEP (a divisor of BLOCK_D), so that only slices of the four
+    per-atom tiles are live at once (float32 at D = 128: whole tiles spilled 5.5 KB)."""
     start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
     rows_in = rows < seqlen
     cols_in = cols < seqlen
@@ -356,39 +356,26 @@ def _tile_score_gradient(
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
     row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
     delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
-    if D_STEP >= BLOCK_D:
-        offs_d = tl.arange(0, BLOCK_D)
+    qk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d_start in range(0, BLOCK_D, D_STEP):
+        offs_d = d_start + tl.arange(0, D_STEP)
         q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
         k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        qk += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
         v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
-        _, ds = _score_gradient(
-            q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
-            bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
-            index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
-            dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
-            HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
-    else:
-        qk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d_start in range(0, BLOCK_D, D_STEP):
-            offs_d = d_start + tl.arange(0, D_STEP)
-            q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-            k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
-            qk += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-            v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
-            dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        real = rows_real[:, None] & keys_real[None, :]
-        s = _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
-                           bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
-                           index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
-                           HAS_BIAS, HAS_TABLE, PACKED)
-        p = tl.where(keys_real[None, :], tl.exp((s - row_max[:, None]) - log_l[:, None]), 0.0)
-        _, ds = _dropout_and_score_gradient(p, dp, delta, real, rows, cols, b, h, pair_start, seqlen, dlogits_ptr,
-                                            num_heads, padded_len, total_pairs, dropout_p, seed,
-                                            PACKED, DROPOUT, HAS_DLOGITS)
-    return ds, rows_real[:, None] & keys_real[None, :], pair_start, seqlen
+        dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    real = rows_real[:, None] & keys_real[None, :]
+    s = _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
+                       bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
+                       index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
+                       HAS_BIAS, HAS_TABLE, PACKED)
+    p = tl.where(keys_real[None, :], tl.exp((s - row_max[:, None]) - log_l[:, None]), 0.0)
+    _, ds = _dropout_and_score_gradient(p, dp, delta, real, rows, cols, b, h, pair_start, seqlen, dlogits_ptr,
+                                        num_heads, padded_len, total_pairs, dropout_p, seed,
+                                        PACKED, DROPOUT, HAS_DLOGITS)
+    return ds, real, pair_start, seqlen
 
 
 @triton.jit
