@@ -15,13 +15,14 @@ This module imports nothing from the rest of pyblend, so every layer may use it.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._values import values_hidden
 
 __all__ = [
-    "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
+    "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "host_cu_seqlens", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
     "pad_atoms", "pad_pairs", "padded_width", "pair_index", "pair_offsets", "prepend_token", "seqlens",
     "unpad_atoms", "unpad_pairs",
 ]
@@ -32,22 +33,29 @@ def check_cu_seqlens(cu_seqlens: Tensor, *, total: int | None = None, name: str 
 
     With ``total``, also require ``cu_seqlens[-1] == total``. The value checks read the tensor on the host.
     """
+    host_cu_seqlens(cu_seqlens, total=total, name=name)
+
+
+def host_cu_seqlens(cu_seqlens: Tensor, *, total: int | None = None, name: str = "cu_seqlens") -> np.ndarray:
+    """:func:`check_cu_seqlens`, returning the values it read: an int32 numpy array (one device-to-host copy;
+    the checks run in numpy, a few microseconds, not a torch call each)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(
             f"{name}: expected an int32 tensor of shape (B+1,), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
-    values = cu_seqlens.cpu()
-    if values[0].item() != 0:
-        raise ValueError(f"{name}: expected {name}[0] == 0, got {values[0].item()}")
-    steps = values[1:] - values[:-1]
+    values = cu_seqlens.cpu().numpy()
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected {name}[0] == 0, got {values[0]}")
+    steps = np.diff(values)
     if (steps < 0).any():
-        at = int(torch.nonzero(steps < 0)[0, 0]) + 1
-        raise ValueError(f"{name}: expected non-decreasing values, got {name}[{at}] = {values[at].item()} "
-                         f"< {values[at - 1].item()}")
-    if total is not None and values[-1].item() != total:
-        raise ValueError(f"{name}: describes {values[-1].item()} atoms but the input holds {total}")
+        at = int(np.flatnonzero(steps < 0)[0]) + 1
+        raise ValueError(f"{name}: expected non-decreasing values, got {name}[{at}] = {values[at]} "
+                         f"< {values[at - 1]}")
+    if total is not None and values[-1] != total:
+        raise ValueError(f"{name}: describes {values[-1]} atoms but the input holds {total}")
+    return values
 
 
 def seqlens(cu_seqlens: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..layout import check_cu_seqlens, pair_offsets
+from ..layout import host_cu_seqlens
 
 SIGNED_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 INTEGER_DTYPES = (*SIGNED_INTEGER_DTYPES, torch.uint8)
@@ -22,7 +22,7 @@ def id_range(ids: Tensor, read: Tensor | None = None, fill: int = 0) -> tuple[in
         return None
     if read is not None:
         ids = torch.where(read, ids, torch.full((), fill, dtype=ids.dtype, device=ids.device))
-    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
     return low, high
 
 
@@ -101,12 +101,11 @@ def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, i
     """Check a packed layout on the host (its one device-to-host copy): ``cu_seqlens`` describing ``atoms`` rows,
     ``max_seqlen`` None (then the longest molecule) or an int at least that. Returns ``(cu_seqlens on the CPU,
     max_seqlen, P = sum N_i^2)``."""
-    host = cu_seqlens.cpu()
-    check_cu_seqlens(host, total=atoms)
-    lengths = host[1:] - host[:-1]
-    longest = int(lengths.max()) if lengths.numel() else 0
+    values = host_cu_seqlens(cu_seqlens, total=atoms)
+    lengths = np.diff(values).astype(np.int64)
+    longest = int(lengths.max()) if lengths.size else 0
     if max_seqlen is None:
         max_seqlen = longest
     elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-    return host, max_seqlen, int(pair_offsets(host)[-1])
+    return torch.from_numpy(values), max_seqlen, int((lengths * lengths).sum())
