@@ -13,6 +13,7 @@ from ._version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from . import features, kernels, layout, metrics, models, nn, ops, reference
     from .chem import Failure, MolGraph, default_molecules, featurize, featurize_many, read_csv, read_sdf
+    from ._values import set_value_checks, value_checks_enabled
     from .data import MolBatch, collate
 
 # Everything loads on first use, torch included: featurize_many's worker processes import pyblend.chem, which
@@ -21,6 +22,7 @@ _LAZY = {
     "featurize": "chem", "featurize_many": "chem", "MolGraph": "chem", "Failure": "chem",
     "default_molecules": "chem", "read_csv": "chem", "read_sdf": "chem",
     "collate": "data", "MolBatch": "data",
+    "set_value_checks": "_values", "value_checks_enabled": "_values",
     "chem": None, "data": None, "features": None, "layout": None, "metrics": None, "models": None, "nn": None,
     "ops": None, "reference": None, "kernels": None,
 }

@@ -89,12 +89,13 @@ def check_same_device(reference: Tensor, reference_name: str, **others: Tensor |
 
 def check_packed_form(cu_seqlens: Tensor, max_seqlen) -> None:
     """What :func:`packed_layout` checks without reading ``cu_seqlens`` (under torch.compile, where a host read
-    would break the graph): its dtype and rank, and an int ``max_seqlen``, then trusted."""
+    would break the graph, or with value checks off): its dtype and rank, and an int ``max_seqlen``, then
+    trusted."""
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen: expected an int under torch.compile (it cannot read cu_seqlens); "
-                         f"got {max_seqlen!r}")
+        raise ValueError(f"max_seqlen: expected an int where cu_seqlens is not read (torch.compile, meta or fake "
+                         f"tensors, pyblend.set_value_checks(False)); got {max_seqlen!r}")
 
 
 def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, int, int]:

@@ -123,14 +123,18 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
                                             scale=scale, dropout_p=dropout_p, return_logits=return_logits,
                                             rel_index=rel_index, rel_table=rel_table, generator=generator)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    seed = 0
-    if dropout_p > 0.0:
-        where = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=where).item())
+    seed = _dropout_seed(generator) if dropout_p > 0.0 else 0
     out, _, logits = call(
         _forward_op, q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, float(scale),
         float(dropout_p), seed, bool(return_logits))
     return (out, logits) if return_logits else out
+
+
+def _dropout_seed(generator: torch.Generator | None) -> int:
+    """The kernel's dropout seed, drawn from ``generator`` (default: torch's global CPU generator): a host read of
+    a CPU tensor, which waits for no GPU work (a CUDA generator's draw would)."""
+    where = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=where).item())
 
 
 def _triton_reasons(q: Tensor) -> list[str]:
