@@ -16,7 +16,8 @@ different orders, so their losses differ; each case checks its own providers, an
 compared with the packed one as two rows of the same run.
 
 Providers: "pyblend Triton" (every op on its kernels: relation attention with the SPD table, Gaussian-basis
-bias, path edge bias, outer-product losses) and "reference eager" (the same module with every op forced to its
+bias, path edge bias, outer-product losses), the same with ``pyblend.set_value_checks(False)`` ("value checks
+off": no host read, so no wait for the GPU inside the step) and "reference eager" (the same module with every op forced to its
 plain-PyTorch reference through ``PYBLEND_BACKEND=reference``; it materialises the (B, N, N, K) Gaussians,
 the (B, N, N, 1024) outer products and the (B, H, N, N) scores). A provider that runs out of memory is listed as
 skipped.
@@ -44,6 +45,7 @@ from .harness import Case, first_runs
 ENTRY = "moleblend"
 LAYOUTS = ("padded", "packed")
 TRITON, EAGER = "pyblend Triton", "reference eager"
+TRITON_UNCHECKED = "pyblend Triton (value checks off)"
 MOLECULES = 256
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
@@ -64,11 +66,13 @@ def _backend(name: str | None):
             os.environ["PYBLEND_BACKEND"] = previous
 
 
-def _step(model, relations, backend: str | None):
+def _step(model, relations, backend: str | None, value_checks: bool = True):
+    from pyblend import set_value_checks
+
     def run():
         model.zero_grad(set_to_none=True)
         generator = torch.Generator(relations.has_geometry.device).manual_seed(0)
-        with _backend(backend):
+        with _backend(backend), set_value_checks(value_checks):
             loss, _ = model.relation_loss(relations, generator=generator)
             loss.backward()
         return loss.detach().float()
@@ -98,8 +102,9 @@ def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets
     candidates, skipped = {}, {}
     if triton:
         candidates[TRITON] = _step(model, relations, "triton")
+        candidates[TRITON_UNCHECKED] = _step(model, relations, "triton", value_checks=False)
     else:
-        skipped[TRITON] = "needs a CUDA device"
+        skipped[TRITON] = skipped[TRITON_UNCHECKED] = "needs a CUDA device"
     candidates[EAGER] = _step(model, relations, "reference")
     providers, failed, results = first_runs(candidates, device, required=TRITON)
     skipped.update(failed)

@@ -16,7 +16,9 @@ timed region, so every provider computes the same function: the dense-bias provi
 (packed (H, P)) tensor and return its gradient; the table form reads the (P,) ids and the (R, H) table and
 returns the table's gradient.
 
-Providers: pyblend Triton (packed, dense bias), (packed, relation table) and (padded, dense bias); the reference
+Providers: pyblend Triton (packed, dense bias), the same with ``pyblend.set_value_checks(False)`` ("value checks
+off": ``cu_seqlens`` is not read, so the call does not wait for the GPU), (packed, relation table) and (padded,
+dense bias); the reference
 in eager mode and under ``torch.compile`` (padded); ``scaled_dot_product_attention`` with a float mask (padded,
 (B, H, N, D) views; the key-padding mask is folded into its bias once, outside the timed region, which favours
 the peer; padded keys get -1e4, not -inf, so no row is NaN); FlexAttention (compiled) with a bias ``score_mod``
@@ -82,6 +84,7 @@ TRITON_PACKED = "pyblend Triton (packed, dense bias)"
 TRITON_TABLE = "pyblend Triton (packed, relation table)"
 TRITON_PADDED = "pyblend Triton (padded, dense bias)"
 TRITON_GATHERED = "pyblend Triton (packed, dense bias gathered from the table)"
+TRITON_UNCHECKED = "pyblend Triton (packed, dense bias, value checks off)"
 EAGER = "reference eager (padded)"
 COMPILED = "reference torch.compile (padded)"
 SDPA = "SDPA float mask (padded)"
@@ -316,6 +319,8 @@ def _pyblend(problem: Problem, attention: Callable, gathered: bool) -> dict[str,
     providers = {
         TRITON_PACKED: (_differentiate(problem, lambda: attention(*atoms, pack["bias"], **layout),
                                        (*atoms, pack["bias"])), "packed"),
+        TRITON_UNCHECKED: (_differentiate(problem, lambda: _unchecked(attention, *atoms, pack["bias"], **layout),
+                                          (*atoms, pack["bias"])), "packed"),
         TRITON_TABLE: (_differentiate(problem, lambda: attention(*atoms, rel_index=pack["rel_index"],
                                                                   rel_table=pack["table"], **layout),
                                       (*atoms, pack["table"])), "table"),
@@ -329,6 +334,13 @@ def _pyblend(problem: Problem, attention: Callable, gathered: bool) -> dict[str,
         providers[TRITON_GATHERED] = (_differentiate(problem, gather_then_attend, (*atoms, pack["table"])),
                                       "table")
     return providers
+
+
+def _unchecked(attention: Callable, *args, **kwargs):
+    from pyblend import set_value_checks
+
+    with set_value_checks(False):
+        return attention(*args, **kwargs)
 
 
 def _triton_attention() -> Callable:
@@ -355,7 +367,7 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
             attention = _triton_attention()
         except (ImportError, AttributeError) as error:
             pyblend_skip = f"pyblend.ops.relation_attention is not available ({short_error(error)})"
-    names = [TRITON_PACKED, TRITON_TABLE, TRITON_PADDED] + ([TRITON_GATHERED] if gathered else [])
+    names = [TRITON_PACKED, TRITON_UNCHECKED, TRITON_TABLE, TRITON_PADDED] + ([TRITON_GATHERED] if gathered else [])
     if pyblend_skip is not None:
         skipped.update(dict.fromkeys(names, pyblend_skip))
     else:
@@ -395,7 +407,7 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
             if not error < tolerance:  # NaN fails too
                 raise AssertionError(f"{label}: relative error {error:.2e} against float32 (bound {tolerance:g})")
 
-    forms = {TRITON_PACKED: "packed", TRITON_TABLE: "table", TRITON_PADDED: "padded", TRITON_GATHERED: "gathered",
+    forms = {TRITON_PACKED: "packed", TRITON_UNCHECKED: "packed", TRITON_TABLE: "table", TRITON_PADDED: "padded", TRITON_GATHERED: "gathered",
              EAGER: "padded", COMPILED: "padded", SDPA: "padded", FLEX_PADDED: "padded", FLEX_PACKED: "packed"}
     config = {"heads": problem.heads, "head_dim": problem.head_dim, "dtype": str(problem.dtype).split(".")[-1],
               "mode": MODES[problem.backward], "molecules": len(problem.sizes), "tokens": problem.total,
