@@ -1,10 +1,17 @@
 """Whether tensor values can be read on the host, for the checks and sizes that read them."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-_value_checks = True  # process-wide, as autograd runs CUDA backwards on threads of its own
+
+class _State(threading.local):
+    value_checks = True  # per thread, as torch's grad mode (no backward formula reads values)
+
+
+_state = _State()
 
 
 def values_hidden(*tensors) -> bool:
@@ -12,14 +19,14 @@ def values_hidden(*tensors) -> bool:
     (:class:`set_value_checks`), and when any of ``tensors`` (None entries ignored) is on the meta device or a
     FakeTensor (shape inference, FLOP counting on a meta model): their values do not exist or are not to be read.
     Value checks are then skipped and sizes come from shapes and ``max_seqlen``, as in a compiled call."""
-    if not _value_checks or torch.compiler.is_compiling():
+    if not _state.value_checks or torch.compiler.is_compiling():
         return True
     return any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
 
 
 class set_value_checks:
-    """Turn pyblend's host reads of tensor values on (the default) or off, process-wide; as a function or, like
-    ``torch.set_grad_enabled``, a context manager that restores the previous setting on exit.
+    """Turn pyblend's host reads of tensor values on (the default) or off in the current thread; as a function
+    or, like ``torch.set_grad_enabled``, a context manager that restores the previous setting on exit.
 
     On, the ops check what can only be checked by reading values: ``cu_seqlens`` describing the rows, relation and
     type ids inside their tables, a sample with no modality present, ``max_seqlen`` at least the longest
@@ -38,23 +45,21 @@ class set_value_checks:
     """
 
     def __init__(self, enabled: bool):
-        global _value_checks
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled: expected a bool; got {enabled!r}")
-        self.previous = _value_checks
-        _value_checks = enabled
+        self.previous = _state.value_checks
+        _state.value_checks = enabled
 
     def __enter__(self) -> "set_value_checks":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        global _value_checks
-        _value_checks = self.previous
+        _state.value_checks = self.previous
 
 
 def value_checks_enabled() -> bool:
     """Whether the ops read tensor values on the host to check them (see :class:`set_value_checks`)."""
-    return _value_checks
+    return _state.value_checks
 
 
 __all__ = ["set_value_checks", "value_checks_enabled", "values_hidden"]

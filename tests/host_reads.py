@@ -1,6 +1,7 @@
 """Find host reads of tensor values (a device-to-host copy, so a GPU synchronisation) made by pyblend's own code,
-on CPU tensors standing in for CUDA ones: the explicit ways (``item``, ``tolist``, ``cpu``, ``numpy``, ``bool``,
-``int``, ``float``, ``nonzero``, ``unique``) called from a file of pyblend or its kernels. Triton's interpreter
+on CPU tensors standing in for CUDA ones: the explicit ways (``item``, ``tolist``, ``cpu``, ``bool``, ``int``,
+``float``, ``nonzero``, ``unique``) called from a file of pyblend or its kernels (``numpy`` takes CPU tensors only:
+the copy was a ``cpu`` before it). Triton's interpreter
 reads tensors too; its reads are not pyblend's and are not counted. Boolean-mask indexing and
 ``repeat_interleave`` without ``output_size`` also synchronise on a GPU and are not seen here: the gpu-marked
 tests check those with ``torch.cuda.set_sync_debug_mode``."""
@@ -16,7 +17,7 @@ import pyblend
 import pyblend.kernels
 
 _OWN = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (pyblend, pyblend.kernels))
-_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique")
+_METHODS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique")
 
 
 @contextlib.contextmanager

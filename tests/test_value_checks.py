@@ -31,6 +31,20 @@ def test_a_function_and_a_context_manager():
     assert pyblend.value_checks_enabled()
 
 
+def test_the_setting_belongs_to_a_thread():
+    """As grad mode: threads running models side by side (nn.DataParallel) cannot turn each other's checks off,
+    nor leave them off by restoring out of order."""
+    import threading
+
+    seen = []
+    with pyblend.set_value_checks(False):
+        thread = threading.Thread(target=lambda: seen.append(pyblend.value_checks_enabled()))
+        thread.start()
+        thread.join()
+        assert not pyblend.value_checks_enabled()
+    assert seen == [True] and pyblend.value_checks_enabled()
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_what_goes_unchecked(backend):
     """Packed calls must pass max_seqlen (cu_seqlens is not read); ids outside the table, refused with checks on,
@@ -64,14 +78,15 @@ def graphs():
     return featurize_many(smiles, conformer=True, progress=False)[0]
 
 
-def _moleblend_step(graphs, layout, backend, device, monkeypatch):
+def _moleblend_step(graphs, layout, backend, device, monkeypatch, layers=1):
     """``step(checks) -> (loss, gradients, host reads)`` of a small MoleBlend pretraining step (dropout on) with
     every op on ``backend``, relations built once outside."""
     from pyblend.models import MoleBlend, MoleBlendConfig
 
     monkeypatch.setenv("PYBLEND_BACKEND", backend)
     torch.manual_seed(0)
-    config = MoleBlendConfig(layers=1, dim=32, heads=4, ffn_dim=48, num_kernels=8, head_width=4, max_distance=8)
+    config = MoleBlendConfig(layers=layers, dim=32, heads=4, ffn_dim=48, num_kernels=8, head_width=4,
+                             max_distance=8)
     model = MoleBlend(config).to(device).train()
     relations = model.build_relations(collate(graphs, layout=layout).to(device))
 
@@ -100,6 +115,15 @@ def test_a_moleblend_step_reads_no_value_and_matches(graphs, layout, backend, mo
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-6, atol=1e-7)
     for name, gradient in gradients_on.items():
         torch.testing.assert_close(gradients_off[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_moleblend_checks_the_layers_shared_inputs_once(graphs, layout, monkeypatch):
+    """Every layer's attention takes the same cu_seqlens and relation ids: the first layer checks them, the others
+    do not read them again, so a deeper model makes no more host reads (checks on)."""
+    reads = [len(_moleblend_step(graphs, layout, "reference", torch.device("cpu"), monkeypatch, layers)(True)[2])
+             for layers in (1, 3)]
+    assert reads[0] == reads[1] > 0, reads
 
 
 def test_ops_with_masks_read_no_value():

@@ -31,6 +31,7 @@ to keep returning ``(B, 1 + N, dim)``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._values import values_hidden
+from .._values import set_value_checks, values_hidden
 from ..features import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
 from ..data import MolBatch
 from ..layout import atom_molecules, mask_from_cu_seqlens, pad_atoms, pair_index, prepend_token, seqlens
@@ -425,8 +426,9 @@ class MoleBlend(nn.Module):
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
         mask = None if relations.packed else F.pad(relations.mask, (1, 0), value=True)
-        for layer in self.layers:
-            x = layer(x, mask, **attention)
+        for depth, layer in enumerate(self.layers):
+            with _checked_by_the_first_layer(depth):
+                x = layer(x, mask, **attention)
         return x, geometry_bias
 
     def layer_inputs(self, relations: Relations, generator: torch.Generator | None = None
@@ -722,6 +724,15 @@ class MoleBlendPredictor(nn.Module):
         else:
             each = F.mse_loss(out, labels, reduction="none")
         return torch.where(known, each, 0.0).sum() / known.sum().clamp(min=1)
+
+
+def _checked_by_the_first_layer(depth: int):
+    """Every layer's attention takes the same tensors (``cu_seqlens``, relation ids): the first layer checks their
+    values on the host, the others trust them (:class:`pyblend.set_value_checks`) rather than wait for the GPU
+    to read them again, twice a layer. (Under torch.compile nothing is read anyway.)"""
+    if depth == 0 or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_value_checks(False)
 
 
 def _mean_where(values: Tensor, selected: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from ._checks import (
     check_same_device,
     check_shape,
     describe,
+    id_range,
     is_finite,
     packed_layout,
 )
@@ -176,13 +177,14 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
 
 
 def _check_type_range(pair_types: Tensor, mask: Tensor | None, num_types: int, packed: bool) -> None:
-    types = pair_types
+    real = None  # ids at padded pairs are never read (0 stands in for them)
     if mask is not None and not packed:
         real = mask[:, :, None] & mask[:, None, :]
-        types = pair_types[real]  # ids at padded pairs are never read
-    if types.numel() == 0:
+        real = real if pair_types.dim() == 3 else real[..., None]
+    bounds = id_range(pair_types, real)
+    if bounds is None:
         return
-    low, high = (int(v) for v in torch.stack([types.min().long(), types.max().long()]).cpu())
+    low, high = bounds
     if low < 0 or high >= num_types:
         raise ValueError(f"pair_types: expected ids in [0, {num_types}) (rows of mul / bias) at real pairs; "
                          f"got ids in [{low}, {high}]")
