@@ -17,10 +17,10 @@ compared with the packed one as two rows of the same run.
 
 Providers: "pyblend Triton" (every op on its kernels: relation attention with the SPD table, Gaussian-basis
 bias, path edge bias, outer-product losses), the same with ``pyblend.set_value_checks(False)`` ("value checks
-off": no host read, so no wait for the GPU inside the step) and "reference eager" (the same module with every op forced to its
-plain-PyTorch reference through ``PYBLEND_BACKEND=reference``; it materialises the (B, N, N, K) Gaussians,
-the (B, N, N, 1024) outer products and the (B, H, N, N) scores). A provider that runs out of memory is listed as
-skipped.
+off": no host read, so no wait for the GPU inside the step) and "reference eager" (the same module with every op
+forced to its plain-PyTorch reference through ``PYBLEND_BACKEND=reference``; it materialises the (B, N, N, K)
+Gaussians, the (B, N, N, 1024) outer products and the (B, H, N, N) scores). A provider that runs out of memory is
+listed as skipped.
 
 Check before timing: each provider's loss (same weights, same blend and noise from a seeded generator) is finite
 and within 3e-2 relative (bfloat16 end to end) of the same step on the references in float32, run once.

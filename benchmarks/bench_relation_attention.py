@@ -407,8 +407,9 @@ def build_case(problem: Problem, name: str, units: str = "molecules", config: di
             if not error < tolerance:  # NaN fails too
                 raise AssertionError(f"{label}: relative error {error:.2e} against float32 (bound {tolerance:g})")
 
-    forms = {TRITON_PACKED: "packed", TRITON_UNCHECKED: "packed", TRITON_TABLE: "table", TRITON_PADDED: "padded", TRITON_GATHERED: "gathered",
-             EAGER: "padded", COMPILED: "padded", SDPA: "padded", FLEX_PADDED: "padded", FLEX_PACKED: "packed"}
+    forms = {TRITON_PACKED: "packed", TRITON_UNCHECKED: "packed", TRITON_TABLE: "table", TRITON_PADDED: "padded",
+             TRITON_GATHERED: "gathered", EAGER: "padded", COMPILED: "padded", SDPA: "padded", FLEX_PADDED: "padded",
+             FLEX_PACKED: "packed"}
     config = {"heads": problem.heads, "head_dim": problem.head_dim, "dtype": str(problem.dtype).split(".")[-1],
               "mode": MODES[problem.backward], "molecules": len(problem.sizes), "tokens": problem.total,
               "pairs": problem.pairs, "padded_width": problem.width, "relations": RELATIONS, **(config or {})}

@@ -22,9 +22,9 @@ from torch import Tensor
 from ._values import values_hidden
 
 __all__ = [
-    "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "host_cu_seqlens", "mask_from_cu_seqlens", "pack_atoms", "pack_pairs",
-    "pad_atoms", "pad_pairs", "padded_width", "pair_index", "pair_offsets", "prepend_token", "seqlens",
-    "unpad_atoms", "unpad_pairs",
+    "atom_molecules", "check_cu_seqlens", "cu_seqlens_from_mask", "host_cu_seqlens", "mask_from_cu_seqlens",
+    "pack_atoms", "pack_pairs", "pad_atoms", "pad_pairs", "padded_width", "pair_index", "pair_offsets",
+    "prepend_token", "seqlens", "unpad_atoms", "unpad_pairs",
 ]
 
 
