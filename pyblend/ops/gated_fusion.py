@@ -54,7 +54,8 @@ def gated_fusion(h: Tensor, gate_logits: Tensor, score_logits: Tensor, present: 
         score_logits: ``(B, M)``, the inter-modal score of each modality, the dtype of ``h``.
         present: ``(B, M)`` bool, True = the sample has this modality; None = all present. A missing modality is
             never read (it may hold NaN). Every sample needs at least one present modality: a sample without is
-            a ValueError naming it (checked with one device-to-host read, skipped under torch.compile).
+            a ValueError naming it (checked with one device-to-host read, skipped under torch.compile and with
+            :class:`pyblend.set_value_checks` off).
         eps: the entropy's stabiliser, a float > 0.
         gate_scale: a finite float on the gated feature; 1 is the paper's eq. 2 (each ``g`` is ~1/C), C makes an
             all-equal gate the identity.

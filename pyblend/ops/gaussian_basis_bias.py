@@ -80,7 +80,8 @@ def gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w
         reference backend for float64 inputs).
 
     Outside ``torch.compile``, validation reads ``cu_seqlens`` and the range of the pair types: one small
-    device-to-host copy each.
+    device-to-host copy each (none with :class:`pyblend.set_value_checks` off; packed calls then pass
+    ``max_seqlen``).
     """
     (positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens, max_seqlen) = _validate(
         positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens, max_seqlen, std_eps)

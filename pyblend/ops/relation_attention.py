@@ -69,7 +69,8 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         ``out`` shaped like ``q`` (zeros at padded atoms and rows with no live key), or ``(out, logits)``.
 
     Outside ``torch.compile``, validation reads ``cu_seqlens`` and the relation ids' range: one small
-    device-to-host copy each.
+    device-to-host copy each (none with :class:`pyblend.set_value_checks` off; packed calls then pass
+    ``max_seqlen``).
     """
     q, k, v = (as_tensor(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     bias = as_tensor(bias, "bias", optional=True)
