@@ -509,13 +509,15 @@ def _launch_config(kernel: str, max_seqlen: int, head_dim: int, dtype: torch.dty
         if kernel == "forward":
             block = 16 if short else 32
             # The log-sum-exp's second row vector tipped two cases into spilling: D <= 16 (8 bytes; two stages
-            # instead of three) and D > 64 (16 bytes; 16 keys a step).
-            stages = {"num_stages": 2} if block == 32 and block_d == 16 else {}
+            # instead of three) and D > 64 (16 bytes; 16 keys a step, and two stages: with three, a dense bias and
+            # dropout still spilled 16-44 bytes at D = 72-256).
+            stages = {"num_stages": 2} if block == 32 and (block_d == 16 or block_d > 64) else {}
             keys = 16 if block_d > 64 else block
             return dict(BLOCK_M=block, BLOCK_N=keys, BLOCK_D=block_d, num_warps=8 if block == 32 else 4, **stages)
         if kernel in ("gradients", "dq"):
-            # One stage at D > 64: the pipelined loads' registers tipped dK/dV into spilling.
-            stages = {"num_stages": 1} if block_d > 64 else {}
+            # One stage at D > 64, and for dK/dV at D = 33-64: the pipelined loads' registers tipped dK/dV into
+            # spilling (8 bytes with the table alone at D = 40, or a dense bias and dropout at D = 64).
+            stages = {"num_stages": 1} if block_d > 64 or (kernel == "gradients" and block_d == 64) else {}
             return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=8, **stages)
         if kernel == "table":
             if block_d == 64:

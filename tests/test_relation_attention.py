@@ -694,6 +694,15 @@ TABLE_ONLY_COMPILE = COMPILE_PROBLEMS + """    problem = (None, rel_index, table
         print(kernel.fn.__name__, "spills", lower_launch(kernel, args, kwargs)[1], max_seqlen, head_dim, dtype_name)
 """
 
+BIAS_DROPOUT_COMPILE = COMPILE_PROBLEMS + """    problem = (torch.randn(HEADS, pairs, dtype=dtype), None, None, None, cu_seqlens, max_seqlen, head_dim ** -0.5,
+               0.1, 7)
+    with captured_launches() as captured:
+        out, lse, _ = kernels.relation_attention_forward(q, k, v, *problem, False)
+        kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, True, False)
+    for kernel, args, kwargs in captured:
+        print(kernel.fn.__name__, "spills", lower_launch(kernel, args, kwargs)[1], max_seqlen, head_dim, dtype_name)
+"""
+
 
 @pytest.mark.full
 def test_relation_table_alone_compiles_for_hopper_without_spills():
@@ -701,9 +710,22 @@ def test_relation_table_alone_compiles_for_hopper_without_spills():
     branches than the every-feature sweep, and float32's table kernel spilled there: 276 bytes at D = 64, 5.5 KB
     at D = 128)."""
     shapes = [(130, 24, "bfloat16"), (512, 32, "bfloat16"), (130, 64, "bfloat16"), (130, 64, "float32"),
-              (512, 64, "float32"), (130, 24, "float32"), (130, 128, "float32"), (512, 100, "float32")]
+              (512, 64, "float32"), (130, 24, "float32"), (130, 40, "float32"), (130, 128, "float32"),
+              (512, 100, "float32")]
     lines = run_compile_script(f"SHAPES = {shapes!r}\n" + TABLE_ONLY_COMPILE)
     assert len(lines) == 4 * len(shapes), lines
+    for line in lines:
+        assert int(line.split()[2]) == 0, f"{line}: registers spill"
+
+
+@pytest.mark.full
+def test_dense_bias_with_dropout_compiles_for_hopper_without_spills():
+    """A per-head dense bias with dropout, no table, no logits (float32's forward spilled 16-44 bytes there at
+    D = 72-256, its dK/dV 8 bytes at D = 64)."""
+    shapes = [(130, 24, "float32"), (512, 64, "float32"), (130, 96, "float32"), (512, 128, "float32"),
+              (130, 32, "bfloat16")]
+    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + BIAS_DROPOUT_COMPILE)
+    assert len(lines) == 3 * len(shapes), lines
     for line in lines:
         assert int(line.split()[2]) == 0, f"{line}: registers spill"
 
