@@ -686,22 +686,25 @@ def test_kernels_compile_for_hopper_without_spills(shapes):
             assert int(words[6]) > 0, f"{line}: the per-atom tiles should load 16 bytes per instruction"
 
 
-TABLE_ONLY_COMPILE = COMPILE_PROBLEMS + """    problem = (None, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.0, 0)
+def one_feature_set_compile(problem: str, bias_grad: bool, table_grad: bool) -> str:
+    """A compile script over SHAPES for one feature set, no logits: ``problem`` builds the launchers' problem tuple
+    (bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed) from COMPILE_PROBLEMS'
+    tensors; one line per launched kernel, its spill bytes third."""
+    return COMPILE_PROBLEMS + f"""    problem = {problem}
     with captured_launches() as captured:
         out, lse, _ = kernels.relation_attention_forward(q, k, v, *problem, False)
-        kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, False, True)
+        kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, {bias_grad},
+                                            {table_grad})
     for kernel, args, kwargs in captured:
         print(kernel.fn.__name__, "spills", lower_launch(kernel, args, kwargs)[1], max_seqlen, head_dim, dtype_name)
 """
 
-BIAS_DROPOUT_COMPILE = COMPILE_PROBLEMS + """    problem = (torch.randn(HEADS, pairs, dtype=dtype), None, None, None, cu_seqlens, max_seqlen, head_dim ** -0.5,
-               0.1, 7)
-    with captured_launches() as captured:
-        out, lse, _ = kernels.relation_attention_forward(q, k, v, *problem, False)
-        kernels.relation_attention_backward(torch.randn_like(out), None, q, k, v, out, lse, *problem, True, False)
-    for kernel, args, kwargs in captured:
-        print(kernel.fn.__name__, "spills", lower_launch(kernel, args, kwargs)[1], max_seqlen, head_dim, dtype_name)
-"""
+
+def assert_no_spills(shapes, script: str, kernels_per_shape: int) -> None:
+    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + script)
+    assert len(lines) == kernels_per_shape * len(shapes), lines
+    for line in lines:
+        assert int(line.split()[2]) == 0, f"{line}: registers spill"
 
 
 @pytest.mark.full
@@ -712,10 +715,9 @@ def test_relation_table_alone_compiles_for_hopper_without_spills():
     shapes = [(130, 24, "bfloat16"), (512, 32, "bfloat16"), (130, 64, "bfloat16"), (130, 64, "float32"),
               (512, 64, "float32"), (130, 24, "float32"), (130, 40, "float32"), (130, 128, "float32"),
               (512, 100, "float32")]
-    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + TABLE_ONLY_COMPILE)
-    assert len(lines) == 4 * len(shapes), lines
-    for line in lines:
-        assert int(line.split()[2]) == 0, f"{line}: registers spill"
+    script = one_feature_set_compile(
+        "(None, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.0, 0)", False, True)
+    assert_no_spills(shapes, script, kernels_per_shape=4)
 
 
 @pytest.mark.full
@@ -724,10 +726,10 @@ def test_dense_bias_with_dropout_compiles_for_hopper_without_spills():
     D = 72-256, its dK/dV 8 bytes at D = 64)."""
     shapes = [(130, 24, "float32"), (512, 64, "float32"), (130, 96, "float32"), (512, 128, "float32"),
               (130, 32, "bfloat16")]
-    lines = run_compile_script(f"SHAPES = {shapes!r}\n" + BIAS_DROPOUT_COMPILE)
-    assert len(lines) == 3 * len(shapes), lines
-    for line in lines:
-        assert int(line.split()[2]) == 0, f"{line}: registers spill"
+    script = one_feature_set_compile(
+        "(torch.randn(HEADS, pairs, dtype=dtype), None, None, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.1, 7)",
+        True, False)
+    assert_no_spills(shapes, script, kernels_per_shape=3)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
