@@ -98,15 +98,21 @@ def check_packed_form(cu_seqlens: Tensor, max_seqlen) -> None:
                          f"tensors, pyblend.set_value_checks(False)); got {max_seqlen!r}")
 
 
+def host_sizes(cu_seqlens: Tensor, total: int | None = None) -> tuple[np.ndarray, int, int]:
+    """``cu_seqlens`` checked on the host (``layout.check_cu_seqlens``, its one device-to-host copy): ``(its values,
+    the longest molecule, P = sum N_i^2)``."""
+    values = host_cu_seqlens(cu_seqlens, total=total)
+    lengths = np.diff(values).astype(np.int64)
+    return values, int(lengths.max()) if lengths.size else 0, int((lengths * lengths).sum())
+
+
 def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, int, int]:
     """Check a packed layout on the host (its one device-to-host copy): ``cu_seqlens`` describing ``atoms`` rows,
     ``max_seqlen`` None (then the longest molecule) or an int at least that. Returns ``(cu_seqlens on the CPU,
     max_seqlen, P = sum N_i^2)``."""
-    values = host_cu_seqlens(cu_seqlens, total=atoms)
-    lengths = np.diff(values).astype(np.int64)
-    longest = int(lengths.max()) if lengths.size else 0
+    values, longest, pairs = host_sizes(cu_seqlens, total=atoms)
     if max_seqlen is None:
         max_seqlen = longest
     elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-    return torch.from_numpy(values), max_seqlen, int((lengths * lengths).sum())
+    return torch.from_numpy(values), max_seqlen, pairs

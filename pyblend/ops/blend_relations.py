@@ -22,13 +22,12 @@ that a packed batch gets exactly the padded batch's draw from the same generator
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .._values import values_hidden
-from ..layout import host_cu_seqlens, pair_index, seqlens
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, id_range, is_finite
+from ..layout import pair_index, seqlens
+from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, host_sizes, id_range, is_finite
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
 
@@ -142,13 +141,12 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs) -> tuple[Tensor, 
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected an int >= 0 with cu_seqlens; got {max_seqlen!r}")
         if eager:
-            host = np.diff(host_cu_seqlens(cu_seqlens)).astype(np.int64)  # the one device-to-host read
-            if host.size and int(host.max()) > max_seqlen:
+            _, longest, described = host_sizes(cu_seqlens)  # the one device-to-host read
+            if longest > max_seqlen:
                 raise ValueError(f"max_seqlen: {max_seqlen} is below the largest molecule in cu_seqlens "
-                                 f"({int(host.max())} atoms)")
-            if pairs is not None and int((host * host).sum()) != pairs:
-                raise ValueError(f"pairs: cu_seqlens describes P = sum N_i^2 = {int((host * host).sum())} pairs; "
-                                 f"got {pairs}")
+                                 f"({longest} atoms)")
+            if pairs is not None and described != pairs:
+                raise ValueError(f"pairs: cu_seqlens describes P = sum N_i^2 = {described} pairs; got {pairs}")
         mask = torch.arange(max_seqlen, device=cu_seqlens.device) < lengths[:, None]
     batch = mask.shape[0]
     if has_geometry is None:

@@ -433,8 +433,7 @@ def _backward(ctx, grad_out, _do, _dlse):
     latent, kv, token_mask, o, lse, *weights = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(latent)
-    grads = call(_backward_op, grad_out.contiguous(), latent, kv, token_mask, o,
-                 lse, *weights, *ctx.options)
+    grads = call(_backward_op, grad_out.contiguous(), latent, kv, token_mask, o, lse, *weights, *ctx.options)
     # A switched-off LayerNorm's weights take no part: no gradient (None), as autograd gives the reference.
     latent_norm, ff_norm = ctx.options[4], ctx.options[5]
     unused = set() if latent_norm else {"latent_norm_weight", "latent_norm_bias"}

@@ -92,9 +92,8 @@ def gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w
     if chosen == "reference":
         return _reference(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask=mask,
                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, std_eps=float(std_eps))
-    return call(_forward_op, positions, pair_types, means, stds, mul.reshape(-1),
-                bias.reshape(-1), w1, b1, w2, b2, mask, cu_seqlens, max_seqlen,
-                float(std_eps))
+    return call(_forward_op, positions, pair_types, means, stds, mul.reshape(-1), bias.reshape(-1), w1, b1, w2, b2,
+                mask, cu_seqlens, max_seqlen, float(std_eps))
 
 
 def _triton_reasons(positions: Tensor, w1: Tensor, w2: Tensor) -> list[str]:
@@ -268,9 +267,8 @@ def _backward(ctx, dattn, dfeat):
             dattn = w1.new_zeros((heads, pair_types.shape[0]))
         else:
             dattn = w1.new_zeros((positions.shape[0], heads, positions.shape[1], positions.shape[1]))
-    grads = call(_backward_op, dattn, dfeat, positions, pair_types, means, stds, mul,
-                 bias, w1, b1, w2, b2, mask, cu_seqlens, ctx.max_seqlen,
-                 ctx.std_eps)
+    grads = call(_backward_op, dattn, dfeat, positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask,
+                 cu_seqlens, ctx.max_seqlen, ctx.std_eps)
     if bias_unused:
         # The atom features never pass through the MLP: None, as autograd gives on the reference path, so that an
         # optimizer skips w1, b1, w2, b2 (AdamW would decay them, and step on momentum, for a zero gradient).

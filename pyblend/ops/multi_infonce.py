@@ -265,10 +265,8 @@ def _local_pair_loss(x, y, x_all, y_all, x_scale, y_scale, x_all_scale, y_all_sc
     local_present = None if present is None else present[offset:offset + rows]
     x_scale = x_scale.to(torch.float32).contiguous()
     y_scale = y_scale.to(torch.float32).contiguous()
-    x_row_lse = call(_row_lse_op, x, y_all, x_scale, y_all_scale.contiguous(),
-                     local_present, present)
-    y_row_lse = call(_row_lse_op, y, x_all, y_scale, x_all_scale.contiguous(),
-                     local_present, present)
+    x_row_lse = call(_row_lse_op, x, y_all, x_scale, y_all_scale.contiguous(), local_present, present)
+    y_row_lse = call(_row_lse_op, y, x_all, y_scale, x_all_scale.contiguous(), local_present, present)
     # The positives, against the gathered copies (the same values as the local ones): with a no-grad gather the
     # partner is a constant, as in the public code; with autograd its gradient flows back to its owner.
     x_partner = x_all[offset:offset + rows].float()

@@ -15,15 +15,13 @@ backward is deterministic (no atomics). Semantics and the equivalence with Graph
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .._values import values_hidden
-from ..layout import host_cu_seqlens
 from ..reference.path_edge_bias import path_edge_bias as _reference
 from ._autograd import call, refuse_double_backward
-from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe
+from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe, host_sizes
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["path_edge_bias"]
@@ -114,8 +112,7 @@ def _validate(routes, distances, edge_embedding, hop_weights, cu_seqlens):
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
         if not values_hidden(cu_seqlens):  # value checks read the host; torch.compile traces without them
-            lengths = np.diff(host_cu_seqlens(cu_seqlens)).astype(np.int64)
-            pairs = int((lengths * lengths).sum())
+            _, _, pairs = host_sizes(cu_seqlens)
             if pairs != routes.shape[0]:
                 raise ValueError(f"cu_seqlens: describes {pairs} pairs (sum of N_i^2) but routes holds "
                                  f"{routes.shape[0]} ({describe(routes)})")
