@@ -143,13 +143,16 @@ def _quantiles(times_ms: list[float]) -> dict:
 SLOW_CALL_S = 0.25
 
 
-def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 5.0, warmed_up: bool = False) -> dict:
+def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 5.0, warmed_up: bool = False,
+            graphs: bool = True) -> dict:
     """Time ``fn``: CUDA events through triton.testing.do_bench on a GPU, wall clock on the CPU.
 
     The first call (compilation, caches) is never timed; pass ``warmed_up=True`` when the caller already made
     it. By the wall clock, calls repeat until the budget is spent (at least 3, at most 50: a single call over the
     budget is still measured 3 times, for p20/p80). On a GPU, the call that measures peak memory is timed too,
-    and a call slower than ``SLOW_CALL_S`` (a CPU-bound peer) is timed by the wall clock, that call included.
+    a call slower than ``SLOW_CALL_S`` (a CPU-bound peer) is timed by the wall clock, that call included, and a
+    call faster than ``GRAPH_BELOW_MS`` is timed once more from CUDA-graph replays (:func:`graph_timing`) unless
+    ``graphs`` is False.
     """
     if not warmed_up:
         fn()
@@ -169,8 +172,92 @@ def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 
                     "peak_memory_bytes": peak}
         times = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(time_budget_s * 200)),
                                         return_mode="all")
-        return {**_quantiles(list(times)), "peak_memory_bytes": peak}
+        timing = {**_quantiles(list(times)), "peak_memory_bytes": peak}
+        if graphs and timing["median_ms"] < GRAPH_BELOW_MS:
+            timing.update(graph_timing(fn, timing["median_ms"], time_budget_s))
+        return timing
     return {**_quantiles(_wall_clock(fn, time_budget_s, [], lambda: None)), "peak_memory_bytes": None}
+
+
+# A call faster than this is also timed as CUDA-graph replays (DESIGN: "CUDA graphs for small ops"): for such a call
+# the eager time is mostly the host launching kernels, and the graph time shows what the GPU itself spends.
+GRAPH_BELOW_MS = 1.0
+# Calls captured in one graph: enough that one replay lasts about this long by the eager time (an upper bound).
+GRAPH_REPLAY_MS = 2.0
+GRAPH_MAX_CALLS = 100
+
+
+def graph_timing(fn: Callable[[], Any], eager_median_ms: float, time_budget_s: float) -> dict:
+    """Time ``fn`` (already warm) as replays of a CUDA graph holding ``graph_calls`` calls of it.
+
+    Returns ``graph_median_ms`` / ``graph_p20_ms`` / ``graph_p80_ms`` per call, ``graph_repeats`` (replays) and
+    ``graph_calls``; or ``graph_error`` naming why there is no graph time. A call that waits for the GPU on the
+    host (``.item()``, a copy to the CPU: pyblend's value checks) cannot be captured; it is found by one call
+    under ``torch.cuda.set_sync_debug_mode("error")`` before any capture is tried. The calls in a replay follow
+    each other with no L2 flush between them, as in ``triton.testing.do_bench_cudagraph``: inputs that fit in
+    L2 stay there, so no GB/s is derived from this time.
+    """
+    # Capture wants a warm-up on a side stream (cuBLAS workspaces, autograd's streams); the graph gets a new
+    # stream of its own, so that a failed capture leaves nothing routed to its memory pool behind.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    mode = torch.cuda.get_sync_debug_mode()
+    try:
+        with torch.cuda.stream(side):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                output = fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+    except Exception as error:  # noqa: BLE001 - the reason goes in the row
+        torch.cuda.synchronize()
+        return {"graph_error": f"waits for the GPU on the host, not capturable: {short_error(error)}"}
+    torch.cuda.current_stream().wait_stream(side)
+    if _tensor_devices(output) == {"cpu"}:
+        # A CPU peer in a GPU run (the C++ engine): its graph would hold no work and replay in no time.
+        return {"graph_error": "its output is on the CPU: a graph would capture none of its work"}
+    calls = max(1, min(GRAPH_MAX_CALLS, int(GRAPH_REPLAY_MS / max(eager_median_ms, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            for _ in range(calls):
+                fn()
+    except Exception as error:  # noqa: BLE001
+        # capture_end's own error (the capture was invalidated) hides the call's: name the first one.
+        first = error.__context__ if error.__context__ is not None else error
+        del graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return {"graph_error": f"capture failed: {short_error(first)}"}
+    graph.replay()  # the first replay uploads the graph
+    torch.cuda.synchronize()
+    times = []
+    started = time.perf_counter()
+    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - started < min(time_budget_s, 1.0)):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / calls)
+    del graph
+    torch.cuda.empty_cache()
+    quantiles = _quantiles(times)
+    return {"graph_median_ms": quantiles["median_ms"], "graph_p20_ms": quantiles["p20_ms"],
+            "graph_p80_ms": quantiles["p80_ms"], "graph_repeats": quantiles["repeats"], "graph_calls": calls}
+
+
+def _tensor_devices(output: Any) -> set[str]:
+    """The device types of the tensors in ``output`` (nested in tuples, lists, dicts, dataclasses)."""
+    if isinstance(output, torch.Tensor):
+        return {output.device.type}
+    if isinstance(output, dict):
+        output = list(output.values())
+    elif hasattr(output, "__dataclass_fields__"):
+        output = [getattr(output, name) for name in output.__dataclass_fields__]
+    if isinstance(output, (list, tuple)):
+        return set().union(*map(_tensor_devices, output))
+    return set()
 
 
 def _wall_clock(fn: Callable[[], Any], time_budget_s: float, times: list[float], synchronize) -> list[float]:
@@ -194,7 +281,7 @@ def copy_bandwidth(device: torch.device) -> float:
         size = 256 << 20
         source = torch.empty(size, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
-        timing = measure(lambda: target.copy_(source), device, time_budget_s=0.5)
+        timing = measure(lambda: target.copy_(source), device, time_budget_s=0.5, graphs=False)
         _COPY_BANDWIDTH[key] = 2 * size / (timing["median_ms"] / 1e3) / 1e9
         del source, target
     return _COPY_BANDWIDTH[key]
@@ -259,15 +346,17 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
             continue
         rows.append({**row, "status": "ok", **timing, "throughput": case.units / (timing["median_ms"] / 1e3),
                      **_throughput_fields(case, provider, timing["median_ms"], device)})
-        log(f"  {case.name} / {provider}: {timing['median_ms']:.3f} ms median over {timing['repeats']}")
+        graph = (f"; {timing['graph_median_ms']:.4f} ms from CUDA-graph replays" if "graph_median_ms" in timing
+                 else f"; no graph time: {timing['graph_error']}" if "graph_error" in timing else "")
+        log(f"  {case.name} / {provider}: {timing['median_ms']:.3f} ms median over {timing['repeats']}{graph}")
     for provider, reason in case.skipped.items():
         rows.append({"entry": case.entry, "case": case.name, "provider": provider, "status": "skipped",
                      "reason": reason, "config": case.config, **environment})
-    timed = {r["provider"]: r["median_ms"] for r in rows if r["status"] == "ok"}
-    for row in rows:
-        if row["status"] == "ok":
-            row["speedup_over"] = {other: t / row["median_ms"] for other, t in timed.items()
-                                   if other != row["provider"]}
+    for metric, speedups in (("median_ms", "speedup_over"), ("graph_median_ms", "graph_speedup_over")):
+        timed = {r["provider"]: r[metric] for r in rows if r["status"] == "ok" and metric in r}
+        for row in rows:
+            if row["provider"] in timed:
+                row[speedups] = {other: t / row[metric] for other, t in timed.items() if other != row["provider"]}
     _apply_targets(case, rows)
     return rows
 
@@ -310,21 +399,23 @@ def recorded_cases(path: Path) -> frozenset:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("case", "provider", "median ms", "p20 ms", "p80 ms", "throughput", "GB/s", "TFLOP/s", "peak MiB",
-              "speedups")
+    header = ("case", "provider", "median ms", "p20 ms", "p80 ms", "graph ms", "throughput", "GB/s", "TFLOP/s",
+              "peak MiB", "speedups")
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append((row["case"], row["provider"], row["status"], "", "", "", "", "", "",
+            lines.append((row["case"], row["provider"], row["status"], "", "", "", "", "", "", "",
                           row.get("reason", row.get("error", ""))[:60]))
             continue
+        graph = (f"{row['graph_median_ms']:.4f}" if "graph_median_ms" in row
+                 else "not capturable" if "graph_error" in row else "")
         speedups = ", ".join(f"{v:.1f}x vs {k}" for k, v in row["speedup_over"].items() if v >= 1)
         gbps = (f"{row['gbps']:.4g} ({100 * row['gbps'] / row['gbps_roofline']:.0f}%)"
                 if row.get("gbps") is not None else "")
         tflops = f"{row['tflops']:.3g}" if row.get("tflops") is not None else ""
         peak = f"{row['peak_memory_bytes'] / 2**20:.1f}" if row.get("peak_memory_bytes") is not None else ""
         lines.append((row["case"], row["provider"], f"{row['median_ms']:.3f}", f"{row['p20_ms']:.3f}",
-                      f"{row['p80_ms']:.3f}", f"{row['throughput']:.4g} {row['unit']}/s", gbps, tflops, peak,
+                      f"{row['p80_ms']:.3f}", graph, f"{row['throughput']:.4g} {row['unit']}/s", gbps, tflops, peak,
                       speedups))
     widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
     render = lambda line: "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()  # noqa

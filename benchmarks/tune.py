@@ -266,7 +266,7 @@ def sweep(name: str, dtype: torch.dtype, device: torch.device, budget_s: float, 
                     row.update(status="mismatch", max_error=worst)
                 else:
                     timing = measure(step, device, time_budget_s=0.5 if device.type == "cuda" else 0.0,
-                                     warmed_up=True)
+                                     warmed_up=True, graphs=False)
                     row.update(status="ok", max_error=worst, median_ms=timing["median_ms"])
             except Exception as error:  # a candidate the compiler or the kernel's checks reject
                 row.update(status="error", error=short_error(error))

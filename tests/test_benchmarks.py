@@ -68,6 +68,122 @@ def test_slow_calls_on_a_gpu_are_timed_by_the_wall_clock(monkeypatch):
     assert timing["peak_memory_bytes"] == 0
 
 
+def test_graph_times_get_their_own_speedups_and_table_column(monkeypatch):
+    """A row timed from CUDA-graph replays shows that time in the table and compares it only with other graph
+    times; a provider that cannot be captured says so instead of a number."""
+    from pyblend.benchmarks import harness
+
+    timings = {"kernel": {"median_ms": 0.05, "graph_median_ms": 0.01},
+               "peer": {"median_ms": 0.04, "graph_median_ms": 0.03},
+               "syncing": {"median_ms": 0.06, "graph_error": "waits for the GPU on the host, not capturable: x"}}
+    monkeypatch.setattr(harness, "measure", lambda fn, *args, **kwargs: {
+        "p20_ms": 0.0, "p80_ms": 0.1, "repeats": 3, "peak_memory_bytes": None, **timings[fn()]})
+    case = Case(entry="toy", name="small", providers={name: (lambda name=name: name) for name in timings},
+                check=lambda provider, output: None, units=1, unit="items")
+    lines = []
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lines.append)}
+    assert rows["kernel"]["graph_speedup_over"] == {"peer": pytest.approx(3.0)}
+    assert rows["peer"]["graph_speedup_over"] == {"kernel": pytest.approx(1 / 3)}
+    assert "graph_speedup_over" not in rows["syncing"]
+    assert rows["kernel"]["speedup_over"] == {"peer": pytest.approx(0.8), "syncing": pytest.approx(1.2)}
+    assert any("0.0100 ms from CUDA-graph replays" in line for line in lines)
+    assert any("no graph time: waits for the GPU" in line for line in lines)
+    table = format_table(list(rows.values())).splitlines()
+    assert "graph ms" in table[0]
+    assert "0.0100" in next(line for line in table if " kernel " in line)
+    assert "not capturable" in next(line for line in table if " syncing " in line)
+
+
+def _counting_call(size: int = 1 << 16, kernels: int = 1):
+    """A GPU call of ``kernels`` small launches that counts its own executions in a device tensor."""
+    counter = torch.zeros((), dtype=torch.int64, device="cuda")
+    data = torch.randn(size, device="cuda")
+
+    def call():
+        counter.add_(1)
+        out = data
+        for _ in range(kernels):
+            out = out * 1.0001
+        return out
+
+    return call, counter
+
+
+@pytest.mark.gpu
+def test_gpu_graph_timing_replays_the_captured_calls():
+    """Every replay runs the captured calls: the device counter advances by exactly the calls the timing made
+    (the one checked under the sync debug mode, which is the warm-up too, then the upload replay and the timed
+    replays; capture runs nothing)."""
+    from pyblend.benchmarks.harness import graph_timing
+
+    call, counter = _counting_call(kernels=20)
+    call()
+    torch.cuda.synchronize()
+    eager_ms = 0.5
+    timing = graph_timing(call, eager_ms, time_budget_s=0.2)
+    assert "graph_error" not in timing, timing
+    calls, repeats = timing["graph_calls"], timing["graph_repeats"]
+    assert calls == 4 and repeats >= 5
+    assert counter.item() == 1 + 1 + calls * (1 + repeats)
+    assert 0 < timing["graph_p20_ms"] <= timing["graph_median_ms"] <= timing["graph_p80_ms"]
+
+
+@pytest.mark.gpu
+def test_gpu_small_calls_get_a_graph_time_below_their_launch_bound_eager_time():
+    """Twenty tiny launches a call: eager time is the host launching them, graph replays remove it."""
+    from pyblend.benchmarks.harness import measure
+
+    call, _ = _counting_call(size=1024, kernels=20)
+    timing = measure(call, torch.device("cuda"), time_budget_s=0.2)
+    assert timing["median_ms"] < 1.0 and "graph_error" not in timing, timing
+    assert timing["graph_median_ms"] < timing["median_ms"]
+    assert "graph_median_ms" not in measure(call, torch.device("cuda"), time_budget_s=0.2, graphs=False)
+
+
+@pytest.mark.gpu
+def test_gpu_a_call_that_waits_for_the_gpu_is_not_captured_and_timing_goes_on():
+    from pyblend.benchmarks.harness import graph_timing
+
+    data = torch.randn(1024, device="cuda")
+    timing = graph_timing(lambda: data.sum().item(), 0.05, time_budget_s=0.1)
+    assert set(timing) == {"graph_error"} and "not capturable" in timing["graph_error"]
+    assert torch.cuda.get_sync_debug_mode() == 0
+    cpu_only = graph_timing(lambda: torch.ones(8).cumsum(0), 0.05, time_budget_s=0.1)
+    assert set(cpu_only) == {"graph_error"} and "on the CPU" in cpu_only["graph_error"]
+    call, _ = _counting_call()
+    assert "graph_median_ms" in graph_timing(call, 0.05, time_budget_s=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_relation_attention_with_value_checks_off_is_captured_forward_and_backward():
+    """What the benchmarks' "value checks off" providers rely on: the packed op, forward + backward by
+    ``torch.autograd.grad``, is graph-timed with the checks off; with them on it reads ``cu_seqlens`` on the host
+    and is reported as not capturable."""
+    import pyblend
+    from pyblend import ops
+    from pyblend.benchmarks.harness import graph_timing
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [7, 33, 20]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 4, 16, device="cuda", dtype=torch.float16, generator=generator,
+                           requires_grad=True) for _ in range(3))
+    bias = torch.randn(4, sum(n * n for n in lengths), device="cuda", dtype=torch.float16, generator=generator,
+                       requires_grad=True)
+    upstream = torch.randn_like(q)
+
+    def step():
+        out = ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+        return torch.autograd.grad(out, (q, k, v, bias), upstream)
+
+    step()
+    assert "graph_error" in graph_timing(step, 0.2, time_budget_s=0.1)
+    with pyblend.set_value_checks(False):
+        step()
+        timing = graph_timing(step, 0.2, time_budget_s=0.1)
+    assert "graph_median_ms" in timing, timing
+
+
 def test_speedups_and_targets():
     slow = lambda: sum(range(20000))  # noqa: E731
     case = Case(entry="toy", name="sum", providers={"fast": lambda: 199990000, "slow": slow},
