@@ -58,6 +58,42 @@ def test_defaults_are_the_papers_base_model():
             MoleBlendConfig(loss_weights=weights)
 
 
+def test_spd_targets_merge_the_distances_from_the_last_class_on():
+    """Class s - 1 for SPD s, SPD >= 11 in the last of 11 classes (the public code's); diagonal, unreachable and
+    padding ignored. A path of 14 atoms has every distance from 0 to 13."""
+    from pyblend.models.moleblend import spd_targets
+
+    spd = torch.tensor([0, 1, 2, 10, 11, 12, 13, -1])
+    assert spd_targets(spd, 11).tolist() == [-100, 0, 1, 9, 10, 10, 10, -100]
+    graph, _ = featurize_many(["C" * 14], progress=False)
+    relations = _model().build_relations(collate(graph))
+    targets = spd_targets(relations.spd, 11)[0]
+    assert targets.diagonal().eq(-100).all()
+    assert targets[0].tolist() == [-100, *range(10), 10, 10, 10]
+
+
+def test_edge_targets_are_the_joint_bond_class_of_every_hop():
+    """(type * 3 + stereo) * 2 + conjugated over 4 x 3 x 2 = 24 classes; hops past the path's end and bonds with
+    a feature outside those classes (the "other" bond type, STEREOCIS...) are ignored."""
+    from pyblend.models.moleblend import edge_targets
+
+    bonds = torch.tensor([[0, 0, 0], [1, 2, 1], [3, 0, 1], [4, 0, 0], [1, 3, 0]])
+    routes = torch.tensor([[0, 1, 2, 3, 4], [1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]])
+    assert edge_targets(routes, bonds, (4, 3, 2)).tolist() == [[0, 11, 19, -100, -100], [11, -100, -100, -100, -100],
+                                                               [-100] * 5]
+    assert edge_targets(routes, bonds, (5, 6, 2)).tolist()[0] == [0, 17, 37, 48, 18]
+    assert edge_targets(torch.full((2, 5), -1), bonds[:0], (4, 3, 2)).eq(-100).all(), "no bond in the batch"
+    assert MoleBlend(_config()).edge_head.out.out_features == 5 * 24
+    for classes in [(4, 3), (6, 3, 2), (4, 0, 2), (4.0, 3, 2)]:
+        with pytest.raises(ValueError, match="edge_classes: expected 3 ints"):
+            _config(edge_classes=classes)
+    # The ethanol C-O bond: single, no stereo, not conjugated: class 0 at hop 0 of pair (C1, O).
+    graph, _ = featurize_many(["CCO"], progress=False)
+    relations = _model().build_relations(collate(graph))
+    targets = edge_targets(relations.routes, relations.bond_features, (4, 3, 2))
+    assert targets[0, 0, 2].tolist() == [0, 0, -100, -100, -100]
+
+
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):
     model = _model().eval()
     padded = collate(graphs)

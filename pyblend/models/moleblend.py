@@ -15,8 +15,9 @@ Built on pyblend's ops, nothing here computes a pair tensor by hand:
 - Blending (:class:`pyblend.nn.RelationBlender`): in training every pair takes one of SPD / edge / 3D (0.2 / 0.2
   / 0.6); in eval every pair uses every channel its molecule has (2D only without a conformer).
 - Pretraining heads (:mod:`pyblend.ops.outer_product`): per head, row and column projections Linear(dim, 32) ->
-  GELU -> LayerNorm, their outer product through Linear(1024, C), fused with the loss: SPD classes (11; longer
-  distances merged into the last), edge classes per hop (bond type of each of the ``max_hops`` hops), and 3D
+  GELU -> LayerNorm, their outer product through Linear(1024, C), fused with the loss: SPD classes (11: SPD 1 to
+  10, and 11 or longer), edge classes per hop (bond type x stereo x conjugation, 24 joint classes, for each of
+  the ``max_hops`` hops; :func:`edge_targets`), and 3D
   (predicted ``pos_j - pos_i``, loss 1 - cos). Noisy node: positions get Gaussian noise (scale 0.2) before the
   3D channel sees them and a node head predicts the noise (loss 1 - cos). Weights: 3D 0.5, SPD 0.1, edge 0.1,
   denoising 6 (the public code's).
@@ -85,7 +86,8 @@ class MoleBlendConfig:
     blend_mode: str = "pair"
     atom_3d_feature: bool = True
     head_width: int = 32                 # d1 = d2 of the outer-product heads
-    spd_classes: int = 11
+    spd_classes: int = 11                # SPD 1, 2, ..., spd_classes - 1, and the longer ones merged
+    edge_classes: tuple = (4, 3, 2)      # bond type x stereo x conjugation of each hop: 24 joint classes
     noise_scale: float = 0.2
     # The paper's weights; a dict naming only some parts overrides those and keeps the others' defaults.
     loss_weights: dict = field(default_factory=lambda: dict(LOSS_WEIGHTS))
@@ -96,6 +98,13 @@ class MoleBlendConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int; got {value!r}")
+        classes = self.edge_classes
+        if (not isinstance(classes, (tuple, list)) or len(classes) != len(BOND_FEATURE_DIMS)
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= vocabulary
+                       for c, vocabulary in zip(classes, BOND_FEATURE_DIMS))):
+            raise ValueError(f"edge_classes: expected {len(BOND_FEATURE_DIMS)} ints, each from 1 to its bond "
+                             f"feature's vocabulary {BOND_FEATURE_DIMS}; got {classes!r}")
+        self.edge_classes = tuple(classes)
         for name in ("max_distance", "max_degree"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -109,6 +118,29 @@ class MoleBlendConfig:
             if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
                 raise ValueError(f"loss_weights[{name!r}]: expected a finite number; got {weight!r}")
         self.loss_weights = {**LOSS_WEIGHTS, **self.loss_weights}
+
+
+def spd_targets(spd: Tensor, classes: int) -> Tensor:
+    """The SPD head's target, int64 of ``spd``'s shape: class ``min(s, classes) - 1`` for a distance ``s >= 1``
+    (the longest class holds every longer distance), -100 (ignored) on the diagonal (``s = 0``), at unreachable
+    pairs and padding (``s = -1``)."""
+    return torch.where(spd <= 0, -100, spd.clamp(max=classes).long() - 1)
+
+
+def edge_targets(routes: Tensor, bond_features: Tensor, classes: tuple) -> Tensor:
+    """The edge head's target, int64 of ``routes``' shape ``(..., max_hops)``: for each hop of the shortest path,
+    its bond's joint class ``(type * classes[1] + stereo) * classes[2] + conjugated`` (the public code's, with
+    ``classes = (4, 3, 2)``: 24 classes); -100 (ignored) past the path's end and for a bond with a feature outside
+    ``classes`` (the vocabulary's "other" bond type, and the rarer stereo labels: ``STEREOCIS``, ``STEREOTRANS``,
+    ``STEREOANY``). ``routes``: bond ids, -1 past the end; ``bond_features``: ``(E, 3)``."""
+    features = bond_features.long()
+    kind, stereo, conjugated = features.unbind(-1)
+    joint = (kind * classes[1] + stereo) * classes[2] + conjugated
+    known = (features >= 0).all(-1) & (kind < classes[0]) & (stereo < classes[1]) & (conjugated < classes[2])
+    joint = torch.where(known, joint, -100)
+    # Hops past a path's end read an appended ignored row (which also exists when no molecule has a bond).
+    joint = F.pad(joint, (0, 1), value=-100)
+    return joint[torch.where(routes >= 0, routes.long(), joint.shape[0] - 1)]
 
 
 @dataclass
@@ -360,7 +392,7 @@ class MoleBlend(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         width = config.head_width
         self.spd_head = _OuterProductHead(dim, width, config.spd_classes)
-        self.edge_head = _OuterProductHead(dim, width, config.max_hops * BOND_FEATURE_DIMS[0])
+        self.edge_head = _OuterProductHead(dim, width, config.max_hops * math.prod(config.edge_classes))
         self.geometry_head = _OuterProductHead(dim, width, 3)
         self.atom_proc = NoisyNodeHead(dim, heads)
         self._graphormer_init()
@@ -578,8 +610,8 @@ class MoleBlend(nn.Module):
         """MoleBlend's objective on one batch: ``(weighted total, {"spd", "edge", "geometry", "denoise"})``.
 
         Noise (scale ``noise_scale``) is added to the positions of molecules with a conformer; the blended
-        encoder then predicts, for every atom pair, the SPD class, the bond type of each hop of the shortest
-        path and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
+        encoder then predicts, for every atom pair, the SPD class (:func:`spd_targets`), the bond class of each
+        hop of the shortest path (:func:`edge_targets`) and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
         ``generator`` drives both the noise and the blend (default: torch's global generator), not dropout (seed
         torch too for a reproducible step with dropout); the noise is drawn in eval mode too (it is the
         denoising target), so an evaluation loss is fixed by ``generator`` or ``noise``. A packed batch runs
@@ -633,14 +665,9 @@ class MoleBlend(nn.Module):
             layout = {"mask": relations.mask}
             known_atoms = relations.mask & known[:, None]
 
-        spd = relations.spd  # 0 on the diagonal, -1 unreachable or padding: those pairs are ignored
-        spd_target = torch.where(spd <= 0, -100, spd.clamp(max=config.spd_classes - 1).long())
+        spd_target = spd_targets(relations.spd, config.spd_classes)
         parts = {"spd": self._pair_loss(self.spd_head, atoms, target=spd_target, **layout)}
-
-        hops = relations.routes
-        # Hops past a path's end read an appended ignored row (which also exists when no molecule has a bond).
-        bond_type = F.pad(relations.bond_features[:, 0], (0, 1), value=-100)
-        edge_target = bond_type[torch.where(hops >= 0, hops.long(), bond_type.shape[0] - 1)]
+        edge_target = edge_targets(relations.routes, relations.bond_features, config.edge_classes)
         parts["edge"] = self._pair_loss(self.edge_head, atoms, target=edge_target, groups=config.max_hops, **layout)
 
         zero = atoms.new_zeros((), dtype=torch.float32)
