@@ -97,6 +97,14 @@ def _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
 
 
 @triton.jit
+def _relation_ids(pointers, real, num_relations):
+    """The tile's relation ids as int32, -1 for a padded pair or an id outside ``[0, num_relations)``: compared
+    in the ids' own dtype, so an int64 id past 2^31 cannot wrap into the table when narrowed."""
+    raw = tl.load(pointers, mask=real, other=-1)
+    return tl.where((raw >= 0) & (raw < num_relations), raw, -1).to(tl.int32)
+
+
+@triton.jit
 def _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
                    bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
                    index_ptr, s_index_b, s_index_i, s_index_j, table_ptr, s_table_r, s_table_h, num_relations,
@@ -108,9 +116,9 @@ def _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
         s += tl.load(bias_ptr + offsets, mask=real, other=0.0).to(tl.float32)
     if HAS_TABLE:
         offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
-        relation = tl.load(index_ptr + offsets, mask=real, other=0).to(tl.int32)
-        # Ids were validated by the caller; the mask keeps a bad id from reading outside the table.
-        known = real & (relation >= 0) & (relation < num_relations)
+        relation = _relation_ids(index_ptr + offsets, real, num_relations)
+        # Ids were validated by the caller (unless value checks are off); a bad one adds no bias.
+        known = real & (relation >= 0)
         s += tl.load(table_ptr + relation * s_table_r + h * s_table_h, mask=known, other=0.0).to(tl.float32)
     return s
 
@@ -471,7 +479,7 @@ def _relation_attention_bwd_table_kernel(
                 HAS_BIAS, True, HAS_MASK, PACKED, DROPOUT, HAS_DLOGITS, PRECISION, ALIGN,
                 BLOCK_M, BLOCK_N, BLOCK_D, D_STEP)
             offsets = _pair_offsets(rows, cols, b, 0, pair_start, seqlen, s_index_b, 0, s_index_i, s_index_j, PACKED)
-            relation = tl.load(index_ptr + offsets, mask=real, other=-1).to(tl.int32)
+            relation = _relation_ids(index_ptr + offsets, real, num_relations)
             lowest = tl.min(tl.where(real, relation, num_relations), axis=1)
             lowest = tl.maximum(tl.min(lowest, axis=0), 0)
             highest = tl.max(tl.max(relation, axis=1), axis=0)

@@ -268,16 +268,20 @@ def test_table_gradient_over_head_dimension_slices(generator, head_dim):
     check_against_reference(generator, torch.float32, q, k, v, rel_table=table, mask=mask, rel_index=relations)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_ids_outside_the_table_add_nothing_under_compile(generator, backend):
+def test_ids_outside_the_table_add_nothing_under_compile(generator, backend, dtype):
     """torch.compile skips the id range check (reading ids would break the graph): ids outside [0, R) then add no
     bias and get no gradient on both backends, as a dense bias with zeros there. -16 and below reach the table
-    gradient's first relation chunk below 0, which once wrote before its buffer."""
+    gradient's first relation chunk below 0, which once wrote before its buffer. int64 ids 2^32 + 1 and
+    3 - 2^32 once became rows 1 and 3 when the kernels narrowed them to int32 before the range test."""
     target = backend_device(backend)
     q, k, v, mask = random_padded(generator, [7, 5], heads=2, head_dim=8, dtype=torch.float32)
     q, k, v = (x.nan_to_num().to(target) for x in (q, k, v))
-    ids = torch.randint(0, 20, (2, 7, 7), generator=generator, dtype=torch.int32)
+    ids = torch.randint(0, 20, (2, 7, 7), generator=generator, dtype=dtype)
     ids[0, 1, 2], ids[0, 3, 3], ids[1, 0, 4], ids[1, 2, 1] = -16, -40, 20, 1000
+    if dtype == torch.int64:
+        ids[0, 4, 4], ids[1, 3, 3] = 2**32 + 1, 3 - 2**32
     known = (ids >= 0) & (ids < 20)
     table = torch.randn(20, 2, generator=generator)
 

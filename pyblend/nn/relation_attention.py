@@ -68,7 +68,8 @@ def bias_from_relations(rel_index: Tensor, rel_table: Tensor) -> Tensor:
     """The dense pair bias ``rel_table[rel_index]``, heads moved forward.
 
     Args:
-        rel_index: integer relation ids, padded ``(B, N, N)`` or packed ``(P,)``, each in ``[0, R)``.
+        rel_index: integer relation ids, padded ``(B, N, N)`` or packed ``(P,)``, each in ``[0, R)`` (one outside
+            gives a bias of 0 there, as in the kernels when value checks are off; not checked here).
         rel_table: float ``(R, H)``, one learnable value per (relation, head).
 
     Returns:
