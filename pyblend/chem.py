@@ -141,6 +141,10 @@ class MolGraph:
         smiles: the input text for a SMILES input, RDKit's canonical SMILES (heavy-atom form) for a Mol input.
         name: the Mol's ``_Name`` (e.g. the SDF title line) when non-empty, else None.
         labels: float32 ``(L,)`` with NaN for a missing label, or None.
+
+    Construction checks the dtypes and shapes above and the values a batch relies on: every feature inside its
+    vocabulary, every bond joining two atoms of this graph, at most one bond per atom pair (a self-loop is
+    allowed); ``ValueError`` / ``TypeError`` name the field.
     """
 
     atom_features: np.ndarray
@@ -156,7 +160,15 @@ class MolGraph:
         atoms = _require_array("atom_features", self.atom_features, np.int64, (None, len(ATOM_FEATURE_DIMS)))
         num_atoms = atoms.shape[0]
         edges = _require_array("edge_index", self.edge_index, np.int64, (2, None))
-        _require_array("bond_features", self.bond_features, np.int64, (edges.shape[1], len(BOND_FEATURE_DIMS)))
+        bonds = _require_array("bond_features", self.bond_features, np.int64,
+                               (edges.shape[1], len(BOND_FEATURE_DIMS)))
+        # Values are checked, not only shapes: collate writes them into shared batch arrays, where a bad atom
+        # index lands in padding or in the next molecule (a negative one wraps round), and a feature outside its
+        # vocabulary misleads whatever trusts the documented range: an embedding table indexed by offset (the
+        # next feature's row, or off the table), MoleBlend's atom-pair types, pair_bond_features' 0 = no bond.
+        _require_vocabulary("atom_features", atoms, _ATOM_DIMS, ATOM_FEATURE_NAMES)
+        _require_vocabulary("bond_features", bonds, _BOND_DIMS, BOND_FEATURE_NAMES)
+        _require_bonds(edges, num_atoms)
         if self.positions is not None:
             _require_array("positions", self.positions, np.float32, (num_atoms, 3))
         if (self.positions is None) != (self.conformer_source is None):
@@ -188,6 +200,47 @@ def _require_array(field: str, value, dtype, shape: tuple) -> np.ndarray:
         raise ValueError(f"MolGraph: {field} must be {np.dtype(dtype)} of shape {expected}, "
                          f"got {value.dtype} of shape {value.shape}")
     return value
+
+
+# As uint64 a negative index becomes huge, so one comparison checks both ends of a range: MolGraph checks every
+# graph featurize makes (~90 us at 17 atoms), where each numpy call costs about a microsecond.
+_ATOM_DIMS = np.array(ATOM_FEATURE_DIMS, dtype=np.uint64)
+_BOND_DIMS = np.array(BOND_FEATURE_DIMS, dtype=np.uint64)
+
+
+def _require_vocabulary(field: str, features: np.ndarray, dims: np.ndarray, names: Sequence[str]) -> None:
+    """Check every column ``j`` of a MolGraph feature field holds indices in ``[0, dims[j])``."""
+    outside = features.view(np.uint64) >= dims
+    if outside.any():
+        row, column = (int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"MolGraph: {field} column {column} ({names[column]}) must hold vocabulary indices in "
+                         f"[0, {int(dims[column])}), got {features[row, column]} in row {row}; featurize maps a "
+                         f"value outside the vocabulary to its last (\"other\") index {int(dims[column]) - 1}")
+
+
+def _require_bonds(edges: np.ndarray, num_atoms: int) -> None:
+    """Check every bond of ``edge_index`` joins atoms of this graph and no atom pair holds two bonds.
+
+    A self-loop is allowed: collate stores it consistently (the pair (i, i) holds its id) and shortest paths
+    ignore it. A repeated pair is not: a batch holds one bond id per atom pair, so one of the two bonds would
+    vanish from ``bond_ids``/``adjacency`` while ``edge_index`` keeps both, and a reversed repeat (u, v), (v, u)
+    would leave ``bond_ids`` asymmetric.
+    """
+    if edges.shape[1] == 0:
+        return
+    if edges.view(np.uint64).max() >= num_atoms:
+        end, bond = (int(i) for i in np.argwhere((edges < 0) | (edges >= num_atoms))[0])
+        raise ValueError(f"MolGraph: edge_index must hold atom indices in [0, num_atoms) = [0, {num_atoms}), got "
+                         f"{edges[end, bond]} as the {('begin', 'end')[end]} atom of bond {bond}")
+    low, high = np.sort(edges, axis=0)
+    pairs = low * num_atoms
+    pairs += high  # one number per unordered atom pair
+    ordered = np.sort(pairs)
+    if np.count_nonzero(ordered[1:] == ordered[:-1]):
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]][0]
+        first, again = (int(i) for i in np.flatnonzero(pairs == repeated)[:2])
+        raise ValueError(f"MolGraph: edge_index must hold at most one bond per atom pair, got bonds {first} "
+                         f"and {again} both joining atoms {low[first]} and {high[first]}")
 
 
 @dataclass(frozen=True)
@@ -377,23 +430,35 @@ def _rdkit_reason(text: str) -> str:
 
 
 def _prepare_input_mol(mol):
-    """Copy and sanitise an input Mol; return it with the id of its first 3D conformer (or None)."""
+    """Copy and sanitise an input Mol; return it with the id of its first conformer that is a 3D geometry
+    (:func:`_is_geometry`), or None, with every conformer removed, when none is."""
     mol = Chem.Mol(mol)
     try:
         Chem.SanitizeMol(mol)
     except Exception as error:  # RDKit's MolSanitizeException family carries the reason in its message
         raise _InvalidMolecule(f"RDKit could not sanitise the Mol: {error}") from None
-    conformer_id = None
-    for conformer in mol.GetConformers():
-        # A 2D depiction (every z == 0) is not a geometry, nor are NaN or inf coordinates; a planar 3D molecule
-        # off the z=0 plane still counts.
-        positions = conformer.GetPositions()
-        if np.isfinite(positions).all() and np.any(positions[:, 2] != 0.0):
-            conformer_id = conformer.GetId()
-            break
+    conformer_id = next((conformer.GetId() for conformer in mol.GetConformers() if _is_geometry(conformer)), None)
     if conformer_id is None:
         mol.RemoveAllConformers()
     return mol, conformer_id
+
+
+def _is_geometry(conformer) -> bool:
+    """Whether an input conformer holds real 3D coordinates worth keeping as ``conformer_source == "input"``."""
+    positions = conformer.GetPositions()
+    if len(positions) == 0 or not np.isfinite(positions).all():
+        return False
+    # Several atoms all at one point (e.g. a record whose coordinates were left at 0) is a placeholder, not a
+    # geometry: every distance would be 0. A single atom (a lone ion) has no distance to get wrong.
+    if len(positions) > 1 and not np.ptp(positions, axis=0).any():
+        return False
+    if conformer.Is3D():
+        # RDKit embeds small molecules (water, CO2, HCN, ions, salts) in the z = 0 plane and a 3D SDF header keeps
+        # that flag, so a flat 3D conformer is still a geometry.
+        return True
+    # Not flagged 3D (a 2D SDF header, Compute2DCoords): a depiction when every z == 0; a hand-built conformer
+    # with some z != 0 is still taken as 3D (RDKit's SDF reader flags such a 2D-header record 3D itself).
+    return bool(np.any(positions[:, 2] != 0.0))
 
 
 def _generate_conformer(mol, hydrogens: bool, seed: int):

@@ -160,10 +160,20 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
         n, e = num_atoms[b], num_bonds[b]
         atom_features[b, :n] = graph.atom_features
         mask[b, :n] = True
-        begin, end = graph.edge_index
-        bond_ids[b, begin, end] = bond_ids[b, end, begin] = np.arange(e, dtype=np.int32)
         bond_features[b, :e] = graph.bond_features
         edge_index[b, :, :e] = graph.edge_index
+    # Every bond at once, after checking its atoms: MolGraph checks them at construction, but its fields can be
+    # reassigned since, and an index past the molecule would mark a bond in the padding (or, packed, in the next
+    # molecule) while a negative one would wrap round.
+    molecule, bond = np.nonzero(np.arange(max_bonds) < num_bonds[:, None])
+    begin, end = edge_index[molecule, 0, bond], edge_index[molecule, 1, bond]
+    outside = (np.minimum(begin, end) < 0) | (np.maximum(begin, end) >= num_atoms[molecule])
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        b = int(molecule[first])
+        raise ValueError(f"graphs[{b}]: edge_index must hold atom indices in [0, {num_atoms[b]}) (its number of "
+                         f"atoms), got bond {bond[first]} joining atoms {begin[first]} and {end[first]}")
+    bond_ids[molecule, begin, end] = bond_ids[molecule, end, begin] = bond.astype(np.int32)
 
     padded = MolBatch(
         layout="padded", atom_features=torch.from_numpy(atom_features), mask=torch.from_numpy(mask),

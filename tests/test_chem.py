@@ -449,6 +449,59 @@ def test_non_finite_coordinates_are_not_a_geometry():
     assert generated.conformer_source == "etkdg+mmff" and np.isfinite(generated.positions).all()
 
 
+def _embedded(smiles, seed=0):
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    assert rdDistGeom.EmbedMolecule(mol, randomSeed=seed) == 0
+    mol.SetProp("_Name", smiles)
+    return mol
+
+
+def _ion_pair():
+    """Na+ Cl- 2.8 A apart on the x axis (RDKit's embedding stacks both ions at the origin)."""
+    mol = Chem.MolFromSmiles("[Na+].[Cl-]")
+    conformer = Chem.Conformer(2)
+    conformer.SetAtomPosition(1, chem.Point3D(2.8, 0.0, 0.0))
+    mol.AddConformer(conformer, assignId=True)
+    mol.SetProp("_Name", "[Na+].[Cl-]")
+    return mol
+
+
+@pytest.mark.parametrize("smiles", ["O", "O=C=O", "C#N", "[Na+]", "[Na+].[Cl-]"])
+def test_flat_3d_sdf_keeps_its_coordinates(tmp_path, smiles):
+    """RDKit embeds these in the z = 0 plane; their SDF says 3D, so their coordinates are the input geometry."""
+    path = tmp_path / "flat.sdf"
+    _write_sdf(path, [_ion_pair() if smiles == "[Na+].[Cl-]" else _embedded(smiles)])
+    assert path.read_text().splitlines()[1].rstrip().endswith("3D")
+    (mol,) = read_sdf(path)
+    written = mol.GetConformer().GetPositions()
+    assert mol.GetConformer().Is3D() and (written[:, 2] == 0).all()
+    for conformer in (False, True):
+        graph = featurize(mol, hydrogens=True, conformer=conformer)
+        assert graph.conformer_source == "input" and graph.name == smiles
+        assert np.array_equal(graph.positions, written.astype(np.float32))
+        heavy = featurize(mol, conformer=conformer)
+        assert heavy.conformer_source == "input"
+        assert np.array_equal(heavy.positions, written[:heavy.num_atoms].astype(np.float32))
+
+
+def test_3d_conformer_with_every_atom_at_one_point_is_not_a_geometry():
+    """A 3D-flagged conformer left at the origin (RDKit's Conformer(n) default) would make every distance 0."""
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    mol.AddConformer(Chem.Conformer(mol.GetNumAtoms()), assignId=True)
+    assert mol.GetConformer().Is3D()
+    assert featurize(mol).positions is None
+    assert featurize(mol, conformer=True).conformer_source == "etkdg+mmff"
+    salt = _embedded("[Na+].[Cl-]")
+    assert salt.GetConformer().Is3D() and not salt.GetConformer().GetPositions().any(), "RDKit stacks the ions"
+    assert featurize(salt).positions is None
+    generated = featurize(salt, conformer=True)
+    assert generated.conformer_source == "etkdg+mmff" and np.linalg.norm(np.subtract(*generated.positions)) > 1
+    ion = Chem.MolFromSmiles("[Na+]")
+    ion.AddConformer(Chem.Conformer(1), assignId=True)
+    graph = featurize(ion)    # one atom at the origin is a geometry: it has no distance to get wrong
+    assert graph.conformer_source == "input" and graph.positions.tolist() == [[0.0, 0.0, 0.0]]
+
+
 def test_2d_sdf_is_not_treated_as_3d():
     if not os.path.isfile(NCI_SDF):
         pytest.skip(f"RDKit's NCI SDF is not installed at {NCI_SDF}")
@@ -622,6 +675,57 @@ def test_molgraph_validates_fields():
                  positions=np.zeros((3, 3), np.float32))
     with pytest.raises(TypeError, match="edge_index"):
         MolGraph(graph.atom_features, graph.edge_index.tolist(), graph.bond_features)
+
+
+def _two_atoms(edge_index=((0,), (1,)), atom_features=None, bond_features=None):
+    """C-C built by hand, with any field replaced."""
+    graph = featurize("CC")
+    return MolGraph(graph.atom_features if atom_features is None else np.array(atom_features, dtype=np.int64),
+                    np.array(edge_index, dtype=np.int64).reshape(2, -1),
+                    graph.bond_features if bond_features is None else np.array(bond_features, dtype=np.int64))
+
+
+@pytest.mark.parametrize("edge_index, message", [
+    ([[0], [3]], r"edge_index must hold atom indices in \[0, num_atoms\) = \[0, 2\), got 3 as the end atom of bond 0"),
+    ([[0], [2]], r"edge_index .* got 2 as the end atom of bond 0"),
+    ([[-1], [1]], r"edge_index .* got -1 as the begin atom of bond 0"),
+])
+def test_molgraph_rejects_bonds_outside_the_molecule(edge_index, message):
+    with pytest.raises(ValueError, match=message):
+        _two_atoms(edge_index)
+
+
+def test_molgraph_rejects_a_second_bond_between_the_same_atoms():
+    bond = featurize("CC").bond_features
+    for edge_index in ([[0, 0], [1, 1]], [[0, 1], [1, 0]]):
+        with pytest.raises(ValueError, match=r"edge_index must hold at most one bond per atom pair, got bonds 0 "
+                                             r"and 1 both joining atoms 0 and 1"):
+            _two_atoms(edge_index, bond_features=np.concatenate([bond, bond]))
+
+
+def test_molgraph_accepts_a_self_loop():
+    """Collate stores it consistently (the pair (0, 0) holds bond 0) and shortest paths ignore it."""
+    graph = _two_atoms([[0], [0]])
+    assert graph.num_bonds == 1
+
+
+@pytest.mark.parametrize("field, column, value, message", [
+    ("atom_features", 0, -1, r"atom_features column 0 \(atomic_number\) must hold vocabulary indices in "
+                             r"\[0, 119\), got -1 in row 1; featurize maps a value outside the vocabulary to its "
+                             r"last \(\"other\"\) index 118"),
+    ("atom_features", 0, ATOM_FEATURE_DIMS[0], r"atom_features column 0 \(atomic_number\) .* got 119 in row 1"),
+    ("atom_features", 8, 2, r"atom_features column 8 \(is_in_ring\) .* \[0, 2\), got 2 in row 1"),
+    ("bond_features", 0, BOND_FEATURE_DIMS[0], r"bond_features column 0 \(bond_type\) must hold vocabulary "
+                                               r"indices in \[0, 5\), got 5 in row 0"),
+    ("bond_features", 1, -3, r"bond_features column 1 \(stereo\) .* got -3 in row 0"),
+])
+def test_molgraph_rejects_features_outside_their_vocabulary(field, column, value, message):
+    features = getattr(featurize("CC"), field).copy()
+    features[-1, column] = value
+    with pytest.raises(ValueError, match=message):
+        _two_atoms(**{field: features})
+    features[-1, column] = (ATOM_FEATURE_DIMS if field == "atom_features" else BOND_FEATURE_DIMS)[column] - 1
+    _two_atoms(**{field: features})    # the last ("other") index is inside the vocabulary
 
 
 # ---------------------------------------------------------------------------------------------- default molecules

@@ -121,6 +121,18 @@ def test_empty_batch_and_bad_input(graphs):
         collate([graphs[0], "CCO"])
 
 
+@pytest.mark.parametrize("batch_layout", ["padded", "packed"])
+@pytest.mark.parametrize("atom", [2, 3, -1])
+def test_bond_outside_its_molecule_is_refused(batch_layout, atom):
+    """A MolGraph checks its bonds when built, but its fields can be reassigned since: a bond to atom 2 of a
+    2-atom molecule would land in the padding (packed: in the next molecule), atom -1 would wrap round."""
+    ethane, methanol = featurize("CC"), featurize("CO")
+    ethane.edge_index = np.array([[0], [atom]], dtype=np.int64)
+    with pytest.raises(ValueError, match=rf"graphs\[1\]: edge_index must hold atom indices in \[0, 2\) \(its "
+                                         rf"number of atoms\), got bond 0 joining atoms 0 and {atom}"):
+        collate([featurize("CCO"), ethane, methanol], layout=batch_layout)
+
+
 def test_batch_moves_between_devices(graphs):
     moved = collate(graphs).to("meta")
     assert moved.atom_features.device.type == "meta" and moved.mask.device.type == "meta"
