@@ -1,5 +1,6 @@
 #include "shortest_path.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <vector>
 
@@ -17,8 +18,26 @@ bool is_real(const MoleculeBlock& b, int64_t i) { return b.mask == nullptr || b.
 }  // namespace
 
 void molecule_shortest_paths(const MoleculeBlock& b, int max_hops) {
-  const int64_t n = b.n;
+  const int64_t width = b.n;
   const int64_t stride = b.stride;
+  const bool routes_wanted = b.routes != nullptr && max_hops > 0;
+
+  // A padded batch is as wide as its largest molecule, so most blocks end in a run of padding. Atoms past the
+  // last real one are on no path: the search below works on the first `n` atoms only (holes in the mask before
+  // the last real atom stay inside and are skipped by is_real), and the padding past them is answered here with
+  // bulk fills. Same output as searching the full width, at the cost of the molecule's own size.
+  int64_t n = width;
+  if (b.mask != nullptr) {
+    while (n > 0 && !b.mask[n - 1]) --n;
+  }
+  const int64_t hops = routes_wanted ? max_hops : 0;
+  for (int64_t i = 0; i < width; ++i) {
+    const int64_t from = i < n ? n : 0;  // rows of real-range atoms: only their padded columns
+    std::fill(b.distances + i * stride + from, b.distances + i * stride + width, -1);
+    if (routes_wanted) {
+      std::fill(b.routes + (i * stride + from) * hops, b.routes + (i * stride + width) * hops, -1);
+    }
+  }
 
   // Neighbour lists in ascending atom order (the route tie-break relies on this order). Self loops and
   // edges to masked atoms are ignored.
@@ -54,7 +73,7 @@ void molecule_shortest_paths(const MoleculeBlock& b, int max_hops) {
       }
     }
   }
-  if (b.routes == nullptr || max_hops <= 0) return;
+  if (!routes_wanted) return;
 
   // next_hop[u, j]: the smallest neighbour v of u with d(v, j) = d(u, j) - 1.
   std::vector<int32_t> next_hop(static_cast<size_t>(n * n), -1);
@@ -74,18 +93,17 @@ void molecule_shortest_paths(const MoleculeBlock& b, int max_hops) {
 
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      int32_t* route = b.routes + (i * stride + j) * max_hops;
-      const int32_t length = b.distances[i * stride + j];
+      int32_t* route = b.routes + (i * stride + j) * hops;
+      // Hops past the path's end are -1; so is the whole route of an unreachable or masked pair (length -1).
+      const int64_t length = b.distances[i * stride + j];
+      const int64_t walked = length <= 0 ? 0 : (length < max_hops ? length : max_hops);
       int64_t u = i;
-      for (int k = 0; k < max_hops; ++k) {
-        if (k >= length) {
-          route[k] = -1;
-          continue;
-        }
+      for (int64_t k = 0; k < walked; ++k) {
         const int64_t v = next_hop[u * n + j];
         route[k] = b.bond_ids[u * stride + v];
         u = v;
       }
+      std::fill(route + walked, route + hops, -1);
     }
   }
 }

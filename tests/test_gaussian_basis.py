@@ -55,6 +55,29 @@ def test_cpp_gaussian_basis_matches_float64_reference(generator, dtype, types_pe
     assert_close(got, expected, dtype, "gaussian features")
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference", None])
+@pytest.mark.parametrize("types_per_pair", [1, 2])
+@pytest.mark.parametrize("layout_name, sizes", [("padded", []), ("padded", [0, 0]), ("packed", []),
+                                                ("packed", [0, 0])])
+def test_empty_batches(generator, backend, types_per_pair, layout_name, sizes):
+    """A batch without pairs (no molecules, or only empty ones) gives features of shape distances.shape + (K,)
+    on every backend, as a data loader's last, empty shard would."""
+    pos, mask = torch.zeros(len(sizes), 0, 3), torch.zeros(len(sizes), 0, dtype=torch.bool)
+    if layout_name == "padded":
+        distances = ops.pair_distances(pos, mask, backend=backend)
+        assert distances.shape == (len(sizes), 0, 0)
+    else:
+        cu_seqlens = torch.zeros(len(sizes) + 1, dtype=torch.int32)
+        distances = ops.pair_distances(torch.zeros(0, 3), cu_seqlens=cu_seqlens, backend=backend)
+        assert distances.shape == (0,)
+    types = torch.zeros(distances.shape + ((types_per_pair,) if types_per_pair > 1 else ()), dtype=torch.long)
+    params = gaussian_parameters(generator, kernels=6, types=4)
+    features = ops.gaussian_basis(distances, types, *params, backend=backend)
+    assert features.shape == (*distances.shape, 6) and features.dtype == torch.float32
+    as_numpy = ops.gaussian_basis(distances.numpy(), types.numpy(), *[p.numpy() for p in params], backend=backend)
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.shape == (*distances.shape, 6)
+
+
 def test_gaussian_basis_formula_by_hand():
     # x = mul * d + bias = 2 * 1.5 + 0.5 = 3.5; width = |-0.99| + 0.01 = 1; z = (3.5 - 3) / 1
     expected = math.exp(-0.5 * 0.25) / math.sqrt(2 * math.pi)

@@ -133,6 +133,35 @@ def test_masked_atoms_inside_a_molecule_and_fully_padded_molecules(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_molecules_far_narrower_than_the_batch_with_holes(backend):
+    """Engines may stop at each molecule's last real atom (the C++ engine and the Triton launcher do): what lies
+    past it, and holes before it, must still come out exactly as the reference has them."""
+    graphs = [molecule_like(10, seed=1), nx.path_graph(4), nx.path_graph(3), nx.cycle_graph(5), nx.path_graph(1),
+              nx.empty_graph(0), nx.path_graph(10)]
+    bond_ids, mask = as_batch(graphs, width=12)
+    mask[1, 3] = False  # the last atom is a hole: the molecule ends at atom 2
+    mask[2, 0] = False  # a hole at the first atom
+    mask[3, 1:4] = False  # a run of holes inside a ring, the last real atom after it
+    mask[6, :9] = False  # one real atom, far from the start
+    expected = reference_routes(bond_ids, mask, max_hops=3)
+    poisoned = bond_ids.masked_fill(~(mask[:, :, None] & mask[:, None, :]), 0)  # bonds everywhere in the padding
+    distances, routes = run((poisoned, mask), backend, max_hops=3)
+    assert torch.equal(distances, expected[0]) and torch.equal(routes, expected[1])
+    assert torch.equal(run((poisoned, mask), backend)[0], expected[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_max_hops_takes_any_integer_type(backend, packed):
+    graphs = [nx.cycle_graph(5), nx.path_graph(3)]
+    expected = run(graphs, "reference", max_hops=2, packed=packed)
+    for max_hops in (np.int64(2), np.uint8(2)):
+        got = run(graphs, backend, max_hops=max_hops, packed=packed)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), type(max_hops)
+        assert got[1].shape[-1] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 0), (0, 5), (2, 0)])
 def test_empty_batches(shape, backend):
     batch, width = shape
@@ -235,6 +264,10 @@ def test_numpy_in_numpy_out():
     (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.bool)), TypeError, ["bond_ids"]),
     (lambda: ops.shortest_path_routes(torch.zeros(1, 3, 3, dtype=torch.uint8)), TypeError, ["bond_ids", "uint8"]),
     (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=0), ValueError, ["max_hops"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=np.int64(0)), ValueError, ["max_hops"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=True), ValueError, ["max_hops", "True"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=np.bool_(True)), ValueError, ["max_hops"]),
+    (lambda: ops.shortest_path_routes(torch.full((1, 3, 3), -1), max_hops=2.0), ValueError, ["max_hops", "2.0"]),
     (lambda: ops.shortest_path(torch.zeros(1, 3, 3, dtype=torch.bool), backend="fast"), ValueError, ["backend"]),
     (lambda: ops.shortest_path([[True]]), TypeError, ["adjacency", "list"]),
     (lambda: ops.shortest_path(torch.zeros(1, 2, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool,

@@ -146,8 +146,10 @@ def _gaussian_basis_cpp(distances: Tensor, pair_types: Tensor, means: Tensor, st
     types = pair_types.long()
     if types.dim() == distances.dim():
         types = types[..., None]
+    # The width t is spelled out: reshape cannot infer a -1 next to a zero (an empty batch has no pairs).
     flat = load_extension().gaussian_basis(
-        distances.contiguous().reshape(-1).numpy(), types.contiguous().reshape(distances.numel(), -1).numpy(),
+        distances.contiguous().reshape(-1).numpy(),
+        types.contiguous().reshape(distances.numel(), types.shape[-1]).numpy(),
         means.contiguous().numpy(), stds.contiguous().numpy(), mul.contiguous().numpy(), bias.contiguous().numpy())
     return torch.from_numpy(flat).reshape(*distances.shape, means.shape[0])
 

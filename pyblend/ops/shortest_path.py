@@ -7,6 +7,7 @@ Validation reads integer inputs on the host once: these are data-pipeline ops, n
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -58,8 +59,11 @@ def shortest_path_routes(bond_ids, mask=None, *, max_hops: int = 5, cu_seqlens=N
         of the shortest path i -> j that always steps to the smallest-index atom still on a shortest path
         (the lexicographically smallest atom sequence), and -1 past its end. Same answer on every backend.
     """
-    if isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < 1:
+    # Any integral type, numpy's included (hop counts read from arrays and configs); a bool is an int to Python
+    # but no hop count. The op schema takes a Python int.
+    if isinstance(max_hops, (bool, np.bool_)) or not isinstance(max_hops, numbers.Integral) or max_hops < 1:
         raise ValueError(f"max_hops: expected an int >= 1, got {max_hops!r}")
+    max_hops = int(max_hops)
     return _run("shortest_path_routes", bond_ids, "bond_ids", mask, cu_seqlens, max_hops, backend)
 
 
