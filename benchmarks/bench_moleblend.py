@@ -1,13 +1,12 @@
 """A whole MoleBlend pretraining step (forward + backward of :meth:`pyblend.models.MoleBlend.relation_loss`) on
 pyblend's kernels against the same model built from the references.
 
-Workload (GPU): the paper's base model (12 layers, width 768, 32 heads, K = 128 Gaussians), bfloat16 weights,
-256 molecules of the default set with ETKDG + MMFF conformers (heavy atoms), training mode (blending and
-position noise; dropout off, so that both providers compute the same function and can be checked against a
-float32 run of it: the kernels' attention dropout draws a different pattern from the reference's). The shortest
-paths and routes are built once outside the timed step (a data-pipeline cost the two providers share); the step is the
-encoder, the three relation heads with their losses and the noisy-node head, and the backward into every
-parameter.
+Workload (GPU): the paper's base model (12 layers, width 768, 32 heads, K = 128 Gaussians), bfloat16 weights, 256
+molecules of the default set with ETKDG + MMFF conformers (heavy atoms), training mode (blending and position noise;
+dropout and drop-path off, so that both providers compute the same function and can be checked against a float32 run
+of it: the kernels' attention dropout draws a different pattern from the reference's). The shortest paths and routes
+are built once outside the timed step (a data-pipeline cost the two providers share); the step is the encoder, the
+three relation heads with their losses and the noisy-node head, and the backward into every parameter.
 
 Two cases on the same molecules: the padded batch (``collate(graphs)``, every pair tensor ``(B, ..., N, N)``)
 and the packed one (``collate(graphs, layout="packed")``: the model runs on ``T + B`` tokens and
@@ -94,7 +93,7 @@ def build_case(graphs, config, dtype: torch.dtype, device: torch.device, targets
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}; got {layout!r}")
     torch.manual_seed(0)
-    config = dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    config = dataclasses.replace(config, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, droppath=0.0)
     model = MoleBlend(config).to(device=device, dtype=dtype).train()
     batch = collate(graphs, layout=layout).to(device)
     with _backend(None):

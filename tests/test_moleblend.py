@@ -14,7 +14,7 @@ SMILES = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C1CC1C(=O)O", "[Na+].[Cl-]"
 
 def _config(**overrides):
     settings = dict(layers=2, dim=32, heads=4, ffn_dim=48, num_kernels=8, head_width=4, max_distance=8,
-                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, droppath=0.0)
     settings.update(overrides)
     return MoleBlendConfig(**settings)
 
@@ -92,6 +92,71 @@ def test_edge_targets_are_the_joint_bond_class_of_every_hop():
     relations = _model().build_relations(collate(graph))
     targets = edge_targets(relations.routes, relations.bond_features, (4, 3, 2))
     assert targets[0, 0, 2].tolist() == [0, 0, -100, -100, -100]
+
+
+def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
+    """Stochastic depth: layer rates 0 ... droppath (Graphormer's linear spacing); in training a branch is kept
+    or dropped for a whole molecule (padded: its row; packed: every token of its span), kept ones scaled by
+    1 / (1 - p); eval mode and p = 0 leave it alone."""
+    from pyblend.models.moleblend import EncoderLayer
+
+    assert MoleBlendConfig().droppath == 0.1
+    assert [layer.droppath for layer in MoleBlend(_config(layers=3, droppath=0.2)).layers] == [0.0, 0.1, 0.2]
+    assert MoleBlend(_config(layers=1, droppath=0.2)).layers[0].droppath == 0.0
+    for value in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="droppath: expected a probability in \\[0, 1\\)"):
+            _config(droppath=value)
+    layer = EncoderLayer(_config(), droppath=0.25).train()
+    torch.manual_seed(0)
+    padded = layer._drop_path(torch.ones(4000, 3, 2), {})
+    per_molecule = padded.flatten(1)
+    assert (per_molecule == per_molecule[:, :1]).all(), "one draw per molecule"
+    assert per_molecule[:, 0].unique().tolist() == [0.0, pytest.approx(4 / 3)]
+    assert (per_molecule[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    cu_seqlens = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        packed = layer._drop_path(torch.ones(9, 2), {"cu_seqlens": cu_seqlens})[:, 0]
+        for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            assert (packed[start:end] == packed[start]).all()
+    assert layer.eval()._drop_path(torch.ones(3, 2, 2), {}).eq(1).all()
+    # In a training step it draws from torch's generator: with the blend fixed, two steps differ.
+    model = _model(droppath=0.9).train()
+    batch = collate(graphs)
+    torch.manual_seed(1)
+    first, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+    second, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+    assert first.item() != second.item()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_molecule_mode_keeps_each_modality_out_of_the_other(graphs, layout):
+    """blend_mode="molecule" (Transformer-M's modes) in training: a molecule drawn 2D-only sees nothing of its
+    positions (no 3D bias, no 3D atom feature: the feature once leaked them), one drawn 3D-only nothing of its
+    bonds (no SPD, edge or degree embedding)."""
+    import copy
+
+    def encoded(model, relations):
+        return model._encode(relations, torch.Generator().manual_seed(0))[0]
+
+    model = _model(blend_mode="molecule", blend_probs=(1.0, 0.0, 0.0)).train()
+    relations = model.build_relations(collate(graphs, layout=layout))
+    moved = copy.copy(relations)
+    moved.positions = relations.positions * 1.7
+    torch.testing.assert_close(encoded(model, moved), encoded(model, relations), rtol=0, atol=0)
+
+    model = _model(blend_mode="molecule", blend_probs=(0.0, 1.0, 0.0)).train()
+    relations = model.build_relations(collate(graphs, layout=layout))
+    before = encoded(model, relations)
+    with torch.no_grad():
+        for table in (model.degree_encoder, model.edge_encoder, model.edge_dis_encoder):
+            table.weight.normal_()
+    torch.testing.assert_close(encoded(model, relations), before, rtol=0, atol=0)
+    # In eval every molecule keeps every atom feature it has.
+    before = encoded(model.eval(), relations)
+    with torch.no_grad():
+        model.degree_encoder.weight.normal_()
+    assert not torch.equal(encoded(model, relations), before)
 
 
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):

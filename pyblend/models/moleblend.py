@@ -56,6 +56,7 @@ from ..ops import (
     relation_attention,
     shortest_path_routes,
 )
+from ..ops.blend_relations import EDGE, GEOMETRY, SPD
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
 
@@ -74,6 +75,7 @@ class MoleBlendConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
+    droppath: float = 0.1                # stochastic depth of the last layer, from 0 at the first (Graphormer's)
     pre_layernorm: bool = False          # the public code is post-LN
     embedding_layernorm: bool = True     # LayerNorm of the summed embeddings (the base model's
                                          # encoder_normalize_before), ahead of post-LN layers too
@@ -109,6 +111,9 @@ class MoleBlendConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0; got {value!r}")
+        if isinstance(self.droppath, bool) or not isinstance(self.droppath, numbers.Real) or \
+                not 0.0 <= self.droppath < 1.0:
+            raise ValueError(f"droppath: expected a probability in [0, 1); got {self.droppath!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
@@ -206,11 +211,18 @@ class EncoderLayer(nn.Module):
     ``forward(x, mask, **attention)``: padded ``x (B, N, dim)`` with ``mask (B, N)``, or packed ``x (T, dim)`` with
     ``mask=None`` and ``cu_seqlens`` / ``max_seqlen`` among ``attention`` (the keyword arguments of
     :class:`pyblend.nn.RelationBiasedAttention`: ``attn_bias``, ``rel_index``, ``rel_table``...). Returns ``x``'s
-    shape."""
+    shape.
 
-    def __init__(self, config: MoleBlendConfig):
+    ``droppath``: in training, each residual branch (attention, feed-forward) is dropped for a whole molecule
+    with this probability and scaled by ``1 / (1 - droppath)`` where kept (stochastic depth, one draw per molecule
+    and branch from torch's global generator, as dropout). Graphormer's own DropPath runs on its ``(N, B, dim)``
+    layout and so draws per atom position shared by the batch; pyblend draws per molecule, as stochastic depth
+    is defined."""
+
+    def __init__(self, config: MoleBlendConfig, droppath: float = 0.0):
         super().__init__()
         self.pre_layernorm = config.pre_layernorm
+        self.droppath = float(droppath)
         self.self_attn = RelationBiasedAttention(config.dim, config.heads, dropout=config.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(config.dim)
         self.fc1 = nn.Linear(config.dim, config.ffn_dim)
@@ -223,17 +235,30 @@ class EncoderLayer(nn.Module):
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x = residual + self.dropout(self.self_attn(x, mask=mask, **attention))
+        x = residual + self._drop_path(self.dropout(self.self_attn(x, mask=mask, **attention)), attention)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.pre_layernorm:
             x = self.final_layer_norm(x)
         x = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
-        x = residual + self.dropout(x)
+        x = residual + self._drop_path(self.dropout(x), attention)
         if not self.pre_layernorm:
             x = self.final_layer_norm(x)
         return x
+
+    def _drop_path(self, branch: Tensor, attention: dict) -> Tensor:
+        if not self.training or self.droppath == 0.0:
+            return branch
+        cu_seqlens = attention.get("cu_seqlens")
+        molecules = branch.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        keep = 1.0 - self.droppath
+        scale = (torch.rand(molecules, device=branch.device) < keep).to(branch.dtype) / keep
+        if cu_seqlens is None:
+            return branch * scale[:, None, None]
+        # Each token's molecule, from the sizes alone (no host read).
+        tokens = torch.arange(branch.shape[0], device=branch.device, dtype=cu_seqlens.dtype)
+        return branch * scale[torch.searchsorted(cu_seqlens[1:], tokens, right=True)][:, None]
 
 
 class _PairProjection(nn.Module):
@@ -389,7 +414,8 @@ class MoleBlend(nn.Module):
         self.atom_3d_proj = nn.Linear(config.num_kernels, dim)
         self.blender = RelationBlender(config.blend_probs, config.blend_mode)
         self.emb_layer_norm = nn.LayerNorm(dim) if config.embedding_layernorm else None
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
+        rates = [config.droppath * depth / max(config.layers - 1, 1) for depth in range(config.layers)]
+        self.layers = nn.ModuleList(EncoderLayer(config, droppath=rate) for rate in rates)
         width = config.head_width
         self.spd_head = _OuterProductHead(dim, width, config.spd_classes)
         self.edge_head = _OuterProductHead(dim, width, config.max_hops * math.prod(config.edge_classes))
@@ -455,6 +481,15 @@ class MoleBlend(nn.Module):
             return x[relations.index.token_cu_seqlens[:-1].long()]
         return x[:, 0]
 
+    def _atom_channels(self, subsets: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """In training with ``blend_mode="molecule"`` (Transformer-M's modes), whether each molecule's drawn subset
+        ``(B,)`` (the choice bits its pairs share) has the 2D channels and the 3D one: a molecule drawn 2D-only
+        then gets no 3D atom feature, one drawn 3D-only no degree embedding, so that neither sees the other
+        modality. ``(None, None)`` otherwise: every atom feature the molecule has."""
+        if not (self.blender.training and self.blender.mode == "molecule"):
+            return None, None
+        return (subsets & (SPD | EDGE)) != 0, (subsets & GEOMETRY) != 0
+
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
         mask = None if relations.packed else F.pad(relations.mask, (1, 0), value=True)
@@ -476,9 +511,11 @@ class MoleBlend(nn.Module):
             return self._packed_layer_inputs(relations, generator)
         config = self.config
         mask = relations.mask
+        choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
+        uses_2d, uses_3d = self._atom_channels(choice.amax(dim=(1, 2)))
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
-        degree = (relations.spd == 1).sum(-1).clamp(max=config.max_degree)
-        x = x + self.degree_encoder(degree)
+        degree = self.degree_encoder((relations.spd == 1).sum(-1).clamp(max=config.max_degree))
+        x = x + (degree if uses_2d is None else torch.where(uses_2d[:, None, None], degree, 0.0))
 
         edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
@@ -491,9 +528,9 @@ class MoleBlend(nn.Module):
             known = relations.has_geometry
             geometry_bias = torch.where(known[:, None, None, None], geometry_bias, 0.0)
             if config.atom_3d_feature:
+                known = known if uses_3d is None else known & uses_3d
                 x = x + torch.where(known[:, None, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
-        choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
         blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
@@ -513,16 +550,23 @@ class MoleBlend(nn.Module):
         config, index = self.config, relations.index
         cu_seqlens, width = relations.cu_seqlens, relations.max_seqlen
         atoms = relations.atom_features.shape[0]
+        known = relations.has_geometry
+        # P from the relations' length: torch.compile would otherwise make the choice's length, read from
+        # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
+        choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
+                              pairs=relations.spd.shape[0])
+        subsets = choice.new_zeros(known.shape[0]).scatter_reduce(0, index.pair_molecule, choice, "amax")
+        uses_2d, uses_3d = self._atom_channels(subsets)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
-        x = x + self.degree_encoder(degree.clamp(max=config.max_degree))
+        degree = self.degree_encoder(degree.clamp(max=config.max_degree))
+        x = x + (degree if uses_2d is None else torch.where(uses_2d[index.atom_molecule, None], degree, 0.0))
 
         edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads),
                                    cu_seqlens=cu_seqlens)                                                # (H, P)
         geometry_bias = None
-        known = relations.has_geometry
         if relations.positions is not None:
             atom_types = relations.atom_features[:, 0]
             pair_types = torch.stack([atom_types[index.pair_row], ATOM_FEATURE_DIMS[0] + atom_types[index.pair_col]],
@@ -531,12 +575,9 @@ class MoleBlend(nn.Module):
                                                    max_seqlen=width)                                     # (H, P)
             geometry_bias = torch.where(known[index.pair_molecule], geometry_bias, 0.0)
             if config.atom_3d_feature:
-                x = x + torch.where(known[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
+                with_3d = known if uses_3d is None else known & uses_3d
+                x = x + torch.where(with_3d[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
-        # P from the relations' length: torch.compile would otherwise make the choice's length, read from
-        # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
-        choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
-                              pairs=relations.spd.shape[0])
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
         blended = blend_relations(choice, spd_index=spd_index, spd_table=self.spatial_pos_encoder.weight,
