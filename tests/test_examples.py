@@ -42,3 +42,27 @@ def test_mean_roc_auc_skips_missing_labels_and_single_class_tasks():
     labels[:, 1] = [np.nan, 1, 0, 0]  # the positive (0.2) below both negatives -> 0
     assert mean_roc_auc(scores, labels) == 0.5
     assert np.isnan(mean_roc_auc(scores, np.ones_like(labels)))
+
+
+def test_moleblend_held_out_losses_draw_nothing_from_torchs_generator():
+    """The example's before/after losses are fixed by their own generator: with every dropout and drop-path at
+    0.5, two evaluations under different torch seeds agree."""
+    import torch
+
+    from pyblend import featurize_many
+    from pyblend.examples.moleblend_pretrain import batches, held_out_losses
+    from pyblend.models import MoleBlend, MoleBlendConfig
+
+    pytest.importorskip("rdkit")
+    graphs, _ = featurize_many(["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "C1CC1C(=O)O"], conformer=True,
+                               progress=False)
+    torch.manual_seed(0)
+    model = MoleBlend(MoleBlendConfig(layers=2, dim=32, heads=4, ffn_dim=32, num_kernels=8, head_width=4,
+                                      max_distance=8, dropout=0.5, attention_dropout=0.5, activation_dropout=0.5,
+                                      droppath=0.5))
+    held_out = batches(graphs, 2)
+    torch.manual_seed(1)
+    first = held_out_losses(model, held_out)
+    torch.manual_seed(2)
+    assert held_out_losses(model, held_out) == first
+    assert model.blender.training and not model.layers[1].training

@@ -39,11 +39,11 @@ def batches(items, size, generator=None):
 
 @torch.no_grad()
 def held_out_losses(model: MoleBlend, held_out) -> dict[str, float]:
-    """Pretraining losses on held-out molecules with a fixed blend and noise (training-mode blending, no dropout)."""
-    model.train()
-    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m in dropout:
-        m.eval()
+    """Pretraining losses on held-out molecules with a fixed blend and noise: the blender alone in training mode
+    (it draws from ``generator``); every dropout (embeddings, attention, feed-forward) and drop-path in eval mode,
+    so no draw comes from torch's global generator."""
+    model.eval()
+    model.blender.train()
     totals = dict.fromkeys(("total", *PARTS), 0.0)
     generator = torch.Generator().manual_seed(1234)
     for batch in held_out:
