@@ -30,8 +30,8 @@ class set_value_checks:
 
     On, the ops check what can only be checked by reading values: ``cu_seqlens`` describing the rows, relation and
     type ids inside their tables, a sample with no modality present, ``max_seqlen`` at least the longest
-    molecule. Each check is a device-to-host copy, so each op call waits for the GPU to catch up, and the CPU
-    cannot queue the next kernels while the GPU runs.
+    molecule, loss targets within their range. Each check is a device-to-host copy, so each op call waits for the
+    GPU to catch up, and the CPU cannot queue the next kernels while the GPU runs.
 
     Off, the ops take the paths they take under ``torch.compile``: nothing is read, sizes come from shapes and
     ``max_seqlen`` (which packed calls must then pass), and the inputs are trusted. Ids outside a table then add no

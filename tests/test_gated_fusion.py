@@ -389,6 +389,38 @@ def test_module_missing_modalities_never_reach_parameters(generator):
         assert torch.equal(grad, clean[name]), name
 
 
+# bf16 on the reference path only (the interpreter computes bf16 wrong); float16 also on the Triton kernels.
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16)])
+def test_module_under_autocast_with_a_modality_left_out(generator, backend, dtype):
+    """Under autocast the projections come out 16-bit: a modality left out of the dict gets a 16-bit placeholder
+    too (a float32 one promoted h to float32 and the op refused the 16-bit gate logits). Left out is the same as
+    given and absent from every sample, forward and backward."""
+    torch.manual_seed(0)
+    fusion = DynamicFusion(DIMS, 16, backend=backend)
+    embeddings, _ = module_inputs(generator, 6, keep=1.0)
+    some = {name: embeddings[name] for name in ("smiles", "selfies")}
+    absent = {"graph": torch.zeros(6, dtype=torch.bool)}
+
+    def run(inputs, present):
+        fusion.zero_grad()
+        with torch.autocast("cpu", dtype):
+            fused, weights = fusion(inputs, present)
+            loss = fusion.objective(fused, inputs, present)
+        (fused.float().sum() + loss).backward()
+        grads = {name: p.grad.clone() for name, p in fusion.named_parameters() if p.grad is not None}
+        return fused, weights, grads
+
+    fused, weights, grads = run(some, None)
+    given, given_weights, given_grads = run(embeddings, absent)
+    assert fused.dtype == dtype and torch.isfinite(fused).all()
+    assert torch.equal(weights[:, 2], torch.zeros(6)) and torch.allclose(weights.sum(1), torch.ones(6))
+    assert torch.equal(fused, given) and torch.equal(weights, given_weights)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        if not name.endswith(".graph.weight") and not name.endswith(".graph.bias"):
+            assert torch.equal(grad, given_grads[name]), name
+
+
 def test_module_loss_is_reconstruction_minus_entropy(generator):
     """Eq. 5 with the diversity-promoting sign, and the reconstruction over present samples only."""
     fusion = DynamicFusion(DIMS, 8, entropy_weight=0.5)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from pyblend import set_value_checks
 from pyblend.metrics import concordance_index, roc_auc
 from pyblend.nn.lego import (
     LegoBlock,
@@ -536,6 +537,53 @@ def test_lego_merge_errors(generator):
         merged(inputs, masks, [torch.tensor([True, False, True, True]), torch.tensor([False, False, True, True])])
 
 
+def absent_everywhere(batch=4):
+    return torch.zeros(batch, dtype=torch.bool)
+
+
+def test_merge_none_input_is_absent_from_every_sample(generator):
+    """An input of None is the modality absent from every sample: the same result as the input given with
+    present all False (the merge leaves the block out), without running that block's encoder."""
+    blocks = two_blocks(generator.initial_seed())
+    merged = lego_merge(blocks)
+    (x, v), masks = paired_inputs(generator)
+    with torch.no_grad():
+        for inputs, present, name in (([x, None], [None, absent_everywhere()], "vector"),
+                                      ([None, v], [absent_everywhere(), None], "tokens")):
+            given = [x, v]
+            expected = merged(given, masks, present, return_embeddings=True)
+            skipped_masks = [m if i is not None else None for m, i in zip(masks, inputs)]
+            assert_near(merged(inputs, skipped_masks, return_embeddings=True), expected, 1e-6, f"no {name}")
+            # An all-False mask alongside a None input agrees with it.
+            assert_near(merged(inputs, skipped_masks, present, return_embeddings=True), expected, 1e-6, name)
+        alone = blocks[0](x, masks[0], return_embeddings=True)
+        assert_near(merged([x, None], [masks[0], None]), merged.head(alone), 1e-5, "logits from block 0 alone")
+    # The skipped block's encoder never runs: no gradient reaches it.
+    merged([None, v]).sum().backward()
+    assert all(p.grad is None for p in blocks[0].encoder.parameters())
+    assert all(p.grad is not None for p in blocks[1].layers.parameters())
+
+
+def test_none_input_errors(generator):
+    blocks = two_blocks(generator.initial_seed())
+    (x, v), masks = paired_inputs(generator)
+    for model in (lego_merge(blocks), LegoFuse(blocks)):
+        with pytest.raises(ValueError, match=r"inputs: every input is None"):
+            model([None, None])
+        with pytest.raises(ValueError, match=r"masks\[0\]: expected None, as inputs\[0\] is None"):
+            model([None, v], masks)
+        with pytest.raises(ValueError, match=r"present\[1\]: inputs\[1\] is None .* True for sample\(s\) \[2\]"):
+            model([x, None], [masks[0], None], [None, torch.arange(4) == 2])
+        with pytest.raises(ValueError, match=r"present\[1\]: expected None or a bool tensor of shape \(B,\) = \(4,\)"):
+            model([x, None], [masks[0], None], [None, torch.zeros(3, dtype=torch.bool)])
+        with pytest.raises(ValueError, match=r"sample\(s\) \[1\] have no modality present"):
+            model([x, None], [masks[0], None], [torch.arange(4) != 1, None])
+        # With value checks off the contradiction is not read: the None input wins.
+        with torch.no_grad(), set_value_checks(False):
+            trusted = model([x, None], [masks[0], None], [None, torch.ones(4, dtype=torch.bool)])
+            assert_near(trusted, model([x, None], [masks[0], None]), 0.0, "trusted present")
+
+
 # ------------------------------------------------------------------------------------------- LegoFuse
 
 def test_fuse_schedules(generator):
@@ -598,6 +646,28 @@ def test_fuse_skips_a_missing_modality(generator, mode):
         expected = torch.fft.fftn(normalize(torch.fft.ifftn(spectrum, dim=(1, 2))), dim=(1, 2))
         assert_near(out[1], expected[1], 1e-5)
         assert torch.isfinite(fuse(inputs, masks, present)).all()
+
+
+@pytest.mark.parametrize("mode", ["stack", "weave"])
+def test_fuse_none_input_is_absent_from_every_sample(generator, mode):
+    """An input of None equals the input given with present all False: its block's steps still run, without
+    tokens, so they only normalise the latent (a sample's result does not depend on whether the rest of its batch
+    has the modality). The chain starts from blocks[0].latent even when blocks[0]'s input is None."""
+    blocks = two_blocks(generator.initial_seed())
+    fuse = LegoFuse(blocks, mode)
+    (x, v), masks = paired_inputs(generator)
+    with torch.no_grad():
+        expected = fuse([x, v], masks, [None, absent_everywhere()], return_embeddings=True)
+        assert_near(fuse([x, None], [masks[0], None], return_embeddings=True), expected, 1e-6, "no vector")
+        expected = fuse([x, v], masks, [absent_everywhere(), None], return_embeddings=True)
+        assert_near(fuse([None, v], return_embeddings=True), expected, 1e-6, "no tokens")
+        # Not the chain without block 0's steps: the vector block's alone starts from its own latent.
+        assert not torch.allclose(expected, blocks[1](v, return_embeddings=True))
+    loss = classification_loss(fuse([None, v]), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is None for p in blocks[0].encoder.parameters())
+    assert blocks[0].latent.grad is None or torch.isfinite(blocks[0].latent.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in fuse.parameters() if p.grad is not None)
 
 
 def test_unpaired_training_then_merge_and_fuse():
@@ -688,6 +758,56 @@ def test_survival_risk_and_errors(generator):
         survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="alpha"):
         survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool), alpha=2.0)
+
+
+def test_loss_targets_out_of_range_name_the_argument(generator):
+    logits = torch.randn(5, 4, generator=generator)
+    event_bin = torch.tensor([0, 3, 1, 2, 0])
+    censored = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0])
+    for value in (4, -1):
+        bad = event_bin.clone()
+        bad[2] = value
+        message = rf"event_bin: expected values in \[0, bins\) = \[0, 4\); event_bin\[2\] = {value} \(1 such entry\)"
+        with pytest.raises(ValueError, match=message):
+            survival_nll_loss(logits, bad, censored)
+    half = censored.clone()
+    half[[1, 3]] = 0.5
+    with pytest.raises(ValueError, match=r"censored: expected 0 or 1; censored\[1\] = 0.5 \(2 such entries\)"):
+        survival_nll_loss(logits, event_bin, half)
+    z = torch.randn(5, generator=generator)
+    for bad, shown in ((torch.tensor([1, 0, 2, 1, 0]), "2"), (torch.tensor([1, 0, -1, 1, 0]), "-1"),
+                       (torch.tensor([1.0, 0.0, float("nan"), 1.0, 0.0]), "nan")):
+        with pytest.raises(ValueError, match=rf"target: expected 0 or 1 \(or a probability in \[0, 1\]\) for binary "
+                                             rf"logits .*; target\[2\] = {shown} \(1 such entry\)"):
+            classification_loss(z[:, None], bad)
+    for value in (3, -1, -100):   # -100 would be F.cross_entropy's ignore_index: silently left out of the mean
+        with pytest.raises(ValueError, match=rf"target: expected class indices in \[0, K\) = \[0, 3\) for logits "
+                                             rf"\(B, K\); target\[4\] = {value}"):
+            classification_loss(logits[:, :3], torch.tensor([0, 1, 2, 1, value]))
+    with pytest.raises(TypeError, match=r"target: expected 0/1 \(bool or int\) or a probability"):
+        classification_loss(z, torch.zeros(5, dtype=torch.complex64))
+    # Soft binary labels (probabilities) are a valid binary cross-entropy target.
+    soft = torch.tensor([0.5, 0.0, 1.0, 0.9, 0.1], dtype=torch.float64)
+    p = torch.sigmoid(z.double())
+    expected = -(soft * p.log() + (1 - soft) * (1 - p).log()).mean()
+    assert abs(classification_loss(z.double(), soft).item() - expected.item()) < 1e-12
+
+
+def test_loss_range_checks_are_skipped_where_values_are_hidden(generator):
+    logits = torch.randn(5, 4, generator=generator)
+    censored = torch.tensor([0.0, 0.5, 1.0, 0.0, 0.0])
+    with set_value_checks(False):
+        assert torch.isfinite(survival_nll_loss(logits, torch.tensor([0, 3, 1, 2, 0]), censored))
+        with pytest.raises((RuntimeError, IndexError)):   # gather's own error: not checked, not a ValueError
+            survival_nll_loss(logits, torch.tensor([0, 4, 1, 2, 0]), censored)
+        target = torch.tensor([0, 1, 2, 1, -100])
+        kept = classification_loss(logits[:4, :3], target[:4])
+        assert abs(classification_loss(logits[:, :3], target).item() - kept.item()) < 1e-6
+    meta = torch.device("meta")
+    assert survival_nll_loss(logits.to(meta), torch.zeros(5, dtype=torch.long, device=meta),
+                             censored.to(meta)).is_meta
+    assert classification_loss(logits.to(meta), torch.zeros(5, dtype=torch.long, device=meta)).is_meta
+    assert classification_loss(logits[:, 0].to(meta), censored.to(meta)).is_meta
 
 
 def test_classification_loss_matches_hand_formulas(generator):

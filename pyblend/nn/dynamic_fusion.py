@@ -147,15 +147,14 @@ class DynamicFusion(nn.Module):
         """
         inputs, mask = self._inputs(embeddings, present)
         kept = self._drop(mask, generator) if self.training and self.modality_dropout > 0 else mask
-        first = next(iter(inputs.values()))
-        batch = first.shape[0]
+        projections = {name: self.project[name](x) for name, x in inputs.items()}
+        # A modality missing everywhere gets zeros (never read by the op) in the dtype the given ones were projected
+        # to: under autocast that is 16-bit, not the parameters' dtype, and torch.stack would promote h to float32
+        # while the gate and score logits stay 16-bit.
+        given = next(iter(projections.values()))
         h, gate_logits, score_logits = [], [], []
         for name in self.modalities:
-            if name in inputs:
-                projected = self.project[name](inputs[name])
-            else:  # missing everywhere: never read by the op
-                weight = self.project[name].weight
-                projected = weight.new_zeros(batch, self.dim)
+            projected = projections[name] if name in projections else given.new_zeros(given.shape[0], self.dim)
             h.append(projected)
             gate_logits.append(self.gate[name](projected))
             score_logits.append(self.score[name](projected))

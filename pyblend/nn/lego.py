@@ -27,7 +27,10 @@ Parameter names (one :class:`LegoLayer` per step, or one shared by every step wi
 **Missing modalities.** ``present (B,)`` False, or a sample whose ``mask`` row has no True, makes every step of
 the block skip that sample (the op's rule: the latent is only normalised, and the last step returns its
 spectrum). In :class:`LegoMerge` and :class:`LegoFuse` such a block does not count for that sample: the merge
-uses only the present blocks' latents; in the fused chain the block's steps pass the latent on (normalised).
+uses only the present blocks' latents; in the fused chain the block's steps pass the latent on (normalised). An
+input of None is a modality absent from every sample of the batch: the block's encoder does not run, and the
+result is the one of that input given with ``present`` all False (the merge leaves the block out; in the fused
+chain its steps get no token, so they only normalise the latent, as for an absent sample).
 
 **LegoMerge** (no training): each block computes its frequency-domain latent from its own modality;
 :func:`pyblend.ops.merge_latents` merges them per sample over the present blocks (harmonic mean of magnitudes,
@@ -400,6 +403,8 @@ class _LegoMulti(nn.Module):
         self.head = merge_heads([block.head for block in self.blocks], self.head_method)
 
     def _encode_all(self, inputs, masks, present):
+        """Per block ``(tokens, token_mask, present)`` from its encoder, or None where the input is None (the
+        modality absent from every sample), and the ``(M, B)`` flags of the samples each block updates."""
         count = len(self.blocks)
         if isinstance(inputs, (Tensor, str)) or not isinstance(inputs, Sequence) or len(inputs) != count:
             raise ValueError(f"inputs: expected a list with one input per block ({count}); got "
@@ -407,18 +412,31 @@ class _LegoMulti(nn.Module):
                                                            if isinstance(inputs, Sequence) else ""))
         masks = _per_block(masks, count, "masks")
         present = _per_block(present, count, "present")
-        encoded = []
-        for index, block in enumerate(self.blocks):
+        given = [index for index in range(count) if inputs[index] is not None]
+        if not given:
+            raise ValueError(f"inputs: every input is None (no modality in the batch); at least one of the {count} "
+                             "blocks needs its input")
+        encoded = [None] * count
+        for index in given:
             try:
-                encoded.append(block.encode(inputs[index], masks[index], present[index]))
+                encoded[index] = self.blocks[index].encode(inputs[index], masks[index], present[index])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"block {index}: {error}") from None
-        batch = encoded[0][0].shape[0]
-        for index, (tokens, _, _) in enumerate(encoded[1:], start=1):
+        first = given[0]
+        batch, device = encoded[first][0].shape[0], encoded[first][0].device
+        for index in given[1:]:
+            tokens = encoded[index][0]
             if tokens.shape[0] != batch:
-                raise ValueError(f"inputs[{index}]: expected batch size {batch} like inputs[0]; got tokens "
+                raise ValueError(f"inputs[{index}]: expected batch size {batch} like inputs[{first}]; got tokens "
                                  f"{describe(tokens)}")
-        available = torch.stack([has for _, _, has in encoded])                        # (M, B)
+        rows = []
+        for index in range(count):
+            if encoded[index] is not None:
+                rows.append(encoded[index][2])
+                continue
+            self._check_absent_block(index, masks[index], present[index], batch, device)
+            rows.append(torch.zeros(batch, dtype=torch.bool, device=device))
+        available = torch.stack(rows)                                                  # (M, B)
         # Not under torch.compile, where reading the flags would break the graph (as the ops' own checks).
         if not values_hidden(available):
             missing = (~available.any(dim=0)).nonzero().flatten()
@@ -426,6 +444,31 @@ class _LegoMulti(nn.Module):
                 raise ValueError(f"present: sample(s) {missing.tolist()} have no modality present (no block with a "
                                  "present sample and a real token); every sample needs at least one")
         return encoded, available
+
+    @staticmethod
+    def _check_absent_block(index: int, mask, present, batch: int, device) -> None:
+        """``inputs[index]`` is None: a token mask cannot describe tokens that do not exist, and a ``present``
+        mask may only agree that the modality is absent (all False)."""
+        if mask is not None:
+            raise ValueError(f"masks[{index}]: expected None, as inputs[{index}] is None (the modality is absent "
+                             f"from every sample, it has no tokens); got "
+                             f"{describe(mask) if isinstance(mask, Tensor) else type(mask).__name__}")
+        if present is None:
+            return
+        if not isinstance(present, Tensor) or present.dtype != torch.bool or present.shape != (batch,):
+            got = describe(present) if isinstance(present, Tensor) else type(present).__name__
+            raise ValueError(f"present[{index}]: expected None or a bool tensor of shape (B,) = ({batch},); "
+                             f"got {got}")
+        if present.device != device:
+            raise ValueError(f"present[{index}]: expected a tensor on {device} like the tokens; "
+                             f"got {describe(present)}")
+        # One host read, only for this redundant mask; trusted where values are hidden (the None input wins).
+        if not values_hidden(present):
+            claimed = present.nonzero().flatten()
+            if len(claimed):
+                raise ValueError(f"present[{index}]: inputs[{index}] is None (the modality is absent from every "
+                                 f"sample), but present[{index}] is True for sample(s) {claimed[:10].tolist()}; "
+                                 "pass None or an all-False mask")
 
 
 class LegoMerge(_LegoMulti):
@@ -438,10 +481,12 @@ class LegoMerge(_LegoMulti):
         eps: ``merge_latents``' eps.
 
     ``forward(inputs, masks=None, present=None, return_embeddings=False)``: ``inputs`` one input per block (in
-    block order); ``masks`` / ``present`` None or one entry (or None) per block, as :meth:`LegoBlock.forward`'s
-    ``mask`` / ``present``. Returns logits ``(B, outputs)`` from the merged head, or the merged complex latent
-    ``(B, l_c, l_d)``. Per sample only the blocks whose modality is present are merged; a sample with none is a
-    ValueError (the check reads one (B,) mask back to the host per forward).
+    block order), None for a modality absent from every sample (that block's encoder and steps do not run; its
+    ``masks`` entry must be None and its ``present`` entry None or all False); ``masks`` / ``present`` None or one
+    entry (or None) per block, as :meth:`LegoBlock.forward`'s ``mask`` / ``present``. Returns logits
+    ``(B, outputs)`` from the merged head, or the merged complex latent ``(B, l_c, l_d)``. Per sample only the
+    blocks whose modality is present are merged; a sample with none, or every input None, is a ValueError (the
+    check reads one (B,) mask back to the host per forward).
     """
 
     def __init__(self, blocks: Sequence[LegoBlock], method: str = "harmonic", head_method: str = "slerp", *,
@@ -458,13 +503,17 @@ class LegoMerge(_LegoMulti):
     def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
                 return_embeddings: bool = False) -> Tensor:
         encoded, available = self._encode_all(inputs, masks, present)
-        latents = []
-        for block, (tokens, token_mask, _) in zip(self.blocks, encoded):
+        latents, rows = [], []
+        for m, (block, entry) in enumerate(zip(self.blocks, encoded)):
+            if entry is None:  # absent from every sample: left out, as the merge leaves out an absent sample
+                continue
+            tokens, token_mask, _ = entry
             state = block.initial_latent(tokens.shape[0])
             for index in range(block.depth):
                 state = block.step(state, tokens, token_mask, index, inverse=index < block.depth - 1)
             latents.append(state)
-        merged = merge_latents(latents, self.method, eps=self.eps, present=available)
+            rows.append(available[m])
+        merged = merge_latents(latents, self.method, eps=self.eps, present=rows)
         return merged if return_embeddings else self.head(merged)
 
 
@@ -486,10 +535,12 @@ class LegoFuse(_LegoMulti):
             trainable :class:`LegoHead`.
 
     ``forward(inputs, masks=None, present=None, return_embeddings=False)`` as :class:`LegoMerge`: a block whose
-    modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); a sample
-    with no modality at all is a ValueError, as in LegoMerge. The blocks' own heads, and the latents of every block
-    but the first (the chain starts from ``blocks[0].latent``), are not used (no gradient: under
-    DistributedDataParallel pass ``find_unused_parameters=True``).
+    modality a sample lacks leaves that sample's latent to the op's skip rule (normalised, passed on); an input of
+    None (the modality absent from every sample) skips that block's encoder, and its steps run without tokens,
+    which is that rule for every sample (the chain still starts from ``blocks[0].latent``); a sample with no
+    modality at all is a ValueError, as in LegoMerge. The blocks' own heads, and the latents of every block but
+    the first, are not used (no gradient: under DistributedDataParallel pass ``find_unused_parameters=True``; nor
+    are the encoders of None inputs).
     """
 
     def __init__(self, blocks: Sequence[LegoBlock], mode: str = "stack", head_method: str = "slerp"):
@@ -510,11 +561,20 @@ class LegoFuse(_LegoMulti):
 
     def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
                 return_embeddings: bool = False) -> Tensor:
-        encoded, _ = self._encode_all(inputs, masks, present)
+        encoded, available = self._encode_all(inputs, masks, present)
+        batch, device = available.shape[1], available.device
+        contexts = []
+        for block, entry in zip(self.blocks, encoded):
+            if entry is None:
+                # No token: the op skips every sample, exactly as with the input given and present all False.
+                # Running the steps (rather than dropping them) keeps a sample's result independent of whether
+                # the rest of its batch has the modality.
+                entry = (torch.zeros(batch, 0, block.input_dim, dtype=block.latent.dtype, device=device), None, None)
+            contexts.append(entry)
         order = self.schedule()
-        state = self.blocks[0].initial_latent(encoded[0][0].shape[0])
+        state = self.blocks[0].initial_latent(batch)
         for position, (i, j) in enumerate(order):
-            tokens, token_mask, _ = encoded[i]
+            tokens, token_mask, _ = contexts[i]
             state = self.blocks[i].step(state, tokens, token_mask, j, inverse=position < len(order) - 1)
         return state if return_embeddings else self.head(state)
 
@@ -534,6 +594,25 @@ def _check_survival(logits: Tensor, event_bin: Tensor, censored: Tensor) -> None
             not (censored.dtype == torch.bool or censored.is_floating_point()):
         got = describe(censored) if isinstance(censored, Tensor) else type(censored).__name__
         raise ValueError(f"censored: expected a bool (or 0/1 float) tensor of shape (B,) = ({batch},); got {got}")
+    # Checked here: out of range, gather raises an error naming neither argument on the CPU and a device-side
+    # assert on CUDA; a float censored flag other than 0 / 1 mixes the two likelihood terms into no likelihood.
+    if values_hidden(logits, event_bin, censored):
+        return
+    bins = logits.shape[1]
+    bad_bin = (event_bin < 0) | (event_bin >= bins)
+    bad_flag = (censored != 0) & (censored != 1) if censored.is_floating_point() else torch.zeros_like(bad_bin)
+    flags = torch.stack([bad_bin.any(), bad_flag.any()]).tolist()  # the one device-to-host read
+    if flags[0]:
+        _range_error("event_bin", event_bin, bad_bin, f"values in [0, bins) = [0, {bins})")
+    if flags[1]:
+        _range_error("censored", censored, bad_flag, "0 or 1")
+
+
+def _range_error(name: str, values: Tensor, bad: Tensor, expected: str) -> None:
+    where = bad.nonzero().flatten()
+    first = int(where[0])
+    raise ValueError(f"{name}: expected {expected}; {name}[{first}] = {values[first].item()} ({len(where)} such "
+                     f"entr{'y' if len(where) == 1 else 'ies'})")
 
 
 def survival_nll_loss(logits: Tensor, event_bin: Tensor, censored: Tensor, *, alpha: float = 0.4,
@@ -554,6 +633,10 @@ def survival_nll_loss(logits: Tensor, event_bin: Tensor, censored: Tensor, *, al
     Args:
         logits: ``(B, bins)`` float. event_bin: ``(B,)`` int in [0, bins). censored: ``(B,)`` bool or 0/1 float.
         alpha: weight of the extra uncensored term, in [0, 1].
+
+    ``event_bin`` outside [0, bins) or a float ``censored`` other than 0 / 1 is a ValueError naming it (one
+    device-to-host read; not checked under torch.compile or with :class:`pyblend.set_value_checks` off, where an
+    ``event_bin`` out of range is an indexing error, a device-side assert on CUDA).
     """
     _check_survival(logits, event_bin, censored)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -579,9 +662,14 @@ def survival_risk(logits: Tensor) -> Tensor:
 
 
 def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Classification loss: cross-entropy for ``logits (B, K)``, K >= 2, with ``target (B,)`` int class indices;
-    binary cross-entropy with logits for ``logits (B,)`` or ``(B, 1)`` with ``target (B,)`` 0/1 (bool, int or
-    float). Mean over the batch."""
+    """Classification loss: cross-entropy for ``logits (B, K)``, K >= 2, with ``target (B,)`` int class indices in
+    [0, K); binary cross-entropy with logits for ``logits (B,)`` or ``(B, 1)`` with ``target (B,)`` 0/1 (bool or
+    int) or a probability in [0, 1] (float: soft labels, e.g. label smoothing). Mean over the batch.
+
+    A target out of range is a ValueError naming it (one device-to-host read; not checked under torch.compile or
+    with :class:`pyblend.set_value_checks` off). Unchecked, a binary target of 2 gives a loss unbounded below
+    (``-z + softplus(-z)``, which falls without limit as the logit grows), and a class index of -100 is silently
+    left out of the mean (``F.cross_entropy``'s ``ignore_index``)."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() not in (1, 2):
         got = describe(logits) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits: expected a float tensor of shape (B, K) or (B,); got {got}")
@@ -589,8 +677,23 @@ def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
     if not isinstance(target, Tensor) or target.shape != (batch,):
         got = describe(target) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target: expected a tensor of shape (B,) = ({batch},); got {got}")
+    checked = not values_hidden(logits, target)
     if logits.dim() == 1 or logits.shape[1] == 1:
+        if target.is_complex():
+            raise TypeError(f"target: expected 0/1 (bool or int) or a probability in [0, 1] (float); "
+                            f"got {describe(target)}")
+        if checked and target.dtype != torch.bool:
+            # NaN fails both comparisons, so it is out of range too.
+            bad = ~((target >= 0) & (target <= 1))
+            if bad.any():  # the one device-to-host read
+                _range_error("target", target, bad, "0 or 1 (or a probability in [0, 1]) for binary logits (B,) "
+                                                    "or (B, 1)")
         return F.binary_cross_entropy_with_logits(logits.reshape(batch), target.to(logits.dtype))
     if target.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8):
         raise TypeError(f"target: expected integer class indices for logits (B, K) with K >= 2; got {describe(target)}")
+    classes = logits.shape[1]
+    if checked:
+        bad = (target < 0) | (target >= classes)
+        if bad.any():  # the one device-to-host read
+            _range_error("target", target, bad, f"class indices in [0, K) = [0, {classes}) for logits (B, K)")
     return F.cross_entropy(logits, target.long())
