@@ -4,6 +4,8 @@ Every check draws fresh inputs, poisons absent samples with NaN, and compares th
 (each embedding, a learnable temperature) with the float64 reference.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -495,11 +497,49 @@ def test_module_learnable_temperature_gets_gradient(generator):
     expected.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(module.logit_scale.grad, scale.grad, rtol=1e-4, atol=1e-5)
-    # Clamped: beyond max_logit_scale the temperature stops at exp(-max) and the gradient is 0.
-    clamped = MultiPairContrastive(pairs, temperature=0.001, learnable_temperature=True, backend="triton")
-    torch.testing.assert_close(clamped.temperature.detach(), torch.tensor(0.01))
-    clamped(embeddings, masks).backward()
-    assert clamped.logit_scale.grad == 0
+
+
+def test_module_temperature_cap(generator):
+    """max_logit_scale: an initial learnable temperature below exp(-max_logit_scale) is refused (it would run at
+    the cap with a gradient of exactly 0, and the repr said the initial one); at the cap exactly the gradient
+    passes; past it (after an optimizer step) it is 0 and the repr shows the clamped temperature in use, and
+    clamping the parameter in place (open_clip's loop) makes it learnable again."""
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    masks = {"pocket": random_mask(generator, 21)}
+    embeddings = random_embeddings(generator, 21, {"graph": 16, "pocket": 16}, torch.float32, masks)
+    pairs = [("graph", "pocket")]
+    with pytest.raises(ValueError, match=r"temperature: expected at least exp\(-max_logit_scale\) = 0\.01 for a "
+                                         r"learnable temperature .*; got 0\.001"):
+        MultiPairContrastive(pairs, temperature=0.001, learnable_temperature=True)
+    with pytest.raises(ValueError, match=r"exp\(-max_logit_scale\) = 0\.1 .*; got 0\.07"):
+        MultiPairContrastive(pairs, temperature=0.07, learnable_temperature=True, max_logit_scale=math.log(10))
+    # No clamp, or a fixed temperature (never clamped): any temperature.
+    free = MultiPairContrastive(pairs, temperature=0.001, learnable_temperature=True, max_logit_scale=None)
+    assert math.isclose(float(free.temperature.detach()), 0.001, rel_tol=1e-6)
+    assert MultiPairContrastive(pairs, temperature=0.001).temperature == 0.001
+    with pytest.raises(ValueError, match="max_logit_scale: expected a finite float or None; got inf"):
+        MultiPairContrastive(pairs, learnable_temperature=True, max_logit_scale=math.inf)
+
+    # 0.01 starts at the cap exactly (log(100) rounds up in float32, as the forward compares): it learns.
+    module = MultiPairContrastive(pairs, temperature=0.01, learnable_temperature=True, backend="reference")
+    assert "temperature=0.01 (learnable, max_logit_scale=4.605)" in repr(module), repr(module)
+    module(embeddings, masks).backward()
+    assert module.logit_scale.grad != 0
+    # Past the cap (as an optimizer step may take it): the temperature in use is the cap's, the gradient 0.
+    with torch.no_grad():
+        module.logit_scale.fill_(7.0)
+    module.logit_scale.grad = None
+    module(embeddings, masks).backward()
+    assert module.logit_scale.grad == 0
+    torch.testing.assert_close(module.temperature.detach(), torch.tensor(0.01))
+    assert "temperature=0.01 (learnable" in repr(module), repr(module)
+    # open_clip's clamp of the parameter after the step: back at the cap, where the gradient passes.
+    with torch.no_grad():
+        module.logit_scale.clamp_(max=module.max_logit_scale)
+    module.logit_scale.grad = None
+    module(embeddings, masks).backward()
+    assert module.logit_scale.grad != 0
 
 
 def test_module_fixed_temperature_has_no_parameters(generator):

@@ -6,7 +6,10 @@ rank saves its loss and its gradients, and the tests compare them with the singl
 of the single-process gradients), and a learnable temperature's gradient summed over the ranks as DDP's
 all-reduce would (DDP then divides by the world size; see :mod:`pyblend.ops.multi_infonce`). ``gather="no_grad"``
 is checked against a hand-written expectation of the public MolBind code's gradient (F.cross_entropy of the local
-rows against constant gathered copies, labels offset by rank).
+rows against constant gathered copies, labels offset by rank). Also: masks passed on some ranks only (with value
+checks on and off), ranks that disagree (local batch size, modalities, dtype, weights, requires_grad: the same
+ValueError on every rank, and the group still usable after it), and DDP's scale (the loss times the world size
+gives the single-process gradient, or with gather="no_grad" the public code's).
 """
 import os
 import tempfile
@@ -22,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pyblend import ops  # noqa: E402
+from pyblend import ops, set_value_checks  # noqa: E402
 
 from tolerances import RELATIVE_ERROR, assert_close  # noqa: E402
 
@@ -71,6 +74,21 @@ def _scenarios(seed: int) -> dict:
         scenarios[f"plain-autograd-{backend}"] = dict(plain, gather="autograd", backend=backend)
     # gather=None: each rank on its own half, no communication.
     scenarios["masked-none-triton"] = dict(base, gather=None, backend="triton")
+    # Masks on some ranks only: each rank passes only the masks with a missing sample in its half (graph's on rank
+    # 0, text's on rank 1, pocket's on none), as a loader that adds a mask when a batch lacks a modality would.
+    # The global masks are all True where a rank passes none: the single-process expectation. Also with value
+    # checks off, where no header is read and every modality's mask is gathered.
+    global_batch = 2 * 37
+    half = torch.arange(global_batch) < 37
+    sparse_masks = {"graph": (torch.rand(global_batch, generator=generator) < 0.8) | ~half,
+                    "text": (torch.rand(global_batch, generator=generator) < 0.8) | half,
+                    "pocket": torch.ones(global_batch, dtype=torch.bool)}
+    sparse_masks["graph"][0] = sparse_masks["text"][-1] = False  # each rank has one missing at least
+    sparse = dict(base, embeddings=embeddings(global_batch, dims, sparse_masks), masks=sparse_masks,
+                  sparse_masks=True, gather="autograd")
+    for backend in ("triton", "reference"):
+        scenarios[f"sparse-masks-{backend}"] = dict(sparse, backend=backend)
+    scenarios["sparse-masks-unchecked-triton"] = dict(sparse, backend="triton", value_checks=False)
     return scenarios
 
 
@@ -81,13 +99,16 @@ def _local_run(scenario: dict, rank: int, world: int) -> dict:
     rows = slice(rank * local, (rank + 1) * local)
     leaves = {name: x[rows].to(torch.float32).requires_grad_() for name, x in scenario["embeddings"].items()}
     masks = None if scenario["masks"] is None else {name: m[rows] for name, m in scenario["masks"].items()}
+    if scenario.get("sparse_masks"):  # only the masks with a missing sample on this rank; None if there is none
+        masks = {name: m for name, m in masks.items() if not m.all()} or None
     temperature = scenario["temperature"]
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(torch.float32).requires_grad_()
-    loss = ops.multi_infonce(leaves, scenario["pairs"], weights=scenario["weights"], temperature=temperature,
-                             masks=masks, normalize=scenario["normalize"], backend=scenario["backend"],
-                             gather=scenario["gather"])
-    loss.backward()
+    with set_value_checks(scenario.get("value_checks", True)):
+        loss = ops.multi_infonce(leaves, scenario["pairs"], weights=scenario["weights"], temperature=temperature,
+                                 masks=masks, normalize=scenario["normalize"], backend=scenario["backend"],
+                                 gather=scenario["gather"])
+        loss.backward()
     found = {"loss": loss.detach()}
     found.update({f"d{name}": leaf.grad.detach() for name, leaf in leaves.items()})
     if isinstance(temperature, torch.Tensor):
@@ -111,6 +132,89 @@ def _double_backward_error(rank: int) -> str | None:
     return None
 
 
+def _mismatch_errors(rank: int) -> dict:
+    """case -> the error each rank raises (None if it raises none) when the ranks disagree on what the gathers
+    need: every rank must raise the same ValueError (none may abort, or wait in a collective the others skip).
+    Then one agreeing call: the group is still usable (the same loss on both ranks)."""
+    generator = torch.Generator().manual_seed(rank)
+
+    def leaves(batch, dtype=torch.float64, names=("a", "b", "c")):
+        return {name: torch.randn(batch, 8, generator=generator, dtype=dtype).requires_grad_() for name in names}
+
+    cases = {
+        "batch": dict(embeddings=leaves(4 if rank == 0 else 3), pairs=[("a", "b")]),
+        "modalities": dict(embeddings=leaves(4), pairs=[("a", "b")] if rank == 0 else [("a", "b"), ("a", "c")]),
+        "dtype": dict(embeddings=leaves(4, torch.float64 if rank == 0 else torch.float32), pairs=[("a", "b")]),
+        "weights": dict(embeddings=leaves(4), pairs=[("a", "b"), ("b", "c")], weights=[0.5, 0.5 + rank]),
+        "requires grad": dict(embeddings={name: x if rank == 0 or name == "a" else x.detach()
+                                          for name, x in leaves(4).items()}, pairs=[("a", "b")]),
+    }
+    found = {}
+    for case, call in cases.items():
+        try:
+            ops.multi_infonce(call["embeddings"], call["pairs"], weights=call.get("weights"), backend="reference")
+            found[case] = None
+        except ValueError as error:
+            found[case] = str(error)
+    found["after"] = ops.multi_infonce(leaves(4), [("a", "b")], backend="reference").detach()
+    return found
+
+
+class _Heads(torch.nn.Module):
+    """Two Linear heads and a CLIP-style logit scale: the parameters DDP replicates (the same init everywhere)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(5, 4).double() for name in ("a", "b")})
+        with torch.no_grad():
+            for parameter in self.heads.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, inputs):
+        return {name: head(inputs[name]) for name, head in self.heads.items()}, torch.exp(-self.logit_scale)
+
+
+def _heads_inputs(world: int, local: int = 6) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {name: torch.randn(world * local, 5, generator=generator, dtype=torch.float64) for name in ("a", "b")}
+
+
+def _public_molbind_loss(a, b, temperature, rank):
+    """MolBind's public ``Model.contrastive`` (model/contrastive.py) for one pair: normalised features gathered
+    under no_grad (``pl_concat_all_gather``), F.cross_entropy averaged over the LOCAL rows, labels offset by rank."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    with torch.no_grad():
+        gathered = []
+        for x in (a, b):
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x)
+            gathered.append(torch.cat(parts))
+        a_all, b_all = gathered
+    labels = torch.arange(a.shape[0]) + rank * a.shape[0]
+    return (F.cross_entropy(a @ b_all.T / temperature, labels) +
+            F.cross_entropy(b @ a_all.T / temperature, labels)) / 2
+
+
+def _ddp_gradients(rank: int, world: int) -> dict:
+    """mode -> the parameters' gradients (flattened) after DDP's averaging, for the op's two gathers and the
+    public code."""
+    inputs = {name: x[rank * 6:(rank + 1) * 6] for name, x in _heads_inputs(world).items()}
+    found = {}
+    for mode in ("autograd", "no_grad", "public"):
+        model = torch.nn.parallel.DistributedDataParallel(_Heads())
+        embeddings, temperature = model(inputs)
+        if mode == "public":
+            loss = _public_molbind_loss(embeddings["a"], embeddings["b"], temperature, rank)
+        else:
+            loss = ops.multi_infonce(embeddings, [("a", "b")], temperature=temperature, backend="reference",
+                                     gather=mode)
+        loss.backward()
+        found[mode] = torch.cat([p.grad.reshape(-1) for p in model.module.parameters()])
+    return found
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited already; set before any triton import anyway
     torch.set_num_threads(2)
@@ -122,6 +226,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, seed: int) -> N
             results[name] = _local_run(scenario, rank, world)
             results[name]["seconds"] = time.perf_counter() - start
         results["double backward"] = _double_backward_error(rank)
+        results["mismatch"] = _mismatch_errors(rank)
+        results["ddp"] = _ddp_gradients(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -229,7 +335,8 @@ def _compare_local(got: dict, expected: dict, rank: int, local: int, masks, labe
 
 
 @pytest.mark.parametrize("name", ["masked-autograd-triton", "masked-autograd-reference", "plain-autograd-triton",
-                                  "plain-autograd-reference"])
+                                  "plain-autograd-reference", "sparse-masks-triton", "sparse-masks-reference",
+                                  "sparse-masks-unchecked-triton"])
 def test_autograd_gather_matches_single_process(distributed_results, name):
     """Every rank: the global loss, its local embeddings' single-process gradients; the temperature gradients
     summed over the ranks: the single-process one."""
@@ -295,6 +402,42 @@ def test_double_backward_through_the_gather_refuses(distributed_results):
     for rank, results in enumerate(distributed_results[2]):
         message = results["double backward"]
         assert message is not None and "once_differentiable" in message, f"rank {rank}: {message}"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("batch", "the same local batch size B (rank 0: 4, rank 1: 3)"),
+    ("modalities", "the same modalities used by the pairs (ranks that agree: [0], [1]; this rank, {rank}, has "),
+    ("dtype", "the same dtype (rank 0: torch.float64, rank 1: torch.float32)"),
+    ("weights", "the same pairs, weights, normalize and a float temperature (ranks that agree: [0], [1]"),
+    ("requires grad", "the same modalities requiring a gradient (ranks that agree: [0], [1]; this rank, {rank}, "
+                      "has "),
+])
+def test_ranks_that_disagree_all_raise(distributed_results, case, expected):
+    """A local batch size, modality, dtype, weight or requires_grad that differs between the ranks: a ValueError
+    on every rank naming it (it used to abort gloo, or hang NCCL), and the group still works afterwards."""
+    results = distributed_results[2]
+    for rank in range(WORLD):
+        message = results[rank]["mismatch"][case]
+        assert message is not None and message.startswith("multi_infonce across ranks: every rank of process_group "
+                                                          "must pass "), f"rank {rank}: {message}"
+        assert expected.format(rank=rank) in message, f"rank {rank}: {message}"
+    torch.testing.assert_close(results[0]["mismatch"]["after"], results[1]["mismatch"]["after"])
+
+
+def test_ddp_scale(distributed_results):
+    """Under DDP (which averages the ranks' gradients), the loss times the world size gives the parameters the
+    single-process gradient with gather="autograd", and the public MolBind code's with gather="no_grad"."""
+    results = distributed_results[2]
+    for mode in ("autograd", "no_grad", "public"):
+        torch.testing.assert_close(results[0]["ddp"][mode], results[1]["ddp"][mode])  # DDP: one gradient
+    model = _Heads()
+    embeddings, temperature = model(_heads_inputs(WORLD))
+    ops.multi_infonce(embeddings, [("a", "b")], temperature=temperature, backend="reference").backward()
+    single = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    got = results[0]["ddp"]
+    torch.testing.assert_close(got["autograd"] * WORLD, single)
+    torch.testing.assert_close(got["no_grad"] * WORLD, got["public"])
+    assert (got["public"] - single).norm() > 0.1 * single.norm()  # the public code's gradient is another one
 
 
 def test_report_timings(distributed_results):

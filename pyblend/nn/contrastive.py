@@ -37,7 +37,17 @@ class MultiPairContrastive(nn.Module):
         temperature: the initial (learnable) or fixed temperature, a float > 0. MolBind: 0.1 fixed.
         learnable_temperature: learn it, as the parameter ``logit_scale = log(1 / temperature)`` (CLIP's).
         max_logit_scale: with a learnable temperature, clamp ``logit_scale`` to at most this in the forward
-            (CLIP: ``log(100)``, i.e. temperature >= 0.01); None: no clamp. Beyond it the gradient is 0.
+            (CLIP: ``log(100)``, i.e. temperature >= 0.01; the initial ``temperature`` must be at least
+            ``exp(-max_logit_scale)``); None: no clamp. Beyond the cap the clamp's gradient is 0, as CLIP's: once
+            an optimizer step takes ``logit_scale`` past it, the loss no longer pulls it back (momentum or weight
+            decay alone move it) and the temperature stays at the cap. To keep it learnable there, clamp the
+            parameter itself after each step, as open_clip's training loop does::
+
+                optimizer.step()
+                with torch.no_grad():
+                    loss_fn.logit_scale.clamp_(max=loss_fn.max_logit_scale)
+
+            (at the cap exactly the gradient passes, so a step can lower it again).
         projections: modality name -> input width ``d_in``: a ``Linear(d_in, projection_dim)`` head for it
             (``self.projections[name]``); modalities not listed are used as given. None: no heads.
         projection_dim: the heads' output width (MolBind: 512).
@@ -79,8 +89,24 @@ class MultiPairContrastive(nn.Module):
             raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
         if gather not in ("autograd", "no_grad", None):
             raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
+        if max_logit_scale is not None and (isinstance(max_logit_scale, bool) or
+                                            not isinstance(max_logit_scale, (int, float)) or
+                                            not math.isfinite(max_logit_scale)):
+            raise ValueError(f"max_logit_scale: expected a finite float or None; got {max_logit_scale!r}")
         self.learnable_temperature = bool(learnable_temperature)
         self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
+        if self.learnable_temperature and self.max_logit_scale is not None:
+            # Compared as the forward compares, in the parameter's dtype (log(100) rounds up in float32, and a
+            # temperature of 0.01 starts exactly at the cap, where the gradient still passes); on the CPU, even
+            # under a meta device context (deferred initialisation).
+            initial, cap = torch.tensor([math.log(1.0 / temperature), self.max_logit_scale], device="cpu").tolist()
+            if initial > cap:
+                raise ValueError(
+                    f"temperature: expected at least exp(-max_logit_scale) = {math.exp(-self.max_logit_scale):.4g} "
+                    f"for a learnable temperature (logit_scale = log(1 / temperature) is clamped at "
+                    f"max_logit_scale = {self.max_logit_scale:.4g} in the forward, past which its gradient is 0: it "
+                    f"would run at exp(-max_logit_scale) and never move); got {temperature!r}. Raise max_logit_scale "
+                    f"or pass None for no clamp")
         self.initial_temperature = float(temperature)
         if self.learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
@@ -152,7 +178,10 @@ class MultiPairContrastive(nn.Module):
             temperature = f"temperature={self.fixed_temperature:g} (fixed)"
         else:
             clamp = "" if self.max_logit_scale is None else f", max_logit_scale={self.max_logit_scale:.4g}"
-            temperature = f"temperature={math.exp(-float(self.logit_scale.detach())):.4g} (learnable{clamp})"
+            if self.logit_scale.is_meta:  # deferred initialisation: no value yet
+                temperature = f"temperature=? (learnable{clamp})"
+            else:  # the one in use: past the cap, the clamped one
+                temperature = f"temperature={float(self.temperature.detach()):.4g} (learnable{clamp})"
         parts = [f"pairs=[{pairs}]", temperature]
         if self.projections is not None:
             parts.append(f"projection_dim={self.projection_dim}")

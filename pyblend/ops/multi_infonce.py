@@ -18,14 +18,22 @@ cannot reach a gradient; the kernels read the original, masked.
 Semantics: :mod:`pyblend.reference.multi_infonce`.
 
 **Across ranks** (``gather="autograd"`` or ``"no_grad"`` with ``torch.distributed`` initialised and more than one
-rank in ``process_group``): each rank passes its local batch ``(M, d)`` per modality, the same ``M`` on every
-rank; the global batch is every rank's samples in rank order (``N = world_size * M``), masks included. Each
-modality and mask used by a pair is all-gathered once. Rank ``r`` then computes only its own rows, offset
-``r * M``: the log-sum-exp of its local ``x_i`` against every gathered ``y`` and of its local ``y_i`` against
-every gathered ``x`` (the rectangular kernels, ``pyblend::multi_infonce_row_lse``: ``O(M N d)`` per pair, no
-rank forms the ``(N, N)`` matrix), minus the positives at column ``r * M + i``, over ``2 n`` with ``n`` the pair's
-global count. That is rank r's *share* ``c_r``; the single-process loss of the global batch is
-``L = sum_r c_r``.
+rank in ``process_group``): each rank passes its local batch ``(M, d)`` per modality, the same ``M`` on every rank;
+the global batch is every rank's samples in rank order (``N = world_size * M``), masks included. Each modality used
+by a pair is all-gathered once, and the masks in one more all-gather (stacked): a modality's mask is gathered when
+any rank passes one, all True from the ranks that pass none, so a rank may pass a mask only when its batch lacks a
+sample. First, the ranks all-gather a small header and read it on the host: the local ``M``, ``gather``, the dtype,
+the modalities and widths, the pairs, weights, ``normalize`` and a float temperature, which embeddings require a
+gradient (the autograd gather's backward is a collective for each), and which masks each rank has. Any of them but
+the masks that differs raises a ValueError on every rank, naming it and the ranks (not a gloo abort or an NCCL hang
+in a collective that does not line up). With value checks off or under ``torch.compile``
+(:func:`pyblend.set_value_checks`) nothing is read: no header, the ranks are trusted to agree, and every used
+modality's mask is gathered (all True where a rank has none); every rank must then run with value checks in the same
+state (and compiled alike), or their collectives differ. Rank ``r`` then computes only its own rows, offset
+``r * M``: the log-sum-exp of its local ``x_i`` against every gathered ``y`` and of its local ``y_i`` against every
+gathered ``x`` (the rectangular kernels, ``pyblend::multi_infonce_row_lse``: ``O(M N d)`` per pair, no rank forms
+the ``(N, N)`` matrix), minus the positives at column ``r * M + i``, over ``2 n`` with ``n`` the pair's global
+count. That is rank r's *share* ``c_r``; the single-process loss of the global batch is ``L = sum_r c_r``.
 
 What a rank gets back, and its gradient:
 
@@ -43,7 +51,13 @@ What a rank gets back, and its gradient:
   (``x_i`` through its own row's softmax and positive, not through the columns it occupies in other rows). That
   is a different, biased gradient: the single-process one without its column terms. The public code divides by
   the local count instead of the global one, so its per-rank gradient is ``world_size`` times this one (equal
-  local counts); the value is ``L`` either way.
+  local counts), and so are the parameters' gradients under DDP: multiply the loss by ``world_size`` to get the
+  public code's gradients (the value then reads ``world_size * L``; the public code's per-rank values average
+  to ``L``).
+
+Under DDP, then, ``(loss * world_size).backward()`` gives the parameters the single-process gradient with
+``"autograd"`` and the public code's with ``"no_grad"`` (``tests/test_multi_infonce_distributed.py``: 2 gloo
+processes, DDP-wrapped heads and a learnable temperature).
 """
 from __future__ import annotations
 
@@ -99,7 +113,8 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
             gradient reaches the local embeddings only through their own rows (biased, see the module
             docstring); None: no communication, each rank's batch on its own.
         process_group: the ``torch.distributed`` group to gather over (None: the default group). Every rank of
-            it must call with the same pairs, weights, modalities, dtype and local ``B``.
+            it must call with the same pairs, weights, modalities, dtype and local ``B`` (checked, a ValueError on
+            every rank, unless value checks are off; see the module docstring); masks may differ.
 
     Returns:
         a 0-dim tensor, float32 (float64 for float64 embeddings). Across ranks: the global loss on every rank,
@@ -222,16 +237,24 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
     used = sorted({name for pair in pairs for name in pair})
     local_batch = next(iter(embeddings.values())).shape[0]
     offset = rank * local_batch
+    if values_hidden(*embeddings.values()):
+        # No host read (torch.compile, value checks off): nothing is checked, and every used modality's mask is
+        # gathered (all True where a rank passes none), so that the collectives line up whichever masks each
+        # rank passes; what the header would check is trusted.
+        with_mask = used
+    else:
+        with_mask = _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gather, used, group,
+                                 rank, size)
     # Absent local rows are zeroed before the gather, so no rank ever receives another's NaN.
-    local, gathered, gathered_masks = {}, {}, {}
+    local, gathered = {}, {}
     for name in used:
         x = embeddings[name]
         mask = masks.get(name)
         local[name] = x if mask is None else torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype,
                                                                                         device=x.device))
         gathered[name] = _all_gather(local[name], gather, group, size)
-        if mask is not None:  # gloo has no bool all_gather: as bytes
-            gathered_masks[name] = _all_gather(mask.view(torch.uint8), "no_grad", group, size).view(torch.bool)
+    gathered_masks = _gather_masks(masks, with_mask, local_batch, next(iter(embeddings.values())).device, group,
+                                   size)
 
     if chosen == "reference":
         share = _reference_local(local, gathered, pairs, offset=offset, weights=weights, temperature=temperature,
@@ -255,6 +278,89 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
     total = share.detach().clone()
     dist.all_reduce(total, group=group)
     return share + (total - share.detach())  # the global value, this rank's share's gradient
+
+
+# The header each rank all-gathers before anything else (int64, one fixed length so that this first collective
+# lines up whatever the ranks pass): what must agree for the gathers to line up and for the shares to add up to
+# one loss, and the union of the masks.
+_HEADER = ("local batch size B", "gather", "dtype", "modalities used by the pairs", "embedding widths",
+           "pairs, weights, normalize and a float temperature", "masks", "modalities requiring a gradient")
+
+
+def _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gather, used, group, rank, size):
+    """One all-gather of a small header, read on the host: a ValueError on every rank (all of them see every
+    header, so they all raise, and none is left waiting in a collective) naming what differs between the ranks.
+    Returns the used modalities some rank has a mask for, in ``used`` order: every rank gathers those."""
+    import zlib
+
+    def bit(index):  # past 62 modalities (unlikely) they share the last bit: all of them gather a mask then
+        return 1 << min(index, 62)
+
+    def bits(names):
+        value = 0
+        for i, name in enumerate(used):
+            if name in names:
+                value |= bit(i)
+        return value
+
+    def digest(value):  # the same on every rank (Python's str hash is salted per process)
+        return zlib.crc32(repr(value).encode())
+
+    first = embeddings[used[0]]
+    grad = gather == "autograd" and torch.is_grad_enabled()
+    mine = {
+        "local batch size B": first.shape[0],
+        "gather": ("autograd", "no_grad").index(gather),
+        "dtype": _FLOAT_DTYPES.index(first.dtype),
+        "modalities used by the pairs": used,
+        "embedding widths": {name: embeddings[name].shape[1] for name in used},
+        "pairs, weights, normalize and a float temperature": (
+            pairs, weights, normalize, None if isinstance(temperature, Tensor) else float(temperature)),
+        "masks": bits(masks),
+        # the autograd gather's backward is a collective for each gathered modality that requires a gradient
+        "modalities requiring a gradient": bits([name for name in used if grad and embeddings[name].requires_grad]),
+    }
+    header = torch.tensor([value if isinstance(value, int) else digest(value) for value in mine.values()],
+                          dtype=torch.int64, device=first.device)
+    columns = list(zip(*_gather(header, group, size).view(size, len(_HEADER)).tolist()))
+    shown = {
+        "gather": lambda value: repr(("autograd", "no_grad")[value]),
+        "dtype": lambda value: _FLOAT_DTYPES[value],
+        "modalities requiring a gradient": lambda value: [name for i, name in enumerate(used) if value & bit(i)],
+    }
+    problems = []
+    for field, values in zip(_HEADER, columns):
+        if field == "masks" or len(set(values)) == 1:  # masks may differ: the union is gathered
+            continue
+        if field in ("local batch size B", "gather", "dtype"):
+            show = shown.get(field, str)
+            problems.append(f"{field} ({', '.join(f'rank {r}: {show(value)}' for r, value in enumerate(values))})")
+            continue
+        # a digest, or bits of this rank's modality list: the groups of ranks that agree, and this rank's own
+        groups = {}
+        for r, value in enumerate(values):
+            groups.setdefault(value, []).append(r)
+        own = shown[field](values[rank]) if field in shown else mine[field]
+        problems.append(f"{field} (ranks that agree: {', '.join(map(str, groups.values()))}; this rank, {rank}, has "
+                        f"{own})")
+    if problems:
+        raise ValueError(f"multi_infonce across ranks: every rank of process_group must pass the same "
+                         f"{'; the same '.join(problems)}")
+    union = 0
+    for value in columns[_HEADER.index("masks")]:
+        union |= value
+    return [name for i, name in enumerate(used) if union & bit(i)]
+
+
+def _gather_masks(masks, names, local_batch, device, group, size):
+    """Modality -> ``(N,)`` bool over the global batch for each of ``names``, all True where this rank has no mask:
+    one all-gather of the stacked masks (as bytes: gloo has no bool all-gather)."""
+    if not names:
+        return {}
+    everywhere = torch.ones(local_batch, dtype=torch.bool, device=device)
+    stacked = torch.stack([masks.get(name, everywhere) for name in names], dim=1).view(torch.uint8)
+    gathered = _gather(stacked, group, size)
+    return {name: gathered[:, i].to(torch.bool).contiguous() for i, name in enumerate(names)}
 
 
 def _local_pair_loss(x, y, x_all, y_all, x_scale, y_scale, x_all_scale, y_all_scale, present, offset):
