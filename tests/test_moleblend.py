@@ -422,6 +422,84 @@ def test_transformer_m_checkpoint_maps_onto_the_encoder(graphs_2d):
     torch.testing.assert_close(ours.permute(0, 2, 3, 1)[pairs], expected.permute(0, 2, 3, 1)[pairs])
 
 
+def _moleblend_heads(config, generator):
+    """The relation heads of MoleBlend's public checkpoint (blend_*_pred_head), names and shapes, random values."""
+    dim, width, hidden = config.dim, config.head_width, 7
+    heads = {"blend_spd_pred_head.": ("linear", config.spd_classes),
+             "blend_edge_pred_head.": ("linear_map_feature", config.max_hops * 24),
+             "blend_3d_pred_head.": ("linear", hidden)}
+    shapes = {}
+    for head, (linear, outputs) in heads.items():
+        for side in ("row", "column"):
+            shapes.update({f"{head}transform_n2_head.{side}_head.weight": (width, dim),
+                           f"{head}transform_n2_head.{side}_head.bias": (width,),
+                           f"{head}transform_n2_head.{side}_LayerNorm.weight": (width,),
+                           f"{head}transform_n2_head.{side}_LayerNorm.bias": (width,)})
+        shapes.update({f"{head}{linear}.weight": (outputs, width * width), f"{head}{linear}.bias": (outputs,)})
+    for k in (1, 2, 3):
+        shapes.update({f"blend_3d_pred_head.force_proj{k}.weight": (1, hidden),
+                       f"blend_3d_pred_head.force_proj{k}.bias": (1,)})
+    return {"encoder.molecule_encoder." + name: torch.randn(shape, generator=generator) for name, shape in
+            shapes.items()}
+
+
+def test_moleblend_checkpoint_heads_map_onto_the_relation_heads():
+    """MoleBlend's TransformN2Head (row / column Linear -> GELU -> LayerNorm(eps 1e-12), outer product flattened
+    row-major) and output Linear give, after conversion, what the model's heads give; the 3D head's Linear and its
+    three force projections compose into one Linear. Entries with no place in the model are named in a warning;
+    a head of another size is refused."""
+    import warnings
+
+    from pyblend import ops
+    from pyblend.models import convert_transformer_m_state_dict
+
+    config = _config(layers=1)
+    generator = torch.Generator().manual_seed(2)
+    state = {**_transformer_m_state(config, generator), **_moleblend_heads(config, generator)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = convert_transformer_m_state_dict(state, config)
+    model = MoleBlend(config).eval()
+    report = model.load_state_dict(converted, strict=False)
+    assert not report.unexpected_keys
+    assert not [key for key in report.missing_keys if key.startswith(("spd_head", "edge_head", "geometry_head"))]
+
+    theirs = {key.split("molecule_encoder.")[1]: value for key, value in state.items()}
+    atoms = torch.randn(2, 6, config.dim, generator=generator)
+
+    def their_pairs(head):
+        def side(name):
+            hidden = torch.nn.functional.gelu(atoms @ theirs[f"{head}transform_n2_head.{name}_head.weight"].T
+                                              + theirs[f"{head}transform_n2_head.{name}_head.bias"])
+            return torch.nn.functional.layer_norm(hidden, (hidden.shape[-1],),
+                                                  theirs[f"{head}transform_n2_head.{name}_LayerNorm.weight"],
+                                                  theirs[f"{head}transform_n2_head.{name}_LayerNorm.bias"], eps=1e-12)
+        row, column = side("row"), side("column")
+        return torch.einsum("bic,bjd->bijcd", row, column).flatten(-2)                    # (B, N, N, d * d)
+
+    def linear(x, name):
+        return x @ theirs[name + ".weight"].T + theirs[name + ".bias"]
+
+    def ours(head):
+        with torch.no_grad():
+            return ops.outer_product_logits(*head.projected(atoms), backend="reference")
+
+    spd = linear(their_pairs("blend_spd_pred_head."), "blend_spd_pred_head.linear")
+    edge = linear(their_pairs("blend_edge_pred_head."), "blend_edge_pred_head.linear_map_feature")
+    hidden = linear(their_pairs("blend_3d_pred_head."), "blend_3d_pred_head.linear")
+    forces = torch.cat([linear(hidden, f"blend_3d_pred_head.force_proj{k}") for k in (1, 2, 3)], -1)
+    torch.testing.assert_close(ours(model.spd_head), spd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(model.edge_head), edge, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(model.geometry_head), forces, rtol=1e-5, atol=1e-5)
+
+    with pytest.warns(UserWarning, match="1 checkpoint entries .* left out: stray.weight"):
+        convert_transformer_m_state_dict({**state, "encoder.molecule_encoder.stray.weight": torch.ones(1)}, config)
+    with pytest.raises(ValueError, match="spd_head has 12 outputs .* has 11"):
+        convert_transformer_m_state_dict(state, _config(layers=1, spd_classes=12))
+    with pytest.raises(ValueError, match="head_width = 8; .* projects to 4"):
+        convert_transformer_m_state_dict(state, _config(layers=1, head_width=8))
+
+
 def test_transformer_m_gaussian_layer_maps_onto_the_encoder(graphs):
     """The 3D bias after conversion is their GaussianLayer + NonLinear on their pair types: collator_3d takes the
     single-embedded atomic-number id, adds 1 (pad_spatial_pos_unsqueeze) and single-embeds the (i, j) pair again,

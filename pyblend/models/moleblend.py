@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -262,11 +263,12 @@ class EncoderLayer(nn.Module):
 
 
 class _PairProjection(nn.Module):
-    """Row or column projection of an outer-product head: Linear(dim, width) -> GELU -> LayerNorm."""
+    """Row or column projection of an outer-product head: Linear(dim, width) -> GELU -> LayerNorm (eps 1e-12, as
+    the public code's ``TransformN2Head``)."""
 
     def __init__(self, dim: int, width: int):
         super().__init__()
-        self.linear, self.norm = nn.Linear(dim, width), nn.LayerNorm(width)
+        self.linear, self.norm = nn.Linear(dim, width), nn.LayerNorm(width, eps=1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(F.gelu(self.linear(x)))
@@ -860,8 +862,12 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     to 509). The layers, the embedding LayerNorm (``config.embedding_layernorm``: their
     ``encoder_normalize_before``, on in the base model), the atom (noisy-node) head and the Gaussian layer keep
     their names (``molecule_3d_bias.gbf`` / ``gbf_proj`` -> ``gaussian.gbf`` / ``gaussian.gbf_proj``,
-    ``edge_proj`` -> ``atom_3d_proj``). The outer-product heads are MoleBlend's own and are not in a
-    Transformer-M checkpoint: load the result with ``strict=False`` and check its report.
+    ``edge_proj`` -> ``atom_3d_proj``). A MoleBlend checkpoint's relation heads map too
+    (``blend_spd_pred_head`` / ``blend_edge_pred_head`` / ``blend_3d_pred_head``: the row / column projections and
+    LayerNorms of ``transform_n2_head``, the output Linear; the 3D head's ``linear`` and its three ``force_proj``
+    rows, with nothing between them, compose into one ``Linear(d^2, 3)``); a Transformer-M checkpoint has none:
+    load the result with ``strict=False`` and check its report. Entries under ``prefix`` with no place in the
+    model are named in a UserWarning.
 
     ``prefix`` is where the encoder sits in their checkpoint (e.g. ``"encoder.molecule_encoder."``); keys
     without it are ignored.
@@ -915,4 +921,34 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
                 "gaussian." + rest] = value
         elif name.startswith(("layers.", "emb_layer_norm.", "atom_proc.")):
             out[name] = take(name)
+    width = config.head_width
+    for theirs_head, ours, linear, classes in (
+            ("blend_spd_pred_head.", "spd_head.", "linear", config.spd_classes),
+            ("blend_edge_pred_head.", "edge_head.", "linear_map_feature",
+             config.max_hops * math.prod(config.edge_classes)),
+            ("blend_3d_pred_head.", "geometry_head.", "linear", None)):
+        if not any(name.startswith(theirs_head) for name in theirs):
+            continue  # a Transformer-M checkpoint: no MoleBlend heads
+        for side, mine in (("row", "row"), ("column", "col")):
+            for part in ("weight", "bias"):
+                out[f"{ours}{mine}.linear.{part}"] = take(f"{theirs_head}transform_n2_head.{side}_head.{part}")
+                out[f"{ours}{mine}.norm.{part}"] = take(f"{theirs_head}transform_n2_head.{side}_LayerNorm.{part}")
+        if out[f"{ours}row.linear.weight"].shape[0] != width:
+            raise ValueError(f"config: head_width = {width}; the checkpoint's {prefix}{theirs_head[:-1]} projects to "
+                             f"{out[f'{ours}row.linear.weight'].shape[0]}")
+        weight, bias = take(f"{theirs_head}{linear}.weight"), take(f"{theirs_head}{linear}.bias")
+        if classes is None:
+            # Their 3D head: Linear(d^2, P), then three Linear(P, 1) with nothing between: one Linear(d^2, 3).
+            forces = [(take(f"{theirs_head}force_proj{k}.weight"), take(f"{theirs_head}force_proj{k}.bias"))
+                      for k in (1, 2, 3)]
+            projection = torch.cat([force for force, _ in forces])                               # (3, P)
+            weight, bias = projection @ weight, projection @ bias + torch.cat([b for _, b in forces])
+        elif weight.shape[0] != classes:
+            raise ValueError(f"config: {ours[:-1]} has {classes} outputs (spd_classes, max_hops x edge_classes); "
+                             f"the checkpoint's {prefix}{theirs_head}{linear} has {weight.shape[0]}")
+        out[f"{ours}out.weight"], out[f"{ours}out.bias"] = weight, bias
+    if theirs:
+        warnings.warn(f"convert_transformer_m_state_dict: {len(theirs)} checkpoint entries under {prefix!r} have "
+                      f"no place in MoleBlend and were left out: {', '.join(sorted(theirs)[:8])}"
+                      f"{', ...' if len(theirs) > 8 else ''}", stacklevel=2)
     return out
