@@ -483,13 +483,19 @@ class MoleBlend(nn.Module):
             return x[relations.index.token_cu_seqlens[:-1].long()]
         return x[:, 0]
 
-    def _atom_channels(self, subsets: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _atom_channels(self, choice: Tensor, pair_molecule: Tensor | None = None, molecules: int = 0
+                       ) -> tuple[Tensor | None, Tensor | None]:
         """In training with ``blend_mode="molecule"`` (Transformer-M's modes), whether each molecule's drawn subset
-        ``(B,)`` (the choice bits its pairs share) has the 2D channels and the 3D one: a molecule drawn 2D-only
-        then gets no 3D atom feature, one drawn 3D-only no degree embedding, so that neither sees the other
-        modality. ``(None, None)`` otherwise: every atom feature the molecule has."""
+        (the choice bits its pairs share; packed: ``pair_molecule`` gives each pair's molecule, of ``molecules``)
+        has the 2D channels and the 3D one, ``(B,)`` bool each: a molecule drawn 2D-only then gets no 3D atom
+        feature, one drawn 3D-only no degree embedding, so that neither sees the other modality. ``(None, None)``
+        otherwise: every atom feature the molecule has."""
         if not (self.blender.training and self.blender.mode == "molecule"):
             return None, None
+        if pair_molecule is None:
+            subsets = choice.amax(dim=(1, 2))
+        else:
+            subsets = choice.new_zeros(molecules).scatter_reduce(0, pair_molecule, choice, "amax")
         return (subsets & (SPD | EDGE)) != 0, (subsets & GEOMETRY) != 0
 
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
@@ -514,7 +520,7 @@ class MoleBlend(nn.Module):
         config = self.config
         mask = relations.mask
         choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
-        uses_2d, uses_3d = self._atom_channels(choice.amax(dim=(1, 2)))
+        uses_2d, uses_3d = self._atom_channels(choice)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
         degree = self.degree_encoder((relations.spd == 1).sum(-1).clamp(max=config.max_degree))
         x = x + (degree if uses_2d is None else torch.where(uses_2d[:, None, None], degree, 0.0))
@@ -557,8 +563,7 @@ class MoleBlend(nn.Module):
         # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
         choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
                               pairs=relations.spd.shape[0])
-        subsets = choice.new_zeros(known.shape[0]).scatter_reduce(0, index.pair_molecule, choice, "amax")
-        uses_2d, uses_3d = self._atom_channels(subsets)
+        uses_2d, uses_3d = self._atom_channels(choice, index.pair_molecule, molecules=known.shape[0])
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
@@ -654,7 +659,8 @@ class MoleBlend(nn.Module):
 
         Noise (scale ``noise_scale``) is added to the positions of molecules with a conformer; the blended
         encoder then predicts, for every atom pair, the SPD class (:func:`spd_targets`), the bond class of each
-        hop of the shortest path (:func:`edge_targets`) and the direction ``pos_j - pos_i`` (clean positions), and for every atom the noise direction.
+        hop of the shortest path (:func:`edge_targets`) and the direction ``pos_j - pos_i`` (clean positions),
+        and for every atom the noise direction.
         ``generator`` drives both the noise and the blend (default: torch's global generator), not dropout (seed
         torch too for a reproducible step with dropout); the noise is drawn in eval mode too (it is the
         denoising target), so an evaluation loss is fixed by ``generator`` or ``noise``. A packed batch runs

@@ -50,7 +50,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
             both checked on the host, or trusted under torch.compile).
         probs: three non-negative numbers with a positive sum (normalised here). ``mode="pair"`` and ``"batch"``:
             the probabilities of (SPD, edge, 3D), 0.2 / 0.2 / 0.6 by default (the paper's). ``mode="molecule"``:
-            the probabilities of the subsets (2D = SPD + edge, 3D, 2D + 3D).
+            the probabilities of the subsets (2D = SPD + edge, 3D, 2D + 3D); Transformer-M's ``--mode-prob``
+            lists (2D + 3D, 2D, 3D), so its ``a,b,c`` is ``probs=(b, c, a)`` here.
         mode: "pair": an independent draw per pair of every molecule (the paper's eq. 8); "batch": one
             ``(N, N)`` draw shared by every molecule of the batch (the public code's behaviour; molecule i uses
             its top-left ``N_i x N_i`` block); "molecule": one subset per molecule, used by all its pairs.
