@@ -226,14 +226,15 @@ def _outer_product_bwd_rows_kernel(
     offs_b = tl.arange(0, BLOCK_D2)
     offs_c = tl.arange(0, BLOCK_C)
     inside_w = (offs_a[:, None] < d1) & (offs_b[None, :] < d2)
-    scale = 0.0
-    if MODE != 0:
-        scale = tl.load(grad_ptr).to(tl.float32)  # dL / (loss sum): the upstream gradient over the count
     dbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dw_base = dw_ptr + program.to(tl.int64) * n_classes * d1 * d2
     for item in range(program, items, programs):
         b = item // tiles
         tile = item - b * tiles
+        scale = 0.0
+        if MODE != 0:
+            # dL / d(molecule b's loss sum): the upstream gradient over the count that sum is averaged by.
+            scale = tl.load(grad_ptr + b * s_gq).to(tl.float32)
         n = tl.load(length_ptr + b)
         pair_start = tl.load(pair_ptr + b).to(tl.int64)
         rows, rows_in, atom_i, live_i = _atoms(length_ptr, start_ptr, mask_ptr, b, tile * BLOCK_I, BLOCK_I,
@@ -292,7 +293,7 @@ def _outer_product_bwd_cols_kernel(
     offs_b = tl.arange(0, BLOCK_D2)
     scale = 0.0
     if MODE != 0:
-        scale = tl.load(grad_ptr).to(tl.float32)
+        scale = tl.load(grad_ptr + b * s_gq).to(tl.float32)
     cols, cols_in, atom_j, live_j = _atoms(length_ptr, start_ptr, mask_ptr, b, tile * BLOCK_J, BLOCK_J, HAS_MASK)
     col = _load_tile(col_ptr, atom_j, live_j, offs_b, d2, s_ca, s_cd)
     dcol = tl.zeros((BLOCK_J, BLOCK_D2), dtype=tl.float32)
@@ -402,7 +403,7 @@ def outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair
     pair_start: int64 ``(B,)``; ``max_n >= max(length)``, ``pairs = Q``.
 
     Returns logits ``(Q, C)`` in row's dtype (``MODE_LOGITS``), else ``(stats (Q, G or 2) float32,
-    loss_sum, count)`` (float32 and float64 scalars).
+    loss_sums (B,) float32, counts (B,) float64)``, per molecule.
     """
     row, col, weight = _square_features(row, col, weight)
     d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
@@ -424,15 +425,17 @@ def outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair
             *row.stride(), *col.stride(), *weight.stride(), *_aux_strides(aux), *out.stride(), **flags)
     if mode == MODE_LOGITS:
         return out
-    # Fixed-order sums; the count in float64 so that it stays exact past 2^24 targets.
-    return out, partial[:, 0].sum(), partial[:, 1].double().sum()
+    # Fixed-order sums per molecule; the counts in float64 so that their totals stay exact past 2^24 targets.
+    per_molecule = partial.view(batch, tiles, 2)
+    return out, per_molecule[..., 0].sum(1), per_molecule[..., 1].double().sum(1)
 
 
 def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, length, pair_start, stats,
                            max_n: int, mode: int, groups: int, ignore_index: int, programs: int | None = None):
     """Gradients ``(drow (A, d1), dcol (A, d2), dweight (C, d1 * d2), dbias (C,))`` in the inputs' dtypes (0 at
-    padded atoms). ``grad``: the logits' gradient ``(Q, C)`` (``MODE_LOGITS``), else a float32 ``(1,)`` tensor
-    holding the loss gradient divided by the count. ``stats``: the forward's (ignored for logits)."""
+    padded atoms). ``grad``: the logits' gradient ``(Q, C)`` (``MODE_LOGITS``), else a float32 ``(B,)`` tensor
+    (any stride, 0 included): the loss gradient with respect to each molecule's loss sum. ``stats``: the
+    forward's (ignored for logits)."""
     d1_given, d2_given = row.shape[1], col.shape[1]
     row, col, weight = _square_features(row, col, weight)
     d1, d2, configs, bias_arg = _common(row, col, weight, bias, mask, max_n, mode)
@@ -452,7 +455,7 @@ def outer_product_backward(grad, row, col, weight, bias, aux, mask, start, lengt
         stats_arg = stats if mode != MODE_LOGITS else row
         strides = (*row.stride(), *col.stride(), *weight.stride(), *_aux_strides(aux),
                    *(stats.stride() if mode != MODE_LOGITS else (0, 0)),
-                   *(grad.stride() if mode == MODE_LOGITS else (0, 0)))
+                   *(grad.stride() if mode == MODE_LOGITS else (grad.stride(0), 0)))
         common = (row, col, weight, bias_arg, _mask_bytes(mask, row), start, length, pair_start, aux_arg,
                   stats_arg, grad)
         _outer_product_bwd_rows_kernel[(programs,)](

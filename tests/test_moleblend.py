@@ -159,6 +159,23 @@ def test_molecule_mode_keeps_each_modality_out_of_the_other(graphs, layout):
     assert not torch.equal(encoded(model, relations), before)
 
 
+def test_geometry_loss_averages_molecules_as_the_public_code(graphs):
+    """The 3D head's loss is the mean over molecules of each one's mean over its pairs by default (the public
+    compute_3d_blending_loss), the mean over all pairs with geometry_reduction="pairs"; the rest is unchanged."""
+    assert MoleBlendConfig().geometry_reduction == "molecules"
+    with pytest.raises(ValueError, match="geometry_reduction: expected 'molecules' or 'pairs'; got 'mean'"):
+        _config(geometry_reduction="mean")
+    batch = collate(graphs)
+    noise = torch.zeros_like(batch.positions)
+    parts = {}
+    for reduction in ("molecules", "pairs"):
+        model = _model(geometry_reduction=reduction).eval()
+        parts[reduction] = model.pretrain_loss(batch, noise=noise)[1]
+    assert parts["molecules"]["geometry"].item() != pytest.approx(parts["pairs"]["geometry"].item(), rel=1e-3)
+    for name in ("spd", "edge", "denoise"):
+        assert parts["molecules"][name].item() == parts["pairs"][name].item()
+
+
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):
     model = _model().eval()
     padded = collate(graphs)

@@ -59,7 +59,7 @@ class Problem:
         return self.row, self.col, self.positions, self.target, dict(mask=self.mask)
 
 
-def run(problem, loss, backend, packed, *, dtype=None, bias=True, upstream=None):
+def run(problem, loss, backend, packed, *, dtype=None, bias=True, upstream=None, reduction="pairs"):
     """{"out": loss or logits, "drow", "dcol", "dweight", "dbias"} on the CPU; ``dtype`` (default the problem's)
     converts the float inputs first."""
     dtype = dtype or problem.dtype
@@ -75,7 +75,8 @@ def run(problem, loss, backend, packed, *, dtype=None, bias=True, upstream=None)
                                      backend=backend, **layout)
         objective = out * 1.7
     elif loss == "cos":
-        out = ops.outer_product_cosine_loss(*leaves, positions.to(device, dtype), backend=backend, **layout)
+        out = ops.outer_product_cosine_loss(*leaves, positions.to(device, dtype), backend=backend,
+                                            reduction=reduction, **layout)
         objective = out * 1.7
     else:
         out = ops.outer_product_logits(*leaves, backend=backend, **layout)
@@ -195,6 +196,43 @@ def test_reference_gradcheck_float64(generator):
 def test_cross_entropy_matches_reference(generator, dtype, packed, classes, groups):
     problem = Problem(generator, [7, 11], 6, 5, classes, dtype, groups=groups)
     check(problem, "ce", packed, bias=groups == 1)
+
+
+def test_reference_molecule_reduction_is_the_public_codes(generator):
+    """reduction="molecules": each molecule's mean of 1 - cos over its pairs i != j, then the mean over the
+    molecules that have a pair (the public compute_3d_blending_loss); a one-atom molecule and an empty one count
+    for nothing. Both layouts; an unknown reduction is refused by name."""
+    problem = Problem(generator, [5, 1, 3, 0], 3, 4, 3, torch.float64)
+    per_molecule = []
+    for b, n in enumerate(problem.sizes):
+        if n < 2:
+            continue
+        row, col, pos = problem.row[b, :n], problem.col[b, :n], problem.positions[b, :n]
+        pred = (row[:, None, :, None] * col[None, :, None, :]).reshape(n, n, 12) @ problem.weight.T + problem.bias
+        delta = pos[None, :, :] - pos[:, None, :]
+        off = ~torch.eye(n, dtype=torch.bool)
+        per_molecule.append((1 - F.cosine_similarity(pred[off], delta[off], dim=-1)).mean())
+    expected = torch.stack(per_molecule).mean()
+    for packed in (False, True):
+        row, col, positions, _, layout = problem.inputs(packed)
+        got = reference.outer_product_cosine_loss(row, col, problem.weight, problem.bias, positions,
+                                                  reduction="molecules", **layout)
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="reduction: expected 'pairs' or 'molecules'; got 'mean'"):
+        ops.outer_product_cosine_loss(row, col, problem.weight, problem.bias, positions, reduction="mean", **layout)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cosine_per_molecule_matches_reference(generator, packed):
+    """The kernels' per-molecule sums and counts, and one loss-sum gradient per molecule in both backward
+    kernels: ragged molecules (one of a single atom, one empty) against the float64 reference."""
+    problem = Problem(generator, [9, 1, 6, 0, 13], 4, 8, 3, torch.float32)
+    got = run(problem, "cos", "triton", packed, reduction="molecules")
+    expected = run(problem, "cos", "reference", packed, dtype=torch.float64, reduction="molecules")
+    pairs = run(problem, "cos", "triton", packed)
+    assert not torch.allclose(got["out"], pairs["out"]), "the two reductions weigh the molecules differently"
+    for name, ref in expected.items():
+        assert_close(got[name], ref, torch.float32, name)
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
@@ -337,7 +375,8 @@ def test_single_atom_molecules_only_give_zero(generator):
 
 
 def test_persistent_programs_agree(generator):
-    """The rows backward's partials: one program for every item or one per item give the same gradients."""
+    """The rows backward's partials: one program for every item or one per item give the same gradients (with a
+    different loss-sum gradient per molecule, as ``reduction="molecules"`` gives)."""
     from pyblend.kernels import outer_product as kernel
 
     problem = Problem(generator, [9, 5, 12], 4, 6, 6, torch.float32, groups=2)
@@ -347,9 +386,10 @@ def test_persistent_programs_agree(generator):
     length = (layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).contiguous()
     pair_start = torch.tensor([0, 81, 106], dtype=torch.int64)
     target = target.reshape(-1, 2)
-    stats, _, count = kernel.outer_product_forward(row, col, weight, bias, target, None, start, length, pair_start,
-                                                   12, target.shape[0], kernel.MODE_CROSS_ENTROPY, 2, IGNORE)
-    scale = (1 / count).float().reshape(1)
+    stats, _, counts = kernel.outer_product_forward(row, col, weight, bias, target, None, start, length, pair_start,
+                                                    12, target.shape[0], kernel.MODE_CROSS_ENTROPY, 2, IGNORE)
+    assert counts.shape == (3,)
+    scale = (1 / counts).float()
     results = [kernel.outer_product_backward(scale, row, col, weight, bias, target, None, start, length, pair_start,
                                              stats, 12, kernel.MODE_CROSS_ENTROPY, 2, IGNORE, programs=programs)
                for programs in (1, 3)]
@@ -436,7 +476,7 @@ def test_errors_name_the_argument(generator):
         ops.outer_product_cosine_loss(row, col, weight[:3], bias[:3], **layout)
 
 
-def _custom_op_arguments(generator, mode):
+def _custom_op_arguments(generator, mode, per_molecule=False):
     problem = Problem(generator, [5, 3], 4, 4, 6 if mode != 2 else 3, torch.float32, groups=2 if mode == 1 else 1)
     device = backend_device("triton")
     row, col, positions, target, layout = problem.inputs(True)
@@ -449,12 +489,13 @@ def _custom_op_arguments(generator, mode):
     if mode == 0:
         return (row, col, weight, bias, None, *common)
     aux = target.reshape(34, 2).to(device) if mode == 1 else positions.float().to(device)
-    return (row, col, weight, bias, aux, None, *common, mode, 2 if mode == 1 else 1, IGNORE)
+    return (row, col, weight, bias, aux, None, *common, mode, 2 if mode == 1 else 1, IGNORE, per_molecule)
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2], ids=["logits", "cross-entropy", "cosine"])
-def test_opcheck(generator, mode):
-    arguments = _custom_op_arguments(generator, mode)
+@pytest.mark.parametrize("mode, per_molecule", [(0, False), (1, False), (2, False), (2, True)],
+                         ids=["logits", "cross-entropy", "cosine", "cosine per molecule"])
+def test_opcheck(generator, mode, per_molecule):
+    arguments = _custom_op_arguments(generator, mode, per_molecule)
     op = torch.ops.pyblend.outer_product_logits if mode == 0 else torch.ops.pyblend.outer_product_loss
     torch.library.opcheck(op.default, arguments)
     # The backward op's own derivative only raises (no double backward): checked on plain tensors.
@@ -465,9 +506,9 @@ def test_opcheck(generator, mode):
         grad = torch.randn(pairs, weight.shape[0], generator=generator).to(row.device)
         stats, groups, ignore_index = None, 1, 0
     else:
-        aux, mask, start, length, pair_start, max_n, pairs, _, groups, ignore_index = plain[4:]
-        _, stats, _ = op(*plain)
-        grad = torch.full((1,), 0.3, device=row.device)
+        aux, mask, start, length, pair_start, max_n, pairs, _, groups, ignore_index, _ = plain[4:]
+        _, stats, counts = op(*plain)
+        grad = torch.full(counts.shape, 0.3, device=row.device)
     torch.library.opcheck(torch.ops.pyblend.outer_product_backward.default,
                           (grad, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode,
                            groups, ignore_index))

@@ -92,6 +92,7 @@ class MoleBlendConfig:
     spd_classes: int = 11                # SPD 1, 2, ..., spd_classes - 1, and the longer ones merged
     edge_classes: tuple = (4, 3, 2)      # bond type x stereo x conjugation of each hop: 24 joint classes
     noise_scale: float = 0.2
+    geometry_reduction: str = "molecules"  # 3D head loss: mean of per-molecule means (public code) or "pairs"
     # The paper's weights; a dict naming only some parts overrides those and keeps the others' defaults.
     loss_weights: dict = field(default_factory=lambda: dict(LOSS_WEIGHTS))
 
@@ -108,6 +109,8 @@ class MoleBlendConfig:
             raise ValueError(f"edge_classes: expected {len(BOND_FEATURE_DIMS)} ints, each from 1 to its bond "
                              f"feature's vocabulary {BOND_FEATURE_DIMS}; got {classes!r}")
         self.edge_classes = tuple(classes)
+        if self.geometry_reduction not in ("molecules", "pairs"):
+            raise ValueError(f"geometry_reduction: expected 'molecules' or 'pairs'; got {self.geometry_reduction!r}")
         for name in ("max_distance", "max_degree"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -741,11 +744,11 @@ class MoleBlend(nn.Module):
                     known_rows, known_clean = atoms[known_atoms], clean[known_atoms]
                 parts["geometry"] = outer_product_cosine_loss(
                     *head.projected(known_rows), positions=known_clean, cu_seqlens=known_cu_seqlens,
-                    max_seqlen=relations.max_seqlen)
+                    max_seqlen=relations.max_seqlen, reduction=config.geometry_reduction)
                 head_layout = {**layout, "pair_atoms": (index.pair_row, index.pair_col)}
             else:
                 parts["geometry"] = outer_product_cosine_loss(*head.projected(atoms), positions=clean,
-                                                              mask=known_atoms)
+                                                              mask=known_atoms, reduction=config.geometry_reduction)
                 head_layout = layout
             bias = None if geometry_bias is None else geometry_bias.to(atoms.dtype)
             predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)

@@ -144,16 +144,18 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
     loss, _, _ = call(
         _loss_op, layout.row2d, layout.col2d, weight, bias, target.reshape(layout.pairs, groups), layout.mask1d, start,
-        length, pair_start, layout.max_seqlen, layout.pairs, _MODE_CROSS_ENTROPY, groups, ignore_index)
+        length, pair_start, layout.max_seqlen, layout.pairs, _MODE_CROSS_ENTROPY, groups, ignore_index, False)
     return loss
 
 
 def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | None = None,
                               positions: Tensor | None = None, *, mask: Tensor | None = None,
                               cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
-                              backend: str | None = None) -> Tensor:
+                              reduction: str = "pairs", backend: str | None = None) -> Tensor:
     """MoleBlend's 3D head loss: mean over real pairs ``i != j`` of ``1 - cos(pred_ij, pos_j - pos_i)``, with
     ``pred_ij`` the 3 logits of the pair (C = 3), without materialising the outer products or the predictions.
+    ``reduction="molecules"`` takes each molecule's mean first, then their mean over the molecules with a pair
+    (the public MoleBlend code's ``compute_3d_blending_loss``: a small molecule weighs as much as a large one).
 
     ``cos`` is defined as 0 where either vector is exactly zero (coincident atoms, or a zero prediction): such a
     pair contributes 1 to the mean and no gradient. Without any pair ``i != j`` (single-atom molecules) the loss
@@ -169,6 +171,8 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
         A float32 scalar (float64 for float64 inputs on the reference backend), differentiable in row, col,
         weight and bias.
     """
+    if reduction not in ("pairs", "molecules"):
+        raise ValueError(f"reduction: expected 'pairs' or 'molecules'; got {reduction!r}")
     layout = _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     row, col, weight, bias, mask, cu_seqlens = layout.tensors
     if layout.classes != 3:
@@ -182,7 +186,8 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
     positions = positions.detach()
     if _backend("outer_product_cosine_loss", backend, layout) == "reference":
         return reference.outer_product_cosine_loss(row, col, weight, bias, positions, mask=mask,
-                                                    cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen)
+                                                    cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen,
+                                                    reduction=reduction)
     start, length, pair_start = layout.indices()
     bias = None if bias is None else bias.contiguous()  # the kernels index it by class alone
     # The rows of the per-pair statistics: P, or where values are hidden (P unknown) its bound from the shapes,
@@ -190,7 +195,7 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
     stats_rows = layout.atoms * layout.max_seqlen if layout.pairs is None else layout.pairs
     loss, _, _ = call(
         _loss_op, layout.row2d, layout.col2d, weight, bias, positions.reshape(-1, 3).float(), layout.mask1d, start,
-        length, pair_start, layout.max_seqlen, stats_rows, _MODE_COSINE, 1, 0)
+        length, pair_start, layout.max_seqlen, stats_rows, _MODE_COSINE, 1, 0, reduction == "molecules")
     return loss
 
 
@@ -362,23 +367,41 @@ def _(row, col, weight, bias, mask, start, length, pair_start, max_n, pairs):
 @torch.library.custom_op("pyblend::outer_product_loss", mutates_args=())
 def _loss_op(row: Tensor, col: Tensor, weight: Tensor, bias: Optional[Tensor], aux: Tensor, mask: Optional[Tensor],
              start: Tensor, length: Tensor, pair_start: Tensor, max_n: int, pairs: int, mode: int, groups: int,
-             ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss () float32, stats (pairs, G | 2) float32, count () float64)``; ``aux``: the target ``(Q, G)``
+             ignore_index: int, per_molecule: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss () float32, stats (pairs, G | 2) float32, counts (B,) float64)``; ``aux``: the target ``(Q, G)``
     (mode 1, cross-entropy) or float32 positions ``(A, 3)`` (mode 2, cosine). ``pairs``: Q, or for the cosine
-    a bound of it (the statistics' rows past Q are never written or read)."""
+    a bound of it (the statistics' rows past Q are never written or read). The loss is the mean over every
+    counted pair, or with ``per_molecule`` the mean of each molecule's mean over the molecules that count one."""
     from ..kernels import outer_product as kernel
 
-    stats, total, count = kernel.outer_product_forward(row, col, weight, bias, aux, mask, start, length, pair_start,
-                                                       max_n, pairs, mode, groups, ignore_index)
-    loss = (total.double() / count.clamp(min=1)).float()
-    return loss, stats, count
+    stats, totals, counts = kernel.outer_product_forward(row, col, weight, bias, aux, mask, start, length,
+                                                         pair_start, max_n, pairs, mode, groups, ignore_index)
+    return _reduced(totals.double(), counts, per_molecule).float(), stats, counts
 
 
 @_loss_op.register_fake
-def _(row, col, weight, bias, aux, mask, start, length, pair_start, max_n, pairs, mode, groups, ignore_index):
+def _(row, col, weight, bias, aux, mask, start, length, pair_start, max_n, pairs, mode, groups, ignore_index,
+      per_molecule):
     width = groups if mode == _MODE_CROSS_ENTROPY else 2
     return (row.new_empty((), dtype=torch.float32), row.new_empty((pairs, width), dtype=torch.float32),
-            row.new_empty((), dtype=torch.float64))
+            row.new_empty((start.shape[0],), dtype=torch.float64))
+
+
+def _reduced(values: Tensor, counts: Tensor, per_molecule: bool) -> Tensor:
+    """The loss from per-molecule sums ``values (B,)`` (or, in the backward, their common gradient broadcast) and
+    the counts ``(B,)`` they sum over."""
+    if not per_molecule:
+        return values.sum() / counts.sum().clamp(min=1)
+    counted = counts > 0
+    return (values / counts.clamp(min=1)).sum() / counted.sum().clamp(min=1)
+
+
+def _molecule_scales(grad: Tensor, counts: Tensor, per_molecule: bool) -> Tensor:
+    """``(B,)`` float32: d loss / d (molecule b's loss sum) for the upstream gradient ``grad``."""
+    if not per_molecule:
+        return (grad.double() / counts.sum().clamp(min=1)).float().reshape(1).expand(counts.shape[0])
+    counted = counts > 0
+    return torch.where(counted, grad.double() / (counts.clamp(min=1) * counted.sum().clamp(min=1)), 0.0).float()
 
 
 @torch.library.custom_op("pyblend::outer_product_backward", mutates_args=())
@@ -387,7 +410,7 @@ def _backward_op(grad: Tensor, row: Tensor, col: Tensor, weight: Tensor, bias: O
                  stats: Optional[Tensor], max_n: int, mode: int, groups: int,
                  ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(drow, dcol, dweight, dbias (C,))``; ``grad``: the logits' gradient ``(Q, C)`` (mode 0) or a float32
-    ``(1,)`` tensor, the loss gradient over the count (modes 1, 2)."""
+    ``(B,)`` tensor, the loss gradient with respect to each molecule's loss sum (modes 1, 2)."""
     from ..kernels import outer_product as kernel
 
     return kernel.outer_product_backward(grad, row, col, weight, bias, aux, mask, start, length, pair_start, stats,
@@ -419,21 +442,22 @@ def _logits_backward(ctx, grad):
 
 
 def _loss_setup(ctx, inputs, output):
-    row, col, weight, bias, aux, mask, start, length, pair_start, max_n, pairs, mode, groups, ignore_index = inputs
-    _, stats, count = output
-    ctx.save_for_backward(row, col, weight, bias, aux, mask, start, length, pair_start, stats, count)
-    ctx.settings = (max_n, mode, groups, ignore_index)
-    ctx.mark_non_differentiable(stats, count)
+    (row, col, weight, bias, aux, mask, start, length, pair_start, max_n, pairs, mode, groups, ignore_index,
+     per_molecule) = inputs
+    _, stats, counts = output
+    ctx.save_for_backward(row, col, weight, bias, aux, mask, start, length, pair_start, stats, counts)
+    ctx.settings = (max_n, mode, groups, ignore_index, per_molecule)
+    ctx.mark_non_differentiable(stats, counts)
 
 
-def _loss_backward(ctx, grad, grad_stats, grad_count):
-    row, col, weight, bias, aux, mask, start, length, pair_start, stats, count = ctx.saved_tensors
-    max_n, mode, groups, ignore_index = ctx.settings
-    scale = (grad.double() / count.clamp(min=1)).float().reshape(1)
+def _loss_backward(ctx, grad, grad_stats, grad_counts):
+    row, col, weight, bias, aux, mask, start, length, pair_start, stats, counts = ctx.saved_tensors
+    max_n, mode, groups, ignore_index, per_molecule = ctx.settings
+    scales = _molecule_scales(grad, counts, per_molecule)
     drow, dcol, dweight, dbias = call(
-        _backward_op, scale, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode, groups,
-        ignore_index)
-    return (drow, dcol, dweight, _bias_gradient(ctx, bias, dbias), *([None] * 10))
+        _backward_op, scales, row, col, weight, bias, aux, mask, start, length, pair_start, stats, max_n, mode,
+        groups, ignore_index)
+    return (drow, dcol, dweight, _bias_gradient(ctx, bias, dbias), *([None] * 11))
 
 
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)

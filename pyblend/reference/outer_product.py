@@ -103,19 +103,23 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
 
 def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | None = None,
                               positions: Tensor | None = None, *, mask: Tensor | None = None,
-                              cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> Tensor:
+                              cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
+                              reduction: str = "pairs") -> Tensor:
     """Mean over real pairs ``i != j`` of ``1 - cos(logits_ij, pos_j - pos_i)`` (C = 3), ``cos = 0`` where either
-    vector is zero: a scalar in the compute dtype. ``positions``: padded ``(B, N, 3)`` / packed ``(T, 3)``, not
+    vector is zero: a scalar in the compute dtype (``reduction="molecules"``: each molecule's mean, then their
+    mean over the molecules with a pair). ``positions``: padded ``(B, N, 3)`` / packed ``(T, 3)``, not
     differentiated."""
     logits, mask = _padded_logits(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     pos, _ = _padded(positions.detach().to(logits.dtype), mask if cu_seqlens is None else None, cu_seqlens,
                      max_seqlen)
-    return cosine_loss_of_logits(logits, pos, mask)
+    return cosine_loss_of_logits(logits, pos, mask, reduction)
 
 
-def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor, reduction: str = "pairs") -> Tensor:
     """The cosine loss of padded ``logits (B, N, N, 3)`` against padded ``positions (B, N, 3)`` (constants) over
-    the real pairs ``i != j`` of ``mask (B, N)``: a scalar in the logits' dtype."""
+    the real pairs ``i != j`` of ``mask (B, N)``: a scalar in the logits' dtype, the mean over the pairs of the
+    batch (``reduction="pairs"``) or over the molecules of each molecule's mean (``"molecules"``, molecules
+    without a pair left out)."""
     pos = positions.detach()
     delta = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j] = pos_j - pos_i
     width = mask.shape[1]
@@ -131,4 +135,8 @@ def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor) -> Te
     inverse = torch.where(nonzero, 1 / norms, torch.zeros_like(pp))
     cosine = (logits * delta).sum(-1) * inverse
     per_pair = torch.where(pairs, 1 - cosine, torch.zeros_like(cosine))
-    return per_pair.sum() / pairs.sum().clamp(min=1).to(per_pair.dtype)
+    if reduction == "pairs":
+        return per_pair.sum() / pairs.sum().clamp(min=1).to(per_pair.dtype)
+    counts = pairs.sum((1, 2))
+    per_molecule = per_pair.sum((1, 2)) / counts.clamp(min=1).to(per_pair.dtype)
+    return per_molecule.sum() / (counts > 0).sum().clamp(min=1).to(per_pair.dtype)
