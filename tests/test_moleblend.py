@@ -1,4 +1,5 @@
 """The MoleBlend encoder, its pretraining objective and fine-tuning head on real molecules (CPU reference path)."""
+import dataclasses
 import math
 
 import pytest
@@ -174,6 +175,59 @@ def test_geometry_loss_averages_molecules_as_the_public_code(graphs):
     assert parts["molecules"]["geometry"].item() != pytest.approx(parts["pairs"]["geometry"].item(), rel=1e-3)
     for name in ("spd", "edge", "denoise"):
         assert parts["molecules"][name].item() == parts["pairs"][name].item()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_atom_feature_blend_draws_the_degree_or_the_3d_feature_per_atom(graphs, graphs_2d, layout):
+    """atom_feature_blend (the public code's blend_atom_feature): in training each atom takes the degree embedding
+    or the 3D atom feature, never both: (1, 0) gives the embeddings without the 3D feature, (0, 1) without the
+    degree, (0.4, 0.6) about 60% of the atoms with the 3D feature; an atom without a conformer keeps its degree.
+    Eval is unaffected."""
+    import copy
+
+    def embeddings(model, relations, seed=0):
+        return model.layer_inputs(relations, torch.Generator().manual_seed(seed))[0]
+
+    for blend, silenced in (((1.0, 0.0), "atom_3d_proj"), ((0.0, 1.0), "degree_encoder")):
+        model = _model(atom_feature_blend=blend).train()
+        relations = model.build_relations(collate(graphs, layout=layout))
+        plain = copy.deepcopy(model)
+        plain.config = dataclasses.replace(plain.config, atom_feature_blend=None)
+        with torch.no_grad():
+            for parameter in getattr(plain, silenced).parameters():
+                parameter.zero_()
+        torch.testing.assert_close(embeddings(model, relations), embeddings(plain, relations), rtol=0, atol=0)
+        unblended = copy.deepcopy(model)
+        unblended.config = dataclasses.replace(unblended.config, atom_feature_blend=None)
+        torch.testing.assert_close(embeddings(model.eval(), relations), embeddings(unblended.eval(), relations),
+                                   rtol=0, atol=0)
+
+    model = _model(atom_feature_blend=(0.4, 0.6)).train()
+    many = collate(graphs * 40, layout=layout)
+    relations = model.build_relations(many)
+    atoms = torch.Size([many.atom_features.shape[0]]) if layout == "packed" else many.mask.shape
+    index = relations.index if layout == "packed" else None
+    choice = model.blender(**({"cu_seqlens": many.cu_seqlens, "max_seqlen": many.max_seqlen,
+                               "pairs": relations.spd.shape[0]} if layout == "packed" else {"mask": many.mask}),
+                           has_geometry=relations.has_geometry)
+    with_degree, with_3d = model._atom_features(choice, relations.has_geometry, torch.Generator().manual_seed(0),
+                                                atoms, *((index.atom_molecule, index.pair_molecule) if index else ()))
+    real = torch.ones(atoms, dtype=torch.bool) if layout == "packed" else many.mask
+    assert (with_degree ^ with_3d)[real].all(), "one feature per atom"
+    assert with_3d[real].float().mean().item() == pytest.approx(0.6, abs=0.05)
+    no_conformer = _model(atom_feature_blend=(0.0, 1.0)).train()
+    relations_2d = no_conformer.build_relations(collate(graphs_2d, layout=layout))
+    shape = torch.Size([relations_2d.atom_features.shape[0]]) if layout == "packed" else relations_2d.mask.shape
+    index = relations_2d.index if layout == "packed" else None
+    choice = torch.zeros(relations_2d.spd.shape, dtype=torch.uint8)
+    with_degree, with_3d = no_conformer._atom_features(choice, relations_2d.has_geometry, None, shape,
+                                                       *((index.atom_molecule, index.pair_molecule) if index else ()))
+    assert with_degree.all() and not with_3d.any()
+    for blend in ((0.5,), (-0.1, 1.0), (0.0, 0.0), (True, 1.0)):
+        with pytest.raises(ValueError, match="atom_feature_blend: expected None or two non-negative numbers"):
+            _config(atom_feature_blend=blend)
+    with pytest.raises(ValueError, match="blend_mode='molecule' already chooses"):
+        _config(atom_feature_blend=(0.4, 0.6), blend_mode="molecule")
 
 
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):

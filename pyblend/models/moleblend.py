@@ -88,6 +88,7 @@ class MoleBlendConfig:
     blend_probs: tuple = (0.2, 0.2, 0.6)
     blend_mode: str = "pair"
     atom_3d_feature: bool = True
+    atom_feature_blend: tuple | None = None  # (degree, 3D): the public code's per-atom draw in training, (0.4, 0.6)
     head_width: int = 32                 # d1 = d2 of the outer-product heads
     spd_classes: int = 11                # SPD 1, 2, ..., spd_classes - 1, and the longer ones merged
     edge_classes: tuple = (4, 3, 2)      # bond type x stereo x conjugation of each hop: 24 joint classes
@@ -109,6 +110,18 @@ class MoleBlendConfig:
             raise ValueError(f"edge_classes: expected {len(BOND_FEATURE_DIMS)} ints, each from 1 to its bond "
                              f"feature's vocabulary {BOND_FEATURE_DIMS}; got {classes!r}")
         self.edge_classes = tuple(classes)
+        blend = self.atom_feature_blend
+        if blend is not None:
+            if (not isinstance(blend, (tuple, list)) or len(blend) != 2
+                    or any(isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < math.inf
+                           for p in blend) or sum(blend) <= 0):
+                raise ValueError(f"atom_feature_blend: expected None or two non-negative numbers with a positive "
+                                 f"sum (the probabilities of the degree embedding and the 3D atom feature); got "
+                                 f"{blend!r}")
+            if self.blend_mode == "molecule":
+                raise ValueError("atom_feature_blend: blend_mode='molecule' already chooses each molecule's atom "
+                                 "features from its drawn subset; use one or the other")
+            self.atom_feature_blend = tuple(float(p) for p in blend)
         if self.geometry_reduction not in ("molecules", "pairs"):
             raise ValueError(f"geometry_reduction: expected 'molecules' or 'pairs'; got {self.geometry_reduction!r}")
         for name in ("max_distance", "max_degree"):
@@ -486,20 +499,35 @@ class MoleBlend(nn.Module):
             return x[relations.index.token_cu_seqlens[:-1].long()]
         return x[:, 0]
 
-    def _atom_channels(self, choice: Tensor, pair_molecule: Tensor | None = None, molecules: int = 0
+    def _atom_features(self, choice: Tensor, has_geometry: Tensor, generator: torch.Generator | None,
+                       atoms: tuple, molecule: Tensor | None = None, pair_molecule: Tensor | None = None
                        ) -> tuple[Tensor | None, Tensor | None]:
-        """In training with ``blend_mode="molecule"`` (Transformer-M's modes), whether each molecule's drawn subset
-        (the choice bits its pairs share; packed: ``pair_molecule`` gives each pair's molecule, of ``molecules``)
-        has the 2D channels and the 3D one, ``(B,)`` bool each: a molecule drawn 2D-only then gets no 3D atom
-        feature, one drawn 3D-only no degree embedding, so that neither sees the other modality. ``(None, None)``
-        otherwise: every atom feature the molecule has."""
-        if not (self.blender.training and self.blender.mode == "molecule"):
+        """Per atom (shape ``atoms``: padded ``(B, N)``, packed ``(T,)`` with ``molecule`` and ``pair_molecule``
+        each atom's and each pair's molecule), whether it takes the degree embedding and whether the 3D atom
+        feature; ``(None, None)`` where every atom takes every feature its molecule has (eval, and by default).
+
+        In training, ``blend_mode="molecule"`` (Transformer-M's modes) follows each molecule's drawn subset (the
+        choice bits its pairs share): drawn 2D-only, no 3D atom feature; 3D-only, no degree embedding, so neither
+        modality leaks into the other. ``atom_feature_blend`` (the public MoleBlend code's ``blend_atom_feature``)
+        draws one of the two per atom from ``generator``; an atom of a molecule without a conformer keeps its
+        degree embedding."""
+        if not self.blender.training:
             return None, None
-        if pair_molecule is None:
-            subsets = choice.amax(dim=(1, 2))
-        else:
-            subsets = choice.new_zeros(molecules).scatter_reduce(0, pair_molecule, choice, "amax")
-        return (subsets & (SPD | EDGE)) != 0, (subsets & GEOMETRY) != 0
+        known = has_geometry[:, None].expand(atoms) if molecule is None else has_geometry[molecule]
+        if self.blender.mode == "molecule":
+            if pair_molecule is None:
+                subsets = choice.amax(dim=(1, 2))[:, None].expand(atoms)
+            else:
+                subsets = choice.new_zeros(has_geometry.shape[0]).scatter_reduce(0, pair_molecule, choice, "amax")
+                subsets = subsets[molecule]
+            return (subsets & (SPD | EDGE)) != 0, ((subsets & GEOMETRY) != 0) & known
+        probs = self.config.atom_feature_blend
+        if probs is None:
+            return None, None
+        # generator=None is left out of the call: torch.compile traces that overload with concrete sizes only.
+        options = dict(device=known.device) if generator is None else dict(generator=generator, device=known.device)
+        takes_3d = (torch.rand(atoms, **options) >= probs[0] / (probs[0] + probs[1])) & known
+        return ~takes_3d, takes_3d
 
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
@@ -523,10 +551,10 @@ class MoleBlend(nn.Module):
         config = self.config
         mask = relations.mask
         choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
-        uses_2d, uses_3d = self._atom_channels(choice)
+        with_degree, with_3d = self._atom_features(choice, relations.has_geometry, generator, mask.shape)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
         degree = self.degree_encoder((relations.spd == 1).sum(-1).clamp(max=config.max_degree))
-        x = x + (degree if uses_2d is None else torch.where(uses_2d[:, None, None], degree, 0.0))
+        x = x + (degree if with_degree is None else torch.where(with_degree[..., None], degree, 0.0))
 
         edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
@@ -539,8 +567,8 @@ class MoleBlend(nn.Module):
             known = relations.has_geometry
             geometry_bias = torch.where(known[:, None, None, None], geometry_bias, 0.0)
             if config.atom_3d_feature:
-                known = known if uses_3d is None else known & uses_3d
-                x = x + torch.where(known[:, None, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
+                with_3d = known[:, None] if with_3d is None else with_3d
+                x = x + torch.where(with_3d[..., None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
@@ -566,12 +594,13 @@ class MoleBlend(nn.Module):
         # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
         choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
                               pairs=relations.spd.shape[0])
-        uses_2d, uses_3d = self._atom_channels(choice, index.pair_molecule, molecules=known.shape[0])
+        with_degree, with_3d = self._atom_features(choice, known, generator, (atoms,), index.atom_molecule,
+                                                   index.pair_molecule)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
         degree = self.degree_encoder(degree.clamp(max=config.max_degree))
-        x = x + (degree if uses_2d is None else torch.where(uses_2d[index.atom_molecule, None], degree, 0.0))
+        x = x + (degree if with_degree is None else torch.where(with_degree[:, None], degree, 0.0))
 
         edge_bias = path_edge_bias(relations.routes, relations.spd, self._bond_embeddings(relations),
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads),
@@ -585,8 +614,8 @@ class MoleBlend(nn.Module):
                                                    max_seqlen=width)                                     # (H, P)
             geometry_bias = torch.where(known[index.pair_molecule], geometry_bias, 0.0)
             if config.atom_3d_feature:
-                with_3d = known if uses_3d is None else known & uses_3d
-                x = x + torch.where(with_3d[index.atom_molecule, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
+                with_3d = known[index.atom_molecule] if with_3d is None else with_3d
+                x = x + torch.where(with_3d[:, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
         spd_index = torch.where(relations.spd < 0, self.unreachable_id,
                                 relations.spd.clamp(max=config.max_distance))
