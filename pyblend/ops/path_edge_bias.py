@@ -21,7 +21,7 @@ from torch import Tensor
 from .._values import values_hidden
 from ..reference.path_edge_bias import path_edge_bias as _reference
 from ._autograd import call, refuse_double_backward
-from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe, host_sizes
+from ._checks import FLOAT_DTYPES, as_tensor, check_dtype, check_same_device, describe, host_sizes, id_range
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["path_edge_bias"]
@@ -137,7 +137,7 @@ def _validate(routes, distances, edge_embedding, hop_weights, cu_seqlens):
                          f"got {describe(hop_weights)}")
 
     if routes.numel() and not values_hidden(routes):
-        low, high = torch.stack(torch.aminmax(routes)).tolist()  # the one device-to-host read
+        low, high = id_range(routes)  # the one device-to-host read
         if low < -1:
             raise ValueError(f"routes: expected bond ids >= 0 and -1 past a path's end; got {low}")
         if high >= edge_embedding.shape[0]:
