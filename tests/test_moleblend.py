@@ -99,6 +99,7 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
     """Stochastic depth: layer rates 0 ... droppath (Graphormer's linear spacing); in training a branch is kept
     or dropped for a whole molecule (padded: its row; packed: every token of its span), kept ones scaled by
     1 / (1 - p); eval mode and p = 0 leave it alone."""
+    from pyblend.layout import atom_molecules
     from pyblend.models.moleblend import EncoderLayer
 
     assert MoleBlendConfig().droppath == 0.1
@@ -109,7 +110,7 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
             _config(droppath=value)
     layer = EncoderLayer(_config(), droppath=0.25).train()
     torch.manual_seed(0)
-    padded = layer._drop_path(torch.ones(4000, 3, 2), {})
+    padded = layer._drop_path(torch.ones(4000, 3, 2), 4000, None)
     per_molecule = padded.flatten(1)
     assert (per_molecule == per_molecule[:, :1]).all(), "one draw per molecule"
     assert per_molecule[:, 0].unique().tolist() == [0.0, pytest.approx(4 / 3)]
@@ -117,17 +118,25 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
     cu_seqlens = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     for seed in range(20):
         torch.manual_seed(seed)
-        packed = layer._drop_path(torch.ones(9, 2), {"cu_seqlens": cu_seqlens})[:, 0]
+        packed = layer._drop_path(torch.ones(9, 2), 3, atom_molecules(cu_seqlens, 9))[:, 0]
         for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
             assert (packed[start:end] == packed[start]).all()
-    assert layer.eval()._drop_path(torch.ones(3, 2, 2), {}).eq(1).all()
-    # In a training step it draws from torch's generator: with the blend fixed, two steps differ.
+    # Packed, the layer makes the row -> molecule map itself when it is not given: the same draws.
+    tokens = torch.randn(9, 32)
+    outputs = []
+    for given in (atom_molecules(cu_seqlens, 9), None):
+        torch.manual_seed(5)
+        outputs.append(layer(tokens, cu_seqlens=cu_seqlens, max_seqlen=5, row_molecules=given))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert layer.eval()._drop_path(torch.ones(3, 2, 2), 3, None).eq(1).all()
+    # In a training step it draws from torch's generator: with the blend fixed, two steps differ (both layouts).
     model = _model(droppath=0.9).train()
-    batch = collate(graphs)
-    torch.manual_seed(1)
-    first, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
-    second, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
-    assert first.item() != second.item()
+    for layout in ("padded", "packed"):
+        batch = collate(graphs, layout=layout)
+        torch.manual_seed(1)
+        first, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+        second, _ = model.pretrain_loss(batch, generator=torch.Generator().manual_seed(3))
+        assert first.item() != second.item()
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

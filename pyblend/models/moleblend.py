@@ -234,7 +234,8 @@ class EncoderLayer(nn.Module):
     with this probability and scaled by ``1 / (1 - droppath)`` where kept (stochastic depth, one draw per molecule
     and branch from torch's global generator, as dropout). Graphormer's own DropPath runs on its ``(N, B, dim)``
     layout and so draws per atom position shared by the batch; pyblend draws per molecule, as stochastic depth
-    is defined."""
+    is defined. Packed, ``row_molecules`` gives each row's molecule (:func:`pyblend.layout.atom_molecules` of
+    ``cu_seqlens``; made here when not given: :class:`MoleBlend` makes it once for all its layers)."""
 
     def __init__(self, config: MoleBlendConfig, droppath: float = 0.0):
         super().__init__()
@@ -248,34 +249,36 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, **attention) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, row_molecules: Tensor | None = None,
+                **attention) -> Tensor:
+        cu_seqlens = attention.get("cu_seqlens")
+        molecules = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        if cu_seqlens is not None and row_molecules is None and self.training and self.droppath > 0.0:
+            row_molecules = atom_molecules(cu_seqlens, x.shape[0])
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x = residual + self._drop_path(self.dropout(self.self_attn(x, mask=mask, **attention)), attention)
+        x = residual + self._drop_path(self.dropout(self.self_attn(x, mask=mask, **attention)), molecules,
+                                       row_molecules)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.pre_layernorm:
             x = self.final_layer_norm(x)
         x = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
-        x = residual + self._drop_path(self.dropout(x), attention)
+        x = residual + self._drop_path(self.dropout(x), molecules, row_molecules)
         if not self.pre_layernorm:
             x = self.final_layer_norm(x)
         return x
 
-    def _drop_path(self, branch: Tensor, attention: dict) -> Tensor:
+    def _drop_path(self, branch: Tensor, molecules: int, row_molecules: Tensor | None) -> Tensor:
+        """``branch`` with each molecule's rows dropped or scaled; padded (``row_molecules`` None): row b is
+        molecule b."""
         if not self.training or self.droppath == 0.0:
             return branch
-        cu_seqlens = attention.get("cu_seqlens")
-        molecules = branch.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         keep = 1.0 - self.droppath
         scale = (torch.rand(molecules, device=branch.device) < keep).to(branch.dtype) / keep
-        if cu_seqlens is None:
-            return branch * scale[:, None, None]
-        # Each token's molecule, from the sizes alone (no host read).
-        tokens = torch.arange(branch.shape[0], device=branch.device, dtype=cu_seqlens.dtype)
-        return branch * scale[torch.searchsorted(cu_seqlens[1:], tokens, right=True)][:, None]
+        return branch * (scale[:, None, None] if row_molecules is None else scale[row_molecules][:, None])
 
 
 class _PairProjection(nn.Module):
@@ -532,9 +535,12 @@ class MoleBlend(nn.Module):
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
         x, attention, geometry_bias = self.layer_inputs(relations, generator)
         mask = None if relations.packed else F.pad(relations.mask, (1, 0), value=True)
+        row_molecules = None  # drop-path's token -> molecule map, made once for every layer
+        if relations.packed and self.training and self.config.droppath > 0.0:
+            row_molecules = atom_molecules(attention["cu_seqlens"], x.shape[0])
         for depth, layer in enumerate(self.layers):
             with _checked_by_the_first_layer(depth):
-                x = layer(x, mask, **attention)
+                x = layer(x, mask, row_molecules=row_molecules, **attention)
         return x, geometry_bias
 
     def layer_inputs(self, relations: Relations, generator: torch.Generator | None = None
