@@ -388,8 +388,8 @@ def _(row, col, weight, bias, aux, mask, start, length, pair_start, max_n, pairs
 
 
 def _reduced(values: Tensor, counts: Tensor, per_molecule: bool) -> Tensor:
-    """The loss from per-molecule sums ``values (B,)`` (or, in the backward, their common gradient broadcast) and
-    the counts ``(B,)`` they sum over."""
+    """The loss from per-molecule loss sums ``values (B,)`` and the counts ``(B,)`` they sum over
+    (:func:`_molecule_scales` is its derivative)."""
     if not per_molecule:
         return values.sum() / counts.sum().clamp(min=1)
     counted = counts > 0
