@@ -386,8 +386,13 @@ def test_row_lse_rectangular_matches_torch(generator, rows, cols, masked):
     dim = 600 if (rows, cols) == (5, 70) else 24  # 600: padded to 608 features (past 512, not a multiple of 16)
     x = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
     y = torch.randn(cols, dim, generator=generator, dtype=torch.float64)
-    x_scale = torch.rand(rows, generator=generator, dtype=torch.float64) * 5 + 1
-    y_scale = torch.rand(cols, generator=generator, dtype=torch.float64) + 0.5
+    # Scales as the loss passes them, 1 / (||x|| * temperature) and 1 / ||y|| (here times 0.5 to 1.5), so the
+    # logits stay below ~30. Raw scales of 1 to 9 on unnormalised 600-wide rows gave logits of several hundred,
+    # where float32 rounding of the dot products alone moves the gradients by 1e-5: torch's own float32 dx missed
+    # the bound (1.26e-5 against float64, generator seed 1989444363), and so did ours (1.19e-5).
+    temperature = torch.rand(rows, generator=generator, dtype=torch.float64) * 0.2 + 0.05
+    x_scale = 1 / (x.norm(dim=-1) * temperature)
+    y_scale = (torch.rand(cols, generator=generator, dtype=torch.float64) + 0.5) / y.norm(dim=-1)
     col_present = random_mask(generator, cols) if masked else None
     row_present = random_mask(generator, rows) if masked else None
     if masked:
