@@ -23,7 +23,8 @@ Forward (``_outer_product_fwd_kernel``, one program per (molecule, i-tile), loop
   the count of non-ignored targets (``partial (programs, 2)``, summed by the launcher in a fixed order).
 - ``MODE_COSINE`` (C = 3): ``cos = (S . delta) / (|S| |delta|)``, ``delta = pos_j - pos_i``, 0 where either
   vector is zero; writes ``stats (Q, 2) = (1 / (|S| |delta|), cos / |S|^2)`` (0 where degenerate or ``i == j``)
-  and the partial sums of ``1 - cos`` and of the pair count.
+  and the partial sums of ``1 - cos`` and of the count of pairs with ``delta != 0`` (``i == j`` and coincident
+  atoms have no direction to predict and are left out, as in the public MoleBlend code).
 
 Backward, for ``dS_c`` (the upstream logits' gradient, or from the stats: ``g (softmax - onehot)`` for the
 cross-entropy, ``-g (delta_c / (|S||delta|) - S_c cos / |S|^2)`` for the cosine, with ``g`` the loss gradient over
@@ -171,8 +172,10 @@ def _outer_product_fwd_kernel(
             inverse = tl.where(nonzero, 1.0 / (tl.sqrt(tl.where(nonzero, pp, 1.0)) *
                                                tl.sqrt(tl.where(nonzero, dd, 1.0))), 0.0)
             cosine = dot * inverse
-            loss += tl.where(valid, 1.0 - cosine, 0.0)
-            count += valid.to(tl.float32)
+            # delta = 0 (coincident atoms): no direction to predict, so the pair is not counted.
+            counted = valid & (dd > 0.0)
+            loss += tl.where(counted, 1.0 - cosine, 0.0)
+            count += counted.to(tl.float32)
             tl.store(out_ptr + pair * s_oq, inverse, mask=inside)
             tl.store(out_ptr + pair * s_oq + s_oc, tl.where(nonzero, cosine / tl.where(nonzero, pp, 1.0), 0.0),
                      mask=inside)

@@ -139,8 +139,10 @@ def upstream_for(generator, problem, packed):
 
 def test_reference_is_the_public_head(generator):
     """Per molecule: the flattened outer product through nn.Linear, F.cross_entropy over the kept targets with
-    G softmaxes, and 1 - F.cosine_similarity over i != j, in both layouts."""
+    G softmaxes, and 1 - F.cosine_similarity over the pairs whose target pos_j - pos_i is not zero (the public
+    code's mask: i != j, and here two coincident atoms), in both layouts."""
     problem = Problem(generator, [5, 3], 3, 4, 6, torch.float64, groups=2)
+    problem.positions[0, 3] = problem.positions[0, 1]
     head = torch.nn.Linear(12, 6).double()
     with torch.no_grad():
         head.weight.copy_(problem.weight)
@@ -157,7 +159,7 @@ def test_reference_is_the_public_head(generator):
         ce_targets.append(target[keep])
         pred = mol[..., :3]
         delta = pos[None, :, :] - pos[:, None, :]
-        off = ~torch.eye(n, dtype=torch.bool)
+        off = ~(delta == 0).all(-1)
         cos_terms.append(1 - F.cosine_similarity(pred[off], delta[off], dim=-1))
     expected_ce = F.cross_entropy(torch.cat(kept), torch.cat(ce_targets))
     expected_cos = torch.cat(cos_terms).mean()
@@ -199,18 +201,20 @@ def test_cross_entropy_matches_reference(generator, dtype, packed, classes, grou
 
 
 def test_reference_molecule_reduction_is_the_public_codes(generator):
-    """reduction="molecules": each molecule's mean of 1 - cos over its pairs i != j, then the mean over the
-    molecules that have a pair (the public compute_3d_blending_loss); a one-atom molecule and an empty one count
-    for nothing. Both layouts; an unknown reduction is refused by name."""
-    problem = Problem(generator, [5, 1, 3, 0], 3, 4, 3, torch.float64)
+    """reduction="molecules": each molecule's mean of 1 - cos over its pairs with pos_j != pos_i, then the mean
+    over the molecules that have such a pair (the public compute_3d_blending_loss); a one-atom molecule, an empty
+    one and one whose three atoms coincide count for nothing. Both layouts; an unknown reduction is refused by
+    name."""
+    problem = Problem(generator, [5, 1, 3, 0, 3], 3, 4, 3, torch.float64)
+    problem.positions[4, 1:3] = problem.positions[4, 0]
     per_molecule = []
     for b, n in enumerate(problem.sizes):
-        if n < 2:
-            continue
         row, col, pos = problem.row[b, :n], problem.col[b, :n], problem.positions[b, :n]
         pred = (row[:, None, :, None] * col[None, :, None, :]).reshape(n, n, 12) @ problem.weight.T + problem.bias
         delta = pos[None, :, :] - pos[:, None, :]
-        off = ~torch.eye(n, dtype=torch.bool)
+        off = ~(delta == 0).all(-1)
+        if not off.any():
+            continue
         per_molecule.append((1 - F.cosine_similarity(pred[off], delta[off], dim=-1)).mean())
     expected = torch.stack(per_molecule).mean()
     for packed in (False, True):
@@ -225,8 +229,11 @@ def test_reference_molecule_reduction_is_the_public_codes(generator):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_cosine_per_molecule_matches_reference(generator, packed):
     """The kernels' per-molecule sums and counts, and one loss-sum gradient per molecule in both backward
-    kernels: ragged molecules (one of a single atom, one empty) against the float64 reference."""
-    problem = Problem(generator, [9, 1, 6, 0, 13], 4, 8, 3, torch.float32)
+    kernels: ragged molecules (one of a single atom, one empty, one whose atoms all coincide, so without a pair
+    to count, and two coincident atoms in the last) against the float64 reference."""
+    problem = Problem(generator, [9, 1, 6, 0, 13, 4], 4, 8, 3, torch.float32)
+    problem.positions[2, :6] = problem.positions[2, 0]
+    problem.positions[4, 7] = problem.positions[4, 2]
     got = run(problem, "cos", "triton", packed, reduction="molecules")
     expected = run(problem, "cos", "reference", packed, dtype=torch.float64, reduction="molecules")
     pairs = run(problem, "cos", "triton", packed)
@@ -239,7 +246,7 @@ def test_cosine_per_molecule_matches_reference(generator, packed):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_cosine_matches_reference_with_coincident_atoms(generator, dtype, packed):
     problem = Problem(generator, [9, 6], 4, 8, 3, dtype)
-    problem.positions[0, 3] = problem.positions[0, 5]  # a zero delta: cos = 0, no gradient through that pair
+    problem.positions[0, 3] = problem.positions[0, 5]  # a zero delta: not counted, no gradient through that pair
     got = check(problem, "cos", packed)
     assert all(torch.isfinite(g).all() for g in got.values())
 

@@ -10,7 +10,7 @@ Three entries:
 
 - :func:`outer_product_logits`: the ``(B, N, N, C)`` / ``(P, C)`` logits (inference; differentiable too).
 - :func:`outer_product_loss`: the cross-entropy, mean over the non-ignored (pair, group) targets.
-- :func:`outer_product_cosine_loss`: the 3D head's ``1 - cos`` loss, mean over real pairs ``i != j``.
+- :func:`outer_product_cosine_loss`: the 3D head's ``1 - cos`` loss, mean over real pairs of distinct positions.
 
 On the Triton backend the losses never materialise the ``(pairs, d1 * d2)`` outer products or the
 ``(pairs, C)`` logits, forward or backward: each tile of logits is computed in registers
@@ -152,14 +152,15 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
                               positions: Tensor | None = None, *, mask: Tensor | None = None,
                               cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                               reduction: str = "pairs", backend: str | None = None) -> Tensor:
-    """MoleBlend's 3D head loss: mean over real pairs ``i != j`` of ``1 - cos(pred_ij, pos_j - pos_i)``, with
+    """MoleBlend's 3D head loss: mean over real pairs of ``1 - cos(pred_ij, pos_j - pos_i)``, with
     ``pred_ij`` the 3 logits of the pair (C = 3), without materialising the outer products or the predictions.
     ``reduction="molecules"`` takes each molecule's mean first, then their mean over the molecules with a pair
     (the public MoleBlend code's ``compute_3d_blending_loss``: a small molecule weighs as much as a large one).
 
-    ``cos`` is defined as 0 where either vector is exactly zero (coincident atoms, or a zero prediction): such a
-    pair contributes 1 to the mean and no gradient. Without any pair ``i != j`` (single-atom molecules) the loss
-    is 0.
+    A pair counts only where ``pos_j != pos_i``: the pairs ``i == j`` and those of coincident atoms have no
+    direction to predict and are left out of the mean, as the public code leaves out its zero targets. ``cos`` is
+    defined as 0 where the prediction is exactly zero: such a pair contributes 1 and no gradient. Without any pair
+    (single-atom molecules) the loss is 0.
 
     Args:
         row, col, weight, bias, mask, cu_seqlens, max_seqlen, backend: as :func:`outer_product_logits`, with

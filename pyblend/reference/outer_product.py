@@ -13,8 +13,9 @@ are the outputs of the per-atom row/col projections (``Linear -> GELU -> LayerNo
   mean over the non-ignored (pair, group) targets of real pairs (pairs touching padding are ignored whatever
   their target); with none, 0 (value and gradients), never NaN.
 - Cosine (C = 3): ``pred_ij = logits[i, j]``, ``delta_ij = pos_j - pos_i``; the loss is the mean over the real
-  pairs with ``i != j`` of ``1 - cos(pred_ij, delta_ij)``, where ``cos`` is defined as 0 when either vector is
-  exactly zero (coincident atoms), with zero gradient there. No pair (single-atom molecules only) gives 0.
+  pairs with ``delta_ij != 0`` (``i != j``, atoms not coincident: the public MoleBlend code leaves out the same
+  zero targets) of ``1 - cos(pred_ij, delta_ij)``, where ``cos`` is defined as 0 when the prediction is exactly
+  zero, with zero gradient there. No such pair (single-atom molecules only) gives 0.
   ``positions`` are constants: no gradient flows to them.
 - Padded entries of ``row``/``col``/``positions`` are never read as data: NaN there reaches nothing.
 
@@ -105,9 +106,9 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
                               positions: Tensor | None = None, *, mask: Tensor | None = None,
                               cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                               reduction: str = "pairs") -> Tensor:
-    """Mean over real pairs ``i != j`` of ``1 - cos(logits_ij, pos_j - pos_i)`` (C = 3), ``cos = 0`` where either
-    vector is zero: a scalar in the compute dtype (``reduction="molecules"``: each molecule's mean, then their
-    mean over the molecules with a pair). ``positions``: padded ``(B, N, 3)`` / packed ``(T, 3)``, not
+    """Mean over real pairs with ``pos_j != pos_i`` of ``1 - cos(logits_ij, pos_j - pos_i)`` (C = 3), ``cos = 0``
+    where the prediction is zero: a scalar in the compute dtype (``reduction="molecules"``: each molecule's mean,
+    then their mean over the molecules with a pair). ``positions``: padded ``(B, N, 3)`` / packed ``(T, 3)``, not
     differentiated."""
     logits, mask = _padded_logits(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     pos, _ = _padded(positions.detach().to(logits.dtype), mask if cu_seqlens is None else None, cu_seqlens,
@@ -117,17 +118,15 @@ def outer_product_cosine_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Te
 
 def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor, reduction: str = "pairs") -> Tensor:
     """The cosine loss of padded ``logits (B, N, N, 3)`` against padded ``positions (B, N, 3)`` (constants) over
-    the real pairs ``i != j`` of ``mask (B, N)``: a scalar in the logits' dtype, the mean over the pairs of the
-    batch (``reduction="pairs"``) or over the molecules of each molecule's mean (``"molecules"``, molecules
-    without a pair left out)."""
+    the real pairs of ``mask (B, N)`` with ``pos_j != pos_i``: a scalar in the logits' dtype, the mean over the
+    pairs of the batch (``reduction="pairs"``) or over the molecules of each molecule's mean (``"molecules"``,
+    molecules without a pair left out)."""
     pos = positions.detach()
     delta = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j] = pos_j - pos_i
-    width = mask.shape[1]
-    eye = torch.eye(width, dtype=torch.bool, device=mask.device)
-    pairs = mask[:, :, None] & mask[:, None, :] & ~eye
     pp = (logits * logits).sum(-1)
     dd = (delta * delta).sum(-1)
-    nonzero = (pp > 0) & (dd > 0)
+    pairs = mask[:, :, None] & mask[:, None, :] & (dd > 0)  # delta = 0 (i == j, coincident atoms): no direction
+    nonzero = pairs & (pp > 0)
     # where() inside the square roots too: the gradient of the unused branch must not be NaN at a zero vector.
     # Two roots, not rsqrt(pp * dd): the product overflows float32 once |p| |d| > 1.8e19.
     one = torch.ones_like(pp)
