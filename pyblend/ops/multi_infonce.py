@@ -235,7 +235,8 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
     import torch.distributed as dist
 
     used = sorted({name for pair in pairs for name in pair})
-    local_batch = next(iter(embeddings.values())).shape[0]
+    first = next(iter(embeddings.values()))
+    local_batch = first.shape[0]
     offset = rank * local_batch
     if values_hidden(*embeddings.values()):
         # No host read (torch.compile, value checks off): nothing is checked, and every used modality's mask is
@@ -253,8 +254,7 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
         local[name] = x if mask is None else torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype,
                                                                                         device=x.device))
         gathered[name] = _all_gather(local[name], gather, group, size)
-    gathered_masks = _gather_masks(masks, with_mask, local_batch, next(iter(embeddings.values())).device, group,
-                                   size)
+    gathered_masks = _gather_masks(masks, with_mask, local_batch, first.device, group, size)
 
     if chosen == "reference":
         share = _reference_local(local, gathered, pairs, offset=offset, weights=weights, temperature=temperature,
