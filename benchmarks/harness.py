@@ -1,13 +1,15 @@
 """Benchmark harness: check, then time every provider of a case in the same run, and record rows.
 
-A row is one (entry, case, provider) measurement: median / p20 / p80 time, throughput, peak memory (CUDA),
+A row is one (entry, case, provider) measurement: median / p20 / p80 time, throughput, peak memory,
 speedups over every other provider timed in the same run, where the case gives them achieved GB/s (against the
 device's measured copy bandwidth) and TFLOP/s, and where it ran (device, versions, timestamp).
 Rows are appended to ``benchmarks/results/<device>.json``, replacing older rows with the same key.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -36,9 +38,11 @@ class Case:
     raises (AssertionError) when that output is wrong; ``units``/``unit`` give throughput (e.g. molecules).
     ``targets`` are (provider, over, ratio) claims: provider must be at least ``ratio`` times faster; ``over``
     may be a tuple of providers (the claim is then over the fastest of them timed in the run, "the best peer");
-    a 4th item ``"memory"`` makes it a peak-memory claim (CUDA only): provider's peak memory at least ``ratio``
-    times below ``over``'s (the leanest of them for a tuple). ``bytes_moved`` (provider -> bytes the work must
-    move) and ``flops`` (useful FLOPs, the same for every provider) add achieved GB/s and TFLOP/s to the rows.
+    a 4th item ``"memory"`` makes it a peak-memory claim: provider's peak memory (as :func:`measure` takes it on
+    the device) at least ``ratio`` times below ``over``'s (the leanest of them for a tuple). ``bytes_moved``
+    (provider -> bytes the work must move) and ``flops`` (useful FLOPs, the same for every provider) add achieved
+    GB/s and TFLOP/s to the rows. ``other_processes`` names the providers that do their work in other processes
+    (provider -> how): on the CPU their rows carry no peak memory, since this process's own would understate it.
     """
 
     entry: str
@@ -53,6 +57,7 @@ class Case:
     time_budget_s: float = 5.0
     bytes_moved: dict[str, float] = field(default_factory=dict)
     flops: float | None = None
+    other_processes: dict[str, str] = field(default_factory=dict)
 
 
 def name_selected(name: str, pattern: str | None) -> bool:
@@ -145,14 +150,20 @@ SLOW_CALL_S = 0.25
 
 def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 5.0, warmed_up: bool = False,
             graphs: bool = True) -> dict:
-    """Time ``fn``: CUDA events through triton.testing.do_bench on a GPU, wall clock on the CPU.
+    """Time ``fn`` and take its peak memory: CUDA events through triton.testing.do_bench and the CUDA caching
+    allocator's peak on a GPU, the wall clock and the process's resident-set peak on the CPU.
 
     The first call (compilation, caches) is never timed; pass ``warmed_up=True`` when the caller already made
     it. By the wall clock, calls repeat until the budget is spent (at least 3, at most 50: a single call over the
-    budget is still measured 3 times, for p20/p80). On a GPU, the call that measures peak memory is timed too,
-    a call slower than ``SLOW_CALL_S`` (a CPU-bound peer) is timed by the wall clock, that call included, and a
-    call faster than ``GRAPH_BELOW_MS`` is timed once more from CUDA-graph replays (:func:`graph_timing`) unless
-    ``graphs`` is False.
+    budget is still measured 3 times, for p20/p80). The call that measures peak memory is the first timed one on
+    the CPU; on a GPU it is timed when it is slower than ``SLOW_CALL_S`` (a CPU-bound peer), which then goes on by
+    the wall clock. On a GPU a call faster than ``GRAPH_BELOW_MS`` is timed once more from CUDA-graph replays
+    (:func:`graph_timing`) unless ``graphs`` is False.
+
+    ``peak_memory_bytes`` is what the call adds at its peak to what was held before it: on a GPU the bytes of
+    live tensors (``torch.cuda.max_memory_allocated``), on the CPU the resident set of this whole process (Linux
+    VmHWM, reset for the call: every allocator, numpy and the C++ extension included; None where the kernel
+    cannot reset it). ``peak_memory_of`` says which of the two.
     """
     if not warmed_up:
         fn()
@@ -169,14 +180,61 @@ def measure(fn: Callable[[], Any], device: torch.device, time_budget_s: float = 
         peak = int(torch.cuda.max_memory_allocated(device) - baseline)
         if first_ms > SLOW_CALL_S * 1e3:
             return {**_quantiles(_wall_clock(fn, time_budget_s, [first_ms], torch.cuda.synchronize)),
-                    "peak_memory_bytes": peak}
+                    "peak_memory_bytes": peak, "peak_memory_of": CUDA_PEAK}
         times = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(time_budget_s * 200)),
                                         return_mode="all")
-        timing = {**_quantiles(list(times)), "peak_memory_bytes": peak}
+        timing = {**_quantiles(list(times)), "peak_memory_bytes": peak, "peak_memory_of": CUDA_PEAK}
         if graphs and timing["median_ms"] < GRAPH_BELOW_MS:
             timing.update(graph_timing(fn, timing["median_ms"], time_budget_s))
         return timing
-    return {**_quantiles(_wall_clock(fn, time_budget_s, [], lambda: None)), "peak_memory_bytes": None}
+    baseline = _reset_resident_peak()
+    begin = time.perf_counter()
+    fn()
+    first_ms = (time.perf_counter() - begin) * 1e3
+    peak = None if baseline is None else max(0, _resident_kib()[1] * 1024 - baseline)
+    return {**_quantiles(_wall_clock(fn, time_budget_s, [first_ms], lambda: None)), "peak_memory_bytes": peak,
+            "peak_memory_of": None if peak is None else RESIDENT_PEAK}
+
+
+CUDA_PEAK = "CUDA tensors (max_memory_allocated)"
+RESIDENT_PEAK = "process resident set (VmHWM)"
+
+
+def _resident_kib() -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of this process in KiB, from /proc/self/status; None without it (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS:", "VmHWM:")))
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# After a reset VmHWM is VmRSS; a kernel that ignores the request (Linux before 4.0) leaves it where it was.
+_RESET_SLACK_KIB = 1024
+
+
+def _reset_resident_peak() -> int | None:
+    """Start a fresh resident-set peak for this process and return the resident bytes it starts from (None: the
+    peak cannot be reset here).
+
+    Garbage is collected and glibc's free heap pages go back to the kernel first (``malloc_trim``): pages a
+    previous call freed and glibc kept would be reused without raising the resident set, hiding part of the
+    next call's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
+    except OSError:
+        return None
+    resident = _resident_kib()
+    if resident is None or resident[1] - resident[0] > _RESET_SLACK_KIB:
+        return None
+    return resident[0] * 1024
 
 
 # A call faster than this is also timed as CUDA-graph replays (DESIGN: "CUDA graphs for small ops"): for such a call
@@ -344,6 +402,9 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
             rows.append({**row, "status": "wrong", "error": f"raised while timed: {short_error(failure)}"})
             _release(device)
             continue
+        if provider in case.other_processes and timing.get("peak_memory_of") == RESIDENT_PEAK:
+            timing.update(peak_memory_bytes=None, peak_memory_of=None, peak_memory_note=(
+                f"not taken: works in {case.other_processes[provider]}, this process's peak would understate it"))
         rows.append({**row, "status": "ok", **timing, "throughput": case.units / (timing["median_ms"] / 1e3),
                      **_throughput_fields(case, provider, timing["median_ms"], device)})
         graph = (f"; {timing['graph_median_ms']:.4f} ms from CUDA-graph replays" if "graph_median_ms" in timing
