@@ -172,8 +172,9 @@ def _outer_product_fwd_kernel(
             inverse = tl.where(nonzero, 1.0 / (tl.sqrt(tl.where(nonzero, pp, 1.0)) *
                                                tl.sqrt(tl.where(nonzero, dd, 1.0))), 0.0)
             cosine = dot * inverse
-            # delta = 0 (coincident atoms): no direction to predict, so the pair is not counted.
-            counted = valid & (dd > 0.0)
+            # delta = 0 (coincident atoms): no direction to predict, so the pair is not counted. A NaN position is
+            # counted (dd != 0, not dd > 0): the loss turns NaN instead of quietly leaving the atom out.
+            counted = valid & (dd != 0.0)
             loss += tl.where(counted, 1.0 - cosine, 0.0)
             count += counted.to(tl.float32)
             tl.store(out_ptr + pair * s_oq, inverse, mask=inside)

@@ -251,6 +251,20 @@ def test_cosine_matches_reference_with_coincident_atoms(generator, dtype, packed
     assert all(torch.isfinite(g).all() for g in got.values())
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cosine_nan_position_at_a_real_atom_makes_the_loss_nan(generator, packed):
+    """A NaN coordinate at a real atom is not a coincident atom: its pairs count and the loss is NaN on both
+    backends and reductions (counting pairs by dd > 0 used to leave the atom out quietly). The padded atoms hold
+    NaN throughout and are still never read."""
+    problem = Problem(generator, [9, 6], 4, 8, 3, torch.float32)
+    for backend in ("triton", "reference"):
+        assert torch.isfinite(run(problem, "cos", backend, packed)["out"])
+    problem.positions[1, 2, 0] = float("nan")
+    for backend in ("triton", "reference"):
+        for reduction in ("pairs", "molecules"):
+            assert torch.isnan(run(problem, "cos", backend, packed, reduction=reduction)["out"]), (backend, reduction)
+
+
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_logits_and_their_gradients_match_reference(generator, dtype, packed):
@@ -444,6 +458,10 @@ def test_errors_name_the_argument(generator):
     base = dict(row=row, col=col, weight=weight, bias=bias, target=target, groups=2, ignore_index=IGNORE, **layout)
     bad_target = target.clone()
     bad_target[1, 2, 0, 1] = 3
+    # -100 in uint8 is 156: compared in the target's dtype it passed the range check and the kernel took it as a
+    # class, adding its log-sum-exp to the loss.
+    wrapped = target.clamp(0, 2).to(torch.uint8)
+    wrapped[1, 2, 0, 1] = 156
     cases = [
         (dict(row=row[0]), ValueError, r"row: expected the padded layout \(B, N, d1\)"),
         (dict(row=row.long()), TypeError, "row: expected dtype"),
@@ -457,6 +475,8 @@ def test_errors_name_the_argument(generator):
         (dict(target=target.float()), TypeError, "target: expected dtype"),
         (dict(target=target[..., 0]), ValueError, r"target: expected shape \(B, N, N, G\)"),
         (dict(target=bad_target), ValueError, r"target: expected values in \[0, 3\).*target\[1, 2, 0, 1\] = 3"),
+        (dict(target=wrapped, ignore_index=-100), ValueError, r"target: expected values in \[0, 3\).*\] = 156"),
+        (dict(target=wrapped, ignore_index=-100, backend="triton"), ValueError, r"target: expected values in.* = 156"),
         (dict(max_seqlen=9), ValueError, "max_seqlen: the padded layout"),
         (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
         (dict(row=row.double(), col=col.double(), weight=weight.double(), bias=bias.double(), backend="triton"),

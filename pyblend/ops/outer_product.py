@@ -311,7 +311,8 @@ def _validate_target(target, layout: _Layout, groups, ignore_index) -> Tensor:
 
 def _check_target_range(target, layout, groups, ignore_index) -> None:
     classes = layout.classes // groups
-    values = target.reshape(*layout.pair_mask().shape, groups)
+    # In int64: compared in a narrow target's own dtype, ignore_index would wrap (-100 reads as 156 in uint8).
+    values = target.reshape(*layout.pair_mask().shape, groups).long()
     bad = layout.pair_mask()[..., None] & (values != ignore_index) & ((values < 0) | (values >= classes))
     where = bad.nonzero()  # the one device-to-host read
     if where.numel():

@@ -125,7 +125,8 @@ def cosine_loss_of_logits(logits: Tensor, positions: Tensor, mask: Tensor, reduc
     delta = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j] = pos_j - pos_i
     pp = (logits * logits).sum(-1)
     dd = (delta * delta).sum(-1)
-    pairs = mask[:, :, None] & mask[:, None, :] & (dd > 0)  # delta = 0 (i == j, coincident atoms): no direction
+    # delta = 0 (i == j, coincident atoms): no direction. NaN counts (dd != 0): the loss is NaN, no atom left out.
+    pairs = mask[:, :, None] & mask[:, None, :] & (dd != 0)
     nonzero = pairs & (pp > 0)
     # where() inside the square roots too: the gradient of the unused branch must not be NaN at a zero vector.
     # Two roots, not rsqrt(pp * dd): the product overflows float32 once |p| |d| > 1.8e19.
