@@ -182,7 +182,9 @@ def _relation_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    live = rows_real & (l_i > 0.0)
+    # Dead: no key with a finite score (l = 0). A NaN score makes l NaN and keeps the row live, so the NaN reaches
+    # the output (as in torch's softmax) instead of turning the row into zeros.
+    live = rows_real & (l_i != 0.0)
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     if DROPOUT:
         out = out / (1.0 - dropout_p)

@@ -346,6 +346,26 @@ def test_padded_rows_and_dead_rows_give_zeros(generator):
     compare(got, expected, dtype, mask=mask)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_at_a_real_atom_or_pair_reaches_the_output(generator, backend):
+    """NaN in a real atom's q or k, or in the bias at a real pair, makes the outputs of the rows that read it NaN,
+    as torch's softmax does; a +inf bias too (inf - inf). Such rows used to count as rows with no live key and came
+    out as zeros, hiding the NaN. Every other row keeps its value; padding holds NaN and is still never read."""
+    q, k, v, mask = random_padded(generator, [5, 4], heads=2, head_dim=8, dtype=torch.float32)
+    bias = random_bias(generator, (2, 2, 5, 5), mask, torch.float32)
+    clean = run(backend, q, k, v, bias, mask=mask)["out"]
+    q[0, 1, 0, 3] = float("nan")  # molecule 0, head 0: row 1
+    k[1, 2, 1, 0] = float("nan")  # molecule 1, head 1: key 2, read by every row
+    bias[0, 1, 3, 0] = float("inf")  # molecule 0, head 1: row 3
+    out = run(backend, q, k, v, bias, mask=mask)["out"]
+    poisoned = torch.zeros(out.shape[:3], dtype=torch.bool)
+    poisoned[0, 1, 0] = poisoned[1, :4, 1] = poisoned[0, 3, 1] = True
+    assert torch.isnan(out[poisoned]).all()
+    untouched = ~poisoned & mask[:, :, None]
+    torch.testing.assert_close(out[untouched], clean[untouched], rtol=0, atol=0)
+    assert (out[~mask] == 0).all()
+
+
 def test_rows_whose_every_logit_is_huge(generator):
     """A row masked by a finite -1e9 bias on every key (the masked_fill(-1e9) idiom): its output is the mean of v,
     and the backward must recompute probabilities 1/N, as torch's float32 softmax does. Stored as one float32,

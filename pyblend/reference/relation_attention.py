@@ -75,10 +75,11 @@ def relation_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = No
         gathered = bias_from_relations(torch.where(pair_real[:, 0], rel_index, 0), rel_table)
         logits = logits + torch.where(pair_real, gathered.to(logits.dtype), zero)
     scores = torch.where(mask[:, None, None, :], logits, float("-inf"))
-    # A row with no finite score gets zeros: softmax runs on a finite stand-in so no NaN reaches the gradient.
+    # A row whose scores are all -inf gets zeros: softmax runs on a finite stand-in so no NaN reaches the gradient.
+    # A NaN or +inf score keeps its row live: the NaN that softmax makes of it reaches the output, as in torch.
     # (amax refuses an empty key axis; with N = 0 there is no row either.)
     peak = scores.amax(-1, keepdim=True) if atoms else scores.sum(-1, keepdim=True)
-    row_live = torch.isfinite(peak) & mask[:, None, :, None]
+    row_live = (peak != float("-inf")) & mask[:, None, :, None]
     probs = torch.where(row_live, torch.softmax(torch.where(row_live, scores, zero), dim=-1), zero)
     if dropout_p > 0.0:
         if dropout_keep is None:
