@@ -100,8 +100,14 @@ def _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
 def _relation_ids(pointers, real, num_relations):
     """The tile's relation ids as int32, -1 for a padded pair or an id outside ``[0, num_relations)``: compared
     in the ids' own dtype, so an int64 id past 2^31 cannot wrap into the table when narrowed."""
-    raw = tl.load(pointers, mask=real, other=-1)
-    return tl.where((raw >= 0) & (raw < num_relations), raw, -1).to(tl.int32)
+    if tl.constexpr(pointers.dtype.element_ty.is_int_unsigned()):
+        # uint8 ids: widened first, as their dtype holds no -1. (if/else: the compiler has no early return.)
+        widened = tl.load(pointers, mask=real, other=0).to(tl.int32)
+        relation = tl.where(real & (widened < num_relations), widened, -1)
+    else:
+        raw = tl.load(pointers, mask=real, other=-1)
+        relation = tl.where((raw >= 0) & (raw < num_relations), raw, -1).to(tl.int32)
+    return relation
 
 
 @triton.jit

@@ -210,13 +210,13 @@ def test_packed_equals_padded(generator):
     torch.testing.assert_close(packed["logits"], padded["logits"].permute(1, 0, 2, 3)[:, pairs], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("index_dtype", [torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("index_dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_relation_table(generator, index_dtype, with_bias):
     dtype = torch.float32
     q, k, v, mask = random_padded(generator, [21, 8, 3], heads=4, head_dim=8, dtype=dtype)
     relations = torch.randint(0, 40, (3, 21, 21), generator=generator).to(index_dtype)
-    relations[~(mask[:, :, None] & mask[:, None, :])] = -1  # ids at padded pairs are never read
+    relations[~(mask[:, :, None] & mask[:, None, :])] = -1  # ids at padded pairs are never read (255 in uint8)
     table = torch.randn(40, 4, generator=generator).to(dtype)
     bias = random_bias(generator, (1, 4, 21, 21), None, dtype) if with_bias else None
     got, _ = check_against_reference(generator, dtype, q, k, v, bias, rel_table=table, mask=mask,
@@ -742,6 +742,15 @@ def test_relation_table_alone_compiles_for_hopper_without_spills():
     script = one_feature_set_compile(
         "(None, rel_index, table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.0, 0)", False, True)
     assert_no_spills(shapes, script, kernels_per_shape=4)
+
+
+def test_uint8_relation_ids_compile_for_hopper_without_spills():
+    """uint8 ids take their own branch (widened before the range check: their dtype holds no -1, which Triton
+    refused to compare them with)."""
+    script = one_feature_set_compile(
+        "(None, rel_index.to(torch.uint8), table, None, cu_seqlens, max_seqlen, head_dim ** -0.5, 0.0, 0)",
+        False, True)
+    assert_no_spills([(130, 24, "bfloat16")], script, kernels_per_shape=4)
 
 
 @pytest.mark.full
