@@ -184,6 +184,10 @@ def test_sample_blend_needs_exactly_one_layout_and_a_2d_outcome_without_conforme
         sample_blend()
     with pytest.raises(ValueError, match="has_geometry: molecule 1"):
         sample_blend(_mask([3, 4]), probs=(0, 0, 1), has_geometry=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="has_geometry: expected a tensor on cpu .as the mask. or on the CPU"):
+        sample_blend(_mask([3, 4]), has_geometry=torch.ones(2, dtype=torch.bool, device="meta"))
+    with pytest.raises(TypeError, match="generator: expected a torch.Generator or None; got 5"):
+        sample_blend(_mask([3, 4]), generator=5)
 
 
 def _biases(batch=2, heads=3, atoms=5, seed=0):
@@ -257,6 +261,24 @@ def test_blend_rejects_bad_arguments():
         blend_relations(choice.float())
     with pytest.raises(TypeError, match="spd_index: expected dtype"):
         blend_relations(choice, spd_index=spd.float(), spd_table=table)
+    # Each of these used to pass: bits outside 0..7 (int8 -1 turned every channel on, 8 none), a non-square
+    # choice, integer channels (an integer bias), channels with different H (broadcast by the sum), a table
+    # elsewhere than the ids.
+    for bits in (torch.full(spd.shape, 8, dtype=torch.uint8), torch.full(spd.shape, -1, dtype=torch.int8)):
+        with pytest.raises(ValueError, match=r"choice: expected channel bits in \[0, 7\].*got values from"):
+            blend_relations(bits, edge_bias=edge)
+    with pytest.raises(ValueError, match=r"choice: expected \(B, N, N\) or \(P,\)"):
+        blend_relations(choice[:, :, :4], edge_bias=edge[..., :4])
+    with pytest.raises(TypeError, match="edge_bias: expected dtype"):
+        blend_relations(choice, edge_bias=edge.long())
+    with pytest.raises(ValueError, match="geometry_bias: expected H = 3 heads, as edge_bias has; got 1"):
+        blend_relations(choice, edge_bias=edge, geometry_bias=geometry[:, :1])
+    with pytest.raises(ValueError, match="spd_table: expected H = 3 heads, as edge_bias has; got 2"):
+        blend_relations(choice, edge_bias=edge, spd_index=spd, spd_table=table[:, :2])
+    with pytest.raises(TypeError, match="spd_table: expected dtype"):
+        blend_relations(choice, spd_index=spd, spd_table=table.long())
+    with pytest.raises(ValueError, match="spd_table: expected a tensor on cpu like choice; got meta"):
+        blend_relations(choice, spd_index=spd, spd_table=table.to("meta"))
     # Checked before narrowing to int16: 65538 would wrap to row 2, and 6 (= R) would be the unchosen row.
     for bad in (65538, 6, -1):
         wrong = spd.clone()

@@ -455,6 +455,12 @@ def test_module_inits_shapes_and_repr(generator):
         layer(positions, types[..., 0], mask)
     with pytest.raises(ValueError, match="pair_type_mode: expected one of"):
         GaussianBasisBias(4, pair_type_mode="pairs")
+    # Refused at construction (they used to fail only at the first forward, or unnamed: float('x')).
+    for std_eps in (0, -1e-2, float("nan"), "x"):
+        with pytest.raises(ValueError, match="std_eps: expected a finite float > 0"):
+            GaussianBasisBias(4, std_eps=std_eps)
+    with pytest.raises(ValueError, match="backend: expected one of .'triton', 'reference'. .* got 'gpu'"):
+        GaussianBasisBias(4, backend="gpu")
 
 
 # --------------------------------------------------------------------------------------------- compile

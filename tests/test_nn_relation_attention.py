@@ -321,9 +321,27 @@ def test_bad_inputs_are_refused_by_name():
         RelationBiasedAttention.from_unimol_state_dict({"in_proj.weight": torch.zeros(48, 16)}, 0)
     with pytest.raises(TypeError, match="attn_bias: expected a torch.Tensor or numpy.ndarray, got list"):
         module(torch.randn(2, 5, 16), [[0.0]])
+    # These failed inside nn.Linear or float() without naming the argument, or were accepted (scaling_factor 0
+    # divided by zero, -1 made scaling complex).
+    with pytest.raises(ValueError, match="embed_dim: expected a positive int; got True"):
+        RelationBiasedAttention(True, 1)
+    with pytest.raises(ValueError, match="scaling: expected None or a finite float; got 'a'"):
+        RelationBiasedAttention(16, 4, scaling="a")
+    for factor in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scaling_factor: expected a finite float > 0"):
+            RelationBiasedAttention.from_unimol_state_dict({"in_proj.weight": torch.zeros(48, 16)}, 4,
+                                                           scaling_factor=factor)
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32, as the module's parameters .under "
+                                        r"torch.autocast, any float dtype but float64.; got torch.float64"):
+        module(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x: expected a tensor on cpu, as the module's parameters; got .* on meta"):
+        module(torch.randn(2, 5, 16, device="meta"))
     # A numpy bias is taken, as by the op.
     x, bias = torch.randn(2, 5, 16), torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(module(x, bias.numpy()), module(x, bias))
+    # Under autocast the projections cast x themselves: another dtype is fine there.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(x.bfloat16(), backend="reference").shape == x.shape
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

@@ -612,6 +612,11 @@ def test_errors_name_the_argument(generator):
         (dict(q=q[..., :0], k=q[..., :0], v=q[..., :0]), ValueError, "q: expected a head width D >= 1"),
         (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), ValueError, "q: expected the packed layout"),
         (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
+        # The padded layout's width is q's: a max_seqlen used to be overwritten unchecked.
+        (dict(max_seqlen=99), ValueError, "max_seqlen: the padded layout's width is q.shape[1] = 5; got 99"),
+        (dict(return_logits="no"), TypeError, "return_logits: expected a bool; got 'no'"),
+        (dict(return_logits=None), TypeError, "return_logits: expected a bool"),
+        (dict(dropout_p=0.1, generator=123), TypeError, "generator: expected a torch.Generator or None; got 123"),
     ]
     for overrides, error, message in cases:
         arguments = dict(q=q, k=q, v=q)

@@ -16,6 +16,7 @@ Transformer-M gives ``gbf.mul`` / ``gbf.bias`` ``padding_idx=0`` (row 0 gets no 
 from __future__ import annotations
 
 import functools
+import math
 
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ from ..ops.gaussian_basis_bias import gaussian_basis_bias
 __all__ = ["GaussianBasisBias"]
 
 _PAIR_TYPE_MODES = ("sum2", "single")
+BACKENDS = ("triton", "reference")  # gaussian_basis_bias's
 
 
 class _InitEmbedding(nn.Embedding):
@@ -102,6 +104,13 @@ class GaussianBasisBias(nn.Module):
                 raise ValueError(f"{name}: expected a positive int; got {value!r}")
         if pair_type_mode not in _PAIR_TYPE_MODES:
             raise ValueError(f"pair_type_mode: expected one of {_PAIR_TYPE_MODES}; got {pair_type_mode!r}")
+        # Checked here as the op checks them, rather than at the first forward.
+        if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (math.isfinite(std_eps)
+                                                                                      and std_eps > 0):
+            raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} (gaussian_basis_bias's) or None (automatic); "
+                             f"got {backend!r}")
         self.num_heads, self.num_kernels = num_heads, num_kernels
         self.num_pair_types = num_pair_types
         self.hidden = num_kernels if hidden is None else hidden

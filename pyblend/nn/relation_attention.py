@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._checks import as_tensor
+from ..ops._checks import as_tensor, describe, linear_takes
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -161,9 +161,9 @@ class RelationBiasedAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  scaling: float | None = None, *, device=None, dtype=None):
         super().__init__()
-        if not isinstance(embed_dim, int) or not isinstance(num_heads, int) or embed_dim < 1 or num_heads < 1:
-            raise ValueError(f"embed_dim and num_heads: expected positive ints; got embed_dim={embed_dim!r}, "
-                             f"num_heads={num_heads!r}")
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int; got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -172,9 +172,10 @@ class RelationBiasedAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
+        if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
+                                    or not math.isfinite(scaling)):
+            raise ValueError(f"scaling: expected None or a finite float; got {scaling!r}")
         self.scaling = float(self.head_dim ** -0.5 if scaling is None else scaling)
-        if not math.isfinite(self.scaling):
-            raise ValueError(f"scaling: expected a finite float; got {scaling!r}")
         factory = {"device": device, "dtype": dtype}
         self.q_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
@@ -229,6 +230,10 @@ class RelationBiasedAttention(nn.Module):
         own = {name[len(prefix):]: value for name, value in own.items()}
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads: expected a positive int; got {num_heads!r}")
+        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or \
+                not (math.isfinite(scaling_factor) and scaling_factor > 0):
+            raise ValueError(f"scaling_factor: expected a finite float > 0 (scaling = (D * scaling_factor) ** -0.5); "
+                             f"got {scaling_factor!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}, from {key}) must be divisible by num_heads ({num_heads})")
         head_dim = embed_dim // num_heads
@@ -273,6 +278,13 @@ class RelationBiasedAttention(nn.Module):
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected its last dimension to be embed_dim = {self.embed_dim}; got "
                              f"{x.dtype} tensor of shape {tuple(x.shape)}")
+        weight = self.q_proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"x: expected a tensor on {weight.device}, as the module's parameters; got "
+                             f"{describe(x)}")
+        if not linear_takes(x, weight):
+            raise TypeError(f"x: expected dtype {weight.dtype}, as the module's parameters (under torch.autocast, "
+                            f"any float dtype but float64); got {describe(x)}")
         heads = self.num_heads
         attn_bias = as_tensor(attn_bias, "attn_bias", optional=True)
         if attn_bias is not None and not packed and attn_bias.dim() == 3:  # Uni-Mol's (B*H, N, N)

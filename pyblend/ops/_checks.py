@@ -1,6 +1,7 @@
 """Input validation shared by the ops: every message names the argument, what was expected and what came."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
@@ -116,3 +117,35 @@ def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, i
     elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
     return torch.from_numpy(values), max_seqlen, pairs
+
+
+def check_flag(value, name: str) -> bool:
+    """A yes/no argument: a bool (numpy's included), never a truthy stand-in such as ``"no"`` or ``None``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool; got {value!r}")
+    return bool(value)
+
+
+def is_int(value) -> bool:
+    """An integer argument: Python's or numpy's (sizes read from arrays and configs), never a bool, which Python
+    counts as an int (numpy's bool is no ``numbers.Integral``; it is excluded all the same, for clarity)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A real-number argument: a Python or numpy int or float, never a bool (see :func:`is_int`)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_generator(generator) -> None:
+    """``generator``: None or a ``torch.Generator`` (a seed number is not one: torch.manual_seed takes those)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None; got {generator!r}")
+
+
+def linear_takes(x: Tensor, weight: Tensor) -> bool:
+    """Whether a Linear layer with ``weight`` takes the float input ``x``: the same dtype, or two dtypes autocast
+    (on at ``x``'s device) casts to its own, which is every float dtype but float64."""
+    if x.dtype == weight.dtype:
+        return True
+    return torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)

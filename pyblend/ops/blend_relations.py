@@ -27,7 +27,18 @@ from torch import Tensor
 
 from .._values import values_hidden
 from ..layout import pair_index, seqlens
-from ._checks import INTEGER_DTYPES, as_tensor, check_dtype, check_shape, describe, host_sizes, id_range, is_finite
+from ._checks import (
+    FLOAT_DTYPES,
+    INTEGER_DTYPES,
+    as_tensor,
+    check_dtype,
+    check_generator,
+    check_shape,
+    describe,
+    host_sizes,
+    id_range,
+    is_finite,
+)
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
 
@@ -57,7 +68,8 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
             its top-left ``N_i x N_i`` block); "molecule": one subset per molecule, used by all its pairs.
         symmetric: pair (j, i) uses pair (i, j)'s draw (the public code does not symmetrise; False).
         has_geometry: ``(B,)`` bool, False for a molecule without a conformer: its pairs never get the 3D channel
-            (the draw is renormalised over the channels or subsets left). None = every molecule has one.
+            (the draw is renormalised over the channels or subsets left). None = every molecule has one. On the
+            layout's device, or on the CPU (then copied over).
         generator: a ``torch.Generator`` on the choice's device, for reproducible draws.
         pairs: packed layout, ``P = sum N_i^2`` when known (e.g. a per-pair input's length): saves reading
             ``cu_seqlens`` on the host, and is needed for meta and fake tensors, which have no values.
@@ -71,6 +83,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric: expected a bool; got {symmetric!r}")
     weights = _probabilities(probs)
+    check_generator(generator)
     mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs)
     (batch, atoms), device = mask.shape, mask.device
     if generator is not None and generator.device.type != device.type:
@@ -155,6 +168,10 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs) -> tuple[Tensor, 
     has_geometry = as_tensor(has_geometry, "has_geometry")
     check_dtype(has_geometry, "has_geometry", (torch.bool,))
     check_shape(has_geometry, "has_geometry", (batch,), "(B,)")
+    if has_geometry.device != mask.device and has_geometry.device.type != "cpu":
+        where = "the mask" if cu_seqlens is None else "cu_seqlens"
+        raise ValueError(f"has_geometry: expected a tensor on {mask.device} (as {where}) or on the CPU; got "
+                         f"{describe(has_geometry)}")
     return mask, cu_seqlens, has_geometry.to(mask.device)
 
 
@@ -191,10 +208,16 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
         without the SPD bit at it. Gradients flow to every bias and to ``spd_table``.
     """
     choice = as_tensor(choice, "choice")
-    check_dtype(choice, "choice", (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+    check_dtype(choice, "choice", INTEGER_DTYPES)
     packed = choice.dim() == 1
-    if not packed and choice.dim() != 3:
+    if not packed and (choice.dim() != 3 or choice.shape[1] != choice.shape[2]):
         raise ValueError(f"choice: expected (B, N, N) or (P,); got {describe(choice)}")
+    if not values_hidden(choice):  # reading the bits would break the graph
+        bounds = id_range(choice)
+        if bounds is not None and (bounds[0] < 0 or bounds[1] > SPD | EDGE | GEOMETRY):
+            # -1 (int8) would turn every channel on, 8 none.
+            raise ValueError(f"choice: expected channel bits in [0, {SPD | EDGE | GEOMETRY}] (bit 0 SPD, 1 edge, "
+                             f"2 3D); got values from {bounds[0]} to {bounds[1]}")
     if spd_bias is not None and (spd_index is not None or spd_table is not None):
         raise ValueError("spd_bias: give the SPD channel either dense (spd_bias) or as a table "
                          "(spd_index, spd_table), not both")
@@ -206,12 +229,13 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
         on = (choice & bit) != 0
         return on if packed else on[:, None]  # broadcast over heads: (B, 1, N, N) / (P,) against (H, P)
 
-    bias = None
+    bias = heads = None  # heads: (H, the argument that set it)
     for name, value, bit in (("spd_bias", spd_bias, SPD), ("edge_bias", edge_bias, EDGE),
                              ("geometry_bias", geometry_bias, GEOMETRY)):
         if value is None:
             continue
         value = as_tensor(value, name)
+        check_dtype(value, name, FLOAT_DTYPES)
         want = (None, choice.shape[0]) if packed else (None, None, *choice.shape[1:])
         if value.dim() != len(want) or any(w is not None and s != w for s, w in zip(value.shape, want)) or \
                 (not packed and value.shape[0] not in (1, choice.shape[0])):
@@ -219,6 +243,7 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
             raise ValueError(f"{name}: expected {layout} matching choice {describe(choice)}; got {describe(value)}")
         if value.device != choice.device:
             raise ValueError(f"{name}: expected a tensor on {choice.device} like choice; got {value.device}")
+        heads = _same_heads(heads, value.shape[0 if packed else 1], name)
         part = torch.where(chosen(bit), value, torch.zeros((), dtype=value.dtype, device=value.device))
         bias = part if bias is None else bias + part
 
@@ -232,6 +257,11 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
             raise ValueError(f"spd_table: expected (R, H); got {describe(spd_table)}")
         rows = spd_table.shape[0]
         check_dtype(spd_index, "spd_index", INTEGER_DTYPES)
+        check_dtype(spd_table, "spd_table", FLOAT_DTYPES)
+        for name, value in (("spd_index", spd_index), ("spd_table", spd_table)):
+            if value.device != choice.device:
+                raise ValueError(f"{name}: expected a tensor on {choice.device} like choice; got {value.device}")
+        _same_heads(heads, spd_table.shape[1], "spd_table")
         if not values_hidden(spd_index):  # reading the ids would break the graph
             _check_spd_ids(spd_index, choice, rows)
         index_dtype = torch.int16 if rows + 1 <= torch.iinfo(torch.int16).max else torch.int32
@@ -239,6 +269,13 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
                                 torch.full((), rows, dtype=index_dtype, device=choice.device))
         rel_table = torch.cat([spd_table, spd_table.new_zeros(1, spd_table.shape[1])])
     return {"bias": bias, "rel_index": rel_index, "rel_table": rel_table}
+
+
+def _same_heads(heads: tuple[int, str] | None, count: int, name: str) -> tuple[int, str]:
+    """Every channel has the same H (no channel is broadcast over heads: the sum would take the largest H)."""
+    if heads is not None and count != heads[0]:
+        raise ValueError(f"{name}: expected H = {heads[0]} heads, as {heads[1]} has; got {count}")
+    return (count, name) if heads is None else heads
 
 
 def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:

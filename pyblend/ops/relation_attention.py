@@ -21,6 +21,8 @@ from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
     check_dtype,
+    check_flag,
+    check_generator,
     check_mask,
     check_packed_form,
     check_same_device,
@@ -104,6 +106,9 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     else:
         batch, atoms = q.shape[0], q.shape[1]
         check_mask(mask, (batch, atoms), None)
+        if max_seqlen is not None and max_seqlen != atoms:
+            raise ValueError(f"max_seqlen: the padded layout's width is q.shape[1] = {atoms}; got {max_seqlen!r} "
+                             f"(pass None, or cu_seqlens for the packed layout)")
         max_seqlen = atoms
     _check_bias(bias, packed, batch, heads, max_seqlen, pairs if packed else None)
     _check_relations(rel_index, rel_table, mask, packed, batch, heads, max_seqlen, pairs if packed else None)
@@ -113,6 +118,8 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
         raise ValueError(f"scale: expected a finite float; got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1); got {dropout_p!r}")
+    return_logits = check_flag(return_logits, "return_logits")
+    check_generator(generator)
 
     chosen = choose_backend("relation_attention", backend, q.device, {
         "triton": lambda: _triton_reasons(q),
