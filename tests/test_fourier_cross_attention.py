@@ -6,8 +6,10 @@ compares the output latent and the gradients of the latent, the tokens and every
 """
 import contextlib
 import math
+import re
 import unittest.mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,13 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
 
 FF_NAMES = ("ff_norm_weight", "ff_norm_bias", "ff_in_weight", "ff_in_bias", "ff_out_weight", "ff_out_bias")
+FLAGS = ("token_fft", "normalize", "inverse", "latent_norm", "context_norm", "ff_norm")
+
+
+def without_switched_off_norms(problem, options):
+    """The problem without the weights of the LayerNorms ``options`` switch off (the op refuses unused tensors)."""
+    off = [name for name in ("latent_norm", "context_norm", "ff_norm") if options.get(name) is False]
+    return {k: v for k, v in problem.items() if not any(k.startswith(f"{name}_") for name in off)}
 
 
 def make_problem(generator, batch=2, channels=8, dim=16, tokens=5, width=16, heads=2, head_dim=8, hidden=12,
@@ -121,6 +130,7 @@ def check_against_reference(generator, dtype, *, mask=None, heads=2, **shape_and
     options = {k: shape_and_options.pop(k) for k in list(shape_and_options) if k in (
         "fft_dims", "token_fft", "inverse", "normalize", "latent_norm", "context_norm", "ff_norm", "temperature")}
     problem = rounded(make_problem(generator, mask=mask, heads=heads, **shape_and_options), dtype)
+    problem = without_switched_off_norms(problem, options)
     batch, channels, dim = problem["latent"].shape
     upstream = torch.randn(batch, channels, dim, 2, generator=generator, dtype=torch.float64)
     got = run(fourier_cross_attention, problem, mask, upstream, heads=heads, backend="triton", **options)
@@ -282,6 +292,7 @@ def test_half_precision_tokens_whose_unnormalised_spectrum_leaves_their_range(ge
                       torch.float32)
     latent = problem.pop("latent").requires_grad_()
     tokens = (problem.pop("tokens") * 3 + 8000).to(torch.float16).requires_grad_()
+    problem = without_switched_off_norms(problem, {"context_norm": False})
     weights = {name: x.requires_grad_() for name, x in problem.items()}
     out = fourier_cross_attention(latent, tokens, heads=2, context_norm=False, backend="triton", **weights)
     torch.view_as_real(out).square().sum().backward()
@@ -289,8 +300,7 @@ def test_half_precision_tokens_whose_unnormalised_spectrum_leaves_their_range(ge
     expected = fourier_cross_attention(latent.detach().double(), tokens.detach().double(), heads=2,
                                        context_norm=False, backend="reference", **wide)
     assert relative_error(torch.view_as_real(out), torch.view_as_real(expected)) < RELATIVE_ERROR[torch.float16]
-    used = [x for name, x in weights.items() if not name.startswith("context_norm")]  # switched off: no grad
-    assert all(torch.isfinite(x.grad).all() for x in (latent, tokens, *used))
+    assert all(torch.isfinite(x.grad).all() for x in (latent, tokens, *weights.values()))
 
 
 def test_reference_computes_in_float64_when_any_input_is(generator):
@@ -480,6 +490,55 @@ def test_errors_name_the_argument(generator):
         assert message in str(caught.value), f"{overrides}: {caught.value}"
     with pytest.raises(ValueError, match="ff_in_bias: given without"):
         fourier_cross_attention(latent, tokens, heads=2, **no_ff, ff_in_bias=problem["ff_in_bias"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unused_norm_tensors_are_refused(generator, backend):
+    """A LayerNorm tensor the step would not use was silently dropped (the feed-forward's norm without the
+    feed-forward, a norm's weights with that norm off): a ValueError on either backend, as ff_in_bias without the
+    feed-forward already was."""
+    problem = rounded(make_problem(generator, channels=8, dim=8, tokens=3), torch.float32)
+    problem = {name: x.to(backend_device(backend)) for name, x in problem.items()}
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    no_ff = {k: v for k, v in problem.items() if k not in FF_NAMES}
+    no_latent_norm_weight = {k: v for k, v in problem.items() if k != "latent_norm_weight"}
+    cases = [
+        (dict(no_ff, ff_norm_weight=problem["ff_norm_weight"]), {}, "ff_norm_weight: given without the feed-forward"),
+        (dict(no_ff, ff_norm_bias=problem["ff_norm_bias"]), {}, "ff_norm_bias: given without the feed-forward"),
+        (problem, dict(latent_norm=False), "latent_norm_weight: given with latent_norm=False, which leaves it unused"),
+        (no_latent_norm_weight, dict(latent_norm=False), "latent_norm_bias: given with latent_norm=False"),
+        (problem, dict(context_norm=False), "context_norm_weight: given with context_norm=False"),
+        (problem, dict(ff_norm=False), "ff_norm_weight: given with ff_norm=False"),
+    ]
+    for weights, options, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fourier_cross_attention(latent, tokens, heads=2, backend=backend, **weights, **options)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_flags_must_be_bools(generator, backend):
+    """Flags went through bool(): inverse="False" ran as True, "no" and None were accepted."""
+    problem = rounded(make_problem(generator, channels=8, dim=8, tokens=3, ff=False), torch.float32)
+    problem = {name: x.to(backend_device(backend)) for name, x in problem.items()}
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    for name in FLAGS:
+        for value in ("False", "no", None, 1):
+            with pytest.raises(TypeError, match=re.escape(f"{name}: expected a bool; got {value!r}")):
+                fourier_cross_attention(latent, tokens, heads=2, backend=backend, **problem, **{name: value})
+
+
+def test_numpy_scalars_are_accepted(generator):
+    """heads=np.int64(2) was refused as "not a positive int" (and numpy floats as temperature / eps)."""
+    problem = rounded(make_problem(generator, channels=4, dim=8, tokens=3), torch.float32)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    plain = dict(heads=2, temperature=0.5, fft_dims=1, eps=1e-5, inverse=False)
+    numpy = dict(heads=np.int64(2), temperature=np.float32(0.5), fft_dims=np.int32(1), eps=np.float64(1e-5),
+                 inverse=np.bool_(False))
+    expected = fourier_cross_attention(latent, tokens, backend="reference", **problem, **plain)
+    assert torch.equal(fourier_cross_attention(latent, tokens, backend="reference", **problem, **numpy), expected)
+    for name, value in (("heads", np.float64(2.0)), ("heads", np.bool_(True)), ("fft_dims", np.float32(1.0))):
+        with pytest.raises(ValueError, match=f"{name}: expected"):
+            fourier_cross_attention(latent, tokens, backend="reference", **problem, **{**plain, name: value})
 
 
 # ------------------------------------------------------------------------------------- torch.compile

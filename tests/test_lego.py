@@ -7,6 +7,7 @@ with hand formulas or brute-force loops, never with the code under test.
 import copy
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from pyblend.metrics import concordance_index, roc_auc
 from pyblend.nn.lego import (
     LegoBlock,
     LegoFuse,
+    LegoHead,
     LegoMerge,
     classification_loss,
     lego_merge,
@@ -263,6 +265,43 @@ def test_slerp_errors():
         slerp(torch.arange(3), a, 0.5)
 
 
+def test_slerp_checks_eps():
+    """eps is compared with 1 -+ cos theta: negative or NaN gave NaN, and from 1 on the parallel and opposite cases
+    overlap (eps=5 silently turned every merge into a linear one)."""
+    a, b = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
+    for eps in (-1.0, float("nan"), float("inf"), 1.0, 5.0):
+        with pytest.raises(ValueError, match=r"eps: expected a finite float in \[0, 1\)"):
+            slerp(a, b, 0.5, eps=eps)
+    for eps in ("x", None, True, torch.tensor(1e-7)):
+        with pytest.raises(TypeError, match=r"eps: expected a float in \[0, 1\)"):
+            slerp(a, b, 0.5, eps=eps)
+    expected = slerp(a, b, 0.25)
+    for eps in (0.0, 0, np.float32(1e-7), np.float64(1e-7)):
+        assert_near(slerp(a, b, 0.25, eps=eps), expected, 1e-12, f"eps={eps!r}")
+    # eps = 0: exactly parallel and opposite inputs are still the degenerate cases (finite).
+    assert_near(slerp(a, 3 * a, 0.5, eps=0.0), 2 * a, 1e-12, "parallel, eps=0")
+    assert_near(slerp(a, -a, 0.25, eps=0.0), 0.5 * a, 1e-12, "opposite, eps=0")
+
+
+def test_slerp_checks_a_cpu_tensor_t_like_a_float():
+    """A CPU t is read without a device sync: outside [0, 1] (or NaN) it extrapolated silently."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    for value in (1.5, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"t: expected a value in \[0, 1\]; got a 0-dim tensor holding"):
+            slerp(a, b, torch.tensor(value))
+    with pytest.raises(ValueError, match=r"t: expected a value in \[0, 1\]"):
+        slerp(a.double(), b.double(), torch.tensor(1.5, dtype=torch.float16))
+    # A CPU t with tensors elsewhere is read on the CPU too; a meta t has no value to move to the CPU tensors.
+    with pytest.raises(ValueError, match=r"t: expected a value in \[0, 1\]"):
+        slerp(a.to("meta"), b.to("meta"), torch.tensor(2.0))
+    assert slerp(a.to("meta"), b.to("meta"), torch.tensor(0.5)).device.type == "meta"
+    with pytest.raises(ValueError, match="t: expected a tensor on cpu like a, or on the CPU; got .* on meta"):
+        slerp(a, b, torch.tensor(0.5, device="meta"))
+    # Where values are hidden the tensor is trusted, as on an accelerator.
+    with set_value_checks(False):
+        assert torch.isfinite(slerp(a, b, torch.tensor(1.5))).all()
+
+
 # -------------------------------------------------------------------------------------------- LegoBlock
 
 def token_block(generator=None, **options):
@@ -440,6 +479,36 @@ def test_block_errors(generator):
         token_block(temperature=0.0)
 
 
+def test_block_checks_flags_numbers_backend_and_device(generator):
+    """Flags went through isinstance(bool) only at construction and not at all in forward (return_embeddings="no"
+    was True); numpy ints were refused as sizes; a bad backend waited for the first forward; an input on another
+    device failed inside the encoder (or the op) with torch's message naming no argument."""
+    for name in ("weight_sharing", "token_fft", "normalize"):
+        for value in ("no", None, 1):
+            with pytest.raises(TypeError, match=re.escape(f"{name}: expected a bool; got {value!r}")):
+                vector_block(**{name: value})
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        vector_block(backend="bogus")
+    torch.manual_seed(generator.initial_seed())
+    block = vector_block(heads=np.int64(2), head_dim=np.int32(4), depth=np.int64(2), temperature=np.float32(0.5),
+                         fft_dims=np.int64(1), weight_sharing=np.bool_(False))
+    assert (type(block.heads), type(block.depth), block.fft_dims, block.weight_sharing) == (int, int, 1, False)
+    v = torch.randn(4, 10, generator=generator)
+    with torch.no_grad():
+        assert block(v).shape == (4, 3)
+    with pytest.raises(TypeError, match="return_embeddings: expected a bool"):
+        block(v, return_embeddings="no")
+    with pytest.raises(TypeError, match="final_inverse: expected a bool"):
+        block(v, return_embeddings=True, final_inverse=None)
+    # No encoder: the input is the tokens.
+    with pytest.raises(ValueError, match=r"x: expected encoder tokens on cpu like the block's parameters; "
+                                         r"got .* on meta"):
+        block(v.to("meta"))
+    x, mask = token_inputs(generator)
+    with pytest.raises(ValueError, match=r"x: expected a tensor on cpu like the block's parameters; got .* on meta"):
+        token_block()(x.to("meta"), mask)
+
+
 # ----------------------------------------------------------------------------------------- LegoMerge
 
 def two_blocks(seed):
@@ -535,6 +604,35 @@ def test_lego_merge_errors(generator):
         merged(inputs[:1])
     with pytest.raises(ValueError, match=r"sample\(s\) \[1\] have no modality present"):
         merged(inputs, masks, [torch.tensor([True, False, True, True]), torch.tensor([False, False, True, True])])
+
+
+def test_multi_block_models_check_devices_eps_and_heads(generator):
+    """An input on another device failed in the encoder or the op with torch's message; LegoMerge took eps="x" or
+    -1 until its first forward; merge_heads([]) was an IndexError and merge_heads of blocks an AttributeError."""
+    blocks = two_blocks(generator.initial_seed())
+    (x, v), masks = paired_inputs(generator)
+    for model in (lego_merge(blocks), LegoFuse(blocks)):
+        for index, inputs in ((1, [x, v.to("meta")]), (0, [x.to("meta"), v])):
+            with pytest.raises(ValueError, match=rf"block {index}: x: expected (a tensor|encoder tokens) on cpu "
+                                                 rf"like the block's parameters; got .* on meta"):
+                model(inputs, masks)
+        with pytest.raises(TypeError, match="return_embeddings: expected a bool"):
+            model([x, v], masks, return_embeddings="no")
+    for eps in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+            LegoMerge(blocks, eps=eps)
+    for eps in ("x", None, True):
+        with pytest.raises(TypeError, match="eps: expected a finite float > 0"):
+            lego_merge(blocks, eps=eps)
+    assert lego_merge(blocks, eps=np.float32(0.5)).eps == 0.5
+    with pytest.raises(ValueError, match="heads: expected at least one LegoHead"):
+        merge_heads([])
+    with pytest.raises(TypeError, match=r"heads\[1\]: expected a LegoHead .*; pass blocks\[1\]\.head"):
+        merge_heads([blocks[0].head, blocks[1]])
+    with pytest.raises(ValueError, match=r"heads\[1\]: expected a Linear\(8, 3\) like heads\[0\]"):
+        merge_heads([blocks[0].head, LegoHead(8, 2)])
+    with pytest.raises(TypeError, match=r"heads\[1\]: expected parameters of dtype torch.float32"):
+        merge_heads([blocks[0].head, LegoHead(8, 3, dtype=torch.float64)])
 
 
 def absent_everywhere(batch=4):

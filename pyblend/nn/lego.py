@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._values import values_hidden
-from ..ops._checks import describe
+from ..ops._checks import check_flag, describe, is_finite, is_int, is_real
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_latents, slerp
 
@@ -88,12 +88,13 @@ __all__ = [
 
 HEAD_METHODS = ("slerp", "linear")
 FUSE_MODES = ("stack", "weave")
+BACKENDS = ("triton", "reference")  # fourier_cross_attention's
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int; got {value!r}")
-    return value
+    return int(value)
 
 
 class LegoAttention(nn.Module):
@@ -176,20 +177,25 @@ class LegoBlock(nn.Module):
                  ff_mult: int = 4, weight_sharing: bool = True, fft_dims: int = 2, token_fft: bool = True,
                  normalize: bool = True, backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("outputs", outputs), ("l_c", l_c), ("l_d", l_d),
-                            ("depth", depth), ("heads", heads), ("head_dim", head_dim), ("ff_mult", ff_mult)):
-            _positive_int(value, name)
+        input_dim, outputs, l_c, l_d, depth, heads, head_dim, ff_mult = (
+            _positive_int(value, name) for name, value in (
+                ("input_dim", input_dim), ("outputs", outputs), ("l_c", l_c), ("l_d", l_d), ("depth", depth),
+                ("heads", heads), ("head_dim", head_dim), ("ff_mult", ff_mult)))
         if encoder is not None and not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder: expected an nn.Module or None; got {type(encoder).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-                not (math.isfinite(temperature) and temperature > 0):
+        if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
-        if fft_dims not in (1, 2) or isinstance(fft_dims, bool):
+        if not is_int(fft_dims) or fft_dims not in (1, 2):
             raise ValueError(f"fft_dims: expected 1 (FFT over l_c, the public code) or 2 (over (l_c, l_d), the "
                              f"paper); got {fft_dims!r}")
-        for name, value in (("weight_sharing", weight_sharing), ("token_fft", token_fft), ("normalize", normalize)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: expected a bool; got {value!r}")
+        fft_dims = int(fft_dims)
+        weight_sharing = check_flag(weight_sharing, "weight_sharing")
+        token_fft = check_flag(token_fft, "token_fft")
+        normalize = check_flag(normalize, "normalize")
+        # Checked here rather than at the first forward, which may come long after (or under torch.compile).
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} (fourier_cross_attention's) or None "
+                             f"(automatic); got {backend!r}")
         self.input_dim, self.outputs = input_dim, outputs
         self.l_c, self.l_d, self.depth = l_c, l_d, depth
         self.heads, self.head_dim, self.temperature, self.ff_mult = heads, head_dim, float(temperature), ff_mult
@@ -229,7 +235,16 @@ class LegoBlock(nn.Module):
             # would otherwise be 0 * NaN. Inputs that are not one batched float tensor reach the encoder as given.
             x = torch.where(present.reshape(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype,
                                                                                        device=x.device))
-        tokens = self.encoder(x) if self.encoder is not None else x
+        device = self.latent.device
+        try:
+            tokens = self.encoder(x) if self.encoder is not None else x
+        except RuntimeError as error:
+            # Named here only once the encoder has failed: an encoder may move its input itself.
+            if isinstance(x, Tensor) and x.device != device:
+                raise ValueError(f"x: expected a tensor on {device} like the block's parameters; got {describe(x)} "
+                                 f"(the encoder raised: {str(error).splitlines()[0] if str(error) else error!r})"
+                                 ) from error
+            raise
         if not isinstance(tokens, Tensor):
             raise TypeError(f"x: the encoder must return a tensor (B, N, E) or (B, E); got {type(tokens).__name__}")
         if not tokens.is_floating_point():
@@ -239,6 +254,9 @@ class LegoBlock(nn.Module):
         if tokens.dim() != 3 or tokens.shape[-1] != self.input_dim:
             raise ValueError(f"x: expected encoder tokens of shape (B, N, E) or (B, E) with E = input_dim = "
                              f"{self.input_dim}; got {describe(tokens)}")
+        if tokens.device != device:
+            raise ValueError(f"x: expected encoder tokens on {device} like the block's parameters; "
+                             f"got {describe(tokens)}")
         batch, count = tokens.shape[:2]
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (batch, count):
@@ -316,6 +334,8 @@ class LegoBlock(nn.Module):
             logits ``(B, outputs)`` in the parameters' dtype, or the complex latent ``(B, l_c, l_d)`` (complex64;
             complex128 for float64 parameters), in the frequency domain unless ``final_inverse``.
         """
+        return_embeddings = check_flag(return_embeddings, "return_embeddings")
+        final_inverse = check_flag(final_inverse, "final_inverse")
         if final_inverse and not return_embeddings:
             raise ValueError("final_inverse: the head reads the frequency-domain latent; final_inverse=True needs "
                              "return_embeddings=True")
@@ -335,6 +355,7 @@ def merge_heads(heads: Sequence[LegoHead], method: str = "slerp") -> LegoHead:
     The result holds detached copies (trainable parameters of its own)."""
     if method not in HEAD_METHODS:
         raise ValueError(f"head_method: expected one of {HEAD_METHODS}; got {method!r}")
+    _check_heads(heads)
     first = heads[0]
     merged = LegoHead(first.linear.in_features, first.linear.out_features, device=first.linear.weight.device,
                       dtype=first.linear.weight.dtype)
@@ -348,6 +369,30 @@ def merge_heads(heads: Sequence[LegoHead], method: str = "slerp") -> LegoHead:
                 value = slerp(value, other, 1.0 / m) if method == "slerp" else value + (other - value) / m
             target.copy_(value)
     return merged
+
+
+def _check_heads(heads) -> None:
+    if not isinstance(heads, (Sequence, nn.ModuleList)) or isinstance(heads, (str, Tensor)):
+        raise TypeError(f"heads: expected a list of LegoHead (each a LegoBlock's .head); got {type(heads).__name__}")
+    if len(heads) == 0:
+        raise ValueError("heads: expected at least one LegoHead; got none")
+    for index, head in enumerate(heads):
+        if not isinstance(head, LegoHead):
+            hint = f"; pass blocks[{index}].head" if isinstance(head, LegoBlock) else ""
+            raise TypeError(f"heads[{index}]: expected a LegoHead (a LegoBlock's .head){hint}; got "
+                            f"{type(head).__name__}")
+    first = heads[0].linear.weight
+    for index, head in enumerate(heads[1:], start=1):
+        weight = head.linear.weight
+        if weight.shape != first.shape:
+            raise ValueError(f"heads[{index}]: expected a Linear({first.shape[1]}, {first.shape[0]}) like heads[0]; "
+                             f"got Linear({weight.shape[1]}, {weight.shape[0]})")
+        if weight.dtype != first.dtype:
+            raise TypeError(f"heads[{index}]: expected parameters of dtype {first.dtype} like heads[0]; "
+                            f"got {weight.dtype}")
+        if weight.device != first.device:
+            raise ValueError(f"heads[{index}]: expected parameters on {first.device} like heads[0]; "
+                             f"got {weight.device}")
 
 
 def _check_blocks(blocks, name: str = "blocks") -> list[LegoBlock]:
@@ -429,6 +474,9 @@ class _LegoMulti(nn.Module):
             if tokens.shape[0] != batch:
                 raise ValueError(f"inputs[{index}]: expected batch size {batch} like inputs[{first}]; got tokens "
                                  f"{describe(tokens)}")
+            if tokens.device != device:
+                raise ValueError(f"inputs[{index}]: expected tokens on {device} like inputs[{first}]'s (every block "
+                                 f"on one device); got {describe(tokens)}")
         rows = []
         for index in range(count):
             if encoded[index] is not None:
@@ -493,6 +541,11 @@ class LegoMerge(_LegoMulti):
                  eps: float = 1e-6):
         if method not in MERGE_METHODS:
             raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
+        # merge_latents' rule, checked here rather than at the first forward.
+        if not is_real(eps):
+            raise TypeError(f"eps: expected a finite float > 0; got {eps!r}")
+        if not (is_finite(eps) and eps > 0):
+            raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
         super().__init__(blocks, head_method)
         self.method = method
         self.eps = float(eps)
@@ -502,6 +555,7 @@ class LegoMerge(_LegoMulti):
 
     def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
                 return_embeddings: bool = False) -> Tensor:
+        return_embeddings = check_flag(return_embeddings, "return_embeddings")
         encoded, available = self._encode_all(inputs, masks, present)
         latents, rows = [], []
         for m, (block, entry) in enumerate(zip(self.blocks, encoded)):
@@ -561,6 +615,7 @@ class LegoFuse(_LegoMulti):
 
     def forward(self, inputs: Sequence, masks: Sequence | None = None, present: Sequence | None = None,
                 return_embeddings: bool = False) -> Tensor:
+        return_embeddings = check_flag(return_embeddings, "return_embeddings")
         encoded, available = self._encode_all(inputs, masks, present)
         batch, device = available.shape[1], available.device
         contexts = []

@@ -32,7 +32,7 @@ from .._values import values_hidden
 from .. import reference
 from ..reference.fourier_cross_attention import fft, pack_tokens, token_spectrum
 from ._autograd import call, refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
+from ._checks import as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_int, is_real
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["fourier_cross_attention"]
@@ -43,6 +43,11 @@ _LATENT_DTYPES = (*_FLOAT_DTYPES, torch.complex64, torch.complex128)
 _MAX_LATENT = 256  # kernels.fourier_cross_attention.MAX_LATENT
 _MAX_HEAD_DIM = 128  # the kernels' float32 attention tiles spill beyond (ptxas, sm_90)
 _FF_NAMES = ("ff_in_weight", "ff_out_weight")
+_FLAGS = ("token_fft", "normalize", "inverse", "latent_norm", "context_norm", "ff_norm")
+# The tensors each LayerNorm switch leaves unused when off.
+_NORM_WEIGHTS = {"latent_norm": ("latent_norm_weight", "latent_norm_bias"),
+                 "context_norm": ("context_norm_weight", "context_norm_bias"),
+                 "ff_norm": ("ff_norm_weight", "ff_norm_bias")}
 
 
 def fourier_cross_attention(
@@ -67,13 +72,17 @@ def fourier_cross_attention(
             out_bias: ``(D,)`` or None.
         heads: H, a positive int dividing the query width ``q_weight.shape[0]``.
         latent_norm_weight / latent_norm_bias: ``(D,)`` or None; context_norm_*: ``(E,)`` or None;
-            ff_norm_*: ``(D,)`` or None.
+            ff_norm_*: ``(D,)`` or None. Each only with its LayerNorm on (``latent_norm``, ``context_norm``,
+            ``ff_norm``), and ``ff_norm_*`` only with the feed-forward: a tensor that would go unused is a
+            ValueError, not silently ignored.
         ff_in_weight ``(2F, D)``, ff_in_bias ``(2F,)``, ff_out_weight ``(D, F)``, ff_out_bias ``(D,)``: the
             gated-SELU feed-forward; ``ff_in_weight`` and ``ff_out_weight`` both or neither.
         token_mask: ``(B, N)`` bool, True = real token; masked tokens are never read (they may hold NaN).
         temperature: > 0, divides the attention logits (after ``Dh^-0.5``).
         fft_dims: 2 (FFT over (C, D), the paper) or 1 (over C, the public code).
-        token_fft, normalize, inverse, latent_norm, context_norm, ff_norm, eps: as the reference.
+        token_fft, normalize, inverse, latent_norm, context_norm, ff_norm: bools (numpy's included), as the
+            reference.
+        eps: the LayerNorms' eps, a finite float > 0.
         backend: "triton" | "reference" | None (automatic: Triton for CUDA tensors; ``PYBLEND_BACKEND``).
 
     Returns:
@@ -84,11 +93,13 @@ def fourier_cross_attention(
                    context_norm_weight=context_norm_weight, context_norm_bias=context_norm_bias,
                    ff_norm_weight=ff_norm_weight, ff_norm_bias=ff_norm_bias, ff_in_weight=ff_in_weight,
                    ff_in_bias=ff_in_bias, ff_out_weight=ff_out_weight, ff_out_bias=ff_out_bias)
-    latent, tokens, weights, token_mask = _validate(latent, tokens, weights, token_mask, heads, temperature,
-                                                    fft_dims, eps)
-    options = dict(token_mask=token_mask, temperature=float(temperature), fft_dims=int(fft_dims),
-                   token_fft=bool(token_fft), normalize=bool(normalize), inverse=bool(inverse),
-                   latent_norm=bool(latent_norm), context_norm=bool(context_norm), ff_norm=bool(ff_norm),
+    flags = dict(token_fft=token_fft, normalize=normalize, inverse=inverse, latent_norm=latent_norm,
+                 context_norm=context_norm, ff_norm=ff_norm)
+    # Both backends take what _validate returns: the same checks, and plain Python bools, ints and floats.
+    latent, tokens, weights, token_mask, flags = _validate(latent, tokens, weights, token_mask, heads, temperature,
+                                                           fft_dims, eps, flags)
+    heads = int(heads)
+    options = dict(token_mask=token_mask, temperature=float(temperature), fft_dims=int(fft_dims), **flags,
                    eps=float(eps))
     chosen = choose_backend("fourier_cross_attention", backend, latent.device, {
         "triton": lambda: _triton_reasons(latent, tokens, weights, heads),
@@ -115,7 +126,7 @@ def _triton_reasons(latent: Tensor, tokens: Tensor, weights: dict, heads: int) -
     return reasons
 
 
-def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims, eps):
+def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims, eps, flags):
     latent = as_tensor(latent, "latent")
     tokens = as_tensor(tokens, "tokens")
     weights = {name: as_tensor(x, name, optional=name not in ("q_weight", "kv_weight", "out_weight"))
@@ -130,8 +141,10 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
                          f"got {describe(tokens)}")
     batch, channels, dim = latent.shape
     tokens_count, width = tokens.shape[1], tokens.shape[2]
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+    if not is_int(heads) or heads < 1:
         raise ValueError(f"heads: expected a positive int; got {heads!r}")
+    heads = int(heads)
+    flags = {name: check_flag(value, name) for name, value in flags.items()}
     q_weight = weights["q_weight"]
     if q_weight.dim() != 2 or q_weight.shape[1] != dim or q_weight.shape[0] % heads:
         raise ValueError(f"q_weight: expected shape (H*Dh, D) = (?, {dim}) with the query width divisible by "
@@ -143,9 +156,10 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
         raise ValueError(f"{missing}: the feed-forward needs ff_in_weight and ff_out_weight together; "
                          f"{given} was given without it")
     if weights["ff_in_weight"] is None:
-        stray = [n for n in ("ff_in_bias", "ff_out_bias") if weights[n] is not None]
+        stray = [n for n in ("ff_in_bias", "ff_out_bias", "ff_norm_weight", "ff_norm_bias") if weights[n] is not None]
         if stray:
-            raise ValueError(f"{stray[0]}: given without the feed-forward weights (ff_in_weight, ff_out_weight)")
+            raise ValueError(f"{stray[0]}: given without the feed-forward weights (ff_in_weight, ff_out_weight), "
+                             f"so it would be unused; pass None or the feed-forward weights")
     else:
         ff_in = weights["ff_in_weight"]
         if ff_in.dim() != 2 or ff_in.shape[1] != dim or ff_in.shape[0] % 2 or ff_in.shape[0] == 0:
@@ -158,6 +172,11 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
                     context_norm_bias=((width,), "(E,)"), ff_norm_weight=((dim,), "(D,)"),
                     ff_norm_bias=((dim,), "(D,)"), ff_in_bias=((2 * (ffn or 0),), "(2F,)"),
                     ff_out_weight=((dim, ffn), "(D, F)"), ff_out_bias=((dim,), "(D,)"))
+    for switch, names in _NORM_WEIGHTS.items():
+        stray = [n for n in names if weights[n] is not None]
+        if stray and not flags[switch]:
+            raise ValueError(f"{stray[0]}: given with {switch}=False, which leaves it unused; pass None or "
+                             f"{switch}=True")
     for name, x in weights.items():
         if x is None:
             continue
@@ -174,14 +193,13 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
         if token_mask.device != latent.device:
             raise ValueError(f"token_mask: expected a tensor on {latent.device} like latent; "
                              f"got {describe(token_mask)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (is_finite(temperature) and temperature > 0):
+    if not is_real(temperature) or not (is_finite(temperature) and temperature > 0):
         raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
-    if isinstance(fft_dims, bool) or fft_dims not in (1, 2):
+    if not is_int(fft_dims) or fft_dims not in (1, 2):
         raise ValueError(f"fft_dims: expected 1 (over C) or 2 (over C and D); got {fft_dims!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (is_finite(eps) and eps > 0):
+    if not is_real(eps) or not (is_finite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
-    return latent, tokens, weights, token_mask
+    return latent, tokens, weights, token_mask, flags
 
 
 # ----------------------------------------------------------------------------------------------- Triton path

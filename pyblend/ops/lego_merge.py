@@ -28,13 +28,13 @@ latents whose modality the sample has (M becomes that sample's count).
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ._checks import describe, is_finite
+from .._values import values_hidden
+from ._checks import describe, is_finite, is_real
 
 __all__ = ["MERGE_METHODS", "merge_latents", "slerp"]
 
@@ -115,8 +115,11 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
     latents = _check_latents(latents)
     if method not in MERGE_METHODS:
         raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (is_finite(eps) and eps > 0):
+    if not is_real(eps):
+        raise TypeError(f"eps: expected a finite float > 0; got {eps!r}")
+    if not (is_finite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+    eps = float(eps)
     mask = _check_present(present, len(latents), latents[0])
     stacked = torch.stack(latents)                                                  # (M, ...)
     real_dtype = stacked.real.dtype
@@ -170,8 +173,12 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
 
     Args:
         a, b: float tensors of one shape, dtype and device (e.g. a task head's weight).
-        t: a float in [0, 1], or a 0-dim float tensor (validated without a device sync only for floats).
-        eps: tolerance on ``|cos theta|`` for the parallel / opposite cases.
+        t: a float in [0, 1], or a 0-dim float tensor on the device of ``a`` or on the CPU. A CPU tensor's value
+            is checked like a float's (outside torch.compile and with value checks on); a tensor on an
+            accelerator is not, as reading it would wait for the device.
+        eps: tolerance on ``|cos theta|`` for the parallel / opposite cases, a float in [0, 1): 0 takes only
+            exactly (anti)parallel inputs as such; from 1 on, the two cases would overlap (orthogonal inputs
+            counting as both) and every pair of inputs would be degenerate.
 
     Returns:
         A tensor of the shape and dtype of ``a``. The scalars (norms, angle) are computed in float64.
@@ -185,14 +192,27 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
         raise ValueError(f"b: expected shape {tuple(a.shape)} and dtype {a.dtype} like a; got {describe(b)}")
     if b.device != a.device:
         raise ValueError(f"b: expected a tensor on {a.device} like a; got {describe(b)}")
+    if not is_real(eps):
+        raise TypeError(f"eps: expected a float in [0, 1); got {eps!r}")
+    if not (is_finite(eps) and 0 <= eps < 1):
+        raise ValueError(f"eps: expected a finite float in [0, 1) (the tolerance on |cos theta|; from 1 on the "
+                         f"parallel and opposite cases overlap); got {eps!r}")
     if isinstance(t, Tensor):
         if t.dim() != 0 or not t.is_floating_point():
             raise ValueError(f"t: expected a float in [0, 1] or a 0-dim float tensor; got {describe(t)}")
+        if t.device != a.device and t.device.type != "cpu":
+            raise ValueError(f"t: expected a tensor on {a.device} like a, or on the CPU; got {describe(t)}")
+        # A CPU value is read without waiting for any device; outside [0, 1] the formula extrapolates silently.
+        if t.device.type == "cpu" and not values_hidden(t):
+            value = float(t.detach())
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"t: expected a value in [0, 1]; got a 0-dim tensor holding {value!r}")
         t = t.to(device=a.device, dtype=torch.float64)
-    elif isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= t <= 1.0:
+    elif not is_real(t) or not 0.0 <= t <= 1.0:
         raise ValueError(f"t: expected a float in [0, 1]; got {t!r}")
     else:
         t = torch.tensor(float(t), dtype=torch.float64, device=a.device)
+    eps = float(eps)
 
     x, y = a.reshape(-1).double(), b.reshape(-1).double()
     norm_a, norm_b = x.norm(), y.norm()
