@@ -8,6 +8,7 @@ three outputs with the float64 reference.
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -549,6 +550,45 @@ def test_module_errors(generator):
         with pytest.raises(error) as caught:
             make()
         assert message in str(caught.value), f"{message!r} not in {caught.value}"
+
+
+def test_module_names_an_embedding_of_another_dtype_or_device(generator):
+    """An embedding whose dtype or device differs from the parameters failed in project[m]'s matmul with torch's
+    "mat1 and mat2 must have the same dtype" (or its device error), naming no modality."""
+    embeddings, masks = module_inputs(generator, 5)
+    fusion = DynamicFusion(DIMS, 8)
+    wide = {**embeddings, "graph": embeddings["graph"].double()}
+    with pytest.raises(TypeError, match=r"embeddings\['graph'\]: expected dtype torch.float32 like the module's "
+                                        r"parameters \(under autocast, any float dtype but float64\); got "
+                                        r"torch.float64"):
+        fusion(wide, masks)
+    with pytest.raises(TypeError, match=r"embeddings\['graph'\]: expected dtype torch.float32"):
+        fusion.reconstruction_loss(torch.zeros(5, 8), wide, masks)
+    with pytest.raises(ValueError, match=r"embeddings\['smiles'\]: expected a tensor on cpu like the module's "
+                                         r"parameters; got .* on meta"):
+        fusion({name: x.to("meta") for name, x in embeddings.items()})
+    # Under autocast the projections cast their inputs themselves, but never a float64 one.
+    with torch.autocast("cpu", torch.bfloat16):
+        fused, _ = fusion({**embeddings, "graph": embeddings["graph"].half()}, masks)
+        assert fused.dtype == torch.bfloat16 and torch.isfinite(fused).all()
+        with pytest.raises(TypeError, match=r"embeddings\['graph'\]: expected dtype torch.float32"):
+            fusion(wide, masks)
+
+
+def test_module_flags_numbers_and_backend_at_construction():
+    """bias="no" built biases (nn.Linear reads it as truthy), numpy ints and floats were refused, a bad backend
+    waited for the first forward."""
+    for name in ("rescale_gate", "bias"):
+        for value in ("no", None, 1):
+            with pytest.raises(TypeError, match=f"{name}: expected a bool; got {value!r}"):
+                DynamicFusion(DIMS, 8, **{name: value})
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        DynamicFusion(DIMS, 8, backend="bogus")
+    fusion = DynamicFusion({"a": np.int64(3), "b": np.int32(4)}, np.int64(8), entropy_weight=np.float32(0.5),
+                           modality_dropout=np.float64(0.25), eps=np.float32(1e-6), bias=np.bool_(False))
+    assert fusion.input_dims == {"a": 3, "b": 4} and type(fusion.dim) is int and fusion.project["a"].bias is None
+    with pytest.raises(ValueError, match="dim: expected a positive int"):
+        DynamicFusion(DIMS, np.float64(8.0))
 
 
 # --------------------------------------------------------------------------------------------- compile

@@ -6,6 +6,7 @@ Every check draws fresh inputs, poisons absent samples with NaN, and compares th
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,6 +295,37 @@ def test_errors_name_the_argument(generator):
         with pytest.raises(error) as caught:
             ops.multi_infonce(embeddings, pairs, **arguments)
         assert message in str(caught.value), f"{overrides}: {caught.value}"
+
+
+def test_self_pairs_empty_widths_and_non_dicts_are_refused(generator):
+    """A modality paired with itself, or d = 0, gave a loss with nothing to contrast (log(B) for d = 0); a list
+    of masks failed in dict() with "dictionary update sequence element #0"; normalize="no" ran as True."""
+    a, b = (torch.randn(4, 8, generator=generator) for _ in range(2))
+    with pytest.raises(ValueError, match=r"pairs: pair \('a', 'a'\) pairs modality 'a' with itself"):
+        ops.multi_infonce({"a": a, "b": b}, [("a", "b"), ("a", "a")])
+    with pytest.raises(ValueError, match=r"embeddings\['a'\]: expected shape \(B, d\) with d >= 1"):
+        ops.multi_infonce({"a": a[:, :0], "b": b[:, :0]}, [("a", "b")])
+    with pytest.raises(ValueError, match=r"embeddings\['c'\]: expected shape \(B, d\) with d >= 1"):
+        ops.multi_infonce({"a": a, "b": b, "c": b[:, :0]}, [("a", "b")])
+    for masks in ([torch.ones(4, dtype=torch.bool)], "a"):
+        with pytest.raises(TypeError, match="masks: expected None or a dict"):
+            ops.multi_infonce({"a": a, "b": b}, [("a", "b")], masks=masks)
+    with pytest.raises(TypeError, match="embeddings: expected a non-empty dict"):
+        ops.multi_infonce([a, b], [("a", "b")])
+    for value in ("no", None, 1):
+        with pytest.raises(TypeError, match="normalize: expected a bool"):
+            ops.multi_infonce({"a": a, "b": b}, [("a", "b")], normalize=value)
+
+
+def test_numpy_scalars_are_accepted(generator):
+    """weights=[np.float32(1)] was "expected finite floats", temperature=np.float32(.5) "expected a finite float"."""
+    embeddings = random_embeddings(generator, 6, {"a": 8, "b": 8}, torch.float32)
+    expected = ops.multi_infonce(embeddings, [("a", "b")], weights=[1.0], temperature=0.5, normalize=True)
+    got = ops.multi_infonce(embeddings, [("a", "b")], weights=[np.float32(1)], temperature=np.float32(0.5),
+                            normalize=np.bool_(True))
+    assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match="weights: expected finite floats"):
+        ops.multi_infonce(embeddings, [("a", "b")], weights=[np.bool_(True)])
 
 
 # --------------------------------------------------------------------------------------------- compile
@@ -631,3 +663,60 @@ def test_module_validates():
         MultiPairContrastive([("a", "b")], projections={"a": 0})
     with pytest.raises(ValueError, match="gather"):
         MultiPairContrastive([("a", "b")], gather="yes")
+
+
+def test_module_refuses_at_construction_what_would_fail_or_go_unused():
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    pairs = [("a", "b")]
+    with pytest.raises(ValueError, match=r"pairs: pair \('a', 'a'\) pairs modality 'a' with itself"):
+        MultiPairContrastive([("a", "a")])
+    with pytest.raises(ValueError, match="projections: modality 'z' is in no pair"):
+        MultiPairContrastive(pairs, projections={"a": 3, "z": 3})
+    for dim in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="projection_dim: expected the heads' output width"):
+            MultiPairContrastive(pairs, projections={"a": 3}, projection_dim=dim)
+    for weights in ("ab", "a", 1.0, [None], [float("nan")], [True]):
+        with pytest.raises(TypeError, match="weights: expected"):
+            MultiPairContrastive(pairs, weights)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        MultiPairContrastive(pairs, backend="bogus")
+    for name in ("normalize", "learnable_temperature"):
+        with pytest.raises(TypeError, match=f"{name}: expected a bool; got 'no'"):
+            MultiPairContrastive(pairs, **{name: "no"})
+    module = MultiPairContrastive(pairs, [np.float32(1)], temperature=np.float32(0.5),
+                                  projections={"a": np.int64(3)}, projection_dim=np.int64(8),
+                                  normalize=np.bool_(True))
+    assert module.weights == [1.0] and module.fixed_temperature == 0.5 and module.normalize is True
+    assert module.projections["a"].weight.shape == (8, 3)
+
+
+def test_module_checks_head_inputs_before_the_heads(generator):
+    """A head's input of the wrong width, dtype or device, or a bad mask, failed inside the head's matmul or
+    torch.where with torch's message, before the op's checks could name the modality."""
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    module = MultiPairContrastive([("a", "b")], projections={"a": 5}, projection_dim=8)
+    embeddings = {"a": torch.randn(6, 5, generator=generator), "b": torch.randn(6, 8, generator=generator)}
+    mask = torch.ones(6, dtype=torch.bool)
+    cases = [
+        (dict(embeddings, a=torch.randn(6, 4)), None, ValueError,
+         r"embeddings\['a'\]: expected shape \(B, d_in\) = \(\?, 5\), the input width of projections\['a'\]"),
+        (dict(embeddings, a=torch.randn(6)), None, ValueError, r"embeddings\['a'\]: expected shape \(B, d_in\)"),
+        (dict(embeddings, a=embeddings["a"].double()), None, TypeError,
+         r"embeddings\['a'\]: expected dtype torch.float32 like projections\['a'\]'s weight"),
+        (dict(embeddings, a=torch.ones(6, 5, dtype=torch.int64)), None, TypeError,
+         r"embeddings\['a'\]: expected a float tensor"),
+        (dict(embeddings, a=embeddings["a"].to("meta")), None, ValueError,
+         r"embeddings\['a'\]: expected a tensor on cpu like projections\['a'\]"),
+        (embeddings, {"a": torch.ones(6)}, TypeError, r"masks\['a'\]: expected dtype bool"),
+        (embeddings, {"a": mask[:5]}, ValueError, r"masks\['a'\]: expected shape \(B,\)"),
+        (embeddings, {"a": mask.to("meta")}, ValueError, r"masks\['a'\]: expected a tensor on cpu"),
+        ([embeddings["a"], embeddings["b"]], None, TypeError, "embeddings: expected a dict"),
+        (embeddings, [mask], TypeError, "masks: expected None or a dict"),
+    ]
+    for inputs, masks, error, message in cases:
+        with pytest.raises(error, match=message):
+            module(inputs, masks)
+    expected = module(embeddings, {"a": mask})
+    torch.testing.assert_close(module(embeddings, {"a": mask.numpy()}), expected)

@@ -24,15 +24,19 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._checks import (as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_int, is_real,
+                           linear_takes)
 
 __all__ = ["MultiPairContrastive"]
+
+BACKENDS = ("triton", "reference")  # multi_infonce's
 
 
 class MultiPairContrastive(nn.Module):
     """Weighted sum of symmetric InfoNCE losses over modality pairs, with masks for missing modalities.
 
     Args:
-        pairs: ``(a, b)`` modality names.
+        pairs: ``(a, b)`` names of two different modalities.
         weights: one float per pair (default ``1 / len(pairs)`` each).
         temperature: the initial (learnable) or fixed temperature, a float > 0. MolBind: 0.1 fixed.
         learnable_temperature: learn it, as the parameter ``logit_scale = log(1 / temperature)`` (CLIP's).
@@ -49,8 +53,9 @@ class MultiPairContrastive(nn.Module):
 
             (at the cap exactly the gradient passes, so a step can lower it again).
         projections: modality name -> input width ``d_in``: a ``Linear(d_in, projection_dim)`` head for it
-            (``self.projections[name]``); modalities not listed are used as given. None: no heads.
-        projection_dim: the heads' output width (MolBind: 512).
+            (``self.projections[name]``), each a modality of some pair; modalities not listed are used as given.
+            None: no heads.
+        projection_dim: the heads' output width, an int > 0 (MolBind: 512).
         normalize: L2-normalise each embedding (after its head) before the similarities (MolBind does).
         gather: across ranks, "autograd" (default), "no_grad" (MolBind's public code) or None; see
             :func:`pyblend.ops.multi_infonce`.
@@ -78,22 +83,34 @@ class MultiPairContrastive(nn.Module):
             if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or \
                     not all(isinstance(name, str) for name in pair):
                 raise ValueError(f"pairs: expected (modality, modality) tuples of str; got {pair!r}")
+            # As the op: each sample would be its own positive, a loss that only spreads the samples apart.
+            if pair[0] == pair[1]:
+                raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {pair[0]!r} with itself; expected "
+                                 f"two different modalities")
         self.pairs = [tuple(pair) for pair in pairs]
+        # Checked here, as the op would at every forward: a bad weight should not wait for the first batch.
         if weights is None:
             weights = [1.0 / len(self.pairs)] * len(self.pairs)
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+            raise TypeError(f"weights: expected a list or tuple of floats, one per pair; got "
+                            f"{type(weights).__name__}")
         if len(weights) != len(self.pairs):
             raise ValueError(f"weights: expected one weight per pair ({len(self.pairs)}); got {len(weights)}")
+        for w in weights:
+            if not is_real(w) or not is_finite(w):
+                raise TypeError(f"weights: expected finite floats; got {w!r}")
         self.weights = [float(w) for w in weights]
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-                not (math.isfinite(temperature) and temperature > 0):
+        if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+        temperature = float(temperature)
         if gather not in ("autograd", "no_grad", None):
             raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
-        if max_logit_scale is not None and (isinstance(max_logit_scale, bool) or
-                                            not isinstance(max_logit_scale, (int, float)) or
-                                            not math.isfinite(max_logit_scale)):
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} (multi_infonce's) or None (automatic); "
+                             f"got {backend!r}")
+        if max_logit_scale is not None and (not is_real(max_logit_scale) or not math.isfinite(max_logit_scale)):
             raise ValueError(f"max_logit_scale: expected a finite float or None; got {max_logit_scale!r}")
-        self.learnable_temperature = bool(learnable_temperature)
+        self.learnable_temperature = check_flag(learnable_temperature, "learnable_temperature")
         self.max_logit_scale = None if max_logit_scale is None else float(max_logit_scale)
         if self.learnable_temperature and self.max_logit_scale is not None:
             # Compared as the forward compares, in the parameter's dtype (log(100) rounds up in float32, and a
@@ -114,16 +131,25 @@ class MultiPairContrastive(nn.Module):
         else:
             self.register_parameter("logit_scale", None)
             self.fixed_temperature = float(temperature)
+        if not is_int(projection_dim) or projection_dim < 1:
+            raise ValueError(f"projection_dim: expected the heads' output width (int > 0); got {projection_dim!r}")
         self.projection_dim = int(projection_dim)
+        if projections is not None and not isinstance(projections, Mapping):
+            raise TypeError(f"projections: expected None or a dict of modality name -> input width; got "
+                            f"{type(projections).__name__}")
         if projections:
+            paired = {name for pair in self.pairs for name in pair}
             for name, width in projections.items():
-                if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+                if not is_int(width) or width <= 0:
                     raise ValueError(f"projections[{name!r}]: expected an input width (int > 0); got {width!r}")
-            self.projections = nn.ModuleDict({name: nn.Linear(width, self.projection_dim)
+                if name not in paired:
+                    raise ValueError(f"projections: modality {name!r} is in no pair (the pairs use "
+                                     f"{sorted(paired)}), so its head would never be used")
+            self.projections = nn.ModuleDict({name: nn.Linear(int(width), self.projection_dim)
                                               for name, width in projections.items()})
         else:
             self.projections = None
-        self.normalize = bool(normalize)
+        self.normalize = check_flag(normalize, "normalize")
         self.gather = gather
         self.process_group = process_group
         self.backend = backend
@@ -147,6 +173,12 @@ class MultiPairContrastive(nn.Module):
     def project(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict:
         """The embeddings after their heads (unnormalised): modality -> ``(B, projection_dim)`` for a modality with
         a head, the input ``(B, d)`` otherwise."""
+        if not isinstance(embeddings, Mapping):
+            raise TypeError(f"embeddings: expected a dict of modality name -> (B, d) tensor; "
+                            f"got {type(embeddings).__name__}")
+        if masks is not None and not isinstance(masks, Mapping):
+            raise TypeError(f"masks: expected None or a dict of modality name -> (B,) bool tensor; "
+                            f"got {type(masks).__name__}")
         out = dict(embeddings)
         if self.projections is None:
             return out
@@ -154,11 +186,41 @@ class MultiPairContrastive(nn.Module):
         for name, head in self.projections.items():
             if name not in out:
                 continue
-            x = out[name]
+            x = self._head_input(name, out[name], head.weight)
             if name in masks:  # NaN * 0 in the head's weight gradient would be NaN
-                x = torch.where(masks[name][:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+                mask = self._head_mask(name, masks[name], x)
+                x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
             out[name] = head(x)
         return out
+
+    @staticmethod
+    def _head_input(name: str, x, weight: Tensor) -> Tensor:
+        """Checked before the head, whose matmul would fail with a message naming no modality."""
+        label = f"embeddings[{name!r}]"
+        x = as_tensor(x, label)
+        if not x.is_floating_point():
+            raise TypeError(f"{label}: expected a float tensor (B, d_in); got {describe(x)}")
+        if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"{label}: expected shape (B, d_in) = (?, {weight.shape[1]}), the input width of "
+                             f"projections[{name!r}]; got {describe(x)}")
+        if x.device != weight.device:
+            raise ValueError(f"{label}: expected a tensor on {weight.device} like projections[{name!r}]; "
+                             f"got {describe(x)}")
+        if not linear_takes(x, weight):
+            raise TypeError(f"{label}: expected dtype {weight.dtype} like projections[{name!r}]'s weight (under "
+                            f"autocast, any float dtype but float64); got {describe(x)}")
+        return x
+
+    @staticmethod
+    def _head_mask(name: str, mask, x: Tensor) -> Tensor:
+        """The op's checks on ``masks[name]``, made before the mask zeroes the head's input."""
+        label = f"masks[{name!r}]"
+        mask = as_tensor(mask, label)
+        check_dtype(mask, label, (torch.bool,))
+        check_shape(mask, label, (x.shape[0],), "(B,)")
+        if mask.device != x.device:
+            raise ValueError(f"{label}: expected a tensor on {x.device} like the embeddings; got {describe(mask)}")
+        return mask
 
     def forward(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
         """``embeddings``: modality -> ``(B, d)``; ``masks``: modality -> ``(B,)`` bool or None. Returns the 0-dim

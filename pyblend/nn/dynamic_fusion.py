@@ -41,9 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import describe
+from ..ops._checks import check_flag, describe, is_int, is_real, linear_takes
 
 __all__ = ["DynamicFusion"]
+
+BACKENDS = ("triton", "reference")  # gated_fusion's
 
 
 class DynamicFusion(nn.Module):
@@ -83,21 +85,25 @@ class DynamicFusion(nn.Module):
         for name, width in input_dims.items():
             if not isinstance(name, str) or not name:
                 raise TypeError(f"input_dims: expected modality names as non-empty str; got {name!r}")
-            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            if not is_int(width) or width < 1:
                 raise ValueError(f"input_dims[{name!r}]: expected a positive int; got {width!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f"dim: expected a positive int; got {dim!r}")
-        if isinstance(entropy_weight, bool) or not isinstance(entropy_weight, (int, float)) or \
-                not (math.isfinite(entropy_weight) and entropy_weight >= 0):
+        if not is_real(entropy_weight) or not (math.isfinite(entropy_weight) and entropy_weight >= 0):
             raise ValueError(f"entropy_weight: expected a finite float >= 0; got {entropy_weight!r}")
-        if isinstance(modality_dropout, bool) or not isinstance(modality_dropout, (int, float)) or \
-                not 0.0 <= modality_dropout < 1.0:
+        if not is_real(modality_dropout) or not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout: expected a float in [0, 1); got {modality_dropout!r}")
-        if not isinstance(rescale_gate, bool):
-            raise TypeError(f"rescale_gate: expected a bool; got {rescale_gate!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        rescale_gate = check_flag(rescale_gate, "rescale_gate")
+        bias = check_flag(bias, "bias")
+        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
-        self.input_dims = dict(input_dims)
+        # Checked here rather than at the first forward.
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} (gated_fusion's) or None (automatic); "
+                             f"got {backend!r}")
+        input_dims = {name: int(width) for name, width in input_dims.items()}
+        dim = int(dim)
+        self.input_dims = input_dims
         self.modalities = list(self.input_dims)
         self.dim = dim
         self.entropy_weight = float(entropy_weight)
@@ -230,6 +236,14 @@ class DynamicFusion(nn.Module):
             if x.dim() != 2 or x.shape[1] != self.input_dims[name]:
                 raise ValueError(f"{label}: expected shape (B, d_m) = (?, {self.input_dims[name]}); "
                                  f"got {describe(x)}")
+            # Before project[name], whose matmul would fail naming neither the modality nor what it expects.
+            weight = self.project[name].weight
+            if x.device != weight.device:
+                raise ValueError(f"{label}: expected a tensor on {weight.device} like the module's parameters; "
+                                 f"got {describe(x)}")
+            if not linear_takes(x, weight):
+                raise TypeError(f"{label}: expected dtype {weight.dtype} like the module's parameters (under "
+                                f"autocast, any float dtype but float64); got {describe(x)}")
             if first_name is None:
                 first_name, first = name, x
             elif x.shape[0] != first.shape[0]:

@@ -72,7 +72,7 @@ from .._values import values_hidden
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
 from ._autograd import call, refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite
+from ._checks import as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_real
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["multi_infonce"]
@@ -97,9 +97,9 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
 
     Args:
         embeddings: modality name -> ``(B, d)`` float tensor; float16, bfloat16 or float32 (float64: reference
-            backend only), one dtype, one ``B`` and one device for all; ``d`` may differ between modalities
-            that are not paired together.
-        pairs: ``(a, b)`` modality names; each pair's two embeddings must have the same ``d``.
+            backend only), one dtype, one ``B`` and one device for all; ``d >= 1`` may differ between
+            modalities that are not paired together.
+        pairs: ``(a, b)`` names of two different modalities; each pair's two embeddings must have the same ``d``.
         weights: one float per pair, used as given. Default: ``1 / len(pairs)`` each.
         temperature: a float > 0, or a 0-dim float tensor (learnable: it gets a gradient). A tensor's value is
             checked only when it is on the CPU and outside torch.compile (no device-to-host copy).
@@ -120,7 +120,8 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
         a 0-dim tensor, float32 (float64 for float64 embeddings). Across ranks: the global loss on every rank,
         with the gradient of this rank's share (module docstring: under DDP, scale by the world size).
     """
-    embeddings, pairs, weights, masks = _validate(embeddings, pairs, weights, temperature, masks, normalize)
+    embeddings, pairs, weights, masks, normalize = _validate(embeddings, pairs, weights, temperature, masks,
+                                                             normalize)
     if gather not in ("autograd", "no_grad", None):
         raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
     world = _world(gather, process_group)
@@ -414,8 +415,9 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
     for name, x in embeddings.items():
         label = f"embeddings[{name!r}]"
         check_dtype(x, label, _FLOAT_DTYPES)
-        if x.dim() != 2:
-            raise ValueError(f"{label}: expected shape (B, d); got {describe(x)}")
+        # d = 0 gives every logit 0 and the loss log(B) whatever the samples: nothing to contrast.
+        if x.dim() != 2 or x.shape[1] == 0:
+            raise ValueError(f"{label}: expected shape (B, d) with d >= 1; got {describe(x)}")
         if x.dtype != first.dtype:
             raise TypeError(f"{label}: expected the dtype of embeddings[{first_name!r}] ({first.dtype}); "
                             f"got {describe(x)}")
@@ -437,6 +439,10 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
                 raise ValueError(f"pairs: modality {name!r} in pair {tuple(pair)!r} is not in embeddings "
                                  f"(which has {sorted(embeddings)})")
         a, b = pair
+        # Each sample is its own positive: the loss would only measure how unlike the other samples it is.
+        if a == b:
+            raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {a!r} with itself; expected two "
+                             f"different modalities")
         if embeddings[a].shape[1] != embeddings[b].shape[1]:
             raise ValueError(f"pairs: pair {tuple(pair)!r} needs one embedding dim; embeddings[{a!r}] has "
                              f"d = {embeddings[a].shape[1]} and embeddings[{b!r}] has d = {embeddings[b].shape[1]}")
@@ -451,7 +457,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
         if len(weights) != len(pairs):
             raise ValueError(f"weights: expected one weight per pair ({len(pairs)}); got {len(weights)}")
         for w in weights:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not is_finite(w):
+            if not is_real(w) or not is_finite(w):
                 raise TypeError(f"weights: expected finite floats; got {w!r}")
         weights = [float(w) for w in weights]
 
@@ -465,13 +471,14 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
             value = float(temperature.detach())
             if not (is_finite(value) and value > 0):
                 raise ValueError(f"temperature: expected a finite value > 0; got {value!r}")
-    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (is_finite(temperature) and temperature > 0):
+    elif not is_real(temperature) or not (is_finite(temperature) and temperature > 0):
         raise ValueError(f"temperature: expected a finite float > 0 or a 0-dim tensor; got {temperature!r}")
 
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize: expected a bool; got {normalize!r}")
+    normalize = check_flag(normalize, "normalize")
 
+    if masks is not None and not isinstance(masks, Mapping):
+        raise TypeError(f"masks: expected None or a dict of modality name -> (B,) bool tensor; "
+                        f"got {type(masks).__name__}")
     masks = dict(masks or {})
     for name, mask in list(masks.items()):
         if name not in embeddings:
@@ -483,7 +490,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
         if mask.device != first.device:
             raise ValueError(f"{label}: expected a tensor on {first.device} like the embeddings; got {describe(mask)}")
         masks[name] = mask.contiguous()
-    return embeddings, pairs, weights, masks
+    return embeddings, pairs, weights, masks, normalize
 
 
 # --------------------------------------------------------------------------------------- torch.library ops
