@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES
 from .layout import (cu_seqlens_from_mask, mask_from_cu_seqlens, pack_atoms, pack_pairs, pad_atoms, pad_pairs,
                      seqlens)
 
@@ -18,6 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MolBatch", "collate"]
 
 LAYOUTS = ("padded", "packed")
+_ATOM_WIDTH, _BOND_WIDTH = len(ATOM_FEATURE_DIMS), len(BOND_FEATURE_DIMS)
+# As uint64 a negative index becomes huge, so one comparison checks both ends of a range (as MolGraph does).
+_ATOM_DIMS = np.array(ATOM_FEATURE_DIMS, dtype=np.uint64)
+_BOND_DIMS = np.array(BOND_FEATURE_DIMS, dtype=np.uint64)
+_INT64, _FLOAT32 = np.dtype(np.int64), np.dtype(np.float32)
 
 
 @dataclass
@@ -140,21 +146,32 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     graphs = list(graphs)
+    batch = len(graphs)
+    # MolGraph checks its fields when built, but they can be reassigned since: each graph's are checked again,
+    # shapes here (one cheap test per graph, the detailed one only to word an error), values batch-wide below.
+    atom_counts, bond_counts = [], []
     for index, graph in enumerate(graphs):
         if not hasattr(graph, "atom_features") or not hasattr(graph, "edge_index"):
             raise TypeError(f"graphs[{index}]: expected a pyblend MolGraph, got {type(graph).__name__}")
-    batch = len(graphs)
-    num_atoms = np.array([g.atom_features.shape[0] for g in graphs], dtype=np.int64)
-    num_bonds = np.array([g.edge_index.shape[1] for g in graphs], dtype=np.int64)
+        atoms, edges, bonds, positions = graph.atom_features, graph.edge_index, graph.bond_features, graph.positions
+        if not (type(atoms) is np.ndarray and type(edges) is np.ndarray and type(bonds) is np.ndarray
+                and atoms.dtype == _INT64 and edges.dtype == _INT64 and bonds.dtype == _INT64
+                and atoms.ndim == 2 and atoms.shape[1] == _ATOM_WIDTH and edges.ndim == 2 and edges.shape[0] == 2
+                and bonds.shape == (edges.shape[1], _BOND_WIDTH)
+                and (positions is None or (type(positions) is np.ndarray and positions.dtype == _FLOAT32
+                                           and positions.shape == (atoms.shape[0], 3)))):
+            _check_graph_shapes(graph, f"graphs[{index}].")
+        atom_counts.append(atoms.shape[0])
+        bond_counts.append(edges.shape[1])
+    num_atoms = np.array(atom_counts, dtype=np.int64)
+    num_bonds = np.array(bond_counts, dtype=np.int64)
     width = int(num_atoms.max()) if batch else 0
     max_bonds = int(num_bonds.max()) if batch else 0
-    atom_dim = graphs[0].atom_features.shape[1] if batch else 9
-    bond_dim = graphs[0].bond_features.shape[1] if batch else 3
 
-    atom_features = np.zeros((batch, width, atom_dim), dtype=np.int64)
+    atom_features = np.zeros((batch, width, _ATOM_WIDTH), dtype=np.int64)
     mask = np.zeros((batch, width), dtype=bool)
     bond_ids = np.full((batch, width, width), -1, dtype=np.int32)
-    bond_features = np.zeros((batch, max_bonds, bond_dim), dtype=np.int64)
+    bond_features = np.zeros((batch, max_bonds, _BOND_WIDTH), dtype=np.int64)
     edge_index = np.full((batch, 2, max_bonds), -1, dtype=np.int64)
     for b, graph in enumerate(graphs):
         n, e = num_atoms[b], num_bonds[b]
@@ -162,9 +179,12 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
         mask[b, :n] = True
         bond_features[b, :e] = graph.bond_features
         edge_index[b, :, :e] = graph.edge_index
-    # Every bond at once, after checking its atoms: MolGraph checks them at construction, but its fields can be
-    # reassigned since, and an index past the molecule would mark a bond in the padding (or, packed, in the next
-    # molecule) while a negative one would wrap round.
+    # Feature values batch-wide (the padding's zeros are valid): one outside its vocabulary would index past its
+    # embedding table's rows, into the next feature's or off the table.
+    _check_batch_vocabulary(atom_features, _ATOM_DIMS, ATOM_FEATURE_NAMES, "atom_features")
+    _check_batch_vocabulary(bond_features, _BOND_DIMS, BOND_FEATURE_NAMES, "bond_features")
+    # Every bond at once, after checking its atoms: an index past the molecule would mark a bond in the padding
+    # (or, packed, in the next molecule) while a negative one would wrap round.
     molecule, bond = np.nonzero(np.arange(max_bonds) < num_bonds[:, None])
     begin, end = edge_index[molecule, 0, bond], edge_index[molecule, 1, bond]
     outside = (np.minimum(begin, end) < 0) | (np.maximum(begin, end) >= num_atoms[molecule])
@@ -173,7 +193,19 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
         b = int(molecule[first])
         raise ValueError(f"graphs[{b}]: edge_index must hold atom indices in [0, {num_atoms[b]}) (its number of "
                          f"atoms), got bond {bond[first]} joining atoms {begin[first]} and {end[first]}")
-    bond_ids[molecule, begin, end] = bond_ids[molecule, end, begin] = bond.astype(np.int32)
+    bond = bond.astype(np.int32)
+    bond_ids[molecule, begin, end] = bond_ids[molecule, end, begin] = bond
+    # A pair holds one bond id: a second bond between the same atoms (either direction) overwrote the first, which
+    # reads back another id, and would vanish from bond_ids and adjacency while num_bonds counts it.
+    lost = (bond_ids[molecule, begin, end] != bond) | (bond_ids[molecule, end, begin] != bond)
+    if lost.any():
+        first = int(np.flatnonzero(lost)[0])
+        b, low, high = int(molecule[first]), *sorted((int(begin[first]), int(end[first])))
+        other = int(bond_ids[b, begin[first], end[first]])
+        other = other if other != bond[first] else int(bond_ids[b, end[first], begin[first]])
+        raise ValueError(f"graphs[{b}].edge_index must hold at most one bond per atom pair, got bonds "
+                         f"{min(bond[first], other)} and {max(bond[first], other)} both joining atoms {low} and "
+                         f"{high}")
 
     padded = MolBatch(
         layout="padded", atom_features=torch.from_numpy(atom_features), mask=torch.from_numpy(mask),
@@ -182,6 +214,38 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
         num_atoms=torch.from_numpy(num_atoms), num_bonds=torch.from_numpy(num_bonds), max_seqlen=width,
         smiles=[g.smiles for g in graphs], labels=_labels(graphs), **_positions(graphs, width))
     return padded if layout == "padded" else padded.to_packed()
+
+
+def _check_graph_shapes(graph, prefix: str) -> None:
+    """The dtype and shape checks of MolGraph's construction, for a graph collate found wrong, naming the field."""
+    atoms = _require_array(f"{prefix}atom_features", graph.atom_features, np.int64, (None, _ATOM_WIDTH))
+    edges = _require_array(f"{prefix}edge_index", graph.edge_index, np.int64, (2, None))
+    _require_array(f"{prefix}bond_features", graph.bond_features, np.int64, (edges.shape[1], _BOND_WIDTH))
+    if graph.positions is not None:
+        _require_array(f"{prefix}positions", graph.positions, np.float32, (atoms.shape[0], 3))
+
+
+def _check_batch_vocabulary(features: np.ndarray, dims: np.ndarray, names: Sequence[str], field: str) -> None:
+    """Check the ``(B, rows, F)`` features of a whole batch against their vocabularies, naming the graph."""
+    outside = features.view(np.uint64) >= dims
+    if outside.any():
+        b, row, column = (int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"graphs[{b}].{field} column {column} ({names[column]}) must hold vocabulary indices in "
+                         f"[0, {int(dims[column])}), got {features[b, row, column]} in row {row}; featurize maps a "
+                         f"value outside the vocabulary to its last (\"other\") index {int(dims[column]) - 1}")
+
+
+def _require_array(label: str, value, dtype, shape: tuple) -> np.ndarray:
+    """MolGraph's dtype and shape check (pyblend.chem, which this module cannot import: it needs RDKit), worded
+    as there with ``label`` naming the field."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{label} must be a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype != dtype or value.ndim != len(shape) or any(
+            size is not None and size != actual for size, actual in zip(shape, value.shape)):
+        expected = "(" + ", ".join("?" if size is None else str(size) for size in shape) + ")"
+        raise ValueError(f"{label} must be {np.dtype(dtype)} of shape {expected}, "
+                         f"got {value.dtype} of shape {value.shape}")
+    return value
 
 
 def _positions(graphs: Sequence[MolGraph], width: int) -> dict:

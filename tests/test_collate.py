@@ -133,6 +133,69 @@ def test_bond_outside_its_molecule_is_refused(batch_layout, atom):
         collate([featurize("CCO"), ethane, methanol], layout=batch_layout)
 
 
+def ethanol_with(**fields):
+    """graphs[1] of a three-molecule batch: ethanol (3 atoms; bonds 0-1, 1-2) with ``fields`` reassigned."""
+    ethanol = featurize("CCO")
+    for name, value in fields.items():
+        setattr(ethanol, name, value)
+    return [featurize("C"), ethanol, featurize("CC")]
+
+
+def with_value(array, index, value):
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+@pytest.mark.parametrize("batch_layout", ["padded", "packed"])
+def test_reassigned_fields_are_checked_again(batch_layout):
+    """collate re-checked only edge_index's atom range: a duplicated bond was counted in num_bonds but vanished from
+    bond_ids and adjacency, a feature outside its vocabulary passed, and a field of the wrong shape failed in numpy
+    ("could not broadcast") naming neither the graph nor the field."""
+    ethanol = featurize("CCO")
+    edges, bonds, atoms = ethanol.edge_index, ethanol.bond_features, ethanol.atom_features
+    three_bonds = np.concatenate([bonds, bonds[:1]])
+    cases = [
+        (dict(edge_index=np.concatenate([edges, edges[:, :1]], 1), bond_features=three_bonds), ValueError,
+         r"graphs\[1\]\.edge_index must hold at most one bond per atom pair, got bonds 0 and 2 both joining atoms 0 "
+         r"and 1"),
+        (dict(edge_index=np.concatenate([edges, edges[::-1, 1:]], 1), bond_features=three_bonds), ValueError,
+         r"graphs\[1\]\.edge_index must hold at most one bond per atom pair, got bonds 1 and 2 both joining atoms 1 "
+         r"and 2"),
+        (dict(atom_features=with_value(atoms, (2, 0), 1007)), ValueError,
+         r"graphs\[1\]\.atom_features column 0 \(atomic_number\) must hold vocabulary indices in \[0, 119\), got "
+         r"1007 in row 2"),
+        (dict(atom_features=with_value(atoms, (1, 3), -1)), ValueError,
+         r"graphs\[1\]\.atom_features column 3 \(formal_charge\) must hold vocabulary indices in \[0, 12\), got -1 "
+         r"in row 1"),
+        (dict(bond_features=with_value(bonds, (1, 2), 2)), ValueError,
+         r"graphs\[1\]\.bond_features column 2 \(is_conjugated\) must hold vocabulary indices in \[0, 2\), got 2 "
+         r"in row 1"),
+        (dict(bond_features=bonds[:1]), ValueError,
+         r"graphs\[1\]\.bond_features must be int64 of shape \(2, 3\), got int64 of shape \(1, 3\)"),
+        (dict(edge_index=edges[:, :1]), ValueError,
+         r"graphs\[1\]\.bond_features must be int64 of shape \(1, 3\), got int64 of shape \(2, 3\)"),
+        (dict(atom_features=atoms[:, :8]), ValueError,
+         r"graphs\[1\]\.atom_features must be int64 of shape \(\?, 9\), got int64 of shape \(3, 8\)"),
+        (dict(atom_features=atoms.astype(np.float64)), ValueError,
+         r"graphs\[1\]\.atom_features must be int64 of shape \(\?, 9\), got float64"),
+        (dict(atom_features=atoms.tolist()), TypeError,
+         r"graphs\[1\]\.atom_features must be a numpy.ndarray, got list"),
+        (dict(edge_index=edges.astype(np.int32)), ValueError,
+         r"graphs\[1\]\.edge_index must be int64 of shape \(2, \?\)"),
+        (dict(positions=np.zeros((2, 3), np.float32), conformer_source="etkdg"), ValueError,
+         r"graphs\[1\]\.positions must be float32 of shape \(3, 3\), got float32 of shape \(2, 3\)"),
+        (dict(positions=np.zeros((3, 3)), conformer_source="etkdg"), ValueError,
+         r"graphs\[1\]\.positions must be float32 of shape \(3, 3\), got float64"),
+    ]
+    for fields, error, message in cases:
+        with pytest.raises(error, match=message):
+            collate(ethanol_with(**fields), layout=batch_layout)
+    # A self-loop is no duplicate (MolGraph accepts it): the pair (2, 2) holds its id.
+    looped = collate(ethanol_with(edge_index=np.concatenate([edges, [[2], [2]]], 1), bond_features=three_bonds))
+    assert looped.num_bonds.tolist() == [0, 3, 1] and looped.bond_ids[1, 2, 2] == 2
+
+
 def test_batch_moves_between_devices(graphs):
     moved = collate(graphs).to("meta")
     assert moved.atom_features.device.type == "meta" and moved.mask.device.type == "meta"
