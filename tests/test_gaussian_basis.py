@@ -178,6 +178,19 @@ def test_bad_input_is_named(generator, call, error, words):
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
 
 
+def test_meta_inputs_give_meta_features_and_skip_the_range_check(generator):
+    """Every input on the meta device (shape inference, FLOP counting) raised "Tensor.item() cannot be called on
+    meta tensors" from the pair_types range check: where values are hidden it is skipped, as in the other ops."""
+    params = [p.to("meta") for p in gaussian_parameters(generator, kernels=8, types=3)]
+    distances = torch.empty(2, 4, 4, device="meta")
+    for types in (torch.empty(2, 4, 4, dtype=torch.long, device="meta"),
+                  torch.empty(2, 4, 4, 2, dtype=torch.int32, device="meta")):
+        out = ops.gaussian_basis(distances, types, *params)
+        assert out.device.type == "meta" and out.shape == (2, 4, 4, 8) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"pair_types: expected shape \(2, 4, 4\)"):
+        ops.gaussian_basis(distances, torch.empty(2, 4, 3, dtype=torch.long, device="meta"), *params)
+
+
 def test_opcheck_cpp_ops(generator):
     pos, mask = random_molecules(generator, [3, 5], torch.float32)
     pos = torch.where(mask[..., None], pos, 0.0)

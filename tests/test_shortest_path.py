@@ -1,5 +1,7 @@
 """Shortest paths and routes: every backend against networkx and against each other, exactly."""
 
+import re
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -159,6 +161,18 @@ def test_max_hops_takes_any_integer_type(backend, packed):
         got = run(graphs, backend, max_hops=max_hops, packed=packed)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), type(max_hops)
         assert got[1].shape[-1] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_max_hops_past_int32_is_refused_alike_on_every_backend(backend, packed):
+    """max_hops=2**40 failed differently per backend (pybind11's "incompatible function arguments" on C++, the
+    allocator elsewhere): past the int32 hop counts every backend holds, one ValueError names the bound."""
+    graphs = [nx.path_graph(3)]
+    for max_hops in (2 ** 31, 2 ** 40, np.uint64(2 ** 63)):
+        with pytest.raises(ValueError, match=re.escape(f"max_hops: expected an int >= 1 and <= MAX_HOPS = "
+                                                       f"{2 ** 31 - 1} (int32 hop counts); got {max_hops!r}")):
+            run(graphs, backend, max_hops=max_hops, packed=packed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

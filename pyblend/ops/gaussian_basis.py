@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from .._extension import load_extension
+from .._values import values_hidden
 from ..layout import check_cu_seqlens
 from ._checks import (FLOAT_DTYPES, INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_same_device,
                       check_shape, describe)
@@ -106,7 +107,8 @@ def gaussian_basis(distances, pair_types, means, stds, mul, bias, *, backend: st
         if x.dim() not in (1, 2) or x.shape[0] != num_types or (x.dim() == 2 and x.shape[1] != 1):
             raise ValueError(f"{name}: expected shape (num_types,) or (num_types, 1) with num_types = "
                              f"{num_types}; got {describe(x)}")
-    if pair_types.numel():
+    # The range is read on the host, which meta or fake tensors and torch.compile do not allow: trusted there.
+    if pair_types.numel() and not values_hidden(pair_types):
         low, high = int(pair_types.min()), int(pair_types.max())
         if low < 0 or high >= num_types:
             raise ValueError(f"pair_types: expected values in [0, {num_types}) (rows of mul/bias); "

@@ -23,6 +23,12 @@ from ._dispatch import choose_backend, cpp_reasons, triton_reasons
 
 __all__ = ["shortest_path", "shortest_path_routes"]
 
+# Routes and distances are int32, and so is every backend's hop count: the C++ engine takes a C int (pybind11
+# refuses a larger Python int), the Triton kernel a 32-bit constexpr, and no shortest path has more hops than its
+# int32 distance can hold. Past it the backends failed each in its own way (a pybind11 signature error, the
+# allocator), never naming max_hops.
+MAX_HOPS = torch.iinfo(torch.int32).max
+
 
 def shortest_path(adjacency, mask=None, *, cu_seqlens=None, backend: str | None = None):
     """All-pairs shortest-path distances (hop counts) of a batch of molecular graphs.
@@ -51,7 +57,8 @@ def shortest_path_routes(bond_ids, mask=None, *, max_hops: int = 5, cu_seqlens=N
             none (the adjacency is ``bond_ids >= 0``). Ids index the batch's bond features, e.g.
             ``MolBatch.bond_ids``.
         mask, cu_seqlens, backend: as in :func:`shortest_path`.
-        max_hops: hops kept per route (>= 1); longer paths keep their first ``max_hops`` bonds.
+        max_hops: hops kept per route, an int in [1, MAX_HOPS = 2**31 - 1]; longer paths keep their first
+            ``max_hops`` bonds. ``routes`` holds ``max_hops`` int32 entries per pair: size it to the molecules.
 
     Returns:
         ``(distances, routes)``, int32: distances as :func:`shortest_path`; ``routes`` shaped
@@ -61,8 +68,10 @@ def shortest_path_routes(bond_ids, mask=None, *, max_hops: int = 5, cu_seqlens=N
     """
     # Any integral type, numpy's included (hop counts read from arrays and configs); a bool is an int to Python
     # but no hop count. The op schema takes a Python int.
-    if isinstance(max_hops, (bool, np.bool_)) or not isinstance(max_hops, numbers.Integral) or max_hops < 1:
-        raise ValueError(f"max_hops: expected an int >= 1, got {max_hops!r}")
+    if isinstance(max_hops, (bool, np.bool_)) or not isinstance(max_hops, numbers.Integral) or \
+            not 1 <= max_hops <= MAX_HOPS:
+        raise ValueError(f"max_hops: expected an int >= 1 and <= MAX_HOPS = {MAX_HOPS} (int32 hop counts); "
+                         f"got {max_hops!r}")
     max_hops = int(max_hops)
     return _run("shortest_path_routes", bond_ids, "bond_ids", mask, cu_seqlens, max_hops, backend)
 
