@@ -39,7 +39,7 @@ from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 from rdkit.Geometry import Point3D
 from tqdm import tqdm
 
-from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES
+from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES, require_array
 
 __all__ = [
     "ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES", "DEFAULT_MOLECULES_PATH",
@@ -157,11 +157,11 @@ class MolGraph:
     labels: np.ndarray | None = None
 
     def __post_init__(self):
-        atoms = _require_array("atom_features", self.atom_features, np.int64, (None, len(ATOM_FEATURE_DIMS)))
+        atoms = require_array("MolGraph: atom_features", self.atom_features, np.int64, (None, len(ATOM_FEATURE_DIMS)))
         num_atoms = atoms.shape[0]
-        edges = _require_array("edge_index", self.edge_index, np.int64, (2, None))
-        bonds = _require_array("bond_features", self.bond_features, np.int64,
-                               (edges.shape[1], len(BOND_FEATURE_DIMS)))
+        edges = require_array("MolGraph: edge_index", self.edge_index, np.int64, (2, None))
+        bonds = require_array("MolGraph: bond_features", self.bond_features, np.int64,
+                              (edges.shape[1], len(BOND_FEATURE_DIMS)))
         # Values are checked, not only shapes: collate writes them into shared batch arrays, where a bad atom
         # index lands in padding or in the next molecule (a negative one wraps round), and a feature outside its
         # vocabulary misleads whatever trusts the documented range: an embedding table indexed by offset (the
@@ -170,7 +170,7 @@ class MolGraph:
         _require_vocabulary("bond_features", bonds, _BOND_DIMS, BOND_FEATURE_NAMES)
         _require_bonds(edges, num_atoms)
         if self.positions is not None:
-            _require_array("positions", self.positions, np.float32, (num_atoms, 3))
+            require_array("MolGraph: positions", self.positions, np.float32, (num_atoms, 3))
         if (self.positions is None) != (self.conformer_source is None):
             raise ValueError(f"MolGraph: conformer_source must be None exactly when positions is None, got "
                              f"conformer_source={self.conformer_source!r} with positions "
@@ -179,7 +179,7 @@ class MolGraph:
             raise ValueError(f"MolGraph: conformer_source must be one of {CONFORMER_SOURCES} or None, "
                              f"got {self.conformer_source!r}")
         if self.labels is not None:
-            _require_array("labels", self.labels, np.float32, (None,))
+            require_array("MolGraph: labels", self.labels, np.float32, (None,))
 
     @property
     def num_atoms(self) -> int:
@@ -188,18 +188,6 @@ class MolGraph:
     @property
     def num_bonds(self) -> int:
         return self.edge_index.shape[1]
-
-
-def _require_array(field: str, value, dtype, shape: tuple) -> np.ndarray:
-    """Check a MolGraph field is an ndarray of ``dtype`` whose shape matches ``shape`` (None = any size)."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"MolGraph: {field} must be a numpy.ndarray, got {type(value).__name__}")
-    if value.dtype != dtype or value.ndim != len(shape) or any(
-            size is not None and size != actual for size, actual in zip(shape, value.shape)):
-        expected = "(" + ", ".join("?" if size is None else str(size) for size in shape) + ")"
-        raise ValueError(f"MolGraph: {field} must be {np.dtype(dtype)} of shape {expected}, "
-                         f"got {value.dtype} of shape {value.shape}")
-    return value
 
 
 # As uint64 a negative index becomes huge, so one comparison checks both ends of a range: MolGraph checks every

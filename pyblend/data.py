@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES
+from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES, require_array
 from .layout import (cu_seqlens_from_mask, mask_from_cu_seqlens, pack_atoms, pack_pairs, pad_atoms, pad_pairs,
                      seqlens)
 
@@ -218,11 +218,11 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
 
 def _check_graph_shapes(graph, prefix: str) -> None:
     """The dtype and shape checks of MolGraph's construction, for a graph collate found wrong, naming the field."""
-    atoms = _require_array(f"{prefix}atom_features", graph.atom_features, np.int64, (None, _ATOM_WIDTH))
-    edges = _require_array(f"{prefix}edge_index", graph.edge_index, np.int64, (2, None))
-    _require_array(f"{prefix}bond_features", graph.bond_features, np.int64, (edges.shape[1], _BOND_WIDTH))
+    atoms = require_array(f"{prefix}atom_features", graph.atom_features, np.int64, (None, _ATOM_WIDTH))
+    edges = require_array(f"{prefix}edge_index", graph.edge_index, np.int64, (2, None))
+    require_array(f"{prefix}bond_features", graph.bond_features, np.int64, (edges.shape[1], _BOND_WIDTH))
     if graph.positions is not None:
-        _require_array(f"{prefix}positions", graph.positions, np.float32, (atoms.shape[0], 3))
+        require_array(f"{prefix}positions", graph.positions, np.float32, (atoms.shape[0], 3))
 
 
 def _check_batch_vocabulary(features: np.ndarray, dims: np.ndarray, names: Sequence[str], field: str) -> None:
@@ -233,19 +233,6 @@ def _check_batch_vocabulary(features: np.ndarray, dims: np.ndarray, names: Seque
         raise ValueError(f"graphs[{b}].{field} column {column} ({names[column]}) must hold vocabulary indices in "
                          f"[0, {int(dims[column])}), got {features[b, row, column]} in row {row}; featurize maps a "
                          f"value outside the vocabulary to its last (\"other\") index {int(dims[column]) - 1}")
-
-
-def _require_array(label: str, value, dtype, shape: tuple) -> np.ndarray:
-    """MolGraph's dtype and shape check (pyblend.chem, which this module cannot import: it needs RDKit), worded
-    as there with ``label`` naming the field."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{label} must be a numpy.ndarray, got {type(value).__name__}")
-    if value.dtype != dtype or value.ndim != len(shape) or any(
-            size is not None and size != actual for size, actual in zip(shape, value.shape)):
-        expected = "(" + ", ".join("?" if size is None else str(size) for size in shape) + ")"
-        raise ValueError(f"{label} must be {np.dtype(dtype)} of shape {expected}, "
-                         f"got {value.dtype} of shape {value.shape}")
-    return value
 
 
 def _positions(graphs: Sequence[MolGraph], width: int) -> dict:

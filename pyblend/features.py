@@ -5,7 +5,9 @@ Column ``c`` of ``MolGraph.atom_features`` is ``ATOM_FEATURE_NAMES[c]``, an inde
 (the last index is "other"); the same for bonds.
 """
 
-__all__ = ["ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES"]
+import numpy as np
+
+__all__ = ["ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES", "require_array"]
 
 ATOM_FEATURE_NAMES = (
     "atomic_number",          # Z - 1 for Z in 1..118; 118 = other (e.g. the dummy atom "*")
@@ -26,3 +28,17 @@ BOND_FEATURE_NAMES = (
     "is_conjugated",          # 0/1
 )
 BOND_FEATURE_DIMS = (5, 6, 2)
+
+
+def require_array(label: str, value, dtype, shape: tuple) -> np.ndarray:
+    """Check that a MolGraph field (``label`` names it in the message) is an ndarray of ``dtype`` whose shape
+    matches ``shape`` (None = any size); here, beside the vocabularies, for MolGraph and for ``collate``, which
+    checks the fields again without RDKit."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{label} must be a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype != dtype or value.ndim != len(shape) or any(
+            size is not None and size != actual for size, actual in zip(shape, value.shape)):
+        expected = "(" + ", ".join("?" if size is None else str(size) for size in shape) + ")"
+        raise ValueError(f"{label} must be {np.dtype(dtype)} of shape {expected}, "
+                         f"got {value.dtype} of shape {value.shape}")
+    return value

@@ -331,10 +331,10 @@ def test_bad_inputs_are_refused_by_name():
         with pytest.raises(ValueError, match="scaling_factor: expected a finite float > 0"):
             RelationBiasedAttention.from_unimol_state_dict({"in_proj.weight": torch.zeros(48, 16)}, 4,
                                                            scaling_factor=factor)
-    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32, as the module's parameters .under "
-                                        r"torch.autocast, any float dtype but float64.; got torch.float64"):
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float32 like the module's parameters .under "
+                                        r"autocast, any float dtype but float64.; got torch.float64"):
         module(torch.randn(2, 5, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="x: expected a tensor on cpu, as the module's parameters; got .* on meta"):
+    with pytest.raises(ValueError, match="x: expected a tensor on cpu like the module's parameters; got .* on meta"):
         module(torch.randn(2, 5, 16, device="meta"))
     # A numpy bias is taken, as by the op.
     x, bias = torch.randn(2, 5, 16), torch.randn(2, 4, 5, 5)

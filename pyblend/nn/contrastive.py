@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import (as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_int, is_real,
-                           linear_takes)
+from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_sample_mask, describe, is_finite, is_int,
+                           is_real)
 
 __all__ = ["MultiPairContrastive"]
 
@@ -203,24 +203,13 @@ class MultiPairContrastive(nn.Module):
         if x.dim() != 2 or x.shape[1] != weight.shape[1]:
             raise ValueError(f"{label}: expected shape (B, d_in) = (?, {weight.shape[1]}), the input width of "
                              f"projections[{name!r}]; got {describe(x)}")
-        if x.device != weight.device:
-            raise ValueError(f"{label}: expected a tensor on {weight.device} like projections[{name!r}]; "
-                             f"got {describe(x)}")
-        if not linear_takes(x, weight):
-            raise TypeError(f"{label}: expected dtype {weight.dtype} like projections[{name!r}]'s weight (under "
-                            f"autocast, any float dtype but float64); got {describe(x)}")
+        check_linear_input(x, label, weight, f"projections[{name!r}]'s weight")
         return x
 
     @staticmethod
     def _head_mask(name: str, mask, x: Tensor) -> Tensor:
         """The op's checks on ``masks[name]``, made before the mask zeroes the head's input."""
-        label = f"masks[{name!r}]"
-        mask = as_tensor(mask, label)
-        check_dtype(mask, label, (torch.bool,))
-        check_shape(mask, label, (x.shape[0],), "(B,)")
-        if mask.device != x.device:
-            raise ValueError(f"{label}: expected a tensor on {x.device} like the embeddings; got {describe(mask)}")
-        return mask
+        return check_sample_mask(mask, f"masks[{name!r}]", x.shape[0], x.device)
 
     def forward(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
         """``embeddings``: modality -> ``(B, d)``; ``masks``: modality -> ``(B,)`` bool or None. Returns the 0-dim

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import check_flag, describe, is_int, is_real, linear_takes
+from ..ops._checks import check_flag, check_linear_input, describe, is_int, is_real
 
 __all__ = ["DynamicFusion"]
 
@@ -237,13 +237,7 @@ class DynamicFusion(nn.Module):
                 raise ValueError(f"{label}: expected shape (B, d_m) = (?, {self.input_dims[name]}); "
                                  f"got {describe(x)}")
             # Before project[name], whose matmul would fail naming neither the modality nor what it expects.
-            weight = self.project[name].weight
-            if x.device != weight.device:
-                raise ValueError(f"{label}: expected a tensor on {weight.device} like the module's parameters; "
-                                 f"got {describe(x)}")
-            if not linear_takes(x, weight):
-                raise TypeError(f"{label}: expected dtype {weight.dtype} like the module's parameters (under "
-                                f"autocast, any float dtype but float64); got {describe(x)}")
+            check_linear_input(x, label, self.project[name].weight, "the module's parameters")
             if first_name is None:
                 first_name, first = name, x
             elif x.shape[0] != first.shape[0]:

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._checks import as_tensor, describe, linear_takes
+from ..ops._checks import as_tensor, check_linear_input
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -278,13 +278,7 @@ class RelationBiasedAttention(nn.Module):
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected its last dimension to be embed_dim = {self.embed_dim}; got "
                              f"{x.dtype} tensor of shape {tuple(x.shape)}")
-        weight = self.q_proj.weight
-        if x.device != weight.device:
-            raise ValueError(f"x: expected a tensor on {weight.device}, as the module's parameters; got "
-                             f"{describe(x)}")
-        if not linear_takes(x, weight):
-            raise TypeError(f"x: expected dtype {weight.dtype}, as the module's parameters (under torch.autocast, "
-                            f"any float dtype but float64); got {describe(x)}")
+        check_linear_input(x, "x", self.q_proj.weight, "the module's parameters")
         heads = self.num_heads
         attn_bias = as_tensor(attn_bias, "attn_bias", optional=True)
         if attn_bias is not None and not packed and attn_bias.dim() == 3:  # Uni-Mol's (B*H, N, N)

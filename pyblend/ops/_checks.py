@@ -143,9 +143,23 @@ def check_generator(generator) -> None:
         raise TypeError(f"generator: expected a torch.Generator or None; got {generator!r}")
 
 
-def linear_takes(x: Tensor, weight: Tensor) -> bool:
-    """Whether a Linear layer with ``weight`` takes the float input ``x``: the same dtype, or two dtypes autocast
-    (on at ``x``'s device) casts to its own, which is every float dtype but float64."""
-    if x.dtype == weight.dtype:
-        return True
-    return torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
+def check_linear_input(x: Tensor, label: str, weight: Tensor, owner: str) -> None:
+    """``x`` for a Linear layer with ``weight`` (``owner`` says whose), checked before the matmul, whose own
+    message names no argument: on the weight's device, and of its dtype or, under autocast at ``x``'s device, of
+    any float dtype but float64 (autocast casts the others to its own)."""
+    if x.device != weight.device:
+        raise ValueError(f"{label}: expected a tensor on {weight.device} like {owner}; got {describe(x)}")
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
+    if x.dtype != weight.dtype and not autocast:
+        raise TypeError(f"{label}: expected dtype {weight.dtype} like {owner} (under autocast, any float dtype "
+                        f"but float64); got {describe(x)}")
+
+
+def check_sample_mask(mask, label: str, batch: int, device: torch.device) -> Tensor:
+    """A per-sample presence mask: ``(B,)`` bool (a numpy array is taken) on the embeddings' ``device``."""
+    mask = as_tensor(mask, label)
+    check_dtype(mask, label, (torch.bool,))
+    check_shape(mask, label, (batch,), "(B,)")
+    if mask.device != device:
+        raise ValueError(f"{label}: expected a tensor on {device} like the embeddings; got {describe(mask)}")
+    return mask

@@ -72,7 +72,7 @@ from .._values import values_hidden
 from .. import reference
 from ..reference.multi_infonce import local_multi_infonce as _reference_local
 from ._autograd import call, refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_real
+from ._checks import as_tensor, check_dtype, check_flag, check_sample_mask, describe, is_finite, is_real
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["multi_infonce"]
@@ -483,13 +483,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
     for name, mask in list(masks.items()):
         if name not in embeddings:
             raise ValueError(f"masks: modality {name!r} is not in embeddings (which has {sorted(embeddings)})")
-        label = f"masks[{name!r}]"
-        mask = as_tensor(mask, label)
-        check_dtype(mask, label, (torch.bool,))
-        check_shape(mask, label, (first.shape[0],), "(B,)")
-        if mask.device != first.device:
-            raise ValueError(f"{label}: expected a tensor on {first.device} like the embeddings; got {describe(mask)}")
-        masks[name] = mask.contiguous()
+        masks[name] = check_sample_mask(mask, f"masks[{name!r}]", first.shape[0], first.device).contiguous()
     return embeddings, pairs, weights, masks, normalize
 
 
