@@ -149,10 +149,16 @@ def check_linear_input(x: Tensor, label: str, weight: Tensor, owner: str) -> Non
     any float dtype but float64 (autocast casts the others to its own)."""
     if x.device != weight.device:
         raise ValueError(f"{label}: expected a tensor on {weight.device} like {owner}; got {describe(x)}")
-    autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
-    if x.dtype != weight.dtype and not autocast:
+    if x.dtype != weight.dtype and not (torch.float64 not in (x.dtype, weight.dtype) and _autocast_on(x.device)):
         raise TypeError(f"{label}: expected dtype {weight.dtype} like {owner} (under autocast, any float dtype "
                         f"but float64); got {describe(x)}")
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): never on there
+        return False
 
 
 def check_sample_mask(mask, label: str, batch: int, device: torch.device) -> Tensor:
