@@ -11,16 +11,42 @@ import numpy as np
 __all__ = ["concordance_index", "roc_auc"]
 
 
-def _vector(value, name: str, dtype=np.float64) -> np.ndarray:
+def _array(value, name: str) -> np.ndarray:
+    """A 1-D numpy view of ``value`` (a list, an array, or a tensor of any dtype on any device but meta)."""
     if hasattr(value, "detach"):  # a torch tensor, without importing torch here
-        value = value.detach().cpu().numpy()
+        if value.device.type == "meta":
+            raise ValueError(f"{name}: expected values; got a tensor on the meta device, which holds none")
+        value = value.detach().cpu()
+        # numpy has no bfloat16; float64 keeps every float dtype's values.
+        value = (value.double() if value.is_floating_point() else value).numpy()
     array = np.asarray(value)
     if array.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array (B,); got shape {array.shape}")
-    array = array.astype(dtype)
-    if dtype is np.float64 and not np.isfinite(array).all():
+    return array
+
+
+def _vector(value, name: str) -> np.ndarray:
+    """Finite real numbers, as float64."""
+    array = _array(value, name)
+    if np.iscomplexobj(array) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{name}: expected real numbers; got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
         raise ValueError(f"{name}: expected finite values; got NaN or inf")
     return array
+
+
+def _binary(value, name: str) -> np.ndarray:
+    """Bools, or numbers that are all 0 or 1, as bool: anything else (2, -1, NaN, the string 'False') is refused,
+    where a cast to bool would read it as True."""
+    array = _array(value, name)
+    if array.dtype == bool:
+        return array
+    if np.issubdtype(array.dtype, np.number) and not np.iscomplexobj(array) and np.isin(array, (0, 1)).all():
+        return array == 1
+    raise ValueError(f"{name}: expected bool or 0/1 values; got dtype {array.dtype}"
+                     + (f" holding {array[~np.isin(array, (0, 1))][:3].tolist()}"
+                        if np.issubdtype(array.dtype, np.number) else ""))
 
 
 def concordance_index(risk, time, event, *, tied_tol: float = 1e-8) -> float:
@@ -34,12 +60,16 @@ def concordance_index(risk, time, event, *, tied_tol: float = 1e-8) -> float:
     Args:
         risk: ``(B,)`` risk scores (e.g. :func:`pyblend.nn.lego.survival_risk`), higher = earlier event.
         time: ``(B,)`` event or censoring times.
-        event: ``(B,)`` bool, True = event observed (False = censored).
+        event: ``(B,)`` bool or 0/1, True = event observed (False = censored).
+        tied_tol: risks this close count as tied (a finite float >= 0).
 
     O(B^2) memory and time (vectorised): fine for the few thousand samples of an evaluation set.
     """
     risk, time = _vector(risk, "risk"), _vector(time, "time")
-    event = _vector(event, "event", dtype=bool)
+    event = _binary(event, "event")
+    if isinstance(tied_tol, bool) or not isinstance(tied_tol, (int, float, np.number)) or \
+            not (np.isfinite(tied_tol) and tied_tol >= 0):
+        raise ValueError(f"tied_tol: expected a finite float >= 0; got {tied_tol!r}")
     if not (len(risk) == len(time) == len(event)):
         raise ValueError(f"risk, time, event: expected equal lengths; got {len(risk)}, {len(time)}, {len(event)}")
     comparable = event[:, None] & ((time[:, None] < time[None, :]) |
@@ -68,12 +98,9 @@ def roc_auc(scores, labels) -> float:
     """Area under the ROC curve by the Mann-Whitney U statistic: the probability that a positive scores above a
     negative, ties counting 1/2 (average ranks). ``scores (B,)`` float, ``labels (B,)`` 0/1 or bool."""
     scores = _vector(scores, "scores")
-    labels = _vector(labels, "labels")
-    if len(scores) != len(labels):
-        raise ValueError(f"scores, labels: expected equal lengths; got {len(scores)}, {len(labels)}")
-    if not np.isin(labels, (0.0, 1.0)).all():
-        raise ValueError("labels: expected 0/1 (or bool) values")
-    positive = labels == 1
+    positive = _binary(labels, "labels")
+    if len(scores) != len(positive):
+        raise ValueError(f"scores, labels: expected equal lengths; got {len(scores)}, {len(positive)}")
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"labels: ROC-AUC needs both classes; got {n_pos} positive and {n_neg} negative")

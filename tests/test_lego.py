@@ -947,6 +947,21 @@ def test_concordance_index_matches_brute_force(generator):
     assert abs(concordance_index(torch.tensor(-time), torch.tensor(time), torch.ones(6, dtype=torch.bool)) - 1) == 0
     with pytest.raises(ValueError, match="no comparable pair"):
         concordance_index(np.zeros(4), np.arange(4.0), np.zeros(4, bool))
+    # 0/1 numbers are events as bools are; anything else was cast to True (R's 1/2 coding made every censored
+    # sample an event, the string 'False' too), and a NaN tolerance made every tie a miss.
+    assert concordance_index(-time, time, np.ones(6)) == 1.0
+    for event in (np.array(["False", "True", "True"]), [2, 1, 1], [float("nan"), 1, 1], [0.5, 1, 1]):
+        with pytest.raises(ValueError, match="event: expected bool or 0/1 values"):
+            concordance_index([3.0, 2.0, 1.0], [1.0, 2.0, 3.0], event)
+    for tolerance in (float("nan"), -1.0, "0"):
+        with pytest.raises(ValueError, match="tied_tol: expected a finite float >= 0"):
+            concordance_index(np.zeros(6), time, np.ones(6, bool), tied_tol=tolerance)
+    # bfloat16 risks (numpy has no such dtype) are read as float64; complex ones are refused, not cut to real.
+    assert concordance_index(torch.tensor(-time).bfloat16(), time, np.ones(6, bool)) == 1.0
+    with pytest.raises(ValueError, match="risk: expected real numbers; got dtype complex128"):
+        concordance_index(time + 1j, time, np.ones(6, bool))
+    with pytest.raises(ValueError, match="risk: expected values; got a tensor on the meta device"):
+        concordance_index(torch.zeros(6, device="meta"), time, np.ones(6, bool))
 
 
 def brute_auc(scores, labels):
@@ -967,5 +982,7 @@ def test_roc_auc_matches_brute_force(generator):
     assert roc_auc(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([True, False, True])) == 0.5
     with pytest.raises(ValueError, match="both classes"):
         roc_auc([0.1, 0.2], [1, 1])
-    with pytest.raises(ValueError, match="labels: expected 0/1"):
+    with pytest.raises(ValueError, match="labels: expected bool or 0/1 values; got dtype int64 holding \\[2\\]"):
         roc_auc([0.1, 0.2], [2, 0])
+    with pytest.raises(ValueError, match="scores: expected real numbers; got dtype <U1"):
+        roc_auc(["a", "b"], [0, 1])
