@@ -388,6 +388,93 @@ def test_features_outside_the_vocabulary_read_its_other_row(graphs_2d):
     assert not torch.allclose(model(batch), model(other))
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_nan_coordinates_of_a_conformer_are_named(graphs, layout):
+    """A NaN or inf coordinate of a molecule with a conformer made every part of the loss NaN (the 2D ones too);
+    it is named, unless value checks are off. NaN positions of a molecule without one are its normal state."""
+    import dataclasses
+
+    import pyblend
+
+    model = _model(layers=1)
+    batch = collate(graphs[:3], layout=layout)
+    for value in (float("nan"), float("inf")):
+        positions = batch.positions.clone()
+        positions[(1, 0) if layout == "padded" else (batch.cu_seqlens[1].item(), 0)] = value
+        poisoned = dataclasses.replace(batch, positions=positions)
+        with pytest.raises(ValueError, match="positions: molecule 1 has a conformer .* but NaN or inf coordinates"):
+            model.pretrain_loss(poisoned)
+        with pyblend.set_value_checks(False):
+            assert torch.isnan(model.pretrain_loss(poisoned)[0])
+        no_conformer = dataclasses.replace(poisoned, has_positions=torch.tensor([True, False, True]))
+        assert torch.isfinite(model.pretrain_loss(no_conformer)[0])
+    with pytest.raises(ValueError, match="batch: expected layout 'padded' or 'packed'; got 'bogus'"):
+        model.pretrain_loss(dataclasses.replace(batch, layout="bogus"))
+    with pytest.raises(TypeError, match="batch: expected a pyblend MolBatch .* got dict"):
+        model.pretrain_loss({"layout": layout})
+
+
+def test_config_refuses_values_it_used_to_take():
+    """Truthy stand-ins built the other model ("no" made a pre-LN one); out-of-range dropouts failed in torch
+    naming another argument or none; a NaN or negative noise_scale, a None or list loss_weights and negative
+    weights were taken."""
+    for name in ("pre_layernorm", "embedding_layernorm", "atom_3d_feature"):
+        with pytest.raises(TypeError, match=f"{name}: expected a bool; got 'no'"):
+            _config(**{name: "no"})
+    for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for value in (-0.1, 1.0, float("nan"), "0.1"):
+            with pytest.raises(ValueError, match=rf"{name}: expected a probability in \[0, 1\)"):
+                _config(**{name: value})
+    for value in (float("nan"), -1.0, "x"):
+        with pytest.raises(ValueError, match="noise_scale: expected a finite float >= 0"):
+            _config(noise_scale=value)
+    for value in (None, [("spd", 1.0)]):
+        with pytest.raises(TypeError, match="loss_weights: expected a dict of part -> weight"):
+            _config(loss_weights=value)
+    with pytest.raises(ValueError, match=r"loss_weights\['spd'\]: expected a finite number >= 0; got -1"):
+        _config(loss_weights={"spd": -1})
+
+
+def test_predictor_refuses_bad_heads_and_labels(graphs_2d):
+    """outputs=0 made a head whose loss was always 0; labels of 2 or -1 went into binary cross-entropy and an inf
+    label made the loss inf, all without a word."""
+    with pytest.raises(ValueError, match="outputs: expected a positive int"):
+        MoleBlendPredictor(_model(layers=1), outputs=0)
+    with pytest.raises(TypeError, match="encoder: expected a pyblend MoleBlend; got NoneType"):
+        MoleBlendPredictor(None, outputs=1)
+    for task, labels, message in (("classification", [[2.0], [0.0]], r"labels in \[0, 1\].*from 0 to 2"),
+                                  ("classification", [[-1.0], [float("nan")]], r"labels in \[0, 1\].*from -1 to -1"),
+                                  ("regression", [[float("inf")], [0.5]], "finite labels")):
+        batch = collate(featurize_many(SMILES[:2], labels=labels, progress=False)[0])
+        with pytest.raises(ValueError, match=message):
+            MoleBlendPredictor(_model(layers=1), outputs=1, task=task).loss(batch)
+
+
+def test_transformer_m_converter_refuses_another_head_count_and_leaves_extra_layers_out():
+    """A checkpoint of other heads passed the dim x dim layer shapes and misread the H x H edge matrices (or
+    failed in a concatenation naming nothing); its layers past config.layers went into the result, unwarned."""
+    from pyblend.models import convert_transformer_m_state_dict
+
+    state = _transformer_m_state(_config(layers=1), torch.Generator().manual_seed(0))
+    for heads in (2, 8):
+        with pytest.raises(ValueError, match=rf"config: heads = {heads}; the checkpoint's .*spatial_pos_encoder has "
+                                             rf"shape \(512, 4\) \(one column per head\)"):
+            convert_transformer_m_state_dict(state, _config(layers=1, heads=heads))
+    short = dict(state)
+    short["encoder.molecule_encoder.molecule_attn_bias.edge_dis_encoder.weight"] = torch.zeros(79, 1)
+    with pytest.raises(ValueError, match="config: max_hops x heads x heads = 5 x 4 x 4 rows .* which has 79"):
+        convert_transformer_m_state_dict(short, _config(layers=1))
+    state = _transformer_m_state(_config(layers=1), torch.Generator().manual_seed(0))
+    extra = "encoder.molecule_encoder.layers.1.self_attn.q_proj.weight"
+    state[extra] = torch.zeros(32, 32)
+    with pytest.warns(UserWarning, match="layers.1.self_attn.q_proj.weight"):
+        converted = convert_transformer_m_state_dict(state, _config(layers=1))
+    assert "layers.1.self_attn.q_proj.weight" not in converted and "layers.0.self_attn.q_proj.weight" in converted
+    for bad, message in (([], "state: expected a state_dict"), ({}, "config: expected a MoleBlendConfig")):
+        with pytest.raises(TypeError, match=message):
+            convert_transformer_m_state_dict(bad, {} if bad == {} else _config(layers=1))
+
+
 def _transformer_m_state(config, generator):
     """A checkpoint laid out like Transformer-M's encoder (names and shapes of the public code), random values."""
     heads, dim, kernels = config.heads, config.dim, config.num_kernels

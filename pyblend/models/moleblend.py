@@ -38,6 +38,7 @@ import itertools
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 
 from .._values import set_value_checks, values_hidden
 from ..features import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS
-from ..data import MolBatch
+from ..data import LAYOUTS, MolBatch
 from ..layout import atom_molecules, mask_from_cu_seqlens, pad_atoms, pair_index, prepend_token, seqlens
 from ..nn import GaussianBasisBias, RelationBiasedAttention, RelationBlender
 from ..ops import (
@@ -57,6 +58,7 @@ from ..ops import (
     relation_attention,
     shortest_path_routes,
 )
+from ..ops._checks import check_flag
 from ..ops.blend_relations import EDGE, GEOMETRY, SPD
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
@@ -128,17 +130,29 @@ class MoleBlendConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0; got {value!r}")
-        if isinstance(self.droppath, bool) or not isinstance(self.droppath, numbers.Real) or \
-                not 0.0 <= self.droppath < 1.0:
-            raise ValueError(f"droppath: expected a probability in [0, 1); got {self.droppath!r}")
+        for name in ("droppath", "dropout", "attention_dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1); got {value!r}")
+        # A truthy stand-in ("no", "False") would build the other model.
+        for name in ("pre_layernorm", "embedding_layernorm", "atom_3d_feature"):
+            setattr(self, name, check_flag(getattr(self, name), name))
+        noise = self.noise_scale
+        if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not (math.isfinite(noise) and noise >= 0):
+            raise ValueError(f"noise_scale: expected a finite float >= 0 (the std of the position noise); got "
+                             f"{noise!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if not isinstance(self.loss_weights, Mapping):
+            raise TypeError(f"loss_weights: expected a dict of part -> weight ({', '.join(LOSS_WEIGHTS)}); got "
+                            f"{type(self.loss_weights).__name__}")
         unknown = set(self.loss_weights) - set(LOSS_WEIGHTS)
         if unknown:
             raise ValueError(f"loss_weights: unknown parts {sorted(unknown)}; expected {', '.join(LOSS_WEIGHTS)}")
         for name, weight in self.loss_weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
-                raise ValueError(f"loss_weights[{name!r}]: expected a finite number; got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (math.isfinite(weight)
+                                                                                       and weight >= 0):
+                raise ValueError(f"loss_weights[{name!r}]: expected a finite number >= 0; got {weight!r}")
         self.loss_weights = {**LOSS_WEIGHTS, **self.loss_weights}
 
 
@@ -650,9 +664,26 @@ class MoleBlend(nn.Module):
         ``positions`` overrides the batch's: padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
         ``(B, N, 3)`` (N = ``batch.max_seqlen``), packed here. Molecules the batch marks as without a conformer
         (``has_positions`` False) stay 2D whatever the override holds for them (pretraining overrides with noised
-        positions, which must not give them a 3D channel)."""
-        if batch.layout == "packed":
-            return self._packed_relations(batch, positions)
+        positions, which must not give them a 3D channel). The others' coordinates must be finite (checked with one
+        host read, unless values are hidden: :class:`pyblend.set_value_checks`)."""
+        if not isinstance(batch, MolBatch):
+            raise TypeError(f"batch: expected a pyblend MolBatch (from pyblend.collate); got {type(batch).__name__}")
+        if batch.layout not in LAYOUTS:
+            raise ValueError(f"batch: expected layout 'padded' or 'packed'; got {batch.layout!r}")
+        relations = self._packed_relations(batch, positions) if batch.layout == "packed" else \
+            self._padded_relations(batch, positions)
+        if relations.positions is not None and not values_hidden(relations.positions):
+            # NaN or inf at one atom turned every part of the loss NaN, the 2D ones too (they share the encoder).
+            finite = torch.isfinite(relations.positions).all(-1)
+            molecule = relations.index.atom_molecule if relations.packed else None
+            bad = ~finite if relations.packed else ~finite.all(-1)
+            if bool(bad.any()):
+                first = int(molecule[bad][0]) if relations.packed else int(bad.nonzero()[0])
+                raise ValueError(f"positions: molecule {first} has a conformer (has_positions) but NaN or inf "
+                                 f"coordinates")
+        return relations
+
+    def _padded_relations(self, batch: MolBatch, positions: Tensor | None) -> Relations:
         mask, atom_features = batch.mask, batch.atom_features
         bonds = batch.bond_features.shape[1]
         start = torch.arange(len(batch), device=mask.device, dtype=torch.int32)[:, None, None] * bonds
@@ -814,6 +845,10 @@ class MoleBlendPredictor(nn.Module):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"task: expected 'classification' or 'regression'; got {task!r}")
+        if not isinstance(encoder, MoleBlend):
+            raise TypeError(f"encoder: expected a pyblend MoleBlend; got {type(encoder).__name__}")
+        if isinstance(outputs, bool) or not isinstance(outputs, numbers.Integral) or outputs < 1:
+            raise ValueError(f"outputs: expected a positive int (the number of tasks); got {outputs!r}")
         self.encoder, self.task = encoder, task
         self.norm = nn.LayerNorm(encoder.config.dim)
         self.head = nn.Linear(encoder.config.dim, outputs)
@@ -825,6 +860,10 @@ class MoleBlendPredictor(nn.Module):
     def loss(self, batch: MolBatch) -> Tensor:
         if batch.labels is None:
             raise ValueError("batch: expected labels (MolBatch.labels); featurize with labels to fine-tune")
+        if not isinstance(batch.labels, Tensor):
+            raise TypeError(f"batch: expected labels as a tensor (B, outputs); got {type(batch.labels).__name__}")
+        if not values_hidden(batch.labels):
+            _check_labels(batch.labels, self.task)
         out = self(batch)
         labels = batch.labels.to(out.device)
         if labels.shape != out.shape:
@@ -838,6 +877,17 @@ class MoleBlendPredictor(nn.Module):
         else:
             each = F.mse_loss(out, labels, reduction="none")
         return torch.where(known, each, 0.0).sum() / known.sum().clamp(min=1)
+
+
+def _check_labels(labels: Tensor, task: str) -> None:
+    """Labels are finite or NaN (missing), and a classification's lie in [0, 1]: binary cross-entropy takes a
+    label of 2 or -1 without complaint and returns a loss no model can reach."""
+    known = labels[~torch.isnan(labels)]
+    if not bool(torch.isfinite(known).all()):
+        raise ValueError("batch: expected finite labels (NaN = missing); got inf")
+    if task == "classification" and known.numel() and not bool(((known >= 0) & (known <= 1)).all()):
+        raise ValueError(f"batch: expected classification labels in [0, 1] (NaN = missing); got values from "
+                         f"{known.min().item():g} to {known.max().item():g}")
 
 
 def _checked_by_the_first_layer(depth: int):
@@ -916,6 +966,10 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     ``prefix`` is where the encoder sits in their checkpoint (e.g. ``"encoder.molecule_encoder."``); keys
     without it are ignored.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state: expected a state_dict (a mapping of names to tensors); got {type(state).__name__}")
+    if not isinstance(config, MoleBlendConfig):
+        raise TypeError(f"config: expected a MoleBlendConfig; got {type(config).__name__}")
     theirs = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     out: dict[str, Tensor] = {}
 
@@ -943,6 +997,11 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     out["degree_encoder.weight"] = in_degree[degrees] + out_degree[degrees]
     out["graph_token.weight"] = take("atom_feature.graph_token.weight")
     spatial = take("molecule_attn_bias.spatial_pos_encoder.weight")
+    # One column per head. Checked first: another head count passes the layers' dim x dim shapes, and the first
+    # row count of edge_dis_encoder (max_hops x H x H) would read its per-hop matrices wrong.
+    if spatial.dim() != 2 or spatial.shape[1] != config.heads:
+        raise ValueError(f"config: heads = {config.heads}; the checkpoint's {prefix}molecule_attn_bias."
+                         f"spatial_pos_encoder has shape {tuple(spatial.shape)} (one column per head)")
     if config.max_distance + 2 > 511 or len(spatial) < 512:
         raise ValueError(f"config: max_distance = {config.max_distance}: a Transformer-M SPD table holds distances "
                          f"up to 509 and the unreachable row 511; the checkpoint's has {len(spatial)} rows")
@@ -950,7 +1009,11 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     out["spatial_pos_encoder.weight"] = torch.cat([spatial[1:config.max_distance + 2], spatial[511:512], virtual])
     out["edge_encoder.weight"] = shifted_rows("molecule_attn_bias.edge_encoder.weight", BOND_FEATURE_DIMS, shift=3)
     hops = config.max_hops * config.heads * config.heads
-    out["edge_dis_encoder.weight"] = take("molecule_attn_bias.edge_dis_encoder.weight")[:hops]
+    edge_distances = take("molecule_attn_bias.edge_dis_encoder.weight")
+    if len(edge_distances) < hops:
+        raise ValueError(f"config: max_hops x heads x heads = {config.max_hops} x {config.heads} x {config.heads} "
+                         f"rows of {prefix}molecule_attn_bias.edge_dis_encoder, which has {len(edge_distances)}")
+    out["edge_dis_encoder.weight"] = edge_distances[:hops]
     atom_types = ATOM_FEATURE_DIMS[0]
     for name in list(theirs):
         if name.startswith("molecule_3d_bias."):
@@ -963,8 +1026,9 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
                 value = torch.cat([value[3:3 + atom_types], value[515:515 + atom_types]])  # atom i's, atom j's
             out["atom_3d_proj." + rest[len("edge_proj."):] if rest.startswith("edge_proj.") else
                 "gaussian." + rest] = value
-        elif name.startswith(("layers.", "emb_layer_norm.", "atom_proc.")):
-            out[name] = take(name)
+        elif name.startswith(("emb_layer_norm.", "atom_proc.")) or (
+                name.startswith("layers.") and int(name.split(".")[1]) < config.layers):
+            out[name] = take(name)  # layers past config.layers stay behind, named in the warning
     width = config.head_width
     for theirs_head, ours, linear, classes in (
             ("blend_spd_pred_head.", "spd_head.", "linear", config.spd_classes),
