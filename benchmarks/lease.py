@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -123,20 +124,32 @@ def run_tests(which: str, out: Path, limit_s: float) -> str:
 def main(argv=None) -> int:
     begun = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m pyblend.benchmarks.lease", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="where the logs, the JSON and the plot go")
+    parser.add_argument("--out", required=True, help="where the logs, the JSON and the plot go (made if missing)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="seconds this command may take, tests included (default 420); give the device call "
                              "a minute more for the build, and a margin")
     parser.add_argument("--reserve-s", type=float, default=90.0,
-                        help="start no benchmark case with less than this left of the budget (default 90)")
+                        help="start no benchmark case with less than this left of the budget (default 90; less "
+                             "than --budget-s)")
     parser.add_argument("--tests", choices=["gpu", "all", "none"], default="gpu",
                         help="gpu: the gpu-marked tests (default); all: the quick tier on this device; none")
     parser.add_argument("--redo", action="store_true", help="measure again the cases already recorded")
     args = parser.parse_args(argv)
-    if not args.budget_s > 0 or args.reserve_s < 0:
-        parser.error(f"--budget-s must be positive and --reserve-s not negative; got {args.budget_s}, "
-                     f"{args.reserve_s}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    # NaN in either would make the cases' deadline NaN, which is never reached.
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        parser.error(f"--budget-s: expected a finite number of seconds > 0; got {args.budget_s:g}")
+    if not (math.isfinite(args.reserve_s) and args.reserve_s >= 0):
+        parser.error(f"--reserve-s: expected a finite number of seconds >= 0; got {args.reserve_s:g}")
+    if args.reserve_s >= args.budget_s:  # no case could start
+        parser.error(f"--reserve-s: expected less than --budget-s ({args.budget_s:g}); got {args.reserve_s:g}")
+    if not args.out.strip():  # Path("") is the current folder
+        parser.error(f"--out: expected a folder path; got {args.out!r}")
+    args.out = Path(args.out)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: expected a folder that exists or can be made; got {str(args.out)!r} "
+                     f"({error.strerror or error})")
     left = lambda: args.budget_s - (time.perf_counter() - begun)  # noqa: E731
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

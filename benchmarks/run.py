@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
 import traceback
 from functools import lru_cache
@@ -59,6 +61,9 @@ class Context:
         self.deadline = deadline  # a time.perf_counter() value after which no case is started (None: no limit)
         self.recorded = recorded  # (entry, case) pairs to leave out (--skip-recorded)
         self.not_started: dict[tuple[str, str], str] = {}  # (entry, case) -> why it was left out
+        # (entry, case) pairs --cases keeps, run or not: none means the pattern matches nothing, which is an error,
+        # while cases left out as recorded or late did match.
+        self.matched: set[tuple[str, str]] = set()
         self.quick = quick
         self.time_budget_s = 1.0 if quick else 5.0
         self.limit = molecules if molecules is not None else (512 if quick else None)
@@ -70,6 +75,7 @@ class Context:
         may compile peers for a minute); a case left out for the last two reasons is listed in the summary."""
         if not name_selected(name, self.cases):
             return False
+        self.matched.add((entry, name))
         if (entry, name) in self.recorded:
             self.not_started[(entry, name)] = "recorded in an earlier run"
             return False
@@ -116,8 +122,9 @@ class Context:
 
 
 def selected_entries(text: str, option: str = "--entries") -> list[str]:
-    """The entries a comma-separated ``text`` names; a ValueError naming ``option`` for an unknown or no name."""
-    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    """The entries a comma-separated ``text`` names, each once, in order; a ValueError naming ``option`` for an
+    unknown or no name."""
+    chosen = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = sorted(set(chosen) - set(ENTRIES))
     if unknown:
         raise ValueError(f"{option}: unknown entries {unknown}; choose from {sorted(ENTRIES)}")
@@ -138,6 +145,7 @@ def run_entries(names: list[str], context: Context, results: Path | None = None,
             for case in ENTRIES[name].cases(context):
                 if not name_selected(case.name, context.cases):
                     continue
+                context.matched.add((name, case.name))  # an entry may not ask context.wants
                 log(f"{name}: {case.name}")
                 case_rows = run_case(case, context.device, log=log)
                 del case  # its tensors go before the next case is built (two big cases may not fit at once)
@@ -179,14 +187,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=None,
                         help="keep the cases whose names contain every '&'-joined part of one comma-separated "
                              "item ('!text': do not contain), e.g. 'with hydrogens,4096' (default: every case); "
-                             "to split a long entry")
+                             "to split a long entry. A pattern that matches no case of the entries run on this "
+                             "device is an error (exit 2)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no case after this many seconds (the case running then finishes; the cases "
                              "left are listed): to fit a device call")
     parser.add_argument("--skip-recorded", action="store_true",
                         help="leave out the cases the results JSON already holds for this device (some provider "
                              "timed, none wrong): a run split over several calls resumes where the last stopped")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where the JSON and the plot go")
+    parser.add_argument("--output-dir", default=None,
+                        help="where the JSON and the plot go, made if missing (default: benchmarks/results)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
@@ -196,13 +206,22 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if args.molecules is not None and args.molecules < 1:
         parser.error(f"--molecules: expected a positive number; got {args.molecules}")
-    if args.deadline_s is not None and not args.deadline_s > 0:
+    if args.deadline_s is not None and not (math.isfinite(args.deadline_s) and args.deadline_s > 0):
         parser.error(f"--deadline-s: expected a positive number of seconds; got {args.deadline_s}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
+    if args.output_dir is not None and not args.output_dir.strip():  # Path("") is the current folder
+        parser.error(f"--output-dir: expected a folder path; got {args.output_dir!r}")
+    output_dir = RESULTS_DIR if args.output_dir is None else Path(args.output_dir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     partial = args.quick or args.molecules is not None
-    results = args.output_dir / f"{device_slug(device)}.json"
+    if not partial:  # made now, not when the first case's rows arrive after minutes of work
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--output-dir: expected a folder that exists or can be made; got {str(output_dir)!r} "
+                         f"({error.strerror or error})")
+    results = output_dir / f"{device_slug(device)}.json"
     context = Context(device, args.quick, args.molecules, args.cases,
                       deadline=None if args.deadline_s is None else begun + args.deadline_s,
                       recorded=recorded_cases(results) if args.skip_recorded else frozenset())
@@ -210,6 +229,11 @@ def main(argv=None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     rows, failed = run_entries(chosen, context, None if partial else results, log)
     report(rows, failed, context.not_started, log)
+    # A blank pattern keeps every case; an entry that failed may have held the cases asked for.
+    if (args.cases or "").strip(" ,&") and not context.matched and not failed:
+        print(f"{parser.prog}: error: --cases: expected a pattern matching some case of {', '.join(chosen)} on "
+              f"{device.type}; got {args.cases!r}, which matches none", file=sys.stderr, flush=True)
+        return 2
     if rows and not partial:
         print(f"\nrows merged into {results}")
         # Every recorded row, so that a run split over several calls draws one plot of all of them.

@@ -297,38 +297,72 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _output_path(text: str | None, default: Path) -> tuple[Path | None, str | None]:
+    """``--output`` as a path whose folder exists (made if missing, as run and lease make theirs), or why not: a bad
+    output found only at the first row would end the call after its first candidate."""
+    if text is not None and not text.strip():
+        return None, f"expected a file path; got {text!r}"
+    path = default if text is None else Path(text)
+    if path.is_dir():
+        return None, f"expected a file, not a folder; got {str(path)!r}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return None, (f"expected a file in a folder that exists or can be made; got {str(path)!r} "
+                      f"({error.strerror or error})")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # the rows are written beside it, then renamed
+        return None, f"expected a file in a folder this user can write to; got {str(path)!r}"
+    return path, None
+
+
+def _names(text: str) -> list[str]:
+    """The comma-separated names of ``text``, each once, in order (a name given twice would be swept twice)."""
+    return list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyblend.benchmarks.tune", description=__doc__.splitlines()[0])
+    # The first paragraph of the docstring, whole: its first line stops mid-sentence.
+    description = " ".join((__doc__ or "").split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="python -m pyblend.benchmarks.tune", description=description)
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting candidates after this long")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="stop starting candidates after this many seconds (default 480)")
     parser.add_argument("--kernels", default=None,
                         help="comma-separated kernel names (e.g. dq,table for relation_attention; default: all)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON rows, rewritten after every candidate (default: tune-<device>.json here)")
+    parser.add_argument("--output", default=None,
+                        help="JSON rows, rewritten after every candidate; its folder is made if missing, and an "
+                             "earlier file is replaced only once a row exists (default: tune-<device>.json here)")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):  # NaN never runs out, 0 sweeps nothing
+        parser.error(f"--budget-s: expected a finite number of seconds > 0; got {args.budget_s:g}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    dtype = getattr(torch, args.dtype)
-    ops = args.ops.split(",")
+    ops = _names(args.ops)
     unknown = [name for name in ops if name not in OPS]
-    if unknown:
-        parser.error(f"--ops: unknown {', '.join(unknown)}; expected names from {', '.join(OPS)}")
-    kernels = None if args.kernels is None else [name.strip() for name in args.kernels.split(",") if name.strip()]
+    if unknown or not ops:
+        unknown_note = f" ({', '.join(unknown)} unknown)" if unknown else ""
+        parser.error(f"--ops: expected names from {', '.join(OPS)}; got {args.ops!r}{unknown_note}")
+    kernels = None if args.kernels is None else _names(args.kernels)
     if kernels is not None:
         known = {kernel for name in ops for kernel in OPS[name].kernels}
         if not kernels or set(kernels) - known:
             parser.error(f"--kernels: expected names from {', '.join(sorted(known))}; got {args.kernels!r}")
-    output = args.output or Path(f"tune-{device_slug(device)}.json")
+    output, problem = _output_path(args.output, Path(f"tune-{device_slug(device)}.json"))
+    if problem:
+        parser.error(f"--output: {problem}")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    dtype = getattr(torch, args.dtype)
     rows: list[dict] = []
 
     def save(row: dict) -> None:
         rows.append(row)
-        output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
+        # Written beside it, then renamed: a call cut short while writing keeps the rows of the last write.
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
+        os.replace(partial, output)
 
     names = [name for name in ops if kernels is None or set(kernels) & set(OPS[name].kernels)]
-    output.write_text(json.dumps({"device": device_name(device), "rows": rows}, indent=1) + "\n")
     deadline = time.perf_counter() + args.budget_s
     for position, name in enumerate(names):
         remaining = deadline - time.perf_counter()
@@ -338,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ops share the budget as kernels do: an equal part of what is left.
         sweep(name, dtype, device, remaining / (len(names) - position), kernels=kernels, on_row=save)
     print(summary(rows))
-    print(f"rows: {output}")
+    print(f"rows: {output}" if rows else f"no rows measured; {output} not written")
     return 0
 
 

@@ -573,6 +573,96 @@ def test_launch_configuration_sweep_shares_its_budget_and_takes_a_kernel_list(tm
         tune.main(["--ops", "outer_product", "--kernels", "dq"])
 
 
+def stub_sweep(monkeypatch, rows_per_op=1):
+    """The tuner's sweep replaced by one that makes ``rows_per_op`` rows an op (and no workload): the ops and kernel
+    lists it is asked for, in order."""
+    from pyblend.benchmarks import tune
+
+    asked = []
+
+    def sweep(name, dtype, device, budget_s, log=None, kernels=None, on_row=lambda row: None):
+        asked.append((name, kernels))
+        rows = [dict(op=name, kernel="forward", dtype="float16", config={"num_warps": 4}, current=True,
+                     status="ok", max_error=0.0, median_ms=1.0) for _ in range(rows_per_op)]
+        for row in rows:
+            on_row(row)
+        return rows
+
+    monkeypatch.setattr(tune, "sweep", sweep)
+    return asked
+
+
+def test_tuner_refuses_a_budget_that_is_not_a_finite_positive_time(tmp_path, monkeypatch, capsys):
+    """NaN never ran out (every candidate was tried); 0 or less swept nothing after emptying an earlier JSON."""
+    from pyblend.benchmarks import tune
+
+    asked = stub_sweep(monkeypatch)
+    output = tmp_path / "rows.json"
+    earlier = '{"device": "earlier", "rows": [{"op": "earlier"}]}\n'
+    output.write_text(earlier)
+    for budget in ("nan", "inf", "0", "-5"):
+        with pytest.raises(SystemExit) as exit_info:
+            tune.main(["--ops", "outer_product", "--output", str(output), "--budget-s", budget])
+        assert exit_info.value.code == 2
+        assert f"--budget-s: expected a finite number of seconds > 0; got {float(budget):g}" in capsys.readouterr().err
+    assert asked == [] and output.read_text() == earlier
+
+
+def test_tuner_replaces_its_json_only_with_rows(tmp_path, monkeypatch, capsys):
+    """A call that measures nothing (no kernel launched) leaves an earlier JSON as it was; one that measures
+    replaces it whole, leaving no partial file."""
+    import json
+
+    from pyblend.benchmarks import tune
+
+    stub_sweep(monkeypatch, rows_per_op=0)
+    output = tmp_path / "rows.json"
+    earlier = '{"device": "earlier", "rows": [{"op": "earlier"}]}\n'
+    output.write_text(earlier)
+    assert tune.main(["--ops", "outer_product", "--output", str(output)]) == 0
+    assert output.read_text() == earlier
+    assert f"no rows measured; {output} not written" in capsys.readouterr().out
+    stub_sweep(monkeypatch, rows_per_op=2)
+    assert tune.main(["--ops", "outer_product", "--output", str(output)]) == 0
+    assert [row["op"] for row in json.loads(output.read_text())["rows"]] == ["outer_product"] * 2
+    assert [path.name for path in tmp_path.iterdir()] == ["rows.json"]
+
+
+def test_tuner_checks_its_output_before_it_measures(tmp_path, monkeypatch, capsys):
+    """A missing folder is made (as run and lease make theirs); an output that cannot be written is refused before
+    any workload is built, where it used to end in a traceback after the first candidate."""
+    import json
+
+    from pyblend.benchmarks import tune
+
+    asked = stub_sweep(monkeypatch)
+    (tmp_path / "file").write_text("")
+    for output, message in [("", "--output: expected a file path; got ''"),
+                            (str(tmp_path), f"--output: expected a file, not a folder; got '{tmp_path}'"),
+                            (str(tmp_path / "file" / "rows.json"),
+                             "--output: expected a file in a folder that exists or can be made; got "
+                             f"'{tmp_path / 'file' / 'rows.json'}'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            tune.main(["--ops", "outer_product", "--output", output])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, output
+    assert asked == []
+    output = tmp_path / "new" / "deeper" / "rows.json"
+    assert tune.main(["--ops", "outer_product", "--output", str(output)]) == 0
+    assert [row["op"] for row in json.loads(output.read_text())["rows"]] == ["outer_product"]
+
+
+def test_tuner_help_describes_it_in_whole_sentences(monkeypatch, capsys):
+    from pyblend.benchmarks import tune
+
+    monkeypatch.setenv("COLUMNS", "1000")  # unwrapped: argparse may break a line at a hyphen
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "time candidate tiles, warps and stages against the configuration the launcher picks now, on a workload " \
+           "of the op's benchmark, and say which is fastest." in shown, shown
+
+
 def toy_entry(names, seconds=0.0):
     """A benchmark entry whose cases ask the context before they are built, as the suite's entries do."""
     import time
@@ -605,6 +695,60 @@ def test_runner_stops_at_its_deadline_and_resumes_where_it_stopped(tmp_path, mon
     with pytest.raises(SystemExit):
         run.main([*options, "--deadline-s", "0"])
     assert "--deadline-s: expected a positive number" in capsys.readouterr().err
+
+
+def test_runner_says_when_no_case_matches_its_pattern(tmp_path, monkeypatch, capsys):
+    """A --cases pattern that matches no case of the entries run is an error naming it (exit 2), not an empty
+    table and exit 0; cases left out by --skip-recorded or by the deadline did match, and are not that error."""
+    from pyblend.benchmarks import run
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["first", "second"])})
+    options = ["--entries", "toy", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plot"]
+    assert run.main([*options, "--cases", "zzz"]) == 2
+    out, err = capsys.readouterr()
+    assert "--cases: expected a pattern matching some case of toy on cpu; got 'zzz', which matches none" in err
+    assert "toy: first" not in out and not list(tmp_path.glob("*.json"))
+    assert run.main([*options, "--cases", "first"]) == 0
+    capsys.readouterr()
+    assert run.main([*options, "--cases", "first", "--skip-recorded"]) == 0
+    out, err = capsys.readouterr()
+    assert "toy: first (recorded in an earlier run)" in out and "--cases" not in err
+    assert run.main([*options, "--cases", "second", "--deadline-s", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert "toy: second (deadline)" in out and "--cases" not in err
+
+
+def test_runner_checks_its_output_folder_and_deadline_before_it_runs(tmp_path, monkeypatch, capsys):
+    """An empty --output-dir used to write into the current folder; one that cannot be made failed only when the
+    first case's rows were recorded; an infinite deadline is no deadline."""
+    from pyblend.benchmarks import run
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["first"])})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    for options, message in [(["--output-dir", ""], "--output-dir: expected a folder path; got ''"),
+                             (["--output-dir", str(tmp_path / "file")],
+                              f"--output-dir: expected a folder that exists or can be made; got '{tmp_path / 'file'}'"),
+                             (["--deadline-s", "inf"], "--deadline-s: expected a positive number of seconds; got inf")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run.main(["--entries", "toy", "--device", "cpu", "--no-plot", *options])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, options
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_entry_or_op_named_twice_runs_once(tmp_path, monkeypatch, capsys):
+    from pyblend.benchmarks import run
+
+    assert run.selected_entries("featurize, shortest_path,featurize") == ["featurize", "shortest_path"]
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["only"])})
+    assert run.main(["--entries", "toy,toy", "--device", "cpu", "--output-dir", str(tmp_path), "--no-plot"]) == 0
+    assert capsys.readouterr().out.count("toy: done in") == 1
+    asked = stub_sweep(monkeypatch)
+    from pyblend.benchmarks import tune
+
+    assert tune.main(["--ops", "outer_product,outer_product", "--kernels", "rows,forward,rows", "--output",
+                      str(tmp_path / "rows.json")]) == 0
+    assert asked == [("outer_product", ["rows", "forward"])]
 
 
 def test_a_case_with_a_wrong_provider_is_not_counted_as_recorded(tmp_path):
@@ -680,6 +824,32 @@ def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "b", "c", "s"]
     text = capsys.readouterr().out
     assert "toy: b\n" in text and "toy: a\n" not in text and "slow: s\n" not in text and "not begun" not in text
+
+
+def test_lease_refuses_a_budget_it_could_not_keep(tmp_path, monkeypatch, capsys):
+    """NaN in --budget-s or --reserve-s made the cases' deadline NaN (never reached), a reserve of the whole budget
+    left no time to start any case, and an empty --out wrote into the current folder."""
+    from pyblend.benchmarks import lease
+
+    monkeypatch.setattr(lease, "PLAN", [])
+    monkeypatch.setattr(lease, "RESULTS_DIR", tmp_path / "committed")
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    (tmp_path / "file").write_text("")
+    for options, message in [
+            (["--out", out, "--reserve-s", "nan"], "--reserve-s: expected a finite number of seconds >= 0; got nan"),
+            (["--out", out, "--reserve-s", "-1"], "--reserve-s: expected a finite number of seconds >= 0; got -1"),
+            (["--out", out, "--budget-s", "nan"], "--budget-s: expected a finite number of seconds > 0; got nan"),
+            (["--out", out, "--budget-s", "inf"], "--budget-s: expected a finite number of seconds > 0; got inf"),
+            (["--out", out, "--budget-s", "60", "--reserve-s", "60"],
+             "--reserve-s: expected less than --budget-s (60); got 60"),
+            (["--out", ""], "--out: expected a folder path; got ''"),
+            (["--out", str(tmp_path / "file")],
+             f"--out: expected a folder that exists or can be made; got '{tmp_path / 'file'}'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            lease.main([*options, "--tests", "none"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, options
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
 def test_lease_tests_step_reports_and_stops(tmp_path, monkeypatch):
