@@ -169,6 +169,14 @@ def _check_count(count, known: _Known, name: str) -> int:
     return described
 
 
+def _counted(cu_seqlens: Tensor, count, name: str) -> tuple[int | None, _Known | None]:
+    """A helper's ``atoms`` or ``pairs`` (``name``): an int >= 0 or None, checked against ``cu_seqlens`` where its
+    values may be read (and then taken from them when None); with the values, or None where they are hidden."""
+    count = _size(count, name, optional=True)
+    known = _values_if_shown(cu_seqlens, None if count is not None else name)
+    return (count, None) if known is None else (_check_count(count, known, name), known)
+
+
 def _check_width(width, known: _Known, name: str = "max_seqlen") -> int:
     """A padded width (``max_seqlen``, or the N of an ``x``): None takes the longest molecule."""
     if width is None:
@@ -228,10 +236,7 @@ def atom_molecules(cu_seqlens: Tensor, atoms: int | None = None) -> Tensor:
     torch.compile traces it). Where values may be read, ``atoms`` must be ``cu_seqlens[-1]``; elsewhere it is
     trusted (None there: a data-dependent size, refused for meta or fake tensors)."""
     _check_form(cu_seqlens)
-    atoms = _size(atoms, "atoms", optional=True)
-    known = _values_if_shown(cu_seqlens, None if atoms is not None else "atoms")
-    if known is not None:
-        atoms = _check_count(atoms, known, "atoms")
+    atoms, _ = _counted(cu_seqlens, atoms, "atoms")
     return _atom_molecules(cu_seqlens, atoms)
 
 
@@ -241,10 +246,7 @@ def pair_index(cu_seqlens: Tensor, pairs: int | None = None) -> tuple[Tensor, Te
     the packed atoms). ``pairs``: P when known (then sized by it). No loop over molecules. Checks as
     :func:`atom_molecules`, ``pairs`` against ``sum N_i^2``."""
     _check_form(cu_seqlens)
-    pairs = _size(pairs, "pairs", optional=True)
-    known = _values_if_shown(cu_seqlens, None if pairs is not None else "pairs")
-    if known is not None:
-        pairs = _check_count(pairs, known, "pairs")
+    pairs, _ = _counted(cu_seqlens, pairs, "pairs")
     return _pair_index(cu_seqlens, pairs)
 
 
@@ -390,28 +392,25 @@ def unpad_atoms(x: Tensor, cu_seqlens: Tensor, atoms: int | None = None) -> Tens
     the mask of ``cu_seqlens``) by one gather. ``atoms``: T when known (then the size comes from it and
     torch.compile traces it). Always checked: ``x``'s B against ``cu_seqlens``; where values may be read also
     ``cu_seqlens``, ``atoms`` and ``x``'s width N (at least the longest molecule)."""
-    _check_form(cu_seqlens)
-    _check_padded(x, cu_seqlens, pairs=False)
-    atoms = _size(atoms, "atoms", optional=True)
-    known = _values_if_shown(cu_seqlens, None if atoms is not None else "atoms")
-    if known is not None:
-        atoms = _check_count(atoms, known, "atoms")
-        _check_width(x.shape[1], known, "x.shape[1]")
-    return _unpad_atoms(x, cu_seqlens, atoms)
+    return _unpad_atoms(x, cu_seqlens, _unpad_count(x, cu_seqlens, atoms, "atoms"))
 
 
 def unpad_pairs(x: Tensor, cu_seqlens: Tensor, pairs: int | None = None) -> Tensor:
     """``x (B, N, N, ...)`` -> ``(P, ...)``, the inverse of :func:`pad_pairs` by one gather. ``pairs``: P when
     known (then the size comes from it and torch.compile traces it). Checks as :func:`unpad_atoms`, ``pairs``
     against ``sum N_i^2``."""
+    return _unpad_pairs(x, cu_seqlens, _unpad_count(x, cu_seqlens, pairs, "pairs"))
+
+
+def _unpad_count(x, cu_seqlens, count, name: str) -> int | None:
+    """The checks of :func:`unpad_atoms` / :func:`unpad_pairs` (``name``: "atoms" / "pairs"); the count to size
+    the gather by."""
     _check_form(cu_seqlens)
-    _check_padded(x, cu_seqlens, pairs=True)
-    pairs = _size(pairs, "pairs", optional=True)
-    known = _values_if_shown(cu_seqlens, None if pairs is not None else "pairs")
+    _check_padded(x, cu_seqlens, pairs=name == "pairs")
+    count, known = _counted(cu_seqlens, count, name)
     if known is not None:
-        pairs = _check_count(pairs, known, "pairs")
         _check_width(x.shape[1], known, "x.shape[1]")
-    return _unpad_pairs(x, cu_seqlens, pairs)
+    return count
 
 
 # ------------------------------------------------------------------------------ unchecked implementations
