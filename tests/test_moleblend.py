@@ -389,9 +389,24 @@ def test_features_outside_the_vocabulary_read_its_other_row(graphs_2d):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_atomic_numbers_outside_the_vocabulary_read_its_other_row_in_3d_too(graphs, layout):
+    """The 3D channel's pair types follow the embeddings' rule: an atomic-number id outside the vocabulary is its
+    "other" id (it raised "pair_types: expected ids in [0, 238)", an argument the caller never gave)."""
+    from pyblend.features import ATOM_FEATURE_DIMS
+
+    model = _model(layers=1).eval()
+    outside, other = collate(graphs[:2], layout=layout), collate(graphs[:2], layout=layout)
+    for value, batch in ((10_000, outside), (ATOM_FEATURE_DIMS[0] - 1, other)):
+        batch.atom_features[(0, 0) if layout == "packed" else (0, 0, 0)] = value  # atom 0's atomic number
+    assert outside.positions is not None
+    torch.testing.assert_close(model(outside), model(other))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_nan_coordinates_of_a_conformer_are_named(graphs, layout):
     """A NaN or inf coordinate of a molecule with a conformer made every part of the loss NaN (the 2D ones too);
-    it is named, unless value checks are off. NaN positions of a molecule without one are its normal state."""
+    it is named, unless value checks are off, and so is a NaN in a given ``noise``. NaN positions of a molecule
+    without a conformer are its normal state."""
     import dataclasses
 
     import pyblend
@@ -408,6 +423,10 @@ def test_nan_coordinates_of_a_conformer_are_named(graphs, layout):
             assert torch.isnan(model.pretrain_loss(poisoned)[0])
         no_conformer = dataclasses.replace(poisoned, has_positions=torch.tensor([True, False, True]))
         assert torch.isfinite(model.pretrain_loss(no_conformer)[0])
+    noise = torch.zeros(batch.positions.shape)
+    noise[(1, 0) if layout == "padded" else (batch.cu_seqlens[1].item(), 0)] = float("nan")
+    with pytest.raises(ValueError, match="noise: expected finite values at the atoms of molecules with a conformer"):
+        model.pretrain_loss(batch, noise=noise)
     with pytest.raises(ValueError, match="batch: expected layout 'padded' or 'packed'; got 'bogus'"):
         model.pretrain_loss(dataclasses.replace(batch, layout="bogus"))
     with pytest.raises(TypeError, match="batch: expected a pyblend MolBatch .* got dict"):

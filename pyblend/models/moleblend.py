@@ -580,7 +580,7 @@ class MoleBlend(nn.Module):
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
         geometry_bias = None
         if relations.positions is not None:
-            atom_types = relations.atom_features[..., 0]
+            atom_types = _atomic_numbers(relations.atom_features)
             pair_types = torch.stack(torch.broadcast_tensors(atom_types[:, :, None],
                                                              ATOM_FEATURE_DIMS[0] + atom_types[:, None, :]), -1)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, mask=mask)
@@ -627,7 +627,7 @@ class MoleBlend(nn.Module):
                                    cu_seqlens=cu_seqlens)                                                # (H, P)
         geometry_bias = None
         if relations.positions is not None:
-            atom_types = relations.atom_features[:, 0]
+            atom_types = _atomic_numbers(relations.atom_features)
             pair_types = torch.stack([atom_types[index.pair_row], ATOM_FEATURE_DIMS[0] + atom_types[index.pair_col]],
                                      dim=-1)                                                             # (P, 2)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, cu_seqlens=cu_seqlens,
@@ -768,6 +768,13 @@ class MoleBlend(nn.Module):
         elif not isinstance(noise, Tensor) or noise.shape != clean.shape:
             got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
             raise ValueError(f"noise: expected the shape of the positions {tuple(clean.shape)}; got {got}")
+        elif not values_hidden(noise):
+            # Where it is used (atoms of molecules with a conformer) a NaN turned every part of the loss NaN.
+            used = relations.has_geometry[relations.index.atom_molecule] if relations.packed else \
+                relations.mask & relations.has_geometry[:, None]
+            if not bool(torch.isfinite(noise[used]).all()):
+                raise ValueError("noise: expected finite values at the atoms of molecules with a conformer; got "
+                                 "NaN or inf")
         if clean is not None:
             relations.positions = clean + (noise if relations.packed else
                                            torch.where(relations.mask[..., None], noise, 0.0))
@@ -914,6 +921,14 @@ def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:
     vocabulary's last, "other", row, as featurization maps it (not the first row of the next feature)."""
     inside = (features >= 0) & (features < dims)
     return torch.where(inside, features, dims - 1) + offsets
+
+
+def _atomic_numbers(atom_features: Tensor) -> Tensor:
+    """The 3D channel's atom types: atomic-number ids ``(...)``, one outside the vocabulary read as its "other" id
+    as :func:`_rows` reads it for the embeddings (it was refused as a ``pair_types`` id, a name the caller never
+    gave)."""
+    ids, vocabulary = atom_features[..., 0], ATOM_FEATURE_DIMS[0]
+    return torch.where((ids >= 0) & (ids < vocabulary), ids, vocabulary - 1)
 
 
 def _offsets(dims) -> Tensor:
