@@ -39,7 +39,8 @@ from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 from rdkit.Geometry import Point3D
 from tqdm import tqdm
 
-from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES, require_array
+from .features import (ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES, require_array,
+                       require_vocabulary)
 
 __all__ = [
     "ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES", "DEFAULT_MOLECULES_PATH",
@@ -166,8 +167,8 @@ class MolGraph:
         # index lands in padding or in the next molecule (a negative one wraps round), and a feature outside its
         # vocabulary misleads whatever trusts the documented range: an embedding table indexed by offset (the
         # next feature's row, or off the table), MoleBlend's atom-pair types, pair_bond_features' 0 = no bond.
-        _require_vocabulary("atom_features", atoms, _ATOM_DIMS, ATOM_FEATURE_NAMES)
-        _require_vocabulary("bond_features", bonds, _BOND_DIMS, BOND_FEATURE_NAMES)
+        require_vocabulary(atoms, "atom_features", lambda _: "MolGraph: atom_features")
+        require_vocabulary(bonds, "bond_features", lambda _: "MolGraph: bond_features")
         _require_bonds(edges, num_atoms)
         if self.positions is not None:
             require_array("MolGraph: positions", self.positions, np.float32, (num_atoms, 3))
@@ -188,22 +189,6 @@ class MolGraph:
     @property
     def num_bonds(self) -> int:
         return self.edge_index.shape[1]
-
-
-# As uint64 a negative index becomes huge, so one comparison checks both ends of a range: MolGraph checks every
-# graph featurize makes (~90 us at 17 atoms), where each numpy call costs about a microsecond.
-_ATOM_DIMS = np.array(ATOM_FEATURE_DIMS, dtype=np.uint64)
-_BOND_DIMS = np.array(BOND_FEATURE_DIMS, dtype=np.uint64)
-
-
-def _require_vocabulary(field: str, features: np.ndarray, dims: np.ndarray, names: Sequence[str]) -> None:
-    """Check every column ``j`` of a MolGraph feature field holds indices in ``[0, dims[j])``."""
-    outside = features.view(np.uint64) >= dims
-    if outside.any():
-        row, column = (int(i) for i in np.argwhere(outside)[0])
-        raise ValueError(f"MolGraph: {field} column {column} ({names[column]}) must hold vocabulary indices in "
-                         f"[0, {int(dims[column])}), got {features[row, column]} in row {row}; featurize maps a "
-                         f"value outside the vocabulary to its last (\"other\") index {int(dims[column]) - 1}")
 
 
 def _require_bonds(edges: np.ndarray, num_atoms: int) -> None:

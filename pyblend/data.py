@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .features import ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS, BOND_FEATURE_NAMES, require_array
+from .features import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS, require_array, require_vocabulary
 from .layout import (cu_seqlens_from_mask, mask_from_cu_seqlens, pack_atoms, pack_pairs, pad_atoms, pad_pairs,
                      seqlens)
 
@@ -20,9 +20,6 @@ __all__ = ["MolBatch", "collate"]
 
 LAYOUTS = ("padded", "packed")
 _ATOM_WIDTH, _BOND_WIDTH = len(ATOM_FEATURE_DIMS), len(BOND_FEATURE_DIMS)
-# As uint64 a negative index becomes huge, so one comparison checks both ends of a range (as MolGraph does).
-_ATOM_DIMS = np.array(ATOM_FEATURE_DIMS, dtype=np.uint64)
-_BOND_DIMS = np.array(BOND_FEATURE_DIMS, dtype=np.uint64)
 _INT64, _FLOAT32 = np.dtype(np.int64), np.dtype(np.float32)
 
 
@@ -181,8 +178,8 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
         edge_index[b, :, :e] = graph.edge_index
     # Feature values batch-wide (the padding's zeros are valid): one outside its vocabulary would index past its
     # embedding table's rows, into the next feature's or off the table.
-    _check_batch_vocabulary(atom_features, _ATOM_DIMS, ATOM_FEATURE_NAMES, "atom_features")
-    _check_batch_vocabulary(bond_features, _BOND_DIMS, BOND_FEATURE_NAMES, "bond_features")
+    for field, values in (("atom_features", atom_features), ("bond_features", bond_features)):
+        require_vocabulary(values, field, lambda leading, field=field: f"graphs[{leading[0]}].{field}")
     # Every bond at once, after checking its atoms: an index past the molecule would mark a bond in the padding
     # (or, packed, in the next molecule) while a negative one would wrap round.
     molecule, bond = np.nonzero(np.arange(max_bonds) < num_bonds[:, None])
@@ -223,16 +220,6 @@ def _check_graph_shapes(graph, prefix: str) -> None:
     require_array(f"{prefix}bond_features", graph.bond_features, np.int64, (edges.shape[1], _BOND_WIDTH))
     if graph.positions is not None:
         require_array(f"{prefix}positions", graph.positions, np.float32, (atoms.shape[0], 3))
-
-
-def _check_batch_vocabulary(features: np.ndarray, dims: np.ndarray, names: Sequence[str], field: str) -> None:
-    """Check the ``(B, rows, F)`` features of a whole batch against their vocabularies, naming the graph."""
-    outside = features.view(np.uint64) >= dims
-    if outside.any():
-        b, row, column = (int(i) for i in np.argwhere(outside)[0])
-        raise ValueError(f"graphs[{b}].{field} column {column} ({names[column]}) must hold vocabulary indices in "
-                         f"[0, {int(dims[column])}), got {features[b, row, column]} in row {row}; featurize maps a "
-                         f"value outside the vocabulary to its last (\"other\") index {int(dims[column]) - 1}")
 
 
 def _positions(graphs: Sequence[MolGraph], width: int) -> dict:
