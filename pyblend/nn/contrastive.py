@@ -24,12 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_sample_mask, describe, is_finite, is_int,
-                           is_real)
+from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_sample_mask, describe,
+                           is_int, is_real)
+from ..ops.multi_infonce import check_distinct, pair_weights
 
 __all__ = ["MultiPairContrastive"]
-
-BACKENDS = ("triton", "reference")  # multi_infonce's
 
 
 class MultiPairContrastive(nn.Module):
@@ -83,31 +82,16 @@ class MultiPairContrastive(nn.Module):
             if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or \
                     not all(isinstance(name, str) for name in pair):
                 raise ValueError(f"pairs: expected (modality, modality) tuples of str; got {pair!r}")
-            # As the op: each sample would be its own positive, a loss that only spreads the samples apart.
-            if pair[0] == pair[1]:
-                raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {pair[0]!r} with itself; expected "
-                                 f"two different modalities")
+            check_distinct(pair)
         self.pairs = [tuple(pair) for pair in pairs]
         # Checked here, as the op would at every forward: a bad weight should not wait for the first batch.
-        if weights is None:
-            weights = [1.0 / len(self.pairs)] * len(self.pairs)
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-            raise TypeError(f"weights: expected a list or tuple of floats, one per pair; got "
-                            f"{type(weights).__name__}")
-        if len(weights) != len(self.pairs):
-            raise ValueError(f"weights: expected one weight per pair ({len(self.pairs)}); got {len(weights)}")
-        for w in weights:
-            if not is_real(w) or not is_finite(w):
-                raise TypeError(f"weights: expected finite floats; got {w!r}")
-        self.weights = [float(w) for w in weights]
+        self.weights = pair_weights(weights, len(self.pairs))
         if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
         temperature = float(temperature)
         if gather not in ("autograd", "no_grad", None):
             raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS} (multi_infonce's) or None (automatic); "
-                             f"got {backend!r}")
+        check_module_backend(backend, "multi_infonce")
         if max_logit_scale is not None and (not is_real(max_logit_scale) or not math.isfinite(max_logit_scale)):
             raise ValueError(f"max_logit_scale: expected a finite float or None; got {max_logit_scale!r}")
         self.learnable_temperature = check_flag(learnable_temperature, "learnable_temperature")

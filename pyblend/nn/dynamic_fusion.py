@@ -41,11 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import check_flag, check_linear_input, describe, is_int, is_real
+from ..ops._checks import check_flag, check_linear_input, check_module_backend, describe, is_int, is_real
 
 __all__ = ["DynamicFusion"]
-
-BACKENDS = ("triton", "reference")  # gated_fusion's
 
 
 class DynamicFusion(nn.Module):
@@ -97,10 +95,7 @@ class DynamicFusion(nn.Module):
         bias = check_flag(bias, "bias")
         if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
-        # Checked here rather than at the first forward.
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS} (gated_fusion's) or None (automatic); "
-                             f"got {backend!r}")
+        check_module_backend(backend, "gated_fusion")
         input_dims = {name: int(width) for name, width in input_dims.items()}
         dim = int(dim)
         self.input_dims = input_dims

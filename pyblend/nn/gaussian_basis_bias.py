@@ -20,13 +20,12 @@ import math
 
 from torch import Tensor, nn
 
+from ..ops._checks import check_module_backend
 from ..ops.gaussian_basis_bias import gaussian_basis_bias
 
 __all__ = ["GaussianBasisBias"]
 
 _PAIR_TYPE_MODES = ("sum2", "single")
-BACKENDS = ("triton", "reference")  # gaussian_basis_bias's
-
 
 class _InitEmbedding(nn.Embedding):
     """An ``nn.Embedding`` whose ``reset_parameters`` gives the public layer's initialisation (``initializer``,
@@ -108,9 +107,7 @@ class GaussianBasisBias(nn.Module):
         if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (math.isfinite(std_eps)
                                                                                       and std_eps > 0):
             raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS} (gaussian_basis_bias's) or None (automatic); "
-                             f"got {backend!r}")
+        check_module_backend(backend, "gaussian_basis_bias")
         self.num_heads, self.num_kernels = num_heads, num_kernels
         self.num_pair_types = num_pair_types
         self.hidden = num_kernels if hidden is None else hidden

@@ -67,9 +67,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._values import values_hidden
-from ..ops._checks import check_flag, describe, is_finite, is_int, is_real
+from ..ops._checks import check_flag, check_module_backend, describe, is_int, is_real
 from ..ops.fourier_cross_attention import fourier_cross_attention
-from ..ops.lego_merge import MERGE_METHODS, merge_latents, slerp
+from ..ops.lego_merge import MERGE_METHODS, merge_eps, merge_latents, slerp
 
 __all__ = [
     "LegoAttention",
@@ -88,8 +88,6 @@ __all__ = [
 
 HEAD_METHODS = ("slerp", "linear")
 FUSE_MODES = ("stack", "weave")
-BACKENDS = ("triton", "reference")  # fourier_cross_attention's
-
 
 def _positive_int(value, name: str) -> int:
     if not is_int(value) or value < 1:
@@ -192,10 +190,7 @@ class LegoBlock(nn.Module):
         weight_sharing = check_flag(weight_sharing, "weight_sharing")
         token_fft = check_flag(token_fft, "token_fft")
         normalize = check_flag(normalize, "normalize")
-        # Checked here rather than at the first forward, which may come long after (or under torch.compile).
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS} (fourier_cross_attention's) or None "
-                             f"(automatic); got {backend!r}")
+        check_module_backend(backend, "fourier_cross_attention")
         self.input_dim, self.outputs = input_dim, outputs
         self.l_c, self.l_d, self.depth = l_c, l_d, depth
         self.heads, self.head_dim, self.temperature, self.ff_mult = heads, head_dim, float(temperature), ff_mult
@@ -541,14 +536,10 @@ class LegoMerge(_LegoMulti):
                  eps: float = 1e-6):
         if method not in MERGE_METHODS:
             raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
-        # merge_latents' rule, checked here rather than at the first forward.
-        if not is_real(eps):
-            raise TypeError(f"eps: expected a finite float > 0; got {eps!r}")
-        if not (is_finite(eps) and eps > 0):
-            raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+        eps = merge_eps(eps)  # merge_latents' rule, checked here rather than at the first forward
         super().__init__(blocks, head_method)
         self.method = method
-        self.eps = float(eps)
+        self.eps = eps
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, head_method={self.head_method!r}, eps={self.eps}"

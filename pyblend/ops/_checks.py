@@ -169,3 +169,10 @@ def check_sample_mask(mask, label: str, batch: int, device: torch.device) -> Ten
     if mask.device != device:
         raise ValueError(f"{label}: expected a tensor on {device} like the embeddings; got {describe(mask)}")
     return mask
+
+
+def check_module_backend(backend, op: str, backends: tuple = ("triton", "reference")) -> None:
+    """A module's ``backend`` option, checked when the module is built rather than at its first forward: None
+    (automatic) or one of ``op``'s ``backends``."""
+    if backend is not None and backend not in backends:
+        raise ValueError(f"backend: expected one of {backends} ({op}'s) or None (automatic); got {backend!r}")

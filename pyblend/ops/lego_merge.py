@@ -115,11 +115,7 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
     latents = _check_latents(latents)
     if method not in MERGE_METHODS:
         raise ValueError(f"method: expected one of {MERGE_METHODS}; got {method!r}")
-    if not is_real(eps):
-        raise TypeError(f"eps: expected a finite float > 0; got {eps!r}")
-    if not (is_finite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
-    eps = float(eps)
+    eps = merge_eps(eps)
     mask = _check_present(present, len(latents), latents[0])
     stacked = torch.stack(latents)                                                  # (M, ...)
     real_dtype = stacked.real.dtype
@@ -152,6 +148,16 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
     direction = torch.where(defined, safe_resultant / safe_resultant.abs(),
                             torch.ones((), dtype=stacked.dtype, device=stacked.device))
     return harmonic * direction
+
+
+def merge_eps(eps) -> float:
+    """:func:`merge_latents`' ``eps``, checked (a finite number > 0; :class:`pyblend.nn.LegoMerge` checks its own
+    with it when built), as a float."""
+    if not is_real(eps):
+        raise TypeError(f"eps: expected a finite float > 0; got {eps!r}")
+    if not (is_finite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+    return float(eps)
 
 
 def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tensor:

@@ -406,6 +406,29 @@ def _triton_reasons(embeddings, pairs) -> list[str]:
     return reasons
 
 
+def pair_weights(weights, count: int) -> list[float]:
+    """The per-pair weights as floats: ``1 / count`` each for None, else one finite number per pair (checked
+    here for the op and for :class:`pyblend.nn.MultiPairContrastive` when it is built)."""
+    if weights is None:
+        return [1.0 / count] * count
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"weights: expected a list or tuple of floats, one per pair; got {type(weights).__name__}")
+    if len(weights) != count:
+        raise ValueError(f"weights: expected one weight per pair ({count}); got {len(weights)}")
+    for w in weights:
+        if not is_real(w) or not is_finite(w):
+            raise TypeError(f"weights: expected finite floats; got {w!r}")
+    return [float(w) for w in weights]
+
+
+def check_distinct(pair) -> None:
+    """A pair of two different modalities. Paired with itself, each sample would be its own positive: the loss
+    would only measure how unlike the other samples it is."""
+    if pair[0] == pair[1]:
+        raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {pair[0]!r} with itself; expected two "
+                         f"different modalities")
+
+
 def _validate(embeddings, pairs, weights, temperature, masks, normalize):
     if not isinstance(embeddings, Mapping) or not embeddings:
         raise TypeError(f"embeddings: expected a non-empty dict of modality name -> (B, d) tensor; "
@@ -439,27 +462,13 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
                 raise ValueError(f"pairs: modality {name!r} in pair {tuple(pair)!r} is not in embeddings "
                                  f"(which has {sorted(embeddings)})")
         a, b = pair
-        # Each sample is its own positive: the loss would only measure how unlike the other samples it is.
-        if a == b:
-            raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {a!r} with itself; expected two "
-                             f"different modalities")
+        check_distinct(pair)
         if embeddings[a].shape[1] != embeddings[b].shape[1]:
             raise ValueError(f"pairs: pair {tuple(pair)!r} needs one embedding dim; embeddings[{a!r}] has "
                              f"d = {embeddings[a].shape[1]} and embeddings[{b!r}] has d = {embeddings[b].shape[1]}")
     pairs = [tuple(pair) for pair in pairs]
 
-    if weights is None:
-        weights = [1.0 / len(pairs)] * len(pairs)
-    else:
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-            raise TypeError(f"weights: expected a list or tuple of floats, one per pair; got "
-                            f"{type(weights).__name__}")
-        if len(weights) != len(pairs):
-            raise ValueError(f"weights: expected one weight per pair ({len(pairs)}); got {len(weights)}")
-        for w in weights:
-            if not is_real(w) or not is_finite(w):
-                raise TypeError(f"weights: expected finite floats; got {w!r}")
-        weights = [float(w) for w in weights]
+    weights = pair_weights(weights, len(pairs))
 
     if isinstance(temperature, Tensor):
         if not temperature.is_floating_point() or temperature.dim() != 0:
