@@ -580,7 +580,8 @@ class MoleBlend(nn.Module):
                                    self.edge_dis_encoder.weight.view(config.max_hops, config.heads, config.heads))
         geometry_bias = None
         if relations.positions is not None:
-            atom_types = _atomic_numbers(relations.atom_features)
+            # As the embeddings read them (an id outside the table would be a bad pair_types id).
+            atom_types = _in_vocabulary(relations.atom_features[..., 0], ATOM_FEATURE_DIMS[0])
             pair_types = torch.stack(torch.broadcast_tensors(atom_types[:, :, None],
                                                              ATOM_FEATURE_DIMS[0] + atom_types[:, None, :]), -1)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, mask=mask)
@@ -627,7 +628,8 @@ class MoleBlend(nn.Module):
                                    cu_seqlens=cu_seqlens)                                                # (H, P)
         geometry_bias = None
         if relations.positions is not None:
-            atom_types = _atomic_numbers(relations.atom_features)
+            # As the embeddings read them (an id outside the table would be a bad pair_types id).
+            atom_types = _in_vocabulary(relations.atom_features[..., 0], ATOM_FEATURE_DIMS[0])
             pair_types = torch.stack([atom_types[index.pair_row], ATOM_FEATURE_DIMS[0] + atom_types[index.pair_col]],
                                      dim=-1)                                                             # (P, 2)
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, cu_seqlens=cu_seqlens,
@@ -916,19 +918,16 @@ def _mean_where(values: Tensor, selected: Tensor) -> Tensor:
     return total / selected.sum().clamp(min=1).to(total.dtype)
 
 
+def _in_vocabulary(features: Tensor, dims) -> Tensor:
+    """Integer features with a value outside its vocabulary ``[0, dims)`` read as the vocabulary's last, "other",
+    index, as featurization maps it."""
+    return torch.where((features >= 0) & (features < dims), features, dims - 1)
+
+
 def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:
-    """Embedding rows of integer features ``(..., F)``: a value outside its vocabulary ``[0, dims[f])`` takes the
-    vocabulary's last, "other", row, as featurization maps it (not the first row of the next feature)."""
-    inside = (features >= 0) & (features < dims)
-    return torch.where(inside, features, dims - 1) + offsets
-
-
-def _atomic_numbers(atom_features: Tensor) -> Tensor:
-    """The 3D channel's atom types: atomic-number ids ``(...)``, one outside the vocabulary read as its "other" id
-    as :func:`_rows` reads it for the embeddings (it was refused as a ``pair_types`` id, a name the caller never
-    gave)."""
-    ids, vocabulary = atom_features[..., 0], ATOM_FEATURE_DIMS[0]
-    return torch.where((ids >= 0) & (ids < vocabulary), ids, vocabulary - 1)
+    """Embedding rows of integer features ``(..., F)``, in their vocabularies (not the first row of the next
+    feature)."""
+    return _in_vocabulary(features, dims) + offsets
 
 
 def _offsets(dims) -> Tensor:
