@@ -663,15 +663,16 @@ def test_tuner_help_describes_it_in_whole_sentences(monkeypatch, capsys):
            "of the op's benchmark, and say which is fastest." in shown, shown
 
 
-def toy_entry(names, seconds=0.0):
-    """A benchmark entry whose cases ask the context before they are built, as the suite's entries do."""
+def toy_entry(names, seconds=0.0, provider=None):
+    """A benchmark entry whose cases ask the context before they are built, as the suite's entries do; each case's
+    one provider sleeps ``seconds`` or calls ``provider``."""
     import time
     import types
 
     def cases(context):
         for name in names:
             if context.wants("toy", name):
-                yield Case(entry="toy", name=name, providers={"p": lambda: time.sleep(seconds)},
+                yield Case(entry="toy", name=name, providers={"p": provider or (lambda: time.sleep(seconds))},
                            check=lambda provider, output: None, units=1, unit="items", time_budget_s=0.0)
     return types.SimpleNamespace(cases=cases)
 
@@ -802,9 +803,17 @@ def test_every_gpu_entry_selects_before_it_builds_and_the_lease_plan_names_one_c
 def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch, capsys):
     """The lease on toy entries: rows land in --out as each case ends, starting from the committed results; a
     second call leaves out what is recorded; the summary names what was not reached."""
+    import time
+    import types
+
     from pyblend.benchmarks import lease, run
 
-    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["a", "b", "c"]), "slow": toy_entry(["s"], 0.4)})
+    # The slow case moves the lease's clock a minute on, not the wall clock: how long the first item really takes
+    # on a loaded machine (1.4 s seen under a CI run beside other jobs) cannot decide what begins.
+    skipped = [0.0]
+    monkeypatch.setattr(lease, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0]))
+    slow = toy_entry(["s"], provider=lambda: skipped.__setitem__(0, skipped[0] + 60.0))
+    monkeypatch.setattr(run, "ENTRIES", {"toy": toy_entry(["a", "b", "c"]), "slow": slow})
     monkeypatch.setattr(lease, "PLAN", [("toy", "a", "first"), ("slow", None, "second"), ("toy", None, "rest")])
     committed = tmp_path / "committed"
     monkeypatch.setattr(lease, "RESULTS_DIR", committed)
@@ -815,12 +824,12 @@ def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch
          "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}]))
     out = tmp_path / "out"
     options = ["--out", str(out), "--tests", "none", "--reserve-s", "1.0"]
-    # The first item must end within budget - reserve (1 s) for the slow one to begin, which then outlasts it.
-    assert lease.main([*options, "--budget-s", "2.0"]) == 0
+    # The first item ends within budget - reserve (59 s), so the slow one begins, which then outlasts it.
+    assert lease.main([*options, "--budget-s", "60"]) == 0
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "c", "s"]
     text = capsys.readouterr().out
     assert "toy: every case (rest)" in text.split("Plan items not begun (1)")[1], "the third item had no time left"
-    assert lease.main([*options, "--budget-s", "30"]) == 0
+    assert lease.main([*options, "--budget-s", "60"]) == 0
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "b", "c", "s"]
     text = capsys.readouterr().out
     assert "toy: b\n" in text and "toy: a\n" not in text and "slow: s\n" not in text and "not begun" not in text
