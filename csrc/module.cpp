@@ -233,13 +233,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cu_seqlens"), py::arg("max_hops"),
         "(adjacency bool (P,) | None, bond_ids int32 (P,) | None, cu_seqlens int32 (B+1,), max_hops) -> "
         "(distances int32 (P,), routes int32 (P,max_hops) | None)");
-  m.def("pair_distances_padded", &pair_distances_padded<float>, py::arg("pos"), py::arg("mask"));
-  m.def("pair_distances_padded", &pair_distances_padded<double>, py::arg("pos"), py::arg("mask"));
-  m.def("pair_distances_packed", &pair_distances_packed<float>, py::arg("pos"), py::arg("cu_seqlens"));
-  m.def("pair_distances_packed", &pair_distances_packed<double>, py::arg("pos"), py::arg("cu_seqlens"));
-  m.def("gaussian_basis", &gaussian_basis<float>, py::arg("distances"), py::arg("pair_types"), py::arg("means"),
-        py::arg("stds"), py::arg("mul"), py::arg("bias"));
-  m.def("gaussian_basis", &gaussian_basis<double>, py::arg("distances"), py::arg("pair_types"), py::arg("means"),
-        py::arg("stds"), py::arg("mul"), py::arg("bias"));
+  // The float arguments of the float/double overloads take no conversion: pybind11 tries the float overload
+  // first, and once any argument needs converting (a strided mask, say) it would have cast float64 to float32.
+  // Callers pass C-contiguous arrays of one float dtype (pyblend.ops checks it).
+  m.def("pair_distances_padded", &pair_distances_padded<float>, py::arg("pos").noconvert(), py::arg("mask"));
+  m.def("pair_distances_padded", &pair_distances_padded<double>, py::arg("pos").noconvert(), py::arg("mask"));
+  m.def("pair_distances_packed", &pair_distances_packed<float>, py::arg("pos").noconvert(), py::arg("cu_seqlens"));
+  m.def("pair_distances_packed", &pair_distances_packed<double>, py::arg("pos").noconvert(),
+        py::arg("cu_seqlens"));
+  m.def("gaussian_basis", &gaussian_basis<float>, py::arg("distances").noconvert(), py::arg("pair_types"),
+        py::arg("means").noconvert(), py::arg("stds").noconvert(), py::arg("mul").noconvert(),
+        py::arg("bias").noconvert());
+  m.def("gaussian_basis", &gaussian_basis<double>, py::arg("distances").noconvert(), py::arg("pair_types"),
+        py::arg("means").noconvert(), py::arg("stds").noconvert(), py::arg("mul").noconvert(),
+        py::arg("bias").noconvert());
   m.def("num_threads", &parallel_threads, "OpenMP threads the engine uses (1 without OpenMP)");
 }

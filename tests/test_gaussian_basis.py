@@ -41,6 +41,26 @@ def test_pair_distances_padded_and_packed(generator, backend, dtype):
     assert_close(packed, layout.pack_pairs(expected, mask), dtype, "packed distances")
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_float64_distances_with_a_strided_mask_or_cu_seqlens(generator, backend):
+    """A strided mask or cu_seqlens made the C++ engine's float overload take float64 positions (pybind11 tried it
+    first, converting the mask and the positions together): the distances came back float32."""
+    pos, mask = random_molecules(generator, [4, 7, 2], torch.float64)
+    pos = pos + 1000  # far from the origin, where float32 keeps about 4 decimals of a distance
+    strided_mask = torch.zeros(2 * mask.shape[0], mask.shape[1], dtype=torch.bool)[::2]
+    strided_mask.copy_(mask)
+    expected = ops.pair_distances(pos, mask, backend="reference")
+    distances = ops.pair_distances(pos, strided_mask, backend=backend)
+    assert distances.dtype == torch.float64
+    assert_close(distances, expected, torch.float64, "padded distances")
+    cu_seqlens, _ = layout.cu_seqlens_from_mask(mask)
+    strided = torch.zeros(2 * cu_seqlens.numel(), dtype=cu_seqlens.dtype)[::2]
+    strided.copy_(cu_seqlens)
+    packed = ops.pair_distances(layout.pack_atoms(pos, mask), cu_seqlens=strided, backend=backend)
+    assert packed.dtype == torch.float64
+    assert_close(packed, layout.pack_pairs(expected, mask), torch.float64, "packed distances")
+
+
 @pytest.mark.parametrize("types_per_pair", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpp_gaussian_basis_matches_float64_reference(generator, dtype, types_per_pair):
@@ -141,6 +161,20 @@ def test_automatic_dispatch_keeps_autograd(generator):
         ops.gaussian_basis(distances, torch.zeros(3, 3, dtype=torch.long), *params, backend="cpp")
     with torch.no_grad():
         assert ops.gaussian_basis(distances, torch.zeros(3, 3, dtype=torch.long), *params).grad_fn is None
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_zero_dimensional_numpy_distance(generator, backend):
+    """One distance as a 0-d numpy array is one pair, as a 0-d tensor is: numpy's ascontiguousarray made it 1-d, so
+    the features came back (1, K) and two types per pair, shape (2,), were refused."""
+    params = gaussian_parameters(generator, kernels=5, types=3, dtype=torch.float64)
+    distance, types = torch.tensor(1.5, dtype=torch.float64), torch.tensor([0, 2])
+    for pair_types in (types[0], types):
+        expected = ops.gaussian_basis(distance, pair_types, *params, backend="reference")
+        features = ops.gaussian_basis(distance.numpy(), pair_types.numpy(), *[p.numpy() for p in params],
+                                      backend=backend)
+        assert isinstance(features, np.ndarray) and features.shape == (5,)
+        assert_close(torch.from_numpy(features), expected, torch.float64, "features of one pair")
 
 
 def test_numpy_in_numpy_out(generator):

@@ -47,7 +47,8 @@ def as_tensor(value, name: str, *, optional: bool = False) -> Tensor | None:
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        # ascontiguousarray returns at least one dimension: the reshape keeps a 0-d array 0-d.
+        return torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
