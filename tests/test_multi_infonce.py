@@ -574,6 +574,10 @@ def test_module_temperature_cap(generator):
     assert "temperature=0.01 (learnable, max_logit_scale=4.605)" in repr(module), repr(module)
     module(embeddings, masks).backward()
     assert module.logit_scale.grad != 0
+    # In float64 the float32-rounded start lies past log(100): it must still count as at the cap.
+    doubled = MultiPairContrastive(pairs, temperature=0.01, learnable_temperature=True, backend="reference").double()
+    doubled({name: x.double() for name, x in embeddings.items()}, masks).backward()
+    assert doubled.logit_scale.grad != 0
     # Past the cap (as an optimizer step may take it): the temperature in use is the cap's, the gradient 0.
     with torch.no_grad():
         module.logit_scale.fill_(7.0)

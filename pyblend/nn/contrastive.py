@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -151,7 +152,10 @@ class MultiPairContrastive(nn.Module):
             return self.fixed_temperature
         scale = self.logit_scale
         if self.max_logit_scale is not None:
-            scale = scale.clamp(max=self.max_logit_scale)
+            # The parameter starts float32-rounded (log(100) rounds up): in float64, after .double(), it must still
+            # sit at the cap, not past it where the gradient is 0.
+            float32_cap = struct.unpack("f", struct.pack("f", self.max_logit_scale))[0]
+            scale = scale.clamp(max=max(self.max_logit_scale, float32_cap))
         return torch.exp(-scale)
 
     def project(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict:
