@@ -117,7 +117,7 @@ def _token_live(mask_ptr, b, offs_n, N, s_m_b, s_m_n, HAS_MASK: tl.constexpr):
 @triton.jit
 def _fca_fwd_kernel(
     l_ptr, kv_ptr, mask_ptr, wq_ptr, wo_ptr, bo_ptr, lnw_ptr, lnb_ptr, fnw_ptr, fnb_ptr, w1_ptr, b1_ptr,
-    w2_ptr, b2_ptr, u_ptr, o_ptr, lse_ptr, rinv_ptr,
+    w2_ptr, b2_ptr, u_ptr, o_ptr, lse_ptr, rinv_ptr, q_ptr,
     C, D, N, heads, head_dim, ffn, qk_scale, eps, s_m_b, s_m_n,
     FFT2: tl.constexpr, NORMALIZE: tl.constexpr, LATENT_NORM: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_FF: tl.constexpr, FF_NORM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -165,6 +165,8 @@ def _fca_fwd_kernel(
             wq = tl.load(wq_ptr + (h * head_dim + offs_j[None, :]) * D + dk[:, None],
                          mask=j_in[None, :] & dk_in[:, None], other=0.0)                  # Wq_h^T slice
             q += tl.dot(x, wq, input_precision=PRECISION)
+        head_tile = (b * C + rows[:, None]) * width + h * head_dim + offs_j[None, :]
+        tl.store(q_ptr + head_tile, q, mask=rows_in[:, None] & j_in[None, :])
         q = q * qk_scale
         m_i = tl.full((BLOCK_C,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -188,8 +190,7 @@ def _fca_fwd_kernel(
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))
-        tl.store(o_ptr + (b * C + rows[:, None]) * width + h * head_dim + offs_j[None, :], o,
-                 mask=rows_in[:, None] & j_in[None, :])
+        tl.store(o_ptr + head_tile, o, mask=rows_in[:, None] & j_in[None, :])
         tl.store(lse_ptr + (b * heads + h) * C + rows, lse, mask=rows_in)
         live_rows = l_i
 
@@ -446,7 +447,10 @@ def launch_config(kernel: str, channels: int, dim: int, head_dim: int, fft_dims:
 def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw, fnb, w1, b1, w2, b2, heads: int,
                                     scale: float, fft_dims: int, normalize: bool, latent_norm: bool, ff_norm: bool,
                                     inverse: bool, eps: float):
-    """Returns ``(out (B, C, D, 2), u (B, C, D), o (B, C, H*Dh), lse2 (B, H, C), rinv (B, D))``, all float32.
+    """Returns ``(out (B, C, D, 2), u (B, C, D), o (B, C, H*Dh), lse2 (B, H, C), rinv (B, D), q (B, C, H*Dh))``,
+    all float32, ``q`` unscaled. The backward takes ``q`` as the forward computed it: ``o`` and ``lse2`` (hence
+    ``delta = rowsum(dO * O)``) belong to that ``q``, and one recomputed another way (torch.fft's rounding, not
+    the in-kernel DFT's) makes ``dS = P (dP - delta)`` inconsistent by its rounding times 1/temperature.
 
     ``latent (B, C, D, 2)`` float32 contiguous; ``kv (B, N, 2*H*Dh)`` contiguous; ``mask (B, N)`` bool or None;
     weights float32 contiguous with every affine part present (ones / zeros for an absent one); ``w1`` None
@@ -462,6 +466,7 @@ def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw,
     lse = torch.empty(batch, heads, channels, **f32)
     rinv = torch.empty(batch, dim, **f32)
     out = torch.empty(batch, channels, dim, 2, **f32)
+    q = torch.empty(batch, channels, width, **f32)
     has_ff = w1 is not None
     ffn = w2.shape[1] if has_ff else 0
     mask_arg = mask.view(torch.uint8) if mask is not None else kv
@@ -473,14 +478,14 @@ def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw,
     _fca_fwd_kernel[grid](
         latent, kv, mask_arg, wq, wo, bo, lnw, lnb, fnw if has_ff else dummy, fnb if has_ff else dummy,
         w1 if has_ff else dummy, b1 if has_ff else dummy, w2 if has_ff else dummy, b2 if has_ff else dummy,
-        u, o, lse, rinv, channels, dim, tokens, heads, head_dim, ffn, float(scale * LOG2E), float(eps),
+        u, o, lse, rinv, q, channels, dim, tokens, heads, head_dim, ffn, float(scale * LOG2E), float(eps),
         s_m[0], s_m[1], FFT2=fft_dims == 2, NORMALIZE=bool(normalize), LATENT_NORM=bool(latent_norm),
         HAS_MASK=mask is not None, HAS_FF=has_ff, FF_NORM=bool(ff_norm), PRECISION=precision, **config)
     config = launch_config("out", channels, dim, head_dim, fft_dims)
     grid = (triton.cdiv(channels, config["BLOCK_C"]), batch)
     _fca_out_kernel[grid](latent, u, rinv, out, channels, dim, FFT2=fft_dims == 2, NORMALIZE=bool(normalize),
                           INVERSE=bool(inverse), PRECISION=precision, **config)
-    return out, u, o, lse, rinv
+    return out, u, o, lse, rinv, q
 
 
 def fourier_cross_attention_attention_backward(q, do, lse, delta, kv, mask, heads: int, scale: float):

@@ -286,19 +286,20 @@ def _forward_op(latent: Tensor, kv: Tensor, token_mask: Optional[Tensor], q_weig
                 ff_norm_weight: Optional[Tensor], ff_norm_bias: Optional[Tensor], ff_in_weight: Optional[Tensor],
                 ff_in_bias: Optional[Tensor], ff_out_weight: Optional[Tensor], ff_out_bias: Optional[Tensor],
                 heads: int, scale: float, fft_dims: int, normalize: bool, latent_norm: bool, ff_norm: bool,
-                inverse: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out (B, C, D, 2), o (B, C, H*Dh), lse2 (B, H, C))`` float32 from ``latent (B, C, D, 2)`` float32 and
-    ``kv (B, N, 2*H*Dh)``; weights float32. ``o`` and ``lse2`` are saved for the backward."""
+                inverse: bool, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out (B, C, D, 2), o (B, C, H*Dh), lse2 (B, H, C), q (B, C, H*Dh))`` float32 from ``latent (B, C, D, 2)``
+    float32 and ``kv (B, N, 2*H*Dh)``; weights float32. ``o``, ``lse2`` and the unscaled ``q`` are saved for the
+    backward."""
     from ..kernels import fourier_cross_attention as kernel
 
     bo, lnw, lnb, fnw, fnb, b1, b2 = _filled(q_weight, out_weight, out_bias, latent_norm_weight, latent_norm_bias,
                                              ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight,
                                              ff_out_bias)
-    out, _, o, lse, _ = kernel.fourier_cross_attention_forward(
+    out, _, o, lse, _, q = kernel.fourier_cross_attention_forward(
         latent.contiguous(), kv.contiguous(), token_mask, q_weight.contiguous(), out_weight.contiguous(), bo, lnw,
         lnb, fnw, fnb, ff_in_weight, b1, ff_out_weight, b2, heads, scale, fft_dims, normalize, latent_norm, ff_norm,
         inverse, eps)
-    return out, o, lse
+    return out, o, lse, q
 
 
 @_forward_op.register_fake
@@ -307,12 +308,12 @@ def _(latent, kv, token_mask, q_weight, *rest):
     heads = rest[10]
     f32 = dict(dtype=torch.float32, device=latent.device)
     return (torch.empty(latent.shape, **f32), torch.empty(batch, channels, q_weight.shape[0], **f32),
-            torch.empty(batch, heads, channels, **f32))
+            torch.empty(batch, heads, channels, **f32), torch.empty(batch, channels, q_weight.shape[0], **f32))
 
 
 @torch.library.custom_op("pyblend::fourier_cross_attention_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, latent: Tensor, kv: Tensor, token_mask: Optional[Tensor], o: Tensor, lse: Tensor,
-                 q_weight: Tensor, out_weight: Tensor, out_bias: Optional[Tensor],
+                 q: Tensor, q_weight: Tensor, out_weight: Tensor, out_bias: Optional[Tensor],
                  latent_norm_weight: Optional[Tensor], latent_norm_bias: Optional[Tensor],
                  ff_norm_weight: Optional[Tensor], ff_norm_bias: Optional[Tensor], ff_in_weight: Optional[Tensor],
                  ff_in_bias: Optional[Tensor], ff_out_weight: Optional[Tensor], ff_out_bias: Optional[Tensor],
@@ -321,14 +322,14 @@ def _backward_op(grad_out: Tensor, latent: Tensor, kv: Tensor, token_mask: Optio
     """Gradients of (latent, kv, q_weight, out_weight, out_bias, latent_norm_weight, latent_norm_bias,
     ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias); float32 (kv's dtype
     for dkv), an empty tensor for an argument that is None."""
-    return _backward_impl(grad_out, latent, kv, token_mask, o, lse, q_weight, out_weight, out_bias,
+    return _backward_impl(grad_out, latent, kv, token_mask, o, lse, q, q_weight, out_weight, out_bias,
                           latent_norm_weight, latent_norm_bias, ff_norm_weight, ff_norm_bias, ff_in_weight,
                           ff_in_bias, ff_out_weight, ff_out_bias, heads, scale, fft_dims, normalize, latent_norm,
                           ff_norm, inverse, eps)
 
 
 @_backward_op.register_fake
-def _(grad_out, latent, kv, token_mask, o, lse, *weights_and_options):
+def _(grad_out, latent, kv, token_mask, o, lse, q, *weights_and_options):
     weights = weights_and_options[:11]
     shaped = [torch.empty(latent.shape, dtype=torch.float32, device=latent.device),
               torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)]
@@ -357,7 +358,7 @@ def _rows_gram(a: Tensor, b: Tensor) -> Tensor:
     return a.flatten(0, -2).T @ b.flatten(0, -2)
 
 
-def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, lnb, fnw, fnb, w1, b1, w2, b2,
+def _backward_impl(grad_out, latent, kv, token_mask, o, lse, q, wq, wo, bo, lnw, lnb, fnw, fnb, w1, b1, w2, b2,
                    heads, scale, fft_dims, normalize, latent_norm, ff_norm, inverse, eps):
     from ..kernels import fourier_cross_attention as kernel
 
@@ -374,7 +375,6 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
         ln = l
     q_in = fft(ln, dims).real
     x, xhat, rstd = _layer_norm_forward(q_in, lnw, lnb, eps) if latent_norm else (q_in, None, None)
-    q = (x @ wq.T).contiguous()
     a_pre = o @ wo.T if bo is None else o @ wo.T + bo
     if token_mask is not None:
         has = token_mask.any(1)
@@ -412,6 +412,7 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
     do = (da @ wo).contiguous()
     head_dim = wq.shape[0] // heads
     delta = (do * o).unflatten(-1, (heads, head_dim)).sum(-1).transpose(1, 2).contiguous()   # (B, H, C)
+    # The forward's own q (kernel.fourier_cross_attention_forward says why), not x Wq^T from this recomputation.
     dq, dkv = kernel.fourier_cross_attention_attention_backward(q, do, lse.contiguous(), delta, kv.contiguous(),
                                                                 token_mask, heads, scale)
     grads["q_weight"] = _rows_gram(dq, x)
@@ -442,16 +443,16 @@ def _backward_impl(grad_out, latent, kv, token_mask, o, lse, wq, wo, bo, lnw, ln
 def _setup_context(ctx, inputs, output):
     latent, kv, token_mask, *weights = inputs[:14]
     ctx.options = inputs[14:]
-    _, o, lse = output
+    _, o, lse, q = output
     ctx.present = [w is not None for w in weights]
-    ctx.save_for_backward(latent, kv, token_mask, o, lse, *weights)
+    ctx.save_for_backward(latent, kv, token_mask, o, lse, q, *weights)
 
 
-def _backward(ctx, grad_out, _do, _dlse):
-    latent, kv, token_mask, o, lse, *weights = ctx.saved_tensors
+def _backward(ctx, grad_out, _do, _dlse, _dq):
+    latent, kv, token_mask, o, lse, q, *weights = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(latent)
-    grads = call(_backward_op, grad_out.contiguous(), latent, kv, token_mask, o, lse, *weights, *ctx.options)
+    grads = call(_backward_op, grad_out.contiguous(), latent, kv, token_mask, o, lse, q, *weights, *ctx.options)
     # A switched-off LayerNorm's weights take no part: no gradient (None), as autograd gives the reference.
     latent_norm, ff_norm = ctx.options[4], ctx.options[5]
     unused = set() if latent_norm else {"latent_norm_weight", "latent_norm_bias"}
