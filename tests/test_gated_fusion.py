@@ -307,6 +307,18 @@ def test_torch_compile_traces_the_op(generator, backend):
         torch.testing.assert_close(ours, theirs)
 
 
+def test_numpy_scalar_eps_and_gate_scale(generator):
+    """np.float32 eps / gate_scale were refused as "expected a finite float"; they give what Python floats give."""
+    inputs = random_inputs(generator, 4, 2, 8, torch.float32)
+    for backend in ("reference", "triton"):
+        target = backend_device(backend)
+        on = [x.to(target) for x in inputs]
+        got = ops.gated_fusion(*on, eps=np.float32(1e-6), gate_scale=np.float32(2.0), backend=backend)
+        want = ops.gated_fusion(*on, eps=float(np.float32(1e-6)), gate_scale=2.0, backend=backend)
+        for ours, theirs in zip(got, want):
+            assert torch.equal(ours, theirs), backend
+
+
 def test_errors_name_the_argument(generator):
     h, gate, score = random_inputs(generator, 4, 2, 8, torch.float32)
     cases = [

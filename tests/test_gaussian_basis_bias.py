@@ -341,6 +341,21 @@ def test_torch_compile_traces_the_op(generator, packed):
 # ------------------------------------------------------------------------------------------ validation
 
 
+def test_numpy_scalar_std_eps(generator):
+    """np.float32 std_eps was refused by the op and the module as "expected a finite float > 0"."""
+    import numpy as np
+
+    positions, types, mask, params = random_problem(generator, [4, 3])
+    params = {name: x.float() for name, x in params.items()}
+    positions = positions.float()
+    got = gaussian_basis_bias(positions, types, mask=mask, **params, std_eps=np.float32(1e-2), backend="reference")
+    want = gaussian_basis_bias(positions, types, mask=mask, **params, std_eps=float(np.float32(1e-2)),
+                               backend="reference")
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(got, want))
+    assert GaussianBasisBias(4, num_kernels=8, num_pair_types=16, std_eps=np.float32(1e-5)).std_eps == \
+        float(np.float32(1e-5))
+
+
 def test_errors_name_the_argument(generator):
     positions, types, mask, params = random_problem(generator, [4, 3])
     positions = positions.float().nan_to_num()

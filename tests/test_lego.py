@@ -839,6 +839,14 @@ def test_survival_nll_matches_brute_force(generator, alpha):
     assert abs(total.item() - 9 * loss.item()) < 1e-9
 
 
+def test_survival_nll_numpy_alpha(generator):
+    """alpha=np.float32(0.4) was refused as "expected a float in [0, 1]"."""
+    logits = torch.randn(5, 4, generator=generator)
+    event_bin, censored = torch.randint(0, 4, (5,), generator=generator), torch.rand(5, generator=generator) < 0.5
+    assert torch.equal(survival_nll_loss(logits, event_bin, censored, alpha=np.float32(0.5)),
+                       survival_nll_loss(logits, event_bin, censored, alpha=0.5))
+
+
 def test_survival_nll_extreme_logits_have_finite_gradients():
     logits = torch.tensor([[60.0, -60.0, 60.0], [-80.0, 80.0, -80.0]], requires_grad=True)
     loss = survival_nll_loss(logits, torch.tensor([2, 0]), torch.tensor([False, True]))

@@ -2,6 +2,7 @@
 the dense bias, packed equals padded, bad inputs are refused by name, and a small model compiles."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -112,7 +113,7 @@ def test_graphormer_checkpoint_loads_one_to_one_and_matches(generator, with_bias
     assert_close(out[mask], expected.transpose(0, 1)[mask], F64, "output on real rows")
 
 
-@pytest.mark.parametrize("scaling_factor", [1.0, 2.0])
+@pytest.mark.parametrize("scaling_factor", [1.0, 2.0, np.float32(2.0)])  # numpy's was refused as not a float
 def test_unimol_checkpoint_maps_and_matches(generator, scaling_factor):
     embed_dim, heads, lengths = 16, 4, [6, 3]
     width, batch = max(lengths), len(lengths)

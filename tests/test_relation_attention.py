@@ -627,6 +627,29 @@ def test_errors_name_the_argument(generator):
         assert message in str(caught.value), f"{overrides}: {caught.value}"
 
 
+def test_numpy_scalars_are_accepted(generator):
+    """scale=np.float32(0.3) and dropout_p=np.float32(0.1) were refused as "expected a finite float" (np.float64,
+    a subclass of float, passed); on both backends they now give what the Python floats give."""
+    import numpy as np
+
+    from pyblend.nn import RelationBiasedAttention
+
+    q, k, v = (torch.randn(2, 5, 2, 8, generator=generator) for _ in range(3))
+    for backend in ("reference", "triton"):
+        target = torch.device("cpu") if backend == "reference" else device()
+        inputs = [x.to(target) for x in (q, k, v)]
+        for scale, dropout_p in ((np.float32(0.3), np.float32(0.25)), (np.int64(1), np.float64(0.25))):
+            got = ops.relation_attention(*inputs, scale=scale, dropout_p=dropout_p, backend=backend,
+                                         generator=torch.Generator(target).manual_seed(1))
+            want = ops.relation_attention(*inputs, scale=float(scale), dropout_p=float(dropout_p), backend=backend,
+                                          generator=torch.Generator(target).manual_seed(1))
+            assert torch.equal(got, want), (backend, scale, dropout_p)
+        with pytest.raises(ValueError, match="scale: expected a finite float; got np.True_"):
+            ops.relation_attention(*inputs, scale=np.bool_(True), backend=backend)
+    module = RelationBiasedAttention(16, 2, dropout=np.float32(0.1), scaling=np.float32(0.5))
+    assert (module.dropout, module.scaling) == (float(np.float32(0.1)), 0.5)
+
+
 def test_packed_errors(generator):
     q = torch.randn(7, 2, 8, generator=generator)
     cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32)

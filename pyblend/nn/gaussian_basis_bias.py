@@ -20,7 +20,7 @@ import math
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_module_backend
+from ..ops._checks import check_module_backend, is_real
 from ..ops.gaussian_basis_bias import gaussian_basis_bias
 
 __all__ = ["GaussianBasisBias"]
@@ -104,8 +104,7 @@ class GaussianBasisBias(nn.Module):
         if pair_type_mode not in _PAIR_TYPE_MODES:
             raise ValueError(f"pair_type_mode: expected one of {_PAIR_TYPE_MODES}; got {pair_type_mode!r}")
         # Checked here as the op checks them, rather than at the first forward.
-        if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (math.isfinite(std_eps)
-                                                                                      and std_eps > 0):
+        if not is_real(std_eps) or not (math.isfinite(std_eps) and std_eps > 0):
             raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
         check_module_backend(backend, "gaussian_basis_bias")
         self.num_heads, self.num_kernels = num_heads, num_kernels

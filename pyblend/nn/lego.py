@@ -685,8 +685,9 @@ def survival_nll_loss(logits: Tensor, event_bin: Tensor, censored: Tensor, *, al
     ``event_bin`` out of range is an indexing error, a device-side assert on CUDA).
     """
     _check_survival(logits, event_bin, censored)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not is_real(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a float in [0, 1]; got {alpha!r}")
+    alpha = float(alpha)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: expected 'mean' or 'sum'; got {reduction!r}")
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits

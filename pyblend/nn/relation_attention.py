@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._checks import as_tensor, check_linear_input
+from ..ops._checks import as_tensor, check_linear_input, is_real
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -166,14 +166,13 @@ class RelationBiasedAttention(nn.Module):
                 raise ValueError(f"{name}: expected a positive int; got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        if not is_real(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1); got {dropout!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
-        if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
-                                    or not math.isfinite(scaling)):
+        if scaling is not None and (not is_real(scaling) or not math.isfinite(scaling)):
             raise ValueError(f"scaling: expected None or a finite float; got {scaling!r}")
         self.scaling = float(self.head_dim ** -0.5 if scaling is None else scaling)
         factory = {"device": device, "dtype": dtype}
@@ -230,8 +229,7 @@ class RelationBiasedAttention(nn.Module):
         own = {name[len(prefix):]: value for name, value in own.items()}
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads: expected a positive int; got {num_heads!r}")
-        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or \
-                not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        if not is_real(scaling_factor) or not (math.isfinite(scaling_factor) and scaling_factor > 0):
             raise ValueError(f"scaling_factor: expected a finite float > 0 (scaling = (D * scaling_factor) ** -0.5); "
                              f"got {scaling_factor!r}")
         if embed_dim % num_heads:

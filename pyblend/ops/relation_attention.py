@@ -29,6 +29,7 @@ from ._checks import (
     describe,
     id_range,
     is_finite,
+    is_real,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -114,10 +115,11 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     _check_relations(rel_index, rel_table, mask, packed, batch, heads, max_seqlen, pairs if packed else None)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not is_finite(scale):
+    if not is_real(scale) or not is_finite(scale):
         raise ValueError(f"scale: expected a finite float; got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1); got {dropout_p!r}")
+    scale, dropout_p = float(scale), float(dropout_p)
     return_logits = check_flag(return_logits, "return_logits")
     check_generator(generator)
 
