@@ -382,13 +382,21 @@ FLOAT32_TILES = [(64, 4096, True), (24, 16, True), (64, 16, False)]
 WIDE_SHAPES = [(1024, 4096, True), (600, 4096, False), (768, 16, True), (1000, 4096, True)]
 
 
+# float16's backward differs from bfloat16's (it rescales each tile's dot weights): the widest square and
+# rectangular 16-bit tiles in the quick tier.
+QUICK_FLOAT16 = [(512, 4096, True), (512, 4096, False), (1024, 4096, True)]
+
+
 @pytest.mark.parametrize("cases", [
     pytest.param([(*shape, "bfloat16") for shape in COMPILE_SHAPES + WIDE_SHAPES[:1]]
                  + [(*QUICK_FLOAT32, "float32")], id="bf16+f32-d512"),
+    pytest.param([(*shape, "float16") for shape in QUICK_FLOAT16], id="f16-d512"),
     pytest.param([(*shape, "float32") for shape in COMPILE_SHAPES + FLOAT32_TILES + WIDE_SHAPES
                   if shape != QUICK_FLOAT32]
                  + [(*shape, "tf32") for shape in COMPILE_SHAPES + WIDE_SHAPES]
-                 + [(*shape, "bfloat16") for shape in WIDE_SHAPES[1:]], id="f32+tf32", marks=pytest.mark.full)])
+                 + [(*shape, "bfloat16") for shape in WIDE_SHAPES[1:]]
+                 + [(*shape, "float16") for shape in COMPILE_SHAPES + WIDE_SHAPES if shape not in QUICK_FLOAT16],
+                 id="f32+tf32+f16", marks=pytest.mark.full)])
 def test_kernels_compile_for_hopper_without_spills(cases):
     """Calls the launchers on CPU tensors (masked; (d, B, square, dtype) in ``cases``) and lowers the three kernels
     to sm_90 as Triton would on the GPU, then runs ptxas: the interpreter accepts programs the compiler rejects, and
