@@ -9,6 +9,7 @@ from pyblend import collate, ops
 
 from graphs import backend_device
 from host_reads import recorded_host_reads
+from tolerances import assert_close
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -149,8 +150,12 @@ def test_ops_with_masks_read_no_value():
                 (grad,) = torch.autograd.grad(out.square().sum(), leaves)
             assert bool(reads) == checks, (name, checks, reads)
             results.append((out.detach(), grad))
-        for got, want in zip(results[1], results[0]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+        # Off, the Fourier op's token FFT takes another algorithm (Bluestein for every length at once, not one FFT
+        # per length), so the two agree to float32 rounding: measured as the suite measures it, by the norm. An
+        # element of the latent's gradient differed by 4.3e-6 of 0.19, where each path's own error against the
+        # float64 reference is 2e-6 of the norm (PyTorch float32's, 1.6e-6).
+        for got, want, what in zip(results[1], results[0], ("output", "gradient")):
+            assert_close(got, want, torch.float32, f"{name} {what}")
 
 
 @pytest.mark.gpu
