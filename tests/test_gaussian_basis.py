@@ -177,6 +177,16 @@ def test_zero_dimensional_numpy_distance(generator, backend):
         assert_close(torch.from_numpy(features), expected, torch.float64, "features of one pair")
 
 
+def test_numpy_arrays_in_the_other_byte_order(generator):
+    """An array not in this machine's byte order (big-endian data read from a file, say) was refused by torch.from_numpy's own error, which names no
+    argument; its values are now read as they are."""
+    pos, mask = random_molecules(generator, [3, 4], torch.float64)
+    expected = ops.pair_distances(pos.numpy(), mask.numpy())
+    swapped = pos.numpy().astype(pos.numpy().dtype.newbyteorder("S"))
+    assert not swapped.dtype.isnative
+    np.testing.assert_array_equal(ops.pair_distances(swapped, mask.numpy()), expected)
+
+
 def test_numpy_in_numpy_out(generator):
     pos, mask = random_molecules(generator, [3, 4], torch.float64)
     distances = ops.pair_distances(pos.numpy(), mask.numpy())

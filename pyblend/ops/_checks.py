@@ -39,7 +39,8 @@ def describe(x: Tensor) -> str:
 
 
 def as_tensor(value, name: str, *, optional: bool = False) -> Tensor | None:
-    """Accept a torch.Tensor or a numpy array (shared, not copied); reject anything else by name."""
+    """Accept a torch.Tensor or a numpy array (shared, not copied, unless it is strided or not in this machine's
+    byte order, which torch cannot share); reject anything else by name."""
     if value is None:
         if optional:
             return None
@@ -47,6 +48,8 @@ def as_tensor(value, name: str, *, optional: bool = False) -> Tensor | None:
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:  # e.g. big-endian data read from a file: torch.from_numpy refuses it
+            value = value.astype(value.dtype.newbyteorder("="))
         # ascontiguousarray returns at least one dimension: the reshape keeps a 0-d array 0-d.
         return torch.from_numpy(np.ascontiguousarray(value).reshape(value.shape))
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
