@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_sample_mask, describe,
-                           is_int, is_real)
+from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_positive_float,
+                           check_sample_mask, describe, is_int, is_real)
 from ..ops.multi_infonce import check_distinct, pair_weights
 
 __all__ = ["MultiPairContrastive"]
@@ -87,8 +87,7 @@ class MultiPairContrastive(nn.Module):
         self.pairs = [tuple(pair) for pair in pairs]
         # Checked here, as the op would at every forward: a bad weight should not wait for the first batch.
         self.weights = pair_weights(weights, len(self.pairs))
-        if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+        check_positive_float(temperature, "temperature")
         temperature = float(temperature)
         if gather not in ("autograd", "no_grad", None):
             raise ValueError(f"gather: expected 'autograd', 'no_grad' or None; got {gather!r}")
@@ -176,7 +175,7 @@ class MultiPairContrastive(nn.Module):
                 continue
             x = self._head_input(name, out[name], head.weight)
             if name in masks:  # NaN * 0 in the head's weight gradient would be NaN
-                mask = self._head_mask(name, masks[name], x)
+                mask = check_sample_mask(masks[name], f"masks[{name!r}]", x.shape[0], x.device)
                 x = torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
             out[name] = head(x)
         return out
@@ -193,11 +192,6 @@ class MultiPairContrastive(nn.Module):
                              f"projections[{name!r}]; got {describe(x)}")
         check_linear_input(x, label, weight, f"projections[{name!r}]'s weight")
         return x
-
-    @staticmethod
-    def _head_mask(name: str, mask, x: Tensor) -> Tensor:
-        """The op's checks on ``masks[name]``, made before the mask zeroes the head's input."""
-        return check_sample_mask(mask, f"masks[{name!r}]", x.shape[0], x.device)
 
     def forward(self, embeddings: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
         """``embeddings``: modality -> ``(B, d)``; ``masks``: modality -> ``(B,)`` bool or None. Returns the 0-dim

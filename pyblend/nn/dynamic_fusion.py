@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import check_flag, check_linear_input, check_module_backend, describe, is_int, is_real
+from ..ops._checks import (check_flag, check_linear_input, check_module_backend, check_positive_float, describe,
+                           is_int, is_real)
 
 __all__ = ["DynamicFusion"]
 
@@ -93,8 +94,7 @@ class DynamicFusion(nn.Module):
             raise ValueError(f"modality_dropout: expected a float in [0, 1); got {modality_dropout!r}")
         rescale_gate = check_flag(rescale_gate, "rescale_gate")
         bias = check_flag(bias, "bias")
-        if not is_real(eps) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+        check_positive_float(eps, "eps")
         check_module_backend(backend, "gated_fusion")
         input_dims = {name: int(width) for name, width in input_dims.items()}
         dim = int(dim)

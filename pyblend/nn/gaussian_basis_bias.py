@@ -16,16 +16,16 @@ Transformer-M gives ``gbf.mul`` / ``gbf.bias`` ``padding_idx=0`` (row 0 gets no 
 from __future__ import annotations
 
 import functools
-import math
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_module_backend, is_real
+from ..ops._checks import check_module_backend, check_positive_float
 from ..ops.gaussian_basis_bias import gaussian_basis_bias
 
 __all__ = ["GaussianBasisBias"]
 
 _PAIR_TYPE_MODES = ("sum2", "single")
+
 
 class _InitEmbedding(nn.Embedding):
     """An ``nn.Embedding`` whose ``reset_parameters`` gives the public layer's initialisation (``initializer``,
@@ -104,8 +104,7 @@ class GaussianBasisBias(nn.Module):
         if pair_type_mode not in _PAIR_TYPE_MODES:
             raise ValueError(f"pair_type_mode: expected one of {_PAIR_TYPE_MODES}; got {pair_type_mode!r}")
         # Checked here as the op checks them, rather than at the first forward.
-        if not is_real(std_eps) or not (math.isfinite(std_eps) and std_eps > 0):
-            raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
+        check_positive_float(std_eps, "std_eps")
         check_module_backend(backend, "gaussian_basis_bias")
         self.num_heads, self.num_kernels = num_heads, num_kernels
         self.num_pair_types = num_pair_types

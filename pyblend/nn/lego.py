@@ -59,7 +59,6 @@ from the others.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -67,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._values import values_hidden
-from ..ops._checks import check_flag, check_module_backend, describe, is_int, is_real
+from ..ops._checks import check_flag, check_module_backend, check_positive_float, describe, is_int, is_real
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_eps, merge_latents, slerp
 
@@ -88,6 +87,7 @@ __all__ = [
 
 HEAD_METHODS = ("slerp", "linear")
 FUSE_MODES = ("stack", "weave")
+
 
 def _positive_int(value, name: str) -> int:
     if not is_int(value) or value < 1:
@@ -181,8 +181,7 @@ class LegoBlock(nn.Module):
                 ("heads", heads), ("head_dim", head_dim), ("ff_mult", ff_mult)))
         if encoder is not None and not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder: expected an nn.Module or None; got {type(encoder).__name__}")
-        if not is_real(temperature) or not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+        check_positive_float(temperature, "temperature")
         if not is_int(fft_dims) or fft_dims not in (1, 2):
             raise ValueError(f"fft_dims: expected 1 (FFT over l_c, the public code) or 2 (over (l_c, l_d), the "
                              f"paper); got {fft_dims!r}")

@@ -141,6 +141,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def check_positive_float(value, name: str) -> None:
+    """A real number > 0 and finite (numpy's included, never a bool), e.g. a temperature or an epsilon."""
+    if not is_real(value) or not (is_finite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite float > 0; got {value!r}")
+
+
 def check_generator(generator) -> None:
     """``generator``: None or a ``torch.Generator`` (a seed number is not one: torch.manual_seed takes those)."""
     if generator is not None and not isinstance(generator, torch.Generator):

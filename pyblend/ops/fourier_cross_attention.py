@@ -32,7 +32,7 @@ from .._values import values_hidden
 from .. import reference
 from ..reference.fourier_cross_attention import fft, pack_tokens, token_spectrum
 from ._autograd import call, refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_flag, check_shape, describe, is_finite, is_int, is_real
+from ._checks import as_tensor, check_dtype, check_flag, check_positive_float, check_shape, describe, is_int
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["fourier_cross_attention"]
@@ -193,12 +193,10 @@ def _validate(latent, tokens, weights, token_mask, heads, temperature, fft_dims,
         if token_mask.device != latent.device:
             raise ValueError(f"token_mask: expected a tensor on {latent.device} like latent; "
                              f"got {describe(token_mask)}")
-    if not is_real(temperature) or not (is_finite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0; got {temperature!r}")
+    check_positive_float(temperature, "temperature")
     if not is_int(fft_dims) or fft_dims not in (1, 2):
         raise ValueError(f"fft_dims: expected 1 (over C) or 2 (over C and D); got {fft_dims!r}")
-    if not is_real(eps) or not (is_finite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+    check_positive_float(eps, "eps")
     return latent, tokens, weights, token_mask, flags
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._values import values_hidden
 from .. import reference
 from ._autograd import call, refuse_double_backward
-from ._checks import as_tensor, check_dtype, check_shape, describe, is_finite, is_real
+from ._checks import as_tensor, check_dtype, check_positive_float, check_shape, describe, is_finite, is_real
 from ._dispatch import choose_backend, triton_reasons
 
 __all__ = ["gated_fusion"]
@@ -104,8 +104,7 @@ def _validate(h, gate_logits, score_logits, present, eps, gate_scale):
         check_shape(x, name, shape, meaning + " like h")
         if x.device != h.device:
             raise ValueError(f"{name}: expected a tensor on {h.device} like h; got {describe(x)}")
-    if not is_real(eps) or not (is_finite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a finite float > 0; got {eps!r}")
+    check_positive_float(eps, "eps")
     if not is_real(gate_scale) or not is_finite(gate_scale):
         raise ValueError(f"gate_scale: expected a finite float; got {gate_scale!r}")
     if present is not None:

@@ -26,12 +26,11 @@ from ._checks import (
     check_dtype,
     check_mask,
     check_packed_form,
+    check_positive_float,
     check_same_device,
     check_shape,
     describe,
     id_range,
-    is_finite,
-    is_real,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -169,8 +168,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
                 (pair_types.dim() == 4 and pair_types.shape[3] != 2):
             raise ValueError(f"pair_types: expected the padded shape (B, N, N) or (B, N, N, 2) = ({batch}, {atoms}, "
                              f"{atoms}[, 2]); got {describe(pair_types)}")
-    if not is_real(std_eps) or not (is_finite(std_eps) and std_eps > 0):
-        raise ValueError(f"std_eps: expected a finite float > 0; got {std_eps!r}")
+    check_positive_float(std_eps, "std_eps")
     if not values_hidden(pair_types):
         _check_type_range(pair_types, mask, num_types, packed)
     return positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mask, cu_seqlens, max_seqlen

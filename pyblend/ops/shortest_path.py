@@ -7,7 +7,6 @@ Validation reads integer inputs on the host once: these are data-pipeline ops, n
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -18,7 +17,7 @@ from .. import reference
 from .._extension import load_extension
 from ..layout import check_cu_seqlens, pair_offsets
 from ._checks import (SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_pair_matrix, check_same_device,
-                      check_shape, id_range)
+                      check_shape, id_range, is_int)
 from ._dispatch import choose_backend, cpp_reasons, triton_reasons
 
 __all__ = ["shortest_path", "shortest_path_routes"]
@@ -68,8 +67,7 @@ def shortest_path_routes(bond_ids, mask=None, *, max_hops: int = 5, cu_seqlens=N
     """
     # Any integral type, numpy's included (hop counts read from arrays and configs); a bool is an int to Python
     # but no hop count. The op schema takes a Python int.
-    if isinstance(max_hops, (bool, np.bool_)) or not isinstance(max_hops, numbers.Integral) or \
-            not 1 <= max_hops <= MAX_HOPS:
+    if not is_int(max_hops) or not 1 <= max_hops <= MAX_HOPS:
         raise ValueError(f"max_hops: expected an int >= 1 and <= MAX_HOPS = {MAX_HOPS} (int32 hop counts); "
                          f"got {max_hops!r}")
     max_hops = int(max_hops)
