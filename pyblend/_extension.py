@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
+
 _MODULE: ModuleType | None = None
 _ERROR: ImportError | None = None
 
@@ -30,7 +32,11 @@ def load_extension() -> ModuleType:
     return _MODULE
 
 
+@torch.compiler.assume_constant_result
 def extension_available() -> bool:
+    """Whether ``pyblend._C`` loads. Under torch.compile the answer is a constant taken at trace time: Dynamo
+    refuses to trace ``importlib.import_module``, so the first call of a C++-engine op inside a compiled region
+    (before any eager call had loaded the engine) broke the graph, and failed with ``fullgraph=True``."""
     try:
         load_extension()
     except RuntimeError:

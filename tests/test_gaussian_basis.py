@@ -235,6 +235,28 @@ def test_meta_inputs_give_meta_features_and_skip_the_range_check(generator):
         ops.gaussian_basis(distances, torch.empty(2, 4, 3, dtype=torch.long, device="meta"), *params)
 
 
+def test_first_call_in_a_compiled_region_loads_the_engine(generator, monkeypatch):
+    """The C++ engine not yet loaded (no eager call before): choosing the backend inside torch.compile used to
+    import it there, which Dynamo refuses, so fullgraph compiles of the padded data-pipeline ops failed."""
+    from pyblend import _extension
+
+    monkeypatch.setattr(_extension, "_MODULE", None)
+    positions, mask = random_molecules(generator, [5, 3])
+    adjacency = torch.rand(2, 5, 5, generator=generator) < 0.4
+    types = torch.randint(0, 64, (2, 5, 5), generator=generator)
+    params = gaussian_parameters(generator, kernels=8)
+
+    def relations(positions, adjacency, mask):
+        distances = ops.pair_distances(positions, mask)
+        return (distances, ops.gaussian_basis(distances, types, *params),
+                ops.shortest_path(adjacency | adjacency.mT, mask))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(relations, backend="eager", fullgraph=True)
+    for got, expected in zip(compiled(positions, adjacency, mask), relations(positions, adjacency, mask)):
+        assert torch.equal(got, expected)
+
+
 def test_opcheck_cpp_ops(generator):
     pos, mask = random_molecules(generator, [3, 5], torch.float32)
     pos = torch.where(mask[..., None], pos, 0.0)
