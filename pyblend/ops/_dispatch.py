@@ -30,11 +30,16 @@ BACKENDS = ("triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ["triton", "reference", "cpp"], "cpu": ["cpp", "reference", "triton"]}
 
 
-def triton_reasons(device: torch.device) -> list[str]:
+def triton_reasons(device: torch.device, *dtypes: torch.dtype) -> list[str]:
+    """Why Triton cannot run an op on ``device`` whose floating inputs have ``dtypes`` (empty: it can)."""
     reasons = []
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reasons.append(f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 set "
                        "before triton is imported, to run its interpreter on the CPU)")
+    elif device.type != "cuda" and torch.bfloat16 in dtypes:
+        # Seen with triton 3.6: a 16 x 16 bfloat16 tl.dot off by 1e10, and the ops' outputs by 1e9, silently.
+        reasons.append("Triton's interpreter computes bfloat16 wrongly (its bfloat16 casts, arithmetic and tl.dot); "
+                       "bfloat16 needs CUDA tensors, float16 and float32 run in the interpreter")
     try:
         import triton  # noqa: F401
     except ImportError as error:

@@ -111,7 +111,8 @@ def fourier_cross_attention(
 
 
 def _triton_reasons(latent: Tensor, tokens: Tensor, weights: dict, heads: int) -> list[str]:
-    reasons = triton_reasons(latent.device)
+    inputs = [x for x in (latent, tokens, *weights.values()) if x is not None]
+    reasons = triton_reasons(latent.device, *(x.dtype for x in inputs))
     wide = [name for name, x in (("latent", latent), ("tokens", tokens), *weights.items())
             if x is not None and x.dtype in (torch.float64, torch.complex128)]
     if wide:

@@ -78,7 +78,7 @@ def gated_fusion(h: Tensor, gate_logits: Tensor, score_logits: Tensor, present: 
 
 
 def _triton_reasons(h: Tensor) -> list[str]:
-    reasons = triton_reasons(h.device)
+    reasons = triton_reasons(h.device, h.dtype)
     if h.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {h.dtype}")
     if h.shape[2] > _MAX_CHANNELS:

@@ -97,7 +97,7 @@ def gaussian_basis_bias(positions, pair_types, means, stds, mul, bias, w1, b1, w
 
 
 def _triton_reasons(positions: Tensor, w1: Tensor, w2: Tensor) -> list[str]:
-    reasons = triton_reasons(positions.device)
+    reasons = triton_reasons(positions.device, positions.dtype, w1.dtype, w2.dtype)
     for name, x in (("positions", positions), ("w1", w1)):
         if x.dtype not in _KERNEL_DTYPES:
             reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {name} {x.dtype}")

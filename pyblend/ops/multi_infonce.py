@@ -397,7 +397,7 @@ def _both(first, second):
 
 def _triton_reasons(embeddings, pairs) -> list[str]:
     first = next(iter(embeddings.values()))
-    reasons = triton_reasons(first.device)
+    reasons = triton_reasons(first.device, *(x.dtype for x in embeddings.values()))
     if first.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {first.dtype}")
     widest = max(embeddings[name].shape[1] for pair in pairs for name in pair)

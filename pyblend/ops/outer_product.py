@@ -331,7 +331,7 @@ def _backend(op: str, requested: str | None, layout: _Layout) -> str:
 
 
 def _triton_reasons(layout: _Layout) -> list[str]:
-    reasons = triton_reasons(layout.device)
+    reasons = triton_reasons(layout.device, layout.dtype)
     if layout.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {layout.dtype}")
     if max(layout.d1, layout.d2) > _MAX_FEATURES:

@@ -80,7 +80,7 @@ def path_edge_bias(routes, distances, edge_embedding: Tensor, hop_weights: Tenso
 
 
 def _triton_reasons(edge_embedding: Tensor) -> list[str]:
-    reasons = triton_reasons(edge_embedding.device)
+    reasons = triton_reasons(edge_embedding.device, edge_embedding.dtype)
     if edge_embedding.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {edge_embedding.dtype}")
     if edge_embedding.shape[1] > _MAX_HEADS:

@@ -148,7 +148,7 @@ def _dropout_seed(generator: torch.Generator | None) -> int:
 
 
 def _triton_reasons(q: Tensor) -> list[str]:
-    reasons = triton_reasons(q.device)
+    reasons = triton_reasons(q.device, q.dtype)
     if q.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel computes in float16, bfloat16 or float32, got {q.dtype}")
     if q.shape[-1] > _MAX_HEAD_DIM:
