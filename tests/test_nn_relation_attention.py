@@ -261,6 +261,27 @@ def test_triton_backend_matches_float64(generator):
     assert_close(grads, grads64, torch.float32, "triton gradients (rel_table, parameters)")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nan_padding_reaches_no_parameter_gradient(generator, backend):
+    """Padded rows of x filled with NaN: the projections ran on them, and 0 * NaN made every projection's weight
+    gradient NaN while the output stayed clean."""
+    embed_dim, heads, lengths = 16, 2, [5, 3]
+    module = RelationBiasedAttention(embed_dim, heads)
+    mask = padding_mask(lengths, max(lengths))
+    x = randn(generator, len(lengths), max(lengths), embed_dim).float()
+    weights = randn(generator, int(mask.sum()), embed_dim).float()
+
+    def gradients(padding_value):
+        x_in = x.masked_fill(~mask[..., None], padding_value)
+        out = module(x_in, mask=mask, backend=backend)
+        return out[mask], flat(torch.autograd.grad((out[mask] * weights).sum(), list(module.parameters())))
+
+    out, grads = gradients(float("nan"))
+    out_zero, grads_zero = gradients(0.0)
+    assert torch.isfinite(grads).all()
+    assert torch.equal(out, out_zero) and torch.equal(grads, grads_zero)
+
+
 def test_dropout_only_in_training(generator):
     embed_dim, heads = 16, 2
     module = RelationBiasedAttention(embed_dim, heads, dropout=0.5, dtype=F64)

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._checks import as_tensor, check_linear_input, is_real
+from ..ops._checks import as_tensor, check_linear_input, check_mask, check_same_device, is_real
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -285,6 +285,13 @@ class RelationBiasedAttention(nn.Module):
                 raise ValueError(f"attn_bias: expected (B|1, H|1, N, N) or Uni-Mol's (B*H, N, N) = "
                                  f"({batch * heads}, {atoms}, {atoms}); got shape {tuple(attn_bias.shape)}")
             attn_bias = attn_bias.view(batch, heads, atoms, atoms)
+        mask = as_tensor(mask, "mask", optional=True)
+        if mask is not None:
+            check_mask(mask, x.shape[:2], cu_seqlens)
+            check_same_device(x, "x", mask=mask)
+            # The projections' weight gradients sum x over every row, padding included: 0 * NaN there (a padded
+            # batch filled with NaN, or an upstream layer that overflowed on padding) would poison them.
+            x = torch.where(mask[..., None], x, 0)
         split = (*x.shape[:-1], heads, self.head_dim)
         q = self.q_proj(x).view(split)
         k = self.k_proj(x).view(split)
