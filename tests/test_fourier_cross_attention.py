@@ -469,6 +469,19 @@ def test_reference_2d_is_the_1d_step_then_an_fft_over_d(generator):
     torch.testing.assert_close(spectrum, torch.fft.fft2(normalised.to(torch.complex128)))
 
 
+def test_reference_second_derivatives_at_a_zero_latent_column(generator):
+    """``normalize`` divides each latent column by its norm; at an all-zero column torch's norm has a NaN second
+    derivative (a gradient penalty, or any gradient of a gradient, through the block)."""
+    problem = make_problem(generator, channels=4, dim=4, tokens=3, width=4, head_dim=2, hidden=3)
+    latent, tokens = problem.pop("latent"), problem.pop("tokens")
+    latent[0, :, 1] = 0
+    latent.requires_grad_()
+    out = torch.view_as_real(reference(latent, tokens, heads=2, **problem))
+    (grad,) = torch.autograd.grad(out.square().sum(), latent, create_graph=True)
+    grad.square().sum().backward()
+    assert torch.isfinite(latent.grad).all()
+
+
 @pytest.mark.full
 def test_reference_gradcheck_float64(generator):
     mask = torch.tensor([[True, False, True], [False, False, False]])

@@ -126,6 +126,14 @@ def test_reference_gradients_float64(generator):
     assert torch.autograd.gradcheck(features, (pos, *params))
 
 
+def test_reference_second_derivatives_float64(generator):
+    """A gradient of a gradient (training on forces) through the distances, the diagonal's zero vectors included:
+    torch's norm has a NaN second derivative at zero, which made every entry of d2/dpos2 NaN."""
+    pos, mask = random_molecules(generator, [4, 3], torch.float64)
+    pos = torch.where(mask[..., None], pos, 0.0).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda p: ops.pair_distances(p, mask, backend="reference"), (pos,))
+
+
 def test_nan_padding_never_reaches_gradients(generator):
     pos, mask = random_molecules(generator, [5, 2], torch.float32)
     pos.requires_grad_(True)

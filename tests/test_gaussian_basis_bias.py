@@ -185,6 +185,15 @@ def test_reference_gradcheck_float64(generator):
     assert torch.autograd.gradcheck(lambda p, *w: reference(p, types, *w, mask=mask), (positions, *leaves))
 
 
+def test_reference_second_derivatives_float64(generator):
+    """Training on forces differentiates d(bias)/d(positions) again: finite through the zero-length diagonal."""
+    positions, types, mask, params = random_problem(generator, [3, 2], kernels=3, hidden=3, heads=2)
+    positions = positions.nan_to_num().requires_grad_()
+    w1 = params.pop("w1").requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda p, w1: reference(p, types, w1=w1, mask=mask, **params),
+                                        (positions, w1))
+
+
 # ------------------------------------------------------------------------------------------- kernels
 
 

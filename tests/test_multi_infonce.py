@@ -215,6 +215,19 @@ def test_reference_gradcheck_float64(generator):
         (a, b, t))
 
 
+def test_reference_second_derivatives_at_a_zero_row(generator):
+    """An all-zero present embedding: F.normalize's norm has a NaN second derivative there."""
+    a = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    a[1] = 0
+    a.requires_grad_()
+    b = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = reference.multi_infonce({"a": a, "b": b}, [("a", "b")], temperature=t)
+    (grad_a,) = torch.autograd.grad(loss, a, create_graph=True)
+    grad_a.square().sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(t.grad)
+
+
 def test_reference_matches_cross_entropy(generator):
     """The reference spelled with F.cross_entropy on the present samples."""
     a, b = torch.randn(2, 12, 8, generator=generator, dtype=torch.float64)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._values import values_hidden
+from ._norm import vector_norm
 
 __all__ = ["fft", "fourier_cross_attention", "token_spectrum"]
 
@@ -138,8 +139,9 @@ def fourier_cross_attention(
 
     latent = latent.to(complex_dtype) if latent.is_complex() else latent.to(compute)
     if normalize:
-        # vector_norm's gradient at a zero column is 0 (sqrt's would be inf, and inf * 0 = NaN through the clamp).
-        norm = torch.linalg.vector_norm(latent, dim=1, keepdim=True)
+        # vector_norm's gradient at a zero column is 0 (sqrt's would be inf, and inf * 0 = NaN through the clamp);
+        # this one's second derivative there too.
+        norm = vector_norm(latent, dim=1, keepdim=True)
         latent = latent / norm.clamp_min(1e-12)
     spectrum = fft(latent, axes)
     q_in, kept_imag = spectrum.real, spectrum.imag

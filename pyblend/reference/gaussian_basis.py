@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..layout import mask_from_cu_seqlens, pack_pairs, pad_atoms
+from ._norm import vector_norm
 
 __all__ = ["gaussian_basis", "pair_distances", "pair_distances_packed"]
 
@@ -26,7 +27,7 @@ def pair_distances(pos: Tensor, mask: Tensor | None = None) -> Tensor:
     """
     if mask is not None:
         pos = torch.where(mask[..., None], pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
-    distances = (pos[:, :, None, :] - pos[:, None, :, :]).norm(dim=-1)
+    distances = vector_norm(pos[:, :, None, :] - pos[:, None, :, :], dim=-1)
     if mask is not None:
         distances = distances * (mask[:, :, None] & mask[:, None, :])
     return distances

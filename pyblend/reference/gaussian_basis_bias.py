@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import mask_from_cu_seqlens, pad_atoms, pad_pairs, padded_width, unpad_atoms, unpad_pairs
+from ._norm import vector_norm
 
 __all__ = ["gaussian_basis_bias", "gaussian_basis_bias_features"]
 
@@ -41,7 +42,7 @@ def gaussian_basis_bias_features(positions: Tensor, pair_types: Tensor, means: T
     pos = torch.where(mask[..., None], positions.to(compute), zero)
     pairs = mask[:, :, None] & mask[:, None, :]
     delta = pos[:, :, None, :] - pos[:, None, :, :]
-    distances = torch.linalg.vector_norm(delta, dim=-1)
+    distances = vector_norm(delta, dim=-1)
     types = pair_types.long()
     if types.dim() == 3:
         types = types[..., None]

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ._norm import vector_norm
 
 __all__ = ["local_multi_infonce", "local_pair_infonce", "multi_infonce", "pair_infonce"]
 
@@ -57,7 +58,7 @@ def pair_infonce(x: Tensor, y: Tensor, *, temperature: float | Tensor = 0.1, pre
     # Absent samples become zeros before anything reads them.
     x, y = (torch.where(present[:, None], e.to(dtype), torch.zeros((), dtype=dtype, device=e.device)) for e in (x, y))
     if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        x, y = _normalize(x), _normalize(y)
     logits = x @ y.T / temperature
     pair_present = present[:, None] & present[None, :]
     logits = logits.masked_fill(~pair_present, float("-inf"))
@@ -112,7 +113,7 @@ def local_pair_infonce(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, *, of
 
     def prepare(e, keep):
         e = torch.where(keep[:, None], e.to(dtype), torch.zeros((), dtype=dtype, device=e.device))
-        return F.normalize(e, dim=-1) if normalize else e
+        return _normalize(e) if normalize else e
 
     x, y = prepare(x, local_present), prepare(y, local_present)
     x_all, y_all = prepare(x_all, present), prepare(y_all, present)
@@ -127,6 +128,11 @@ def local_pair_infonce(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, *, of
 
     count = present.sum().clamp(min=1).to(dtype)  # the GLOBAL count
     return (row_cross_entropy(x, y_all) + row_cross_entropy(y, x_all)) / (2 * count)
+
+
+def _normalize(e: Tensor) -> Tensor:
+    """``F.normalize(e, dim=-1)`` (eps 1e-12), twice differentiable at a zero row."""
+    return e / vector_norm(e, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _both(first: Tensor | None, second: Tensor | None) -> Tensor | None:
