@@ -347,3 +347,27 @@ def test_moleblend_relation_loss_compiles_with_fullgraph(generator, monkeypatch,
                 _close(got[name].detach().cpu(), value.detach().cpu(), f"{case}: {name}")
     assert got["geometry"] == 0 and got["denoise"] == 0 and model.geometry_head.out.weight.grad is None
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for one batch shape"
+
+
+def test_padded_moleblend_pretrain_loss_compiles_with_fullgraph():
+    """The whole padded pretraining loss in one graph, build_relations included: its shortest paths and routes
+    (the bond-id range check skipped under compile) and distances trace, as README's torch.compile notes say.
+    Eval mode and one seed for the noise: the compiled loss and its parts are eager's."""
+    pytest.importorskip("rdkit", reason="MoleBlend is tested on featurized molecules (RDKit)")
+    from pyblend import collate, featurize_many
+    from pyblend.models import MoleBlend, MoleBlendConfig
+
+    graphs, _ = featurize_many(["c1ccccc1O", "CCO", "C"], conformer=True, progress=False)
+    batch = collate(graphs, layout="padded")
+    torch.manual_seed(0)
+    model = MoleBlend(MoleBlendConfig(layers=1, dim=16, heads=1, ffn_dim=16, num_kernels=6, head_width=4,
+                                      max_distance=4, max_hops=2, spd_classes=4)).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model.pretrain_loss, backend="eager", fullgraph=True)
+    torch.manual_seed(1)
+    loss, parts = compiled(batch)
+    torch.manual_seed(1)
+    expected_loss, expected_parts = model.pretrain_loss(batch)
+    _close(loss.detach(), expected_loss.detach(), "loss")
+    for name, value in expected_parts.items():
+        _close(parts[name].detach(), value.detach(), name)

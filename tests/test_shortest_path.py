@@ -330,6 +330,19 @@ def test_torch_compile_traces_the_op():
     assert torch.equal(compiled(bond_ids >= 0, mask), relation_features(bond_ids >= 0, mask))
 
 
+def test_padded_routes_on_meta_tensors_and_under_fullgraph():
+    """The bond-id range check read values: meta inputs failed in it (torch's "Cannot copy out of meta tensor"),
+    and a fullgraph compile on the data-dependent comparison. Both now skip it, as the other id checks do."""
+    bond_ids, mask = as_batch([nx.cycle_graph(6), nx.path_graph(4)])
+    distances, routes = ops.shortest_path_routes(bond_ids.to("meta"), mask.to("meta"), max_hops=3)
+    assert distances.is_meta and distances.shape == bond_ids.shape and routes.shape == (*bond_ids.shape, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids, mask: ops.shortest_path_routes(ids, mask, max_hops=3), backend="eager",
+                             fullgraph=True)
+    for got, expected in zip(compiled(bond_ids, mask), ops.shortest_path_routes(bond_ids, mask, max_hops=3)):
+        assert torch.equal(got, expected)
+
+
 HOPPER_COMPILE = """
 import torch
 from hopper import captured_launches, lower_launch

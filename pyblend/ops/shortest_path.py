@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from .._extension import load_extension
+from .._values import values_hidden
 from ..layout import check_cu_seqlens, pair_offsets
 from ._checks import (SIGNED_INTEGER_DTYPES, as_tensor, check_dtype, check_mask, check_pair_matrix, check_same_device,
                       check_shape, id_range, is_int)
@@ -97,12 +98,13 @@ def _run(op: str, graph, graph_name: str, mask, cu_seqlens, max_hops: int, backe
                              f"{graph_name} holds {graph.shape[0]}")
     check_mask(mask, graph.shape[:2], cu_seqlens)
     if routes_wanted:
-        # Ids at padded pairs are never read: any value may stand there.
-        bounds = id_range(graph, None if mask is None else mask[:, :, None] & mask[:, None, :], fill=-1)
-        if bounds is not None and bounds[0] < -1:
-            raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {bounds[0]}")
-        if bounds is not None and bounds[1] > torch.iinfo(torch.int32).max:
-            raise ValueError(f"{graph_name}: bond ids must fit in int32; got {bounds[1]}")
+        if not values_hidden(graph, mask):  # meta inputs have no ids; compiled, a read would break the graph
+            # Ids at padded pairs are never read: any value may stand there.
+            bounds = id_range(graph, None if mask is None else mask[:, :, None] & mask[:, None, :], fill=-1)
+            if bounds is not None and bounds[0] < -1:
+                raise ValueError(f"{graph_name}: expected bond ids >= 0 and -1 for no bond; got {bounds[0]}")
+            if bounds is not None and bounds[1] > torch.iinfo(torch.int32).max:
+                raise ValueError(f"{graph_name}: bond ids must fit in int32; got {bounds[1]}")
         graph = graph.to(torch.int32)
 
     chosen = choose_backend(op, backend, graph.device, {
