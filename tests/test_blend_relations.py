@@ -136,6 +136,21 @@ def test_every_mode_packed_is_the_padded_draw_packed(mode, symmetric):
     assert torch.equal(packed, pack_pairs(padded, mask))
 
 
+def test_numpy_scalars_are_accepted():
+    """max_seqlen=np.int64(7) was refused as "expected an int >= 0", and symmetric=np.bool_(True) as no bool."""
+    import numpy as np
+
+    mask = _mask([4, 7, 2])
+    cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)
+    for symmetric in (False, True):
+        want = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, symmetric=symmetric, generator=_generator(3))
+        got = sample_blend(cu_seqlens=cu_seqlens, max_seqlen=np.int64(max_seqlen), symmetric=np.bool_(symmetric),
+                           generator=_generator(3))
+        assert torch.equal(got, want)
+    assert torch.equal(every_channel(cu_seqlens=cu_seqlens, max_seqlen=np.int32(max_seqlen)),
+                       every_channel(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+
+
 def test_packed_every_channel_makes_no_padded_pair_tensor():
     from allocations import Allocations
 

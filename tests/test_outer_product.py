@@ -450,6 +450,20 @@ def test_automatic_backend_on_cpu_is_the_reference(generator):
                                reference.outer_product_loss(*args, target, ignore_index=IGNORE, **layout))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_numpy_integer_arguments(generator, backend):
+    """groups=np.int64(2) and ignore_index=np.int64(-100) were refused as no int."""
+    import numpy as np
+
+    problem = Problem(generator, [4, 3], 3, 2, 6, torch.float32, groups=2)
+    row, col, _, target, layout = problem.inputs(False)
+    arguments = (row.float(), col.float(), problem.weight.float(), problem.bias.float(), target)
+    want = ops.outer_product_loss(*arguments, groups=2, ignore_index=IGNORE, backend=backend, **layout)
+    got = ops.outer_product_loss(*arguments, groups=np.int64(2), ignore_index=np.int64(IGNORE), backend=backend,
+                                 **layout)
+    assert torch.equal(got, want)
+
+
 def test_errors_name_the_argument(generator):
     problem = Problem(generator, [4, 3], 3, 2, 6, torch.float32, groups=2)
     row, col, positions, target, layout = problem.inputs(False)
@@ -495,6 +509,9 @@ def test_errors_name_the_argument(generator):
     with pytest.raises(ValueError, match="max_seqlen: expected an int >= the longest molecule"):
         ops.outer_product_logits(packed_row.float(), packed_col.float(), weight, bias,
                                  cu_seqlens=packed_layout["cu_seqlens"], max_seqlen=2)
+    with pytest.raises(ValueError, match="cu_seqlens: packed outer_product_logits returns .* a meta tensor"):
+        ops.outer_product_logits(*(x.float().to("meta") for x in (packed_row, packed_col, weight, bias)),
+                                 cu_seqlens=packed_layout["cu_seqlens"].to("meta"), max_seqlen=4)
     with pytest.raises(ValueError, match=r"weight: the cosine loss predicts a 3-vector"):
         ops.outer_product_cosine_loss(row, col, weight, bias, positions, **layout)
     with pytest.raises(ValueError, match=r"positions: expected shape \(B, N, 3\)"):

@@ -650,6 +650,23 @@ def test_numpy_scalars_are_accepted(generator):
     assert (module.dropout, module.scaling) == (float(np.float32(0.1)), 0.5)
 
 
+def test_numpy_max_seqlen_is_accepted(generator):
+    """A packed max_seqlen=np.int64(5) was refused as "expected an int >= the longest molecule (5)", with value
+    checks on and off (the compiled path)."""
+    import numpy as np
+
+    import pyblend
+
+    q, k, v = (torch.randn(8, 2, 8, generator=generator) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 5, 8], dtype=torch.int32)
+    bias = torch.randn(2, 25 + 9, generator=generator)
+    want = ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens, max_seqlen=5)
+    for checks in (True, False):
+        with pyblend.set_value_checks(checks):
+            got = ops.relation_attention(q, k, v, bias, cu_seqlens=cu_seqlens, max_seqlen=np.int64(5))
+        assert torch.equal(got, want), checks
+
+
 def test_packed_errors(generator):
     q = torch.randn(7, 2, 8, generator=generator)
     cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32)

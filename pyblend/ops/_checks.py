@@ -92,15 +92,16 @@ def check_same_device(reference: Tensor, reference_name: str, **others: Tensor |
                              f"got {describe(x)}")
 
 
-def check_packed_form(cu_seqlens: Tensor, max_seqlen) -> None:
+def check_packed_form(cu_seqlens: Tensor, max_seqlen) -> int:
     """What :func:`packed_layout` checks without reading ``cu_seqlens`` (under torch.compile, where a host read
     would break the graph, or with value checks off): its dtype and rank, and an int ``max_seqlen``, then
-    trusted."""
+    trusted. Returns ``max_seqlen`` as a Python int."""
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens: expected an int32 tensor of shape (B+1,); got {describe(cu_seqlens)}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if not is_int(max_seqlen) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected an int where cu_seqlens is not read (torch.compile, meta or fake "
                          f"tensors, pyblend.set_value_checks(False)); got {max_seqlen!r}")
+    return int(max_seqlen)
 
 
 def host_sizes(cu_seqlens: Tensor, total: int | None = None) -> tuple[np.ndarray, int, int]:
@@ -118,9 +119,9 @@ def packed_layout(cu_seqlens: Tensor, atoms: int, max_seqlen) -> tuple[Tensor, i
     values, longest, pairs = host_sizes(cu_seqlens, total=atoms)
     if max_seqlen is None:
         max_seqlen = longest
-    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+    elif not is_int(max_seqlen) or max_seqlen < longest:
         raise ValueError(f"max_seqlen: expected an int >= the longest molecule ({longest}); got {max_seqlen!r}")
-    return torch.from_numpy(values), max_seqlen, pairs
+    return torch.from_numpy(values), int(max_seqlen), pairs
 
 
 def check_flag(value, name: str) -> bool:

@@ -32,12 +32,14 @@ from ._checks import (
     INTEGER_DTYPES,
     as_tensor,
     check_dtype,
+    check_flag,
     check_generator,
     check_shape,
     describe,
     host_sizes,
     id_range,
     is_finite,
+    is_int,
 )
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
@@ -80,8 +82,7 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
     """
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}; got {mode!r}")
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric: expected a bool; got {symmetric!r}")
+    symmetric = check_flag(symmetric, "symmetric")
     weights = _probabilities(probs)
     check_generator(generator)
     mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs)
@@ -152,8 +153,9 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs) -> tuple[Tensor, 
     else:
         eager = not values_hidden(cu_seqlens)  # host reads would break a graph: trusted under compile
         lengths = seqlens(cu_seqlens)
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        if not is_int(max_seqlen) or max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected an int >= 0 with cu_seqlens; got {max_seqlen!r}")
+        max_seqlen = int(max_seqlen)
         if eager:
             _, longest, described = host_sizes(cu_seqlens)  # the one device-to-host read
             if longest > max_seqlen:

@@ -147,7 +147,7 @@ def _validate(positions, pair_types, means, stds, mul, bias, w1, b1, w2, b2, mas
             raise ValueError(f"positions: expected the packed layout (T, 3), as cu_seqlens is given; "
                              f"got {describe(positions)}")
         if values_hidden(cu_seqlens):
-            check_packed_form(cu_seqlens, max_seqlen)  # P: pair_types' length
+            max_seqlen = check_packed_form(cu_seqlens, max_seqlen)  # P: pair_types' length
             pairs = pair_types.shape[0]
         else:
             _, max_seqlen, pairs = packed_layout(cu_seqlens, positions.shape[0], max_seqlen)

@@ -54,6 +54,7 @@ from ._checks import (
     check_same_device,
     check_shape,
     describe,
+    is_int,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -94,6 +95,9 @@ def outer_product_logits(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor 
     """
     layout = _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     row, col, weight, bias, mask, cu_seqlens = layout.tensors
+    if layout.packed and layout.pairs is None and cu_seqlens.is_meta:
+        raise ValueError("cu_seqlens: packed outer_product_logits returns (P, C) with P = sum N_i^2, read from "
+                         "cu_seqlens' values, which a meta tensor does not hold; call it on tensors with values")
     if _backend("outer_product_logits", backend, layout) == "reference":
         return reference.outer_product_logits(row, col, weight, bias, mask=mask, cu_seqlens=cu_seqlens,
                                                max_seqlen=layout.max_seqlen)
@@ -136,6 +140,7 @@ def outer_product_loss(row: Tensor, col: Tensor, weight: Tensor, bias: Tensor | 
     layout = _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen)
     row, col, weight, bias, mask, cu_seqlens = layout.tensors
     target = _validate_target(target, layout, groups, ignore_index)
+    groups, ignore_index = int(groups), int(ignore_index)  # numpy's ints too, as the custom op takes int
     if _backend("outer_product_loss", backend, layout) == "reference":
         return reference.outer_product_loss(row, col, weight, bias, target, groups=groups,
                                              ignore_index=ignore_index, mask=mask, cu_seqlens=cu_seqlens,
@@ -270,7 +275,7 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
     if packed:
         check_mask(mask, (), cu_seqlens)
         if values_hidden(cu_seqlens):
-            check_packed_form(cu_seqlens, max_seqlen)  # P: from a per-pair input, or read by the kernel's op
+            max_seqlen = check_packed_form(cu_seqlens, max_seqlen)  # P: from a per-pair input, or read by the kernel's op
             pairs = None
         else:
             host, max_seqlen, pairs = packed_layout(cu_seqlens, row.shape[0], max_seqlen)
@@ -287,11 +292,10 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
 
 
 def _validate_target(target, layout: _Layout, groups, ignore_index) -> Tensor:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or layout.classes % groups:
+    if not is_int(groups) or groups < 1 or layout.classes % groups:
         raise ValueError(f"groups: expected a positive int dividing C = {layout.classes} (weight.shape[0]); "
                          f"got {groups!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or \
-            not _INT32[0] <= ignore_index <= _INT32[1]:
+    if not is_int(ignore_index) or not _INT32[0] <= ignore_index <= _INT32[1]:
         raise ValueError(f"ignore_index: expected an int32 value; got {ignore_index!r}")
     target = as_tensor(target, "target")
     check_dtype(target, "target", INTEGER_DTYPES)

@@ -99,7 +99,7 @@ def relation_attention(q, k, v, bias=None, *, mask=None, cu_seqlens=None, max_se
     if packed:
         check_mask(mask, (), cu_seqlens)
         if values_hidden(cu_seqlens):
-            check_packed_form(cu_seqlens, max_seqlen)  # P: the pair length of the bias or the relation ids
+            max_seqlen = check_packed_form(cu_seqlens, max_seqlen)  # P: the pair length of the bias or the relation ids
             pairs = bias.shape[-1] if bias is not None else rel_index.shape[0] if rel_index is not None else None
         else:
             _, max_seqlen, pairs = packed_layout(cu_seqlens, q.shape[0], max_seqlen)
