@@ -254,6 +254,18 @@ def test_table_form_through_attention_equals_the_dense_blend():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
+def test_empty_spd_table_where_spd_is_never_chosen():
+    """An (0, H) table with no pair choosing SPD was refused as "got ids from 0 to 0" (the check's stand-in for
+    unread ids); it adds nothing. Where SPD is chosen, the refusal names the empty table."""
+    geometry_only = torch.full((1, 2, 2), GEOMETRY, dtype=torch.uint8)
+    ids = torch.zeros(1, 2, 2, dtype=torch.long)
+    blended = blend_relations(geometry_only, spd_index=ids, spd_table=torch.zeros(0, 2))
+    attention_bias = blended["rel_table"][blended["rel_index"].long()]
+    assert torch.equal(attention_bias, torch.zeros(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="spd_table: has no rows, but the SPD channel is chosen"):
+        blend_relations(geometry_only | SPD, spd_index=ids, spd_table=torch.zeros(0, 2))
+
+
 def test_packed_blend_broadcasts_over_heads():
     mask = _mask([3, 2])
     cu_seqlens, max_seqlen = cu_seqlens_from_mask(mask)

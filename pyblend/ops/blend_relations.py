@@ -283,7 +283,12 @@ def _same_heads(heads: tuple[int, str] | None, count: int, name: str) -> tuple[i
 def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:
     """Ids must be rows of the table where the SPD channel is chosen (elsewhere they are never read): checked
     before they are narrowed to int16/int32, where a wrapped id would pass as another row."""
-    bounds = id_range(spd_index, (choice & SPD) != 0)
+    read = (choice & SPD) != 0
+    if rows == 0:  # no valid id to stand in at unread pairs: an empty table serves only where SPD is never chosen
+        if bool(read.any()):
+            raise ValueError("spd_table: has no rows, but the SPD channel is chosen at some pairs (choice)")
+        return
+    bounds = id_range(spd_index, read)
     if bounds is not None and (bounds[0] < 0 or bounds[1] >= rows):
         raise ValueError(f"spd_index: expected ids in [0, {rows}) (rows of spd_table) where the SPD channel is "
                          f"chosen; got ids from {bounds[0]} to {bounds[1]}")
