@@ -55,3 +55,22 @@ def test_learnable_temperature_and_latent():
     assert math.isclose(float(contrastive.temperature), 0.07, rel_tol=1e-6)
     block = reset_everything(lambda: LegoBlock(6, 2, l_c=4, l_d=8, depth=1, heads=2, head_dim=4))
     assert block.latent.std() > 0.3  # N(0, 1) again
+
+
+
+@pytest.mark.parametrize("cls, args, kwargs", [
+    pytest.param(GaussianBasisBias, (4,), dict(num_kernels=8, num_pair_types=16), id="GaussianBasisBias"),
+    pytest.param(MultiPairContrastive, ([("a", "b")],), dict(learnable_temperature=True, projections={"a": 6},
+                                                              projection_dim=4), id="MultiPairContrastive"),
+    pytest.param(RelationBiasedAttention, (16, 2), {}, id="RelationBiasedAttention"),
+    pytest.param(LegoBlock, (8,), dict(outputs=1), id="LegoBlock"),
+])
+def test_factory_arguments_and_skip_init(cls, args, kwargs):
+    """torch's factory arguments: parameters made where and as asked, which torch.nn.utils.skip_init (and any
+    meta-first loader) needs; GaussianBasisBias and MultiPairContrastive took no device ("Module must support a
+    'device' arg")."""
+    module = cls(*args, **kwargs, device="meta", dtype=torch.float64)
+    assert all(p.is_meta and p.dtype == torch.float64 for p in module.parameters())
+    skipped = torch.nn.utils.skip_init(cls, *args, **kwargs, dtype=torch.float64)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float64 for p in skipped.parameters())
+    assert sorted(dict(skipped.named_parameters())) == sorted(dict(cls(*args, **kwargs).named_parameters()))

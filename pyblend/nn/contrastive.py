@@ -61,6 +61,7 @@ class MultiPairContrastive(nn.Module):
             :func:`pyblend.ops.multi_infonce`.
         process_group: the ``torch.distributed`` group to gather over (None: the default group).
         backend: passed to the op ("triton" | "reference" | None automatic).
+        device, dtype: where and in what dtype the parameters (heads, ``logit_scale``) are created.
 
     Shapes (forward):
         embeddings: modality -> ``(B, d)`` float tensor (``d = d_in`` for a modality with a head; else the two
@@ -75,7 +76,7 @@ class MultiPairContrastive(nn.Module):
                  max_logit_scale: float | None = math.log(100.0),
                  projections: Mapping[str, int] | None = None, projection_dim: int = 512,
                  normalize: bool = True, gather: str | None = "autograd", process_group=None,
-                 backend: str | None = None):
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
             raise ValueError(f"pairs: expected a non-empty list of (modality, modality) tuples; got {pairs!r}")
@@ -100,7 +101,8 @@ class MultiPairContrastive(nn.Module):
             # Compared as the forward compares, in the parameter's dtype (log(100) rounds up in float32, and a
             # temperature of 0.01 starts exactly at the cap, where the gradient still passes); on the CPU, even
             # under a meta device context (deferred initialisation).
-            initial, cap = torch.tensor([math.log(1.0 / temperature), self.max_logit_scale], device="cpu").tolist()
+            initial, cap = torch.tensor([math.log(1.0 / temperature), self.max_logit_scale], dtype=dtype,
+                                        device="cpu").tolist()
             if initial > cap:
                 raise ValueError(
                     f"temperature: expected at least exp(-max_logit_scale) = {math.exp(-self.max_logit_scale):.4g} "
@@ -110,7 +112,7 @@ class MultiPairContrastive(nn.Module):
                     f"or pass None for no clamp")
         self.initial_temperature = float(temperature)
         if self.learnable_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature), device=device, dtype=dtype))
             self.fixed_temperature = None
         else:
             self.register_parameter("logit_scale", None)
@@ -129,8 +131,8 @@ class MultiPairContrastive(nn.Module):
                 if name not in paired:
                     raise ValueError(f"projections: modality {name!r} is in no pair (the pairs use "
                                      f"{sorted(paired)}), so its head would never be used")
-            self.projections = nn.ModuleDict({name: nn.Linear(int(width), self.projection_dim)
-                                              for name, width in projections.items()})
+            self.projections = nn.ModuleDict({name: nn.Linear(int(width), self.projection_dim, device=device,
+                                                              dtype=dtype) for name, width in projections.items()})
         else:
             self.projections = None
         self.normalize = check_flag(normalize, "normalize")

@@ -32,8 +32,8 @@ class _InitEmbedding(nn.Embedding):
     e.g. U(0, 3) or a constant), so that resetting every submodule after ``to_empty()``, in any order, restores
     the construction's init rather than N(0, 1)."""
 
-    def __init__(self, rows: int, cols: int, initializer):
-        super().__init__(rows, cols)  # nn.Embedding's N(0, 1) draw, as the public layer's construction makes
+    def __init__(self, rows: int, cols: int, initializer, **factory):
+        super().__init__(rows, cols, **factory)  # nn.Embedding's N(0, 1) draw, as the public layer's construction makes
         self.initializer = initializer
 
     def reset_parameters(self) -> None:
@@ -47,12 +47,12 @@ class _InitEmbedding(nn.Embedding):
 class _GaussianLayer(nn.Module):
     """The parameter holder of Uni-Mol / Transformer-M's ``GaussianLayer`` (same names and inits)."""
 
-    def __init__(self, num_kernels: int, num_pair_types: int):
+    def __init__(self, num_kernels: int, num_pair_types: int, **factory):
         super().__init__()
-        self.means = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3))
-        self.stds = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3))
-        self.mul = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=1))
-        self.bias = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=0))
+        self.means = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3), **factory)
+        self.stds = _InitEmbedding(1, num_kernels, functools.partial(nn.init.uniform_, a=0, b=3), **factory)
+        self.mul = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=1), **factory)
+        self.bias = _InitEmbedding(num_pair_types, 1, functools.partial(nn.init.constant_, val=0), **factory)
         for table in (self.means, self.stds, self.bias, self.mul):  # the public code's order of draws
             table.reset_parameters()
 
@@ -60,10 +60,10 @@ class _GaussianLayer(nn.Module):
 class _NonLinear(nn.Module):
     """The parameter holder of Transformer-M's ``NonLinear``: Linear(K, hidden) -> GELU -> Linear(hidden, H)."""
 
-    def __init__(self, num_kernels: int, num_heads: int, hidden: int):
+    def __init__(self, num_kernels: int, num_heads: int, hidden: int, **factory):
         super().__init__()
-        self.layer1 = nn.Linear(num_kernels, hidden)
-        self.layer2 = nn.Linear(hidden, num_heads)
+        self.layer1 = nn.Linear(num_kernels, hidden, **factory)
+        self.layer2 = nn.Linear(hidden, num_heads, **factory)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Uni-Mol's NonLinearHead calls the same two linears linear1 / linear2.
@@ -89,13 +89,15 @@ class GaussianBasisBias(nn.Module):
         pair_type_mode: "sum2" (``pair_types`` carry two ids per pair whose embeddings are summed,
             Transformer-M) or "single" (one id per pair, Uni-Mol).
         backend: passed to the op ("triton" | "reference" | None = automatic).
+        device, dtype: where and in what dtype the parameters are created (torch's factory arguments).
 
     ``forward(positions, pair_types, mask=None, *, cu_seqlens=None, max_seqlen=None)`` returns
     ``(attn_bias, atom_features)``: padded ``(B, H, N, N)``, ``(B, N, K)``; packed ``(H, P)``, ``(T, K)``.
     """
 
     def __init__(self, num_heads: int, num_kernels: int = 128, num_pair_types: int = 1024, hidden: int | None = None,
-                 std_eps: float = 1e-2, pair_type_mode: str = "sum2", backend: str | None = None):
+                 std_eps: float = 1e-2, pair_type_mode: str = "sum2", backend: str | None = None, *,
+                 device=None, dtype=None):
         super().__init__()
         for name, value in (("num_heads", num_heads), ("num_kernels", num_kernels),
                             ("num_pair_types", num_pair_types), ("hidden", hidden if hidden is not None else 1)):
@@ -112,8 +114,8 @@ class GaussianBasisBias(nn.Module):
         self.std_eps = float(std_eps)
         self.pair_type_mode = pair_type_mode
         self.backend = backend
-        self.gbf = _GaussianLayer(num_kernels, num_pair_types)
-        self.gbf_proj = _NonLinear(num_kernels, num_heads, self.hidden)
+        self.gbf = _GaussianLayer(num_kernels, num_pair_types, device=device, dtype=dtype)
+        self.gbf_proj = _NonLinear(num_kernels, num_heads, self.hidden, device=device, dtype=dtype)
 
     def forward(self, positions: Tensor, pair_types: Tensor, mask: Tensor | None = None, *,
                 cu_seqlens: Tensor | None = None, max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
