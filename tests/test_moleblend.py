@@ -215,28 +215,45 @@ def test_atom_feature_blend_draws_the_degree_or_the_3d_feature_per_atom(graphs, 
     many = collate(graphs * 40, layout=layout)
     relations = model.build_relations(many)
     atoms = torch.Size([many.atom_features.shape[0]]) if layout == "packed" else many.mask.shape
-    index = relations.index if layout == "packed" else None
     choice = model.blender(**({"cu_seqlens": many.cu_seqlens, "max_seqlen": many.max_seqlen,
                                "pairs": relations.spd.shape[0]} if layout == "packed" else {"mask": many.mask}),
                            has_geometry=relations.has_geometry)
-    with_degree, with_3d = model._atom_features(choice, relations.has_geometry, torch.Generator().manual_seed(0),
-                                                atoms, *((index.atom_molecule, index.pair_molecule) if index else ()))
+    with_degree, with_3d = model._atom_features(choice, relations, torch.Generator().manual_seed(0))
     real = torch.ones(atoms, dtype=torch.bool) if layout == "packed" else many.mask
     assert (with_degree ^ with_3d)[real].all(), "one feature per atom"
     assert with_3d[real].float().mean().item() == pytest.approx(0.6, abs=0.05)
     no_conformer = _model(atom_feature_blend=(0.0, 1.0)).train()
     relations_2d = no_conformer.build_relations(collate(graphs_2d, layout=layout))
-    shape = torch.Size([relations_2d.atom_features.shape[0]]) if layout == "packed" else relations_2d.mask.shape
-    index = relations_2d.index if layout == "packed" else None
     choice = torch.zeros(relations_2d.spd.shape, dtype=torch.uint8)
-    with_degree, with_3d = no_conformer._atom_features(choice, relations_2d.has_geometry, None, shape,
-                                                       *((index.atom_molecule, index.pair_molecule) if index else ()))
+    with_degree, with_3d = no_conformer._atom_features(choice, relations_2d, None)
     assert with_degree.all() and not with_3d.any()
     for blend in ((0.5,), (-0.1, 1.0), (0.0, 0.0), (True, 1.0)):
         with pytest.raises(ValueError, match="atom_feature_blend: expected None or two non-negative numbers"):
             _config(atom_feature_blend=blend)
     with pytest.raises(ValueError, match="blend_mode='molecule' already chooses"):
         _config(atom_feature_blend=(0.4, 0.6), blend_mode="molecule")
+
+
+
+def test_atom_feature_blend_draws_the_same_atoms_padded_and_packed(graphs, graphs_2d):
+    """The per-atom draw was (B, N) uniforms padded but (T,) packed, so one generator seed chose other atoms in
+    every molecule after the first. Drawn as padded (B, N) uniforms in both layouts (as the relation blend draws its
+    (B, N, N) ones), a padded batch and its packed twin get the same training forward and loss from one seed."""
+    model = _model(atom_feature_blend=(0.4, 0.6)).train()
+    chosen = _mixed(graphs, graphs_2d)
+    padded, packed = collate(chosen), collate(chosen, layout="packed")
+    real = torch.nn.functional.pad(padded.mask, (1, 0), value=True)
+    noise, packed_noise = _packed_noise(padded)
+    for seed in range(3):
+        out = model(padded, generator=torch.Generator().manual_seed(seed))
+        packed_out = model(packed, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(packed_out[real], out[real], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        _, parts = model.pretrain_loss(padded, generator=torch.Generator().manual_seed(seed), noise=noise)
+        _, packed_parts = model.pretrain_loss(packed, generator=torch.Generator().manual_seed(seed),
+                                              noise=packed_noise)
+        for name in parts:
+            torch.testing.assert_close(packed_parts[name], parts[name], rtol=1e-5, atol=1e-6,
+                                       msg=f"seed {seed}: {name}")
 
 
 def test_encoder_shapes_and_packed_equals_padded_in_eval(graphs):
@@ -872,6 +889,32 @@ def test_float64_model_keeps_every_loss_part_in_float64(graphs):
     model = _model().double()
     loss, parts = model.pretrain_loss(collate(graphs), generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float64 and {value.dtype for value in parts.values()} == {torch.float64}
+
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_without_the_3d_atom_feature_no_parameter_goes_unused(graphs, layout):
+    """atom_3d_feature=False still made atom_3d_proj, which then never got a gradient (DistributedDataParallel
+    needed find_unused_parameters=True); reset_parameters and the Transformer-M converter must do without it (the
+    checkpoint's edge_proj has no place in the model: named in the warning, not loaded)."""
+    from pyblend.models import convert_transformer_m_state_dict
+
+    model = _model(atom_3d_feature=False).train()
+    assert model.atom_3d_proj is None and not [name for name in model.state_dict() if "atom_3d_proj" in name]
+    loss, _ = model.pretrain_loss(collate(graphs, layout=layout), generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    model.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    config = _config(layers=1, atom_3d_feature=False)
+    state = _transformer_m_state(config, torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"2 checkpoint entries .* molecule_3d_bias\.edge_proj\.bias, "
+                                         r"molecule_3d_bias\.edge_proj\.weight$"):
+        converted = convert_transformer_m_state_dict(state, config)
+    report = MoleBlend(config).load_state_dict(converted, strict=False)
+    assert not report.unexpected_keys, report.unexpected_keys
 
 
 def test_reset_parameters_restores_every_parameter_after_to_empty():

@@ -27,8 +27,9 @@ A packed batch (:func:`pyblend.collate` with ``layout="packed"``) runs packed en
 form: the attention sees ``T + B`` tokens (``cu_seqlens + arange(B + 1)``, ``max_seqlen + 1``) and
 ``P + 2T + B`` token pairs (:func:`pyblend.layout.prepend_token`), the heads and losses the ``T`` atoms and
 ``P`` atom pairs, so no ``(B, H, N, N)`` tensor is made (only the training blend draws ``(B, N, N)`` uniforms,
-see :mod:`pyblend.ops.blend_relations`); :meth:`MoleBlend.forward` pads its final activations once, at the end,
-to keep returning ``(B, 1 + N, dim)``.
+see :mod:`pyblend.ops.blend_relations`, and ``atom_feature_blend`` ``(B, N)`` ones, so that a packed batch gets the
+padded batch's draws); :meth:`MoleBlend.forward` pads its final activations once, at the end, to keep returning
+``(B, 1 + N, dim)``.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class MoleBlendConfig:
     max_hops: int = 5
     blend_probs: tuple = (0.2, 0.2, 0.6)
     blend_mode: str = "pair"
-    atom_3d_feature: bool = True
+    atom_3d_feature: bool = True         # the per-atom Gaussian sums through atom_3d_proj (False: no atom_3d_proj)
     atom_feature_blend: tuple | None = None  # (degree, 3D): the public code's per-atom draw in training, (0.4, 0.6)
     head_width: int = 32                 # d1 = d2 of the outer-product heads
     spd_classes: int = 11                # SPD 1, 2, ..., spd_classes - 1, and the longer ones merged
@@ -446,7 +447,9 @@ class MoleBlend(nn.Module):
         # rows of mul and bias, so the distance's affine map can tell the pair (C, O) from (O, C).
         self.gaussian = GaussianBasisBias(heads, num_kernels=config.num_kernels,
                                           num_pair_types=2 * ATOM_FEATURE_DIMS[0], std_eps=config.std_eps)
-        self.atom_3d_proj = nn.Linear(config.num_kernels, dim)
+        # Only where it is used: a parameter no forward reads never gets a gradient, which DistributedDataParallel
+        # refuses unless find_unused_parameters=True.
+        self.atom_3d_proj = nn.Linear(config.num_kernels, dim) if config.atom_3d_feature else None
         self.blender = RelationBlender(config.blend_probs, config.blend_mode)
         self.emb_layer_norm = nn.LayerNorm(dim) if config.embedding_layernorm else None
         rates = [config.droppath * depth / max(config.layers - 1, 1) for depth in range(config.layers)]
@@ -516,34 +519,45 @@ class MoleBlend(nn.Module):
             return x[relations.index.token_cu_seqlens[:-1].long()]
         return x[:, 0]
 
-    def _atom_features(self, choice: Tensor, has_geometry: Tensor, generator: torch.Generator | None,
-                       atoms: tuple, molecule: Tensor | None = None, pair_molecule: Tensor | None = None
+    def _atom_features(self, choice: Tensor, relations: Relations, generator: torch.Generator | None
                        ) -> tuple[Tensor | None, Tensor | None]:
-        """Per atom (shape ``atoms``: padded ``(B, N)``, packed ``(T,)`` with ``molecule`` and ``pair_molecule``
-        each atom's and each pair's molecule), whether it takes the degree embedding and whether the 3D atom
-        feature; ``(None, None)`` where every atom takes every feature its molecule has (eval, and by default).
+        """Per atom (padded ``(B, N)``, packed ``(T,)``), whether it takes the degree embedding and whether the 3D
+        atom feature; ``(None, None)`` where every atom takes every feature its molecule has (eval, and by
+        default). ``choice``: the relation blend's pair choices, ``(B, N, N)`` / ``(P,)``.
 
         In training, ``blend_mode="molecule"`` (Transformer-M's modes) follows each molecule's drawn subset (the
         choice bits its pairs share): drawn 2D-only, no 3D atom feature; 3D-only, no degree embedding, so neither
         modality leaks into the other. ``atom_feature_blend`` (the public MoleBlend code's ``blend_atom_feature``)
         draws one of the two per atom from ``generator``; an atom of a molecule without a conformer keeps its
-        degree embedding."""
+        degree embedding. The draw is padded ``(B, N)`` uniforms in both layouts, a packed batch reading its atoms'
+        out of them (as :func:`pyblend.ops.sample_blend` draws its pairs), so a packed batch gets the padded
+        batch's draw from the same generator."""
         if not self.blender.training:
             return None, None
-        known = has_geometry[:, None].expand(atoms) if molecule is None else has_geometry[molecule]
+        has_geometry, index = relations.has_geometry, relations.index
+        if relations.packed:
+            molecule = index.atom_molecule                                                              # (T,)
+            known = has_geometry[molecule]
+        else:
+            known = has_geometry[:, None].expand(relations.mask.shape)                                  # (B, N)
         if self.blender.mode == "molecule":
-            if pair_molecule is None:
-                subsets = choice.amax(dim=(1, 2))[:, None].expand(atoms)
+            if relations.packed:
+                subsets = choice.new_zeros(has_geometry.shape[0]).scatter_reduce(0, index.pair_molecule, choice,
+                                                                                 "amax")[molecule]
             else:
-                subsets = choice.new_zeros(has_geometry.shape[0]).scatter_reduce(0, pair_molecule, choice, "amax")
-                subsets = subsets[molecule]
+                subsets = choice.amax(dim=(1, 2))[:, None].expand(known.shape)
             return (subsets & (SPD | EDGE)) != 0, ((subsets & GEOMETRY) != 0) & known
         probs = self.config.atom_feature_blend
         if probs is None:
             return None, None
+        width = relations.max_seqlen if relations.packed else relations.mask.shape[1]
         # generator=None is left out of the call: torch.compile traces that overload with concrete sizes only.
         options = dict(device=known.device) if generator is None else dict(generator=generator, device=known.device)
-        takes_3d = (torch.rand(atoms, **options) >= probs[0] / (probs[0] + probs[1])) & known
+        draw = torch.rand(has_geometry.shape[0], width, **options)                                      # (B, N)
+        if relations.packed:
+            position = torch.arange(molecule.numel(), device=molecule.device) - relations.cu_seqlens.long()[molecule]
+            draw = draw[molecule, position]
+        takes_3d = (draw >= probs[0] / (probs[0] + probs[1])) & known
         return ~takes_3d, takes_3d
 
     def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
@@ -571,7 +585,7 @@ class MoleBlend(nn.Module):
         config = self.config
         mask = relations.mask
         choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
-        with_degree, with_3d = self._atom_features(choice, relations.has_geometry, generator, mask.shape)
+        with_degree, with_3d = self._atom_features(choice, relations, generator)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
         degree = self.degree_encoder((relations.spd == 1).sum(-1).clamp(max=config.max_degree))
         x = x + (degree if with_degree is None else torch.where(with_degree[..., None], degree, 0.0))
@@ -587,7 +601,7 @@ class MoleBlend(nn.Module):
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, mask=mask)
             known = relations.has_geometry
             geometry_bias = torch.where(known[:, None, None, None], geometry_bias, 0.0)
-            if config.atom_3d_feature:
+            if self.atom_3d_proj is not None:
                 with_3d = known[:, None] if with_3d is None else with_3d
                 x = x + torch.where(with_3d[..., None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
@@ -615,8 +629,7 @@ class MoleBlend(nn.Module):
         # cu_seqlens' values, a size of its own, and meta tensors have no values to read it from.
         choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
                               pairs=relations.spd.shape[0])
-        with_degree, with_3d = self._atom_features(choice, known, generator, (atoms,), index.atom_molecule,
-                                                   index.pair_molecule)
+        with_degree, with_3d = self._atom_features(choice, relations, generator)
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
@@ -635,7 +648,7 @@ class MoleBlend(nn.Module):
             geometry_bias, atom_3d = self.gaussian(relations.positions, pair_types, cu_seqlens=cu_seqlens,
                                                    max_seqlen=width)                                     # (H, P)
             geometry_bias = torch.where(known[index.pair_molecule], geometry_bias, 0.0)
-            if config.atom_3d_feature:
+            if self.atom_3d_proj is not None:
                 with_3d = known[index.atom_molecule] if with_3d is None else with_3d
                 x = x + torch.where(with_3d[:, None], self.atom_3d_proj(atom_3d) * 0.01, 0.0)
 
@@ -735,11 +748,12 @@ class MoleBlend(nn.Module):
         ``generator`` drives both the noise and the blend (default: torch's global generator), not dropout (seed
         torch too for a reproducible step with dropout); the noise is drawn in eval mode too (it is the
         denoising target), so an evaluation loss is fixed by ``generator`` or ``noise``. A packed batch runs
-        packed (its draws differ from the padded batch's). ``noise``: see :meth:`relation_loss`.
+        packed: its blend draws are the padded batch's, its noise draw is not (``(T, 3)``, not ``(B, N, 3)``; pass
+        ``noise`` to compare the layouts). ``noise``: see :meth:`relation_loss`.
 
-        A batch in which no molecule has a conformer leaves the 3D parameters (``gaussian``, ``atom_3d_proj``,
-        ``geometry_head``, ``atom_proc``) without gradient: under DistributedDataParallel, where a rank may draw
-        such a batch, pass ``find_unused_parameters=True``.
+        A batch in which no molecule has a conformer leaves the 3D parameters (``gaussian``, ``atom_3d_proj``
+        where ``atom_3d_feature``, ``geometry_head``, ``atom_proc``) without gradient: under
+        DistributedDataParallel, where a rank may draw such a batch, pass ``find_unused_parameters=True``.
 
         Under ``torch.compile``, :meth:`build_relations` (shortest paths: a data-pipeline op) stays outside the
         compiled region; :meth:`relation_loss` traces with ``fullgraph=True`` (see there)."""
@@ -970,7 +984,8 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     to 509). The layers, the embedding LayerNorm (``config.embedding_layernorm``: their
     ``encoder_normalize_before``, on in the base model), the atom (noisy-node) head and the Gaussian layer keep
     their names (``molecule_3d_bias.gbf`` / ``gbf_proj`` -> ``gaussian.gbf`` / ``gaussian.gbf_proj``,
-    ``edge_proj`` -> ``atom_3d_proj``). A MoleBlend checkpoint's relation heads map too
+    ``edge_proj`` -> ``atom_3d_proj``; with ``config.atom_3d_feature`` False the model has no ``atom_3d_proj``
+    and ``edge_proj`` is left out, named in the warning). A MoleBlend checkpoint's relation heads map too
     (``blend_spd_pred_head`` / ``blend_edge_pred_head`` / ``blend_3d_pred_head``: the row / column projections and
     LayerNorms of ``transform_n2_head``, the output Linear; the 3D head's ``linear`` and its three ``force_proj``
     rows, with nothing between them, compose into one ``Linear(d^2, 3)``); a Transformer-M checkpoint has none:
@@ -1032,6 +1047,8 @@ def convert_transformer_m_state_dict(state: dict[str, Tensor], config: MoleBlend
     for name in list(theirs):
         if name.startswith("molecule_3d_bias."):
             rest = name[len("molecule_3d_bias."):]
+            if rest.startswith("edge_proj.") and not config.atom_3d_feature:
+                continue  # no atom_3d_proj to take it: left for the warning
             value = take(name)
             if rest in ("gbf.mul.weight", "gbf.bias.weight"):
                 if len(value) < 515 + atom_types:
