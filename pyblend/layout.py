@@ -441,7 +441,10 @@ def _pair_index(cu_seqlens: Tensor, pairs: int | None) -> tuple[Tensor, Tensor, 
                                        output_size=pairs)
     total = molecule.numel()
     local = torch.arange(total, device=cu_seqlens.device) - _pair_offsets(cu_seqlens)[molecule]
-    width = lengths[molecule]
+    # A pair's molecule has at least one atom, so the clamp changes no result. It is for inductor's vectorised CPU
+    # code, which also takes the remainder of the zero-filled lanes past the end of a loop's last partial vector
+    # and raised ZeroDivisionError there (torch 2.13, likely pytorch/pytorch#191968).
+    width = lengths[molecule].clamp(min=1)
     return molecule, torch.div(local, width, rounding_mode="floor"), local % width
 
 

@@ -311,3 +311,20 @@ def test_fullgraph_traces_the_helpers_given_their_sizes():
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="max_seqlen: expected at least the longest molecule"):
         convert(cu_seqlens, atoms)  # eager, checks on
+
+
+def test_inductor_compiles_the_pair_helpers():
+    """Inductor's vectorised CPU code also computes the zero-filled lanes past a loop's end, and torch 2.13's
+    remainder checks them for a zero divisor (pytorch/pytorch#191968): pair_index's ``local % width`` raised
+    ZeroDivisionError, and with it prepend_token and MoleBlend on any packed batch. P = 35 leaves a partial vector
+    at every width; the molecule of 0 atoms (no pairs) must not change a result either."""
+    def helpers(cu_seqlens):
+        return (*layout.pair_index(cu_seqlens, PAIRS), *layout.prepend_token(cu_seqlens, ATOMS, PAIRS))
+
+    cu_seqlens = batch_cu_seqlens()
+    expected = helpers(cu_seqlens)
+    torch.compiler.reset()
+    compiled = torch.compile(helpers, backend="inductor", fullgraph=True)
+    for name, got, want in zip(("molecule", "i", "j", "token_cu_seqlens", "atom_slots", "pair_slots"),
+                               compiled(cu_seqlens), expected):
+        assert torch.equal(got, want), f"{name}: compiled {got.tolist()} != eager {want.tolist()}"
