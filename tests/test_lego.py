@@ -146,6 +146,29 @@ def test_merge_present_selects_latents_per_sample(generator):
         assert_near(merge_latents(latents, method, present=present), merged, 0.0, "(M, B) tensor form")
 
 
+def test_merge_present_takes_numpy_bool_arrays(generator):
+    """present=[np.ndarray, ...] (and one (M, B) array) was refused ("got ndarray") while every other mask in
+    pyblend takes numpy; bool arrays are now taken, on the latents' device, and anything else is still refused."""
+    latents = [random_complex(generator, 4, 3, 2) for _ in range(2)]
+    rows = np.array([[True, False, True, True], [False, True, True, False]])
+    expected = merge_latents(latents, present=torch.from_numpy(rows))
+    assert_near(merge_latents(latents, present=list(rows)), expected, 0.0, "a list of (B,) arrays")
+    assert_near(merge_latents(latents, present=rows), expected, 0.0, "one (M, B) array")
+    meta = [latent.to("meta") for latent in latents]  # no accelerator here: meta stands for "not the CPU"
+    assert merge_latents(meta, present=list(rows)).device.type == "meta"
+    with pytest.raises(ValueError, match=r"present\[1\]: expected a bool tensor of shape \(B,\) = \(4,\); got "
+                                         r"int64 numpy array of shape \(4,\)"):
+        merge_latents(latents, present=[rows[0], rows[1].astype(np.int64)])
+    with pytest.raises(ValueError, match=r"present\[0\]: expected a bool tensor of shape \(B,\) = \(4,\); got "
+                                         r"bool numpy array of shape \(3,\)"):
+        merge_latents(latents, present=[rows[0, :3], rows[1]])
+    with pytest.raises(ValueError, match=r"present: expected a bool tensor of shape \(M, B\) = \(2, 4\); got "
+                                         r"float64 numpy array of shape \(2, 4\)"):
+        merge_latents(latents, present=rows.astype(np.float64))
+    with pytest.raises(ValueError, match=r"present\[1\]: expected a bool tensor of shape \(B,\) = \(4,\); got list"):
+        merge_latents(latents, present=[rows[0], rows[1].tolist()])
+
+
 def test_merge_never_reads_unselected_latents(generator):
     """NaN and inf where ``present`` is False: the same result and gradients as finite values there."""
     latents = [random_complex(generator, 3, 4) for _ in range(2)]
@@ -236,6 +259,11 @@ def test_slerp_degenerate_cases_are_finite(generator):
         x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
         slerp(x, y, 0.4).square().sum().backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+        # Second derivatives too: the norm of a zero tensor had a NaN one.
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        grads = torch.autograd.grad(slerp(y, x, 0.4).square().sum(), (x, y), create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all(), "second derivatives"
 
 
 def test_slerp_gradients(generator):
@@ -509,6 +537,36 @@ def test_block_checks_flags_numbers_backend_and_device(generator):
         token_block()(x.to("meta"), mask)
 
 
+def test_block_refuses_tokens_of_another_dtype(generator):
+    """float64 or float16 tokens in a float32 block (and float32 in a float64 one) went through silently: the op
+    projected them in their own dtype, so float64 tokens gave a complex128 latent from a float32 block and float16
+    ones a float16 key/value projection. Refused by name as in DynamicFusion, except under autocast, which casts."""
+    v = torch.randn(4, 10, generator=generator)
+    block = vector_block()
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"x: expected dtype torch.float32 like the block's parameters "
+                                            rf"\(under autocast, any float dtype but float64\); got {dtype}"):
+            block(v.to(dtype))
+    with pytest.raises(TypeError, match=r"x: expected dtype torch.float64 like the block's parameters .*; got "
+                                        r"torch.float32"):
+        vector_block(dtype=torch.float64)(v)
+    # Through an encoder: it is the encoder's output that the block consumes.
+    x, mask = token_inputs(generator)
+    encoded = LegoBlock(6, 3, nn.Sequential(nn.Linear(5, 6, dtype=torch.float64), nn.Tanh()), **SMALL)
+    with pytest.raises(TypeError, match=r"x: the encoder's tokens: expected dtype torch.float32 like the block's "
+                                        r"parameters .*; got torch.float64 tensor of shape \(4, 7, 6\)"):
+        encoded(x.double(), mask)
+    blocks = two_blocks(generator.initial_seed())
+    with pytest.raises(TypeError, match=r"block 1: x: expected dtype torch.float32"):
+        lego_merge(blocks)([x, v.half()], [mask, None])
+    # Autocast casts the projection's inputs to its own dtype; float64 it leaves alone, so it stays refused.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.isfinite(block(v.to(dtype))).all()
+        with pytest.raises(TypeError, match=r"x: expected dtype torch.float32 .*; got torch.float64"):
+            block(v.double())
+
+
 # ----------------------------------------------------------------------------------------- LegoMerge
 
 def two_blocks(seed):
@@ -633,6 +691,90 @@ def test_multi_block_models_check_devices_eps_and_heads(generator):
         merge_heads([blocks[0].head, LegoHead(8, 2)])
     with pytest.raises(TypeError, match=r"heads\[1\]: expected parameters of dtype torch.float32"):
         merge_heads([blocks[0].head, LegoHead(8, 3, dtype=torch.float64)])
+
+
+MULTI_MODELS = {"merge": lambda blocks, head_method: lego_merge(blocks, head_method=head_method),
+                "fuse stack": lambda blocks, head_method: LegoFuse(blocks, "stack", head_method),
+                "fuse weave": lambda blocks, head_method: LegoFuse(blocks, "weave", head_method)}
+
+
+def hand_merged_head(heads, head_method):
+    """The merged head's parameters by hand: slerp at t = 1/2 (two heads) or the mean."""
+    merged = {}
+    for name, a in heads[0].named_parameters():
+        b = dict(heads[1].named_parameters())[name]
+        merged[name] = slerp(a.detach(), b.detach(), 0.5) if head_method == "slerp" else (a.detach() + b.detach()) / 2
+    return merged
+
+
+@pytest.mark.parametrize("kind", list(MULTI_MODELS))
+@pytest.mark.parametrize("head_method", ["slerp", "linear"])
+@pytest.mark.parametrize("order", ["modules", "apply"])
+def test_deferred_init_rederives_the_merged_head(generator, kind, head_method, order):
+    """Built on the meta device, to_empty(), then reset_parameters() on every submodule (modules() walks parents
+    first, Module.apply children first): the merged head came back as nn.Linear's default (0.69 off the mean
+    with head_method="linear"). It is derived from the blocks' heads, so resetting re-derives it, after them."""
+    with torch.device("meta"):
+        model = MULTI_MODELS[kind](two_blocks(generator.initial_seed()), head_method)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+
+    def reset(module):
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    if order == "modules":
+        for module in model.modules():
+            reset(module)
+    else:
+        model.apply(reset)
+    left = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert not left, f"left uninitialised: {left}"
+    expected = hand_merged_head([block.head for block in model.blocks], head_method)
+    for name, parameter in model.head.named_parameters():
+        assert_near(parameter.detach(), expected[name], 1e-6, name)
+    # The model equals the one built directly on the CPU from the same blocks.
+    direct = MULTI_MODELS[kind](copy.deepcopy(list(model.blocks)), head_method)
+    inputs, masks = paired_inputs(generator)
+    with torch.no_grad():
+        assert_near(model(inputs, masks), direct(inputs, masks), 0.0, "logits")
+    assert repr(model.head) == repr(direct.head) == repr(LegoHead(8, 3))
+
+
+@pytest.mark.parametrize("kind", list(MULTI_MODELS))
+def test_reset_parameters_rederives_the_head_from_the_current_blocks(generator, kind):
+    """The multi-block model's own reset_parameters re-derives the head from the blocks as they are (trained
+    blocks are not reset: each module resets only what it owns), in place; a deep copy derives from its own
+    blocks; blocks left on the meta device are named rather than copied out of."""
+    blocks = two_blocks(generator.initial_seed())
+    model = MULTI_MODELS[kind](blocks, "linear")
+    weight = model.head.linear.weight
+    with torch.no_grad():
+        model.head.linear.weight.zero_()
+        blocks[1].head.linear.weight.add_(1.0)
+    before = {name: p.detach().clone() for name, p in model.blocks.named_parameters()}
+    model.reset_parameters()
+    assert model.head.linear.weight is weight, "reset in place: an optimizer's references must stay valid"
+    assert all(torch.equal(p, before[name]) for name, p in model.blocks.named_parameters()), "blocks were reset"
+    expected = hand_merged_head([block.head for block in blocks], "linear")
+    for name, parameter in model.head.named_parameters():
+        assert_near(parameter.detach(), expected[name], 1e-6, name)
+    original = model.head.linear.bias.detach().clone()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.blocks[0].head.linear.bias.add_(2.0)
+    clone.head.linear.reset_parameters()
+    assert_near(clone.head.linear.bias.detach(), (clone.blocks[0].head.linear.bias + blocks[1].head.linear.bias)
+                .detach() / 2, 1e-6, "the copy's head from the copy's blocks")
+    model.head.linear.reset_parameters()
+    assert torch.equal(model.head.linear.bias, original), "the original's head follows the copy's blocks"
+    with torch.device("meta"):
+        deferred = MULTI_MODELS[kind](two_blocks(0), "slerp")
+    deferred.head.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=r"\(the blocks. heads\) are on the meta device"):
+        deferred.head.linear.reset_parameters()
 
 
 def absent_everywhere(batch=4):

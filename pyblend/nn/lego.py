@@ -39,7 +39,12 @@ circular mean of phases by default); the task heads are merged parameter tensor 
 ``w <- slerp(w, w_m, 1/m)`` for m = 2..M (t = 1/2 for two blocks). With ``head_method="linear"`` this is exactly
 the mean; with SLERP it is the usual incremental approximation of the spherical mean (depends on block order for
 M > 2, exact for M = 2). The merged head is a new trainable :class:`LegoHead` holding copies, made when the
-LegoMerge is built (call :meth:`LegoMerge.merge_heads` again after changing the blocks).
+LegoMerge is built (call :meth:`LegoMerge.merge_heads` again after changing the blocks). It is derived state:
+``reset_parameters()`` (the LegoMerge's / LegoFuse's, or that of the head's LayerNorm and Linear) merges the
+blocks' current heads again, in place, so deferred initialisation (build on the meta device, ``to_empty()``, then
+``reset_parameters()`` on every submodule in ``modules()`` or ``apply()`` order, which reset the blocks first)
+gives the model built directly from the reset blocks. Nothing else is derived: the merged latent is computed in
+each forward, and LegoFuse's chain starts from ``blocks[0].latent`` itself.
 
 **LegoFuse** (fine-tuning): one chain of LegoBlock steps over one latent, starting from the first block's learned
 latent. ``"stack"`` runs block 1's steps, then block 2's, ...; ``"weave"`` runs, for step j = 0, 1, ..., step j
@@ -66,7 +71,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._values import values_hidden
-from ..ops._checks import check_flag, check_module_backend, check_positive_float, describe, is_int, is_real
+from ..ops._checks import (check_flag, check_linear_input, check_module_backend, check_positive_float, describe,
+                           is_int, is_real)
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_eps, merge_latents, slerp
 
@@ -135,10 +141,13 @@ class LegoHead(nn.Module):
 
     ``forward(latent (B, l_c, l_d) complex or real) -> (B, outputs)`` in the head's dtype."""
 
+    _norm_type: type[nn.LayerNorm] = nn.LayerNorm
+    _linear_type: type[nn.Linear] = nn.Linear
+
     def __init__(self, l_d: int, outputs: int, *, device=None, dtype=None):
         super().__init__()
-        self.norm = nn.LayerNorm(l_d, device=device, dtype=dtype)
-        self.linear = nn.Linear(l_d, outputs, device=device, dtype=dtype)
+        self.norm = self._norm_type(l_d, device=device, dtype=dtype)
+        self.linear = self._linear_type(l_d, outputs, device=device, dtype=dtype)
 
     def forward(self, latent: Tensor) -> Tensor:
         real = latent.real if latent.is_complex() else latent
@@ -251,6 +260,10 @@ class LegoBlock(nn.Module):
         if tokens.device != device:
             raise ValueError(f"x: expected encoder tokens on {device} like the block's parameters; "
                              f"got {describe(tokens)}")
+        # The steps project the tokens themselves (to_kv), and the op computes in the tokens' dtype: float64 tokens
+        # gave a float32 block a complex128 latent, float16 ones a float16 key/value projection, silently.
+        label = "x" if self.encoder is None else "x: the encoder's tokens"
+        check_linear_input(tokens, label, self.layers[0].attention.to_kv.weight, "the block's parameters")
         batch, count = tokens.shape[:2]
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (batch, count):
@@ -314,7 +327,8 @@ class LegoBlock(nn.Module):
         """Run the block.
 
         Args:
-            x: the encoder's input (tokens ``(B, N, E)`` / ``(B, E)`` without an encoder).
+            x: the encoder's input (tokens ``(B, N, E)`` / ``(B, E)`` without an encoder). The tokens (the
+                encoder's output) must have the block's dtype; under autocast, any float dtype but float64.
             mask: ``(B, N)`` bool over the encoder's output tokens, True = real token.
             present: ``(B,)`` bool, False = the sample lacks this modality (its steps are skipped).
             latent: optional ``(B, l_c, l_d)`` real or complex spatial-domain latent to start from instead of
@@ -343,25 +357,87 @@ class LegoBlock(nn.Module):
 
 # --------------------------------------------------------------------------------------- merging heads
 
+def _derive(target: nn.Module, sources: Sequence[nn.Module], method: str) -> None:
+    """``target``'s own parameters, in place, <- the running merge of the same-named parameters of ``sources``
+    (modules of one type: the merged head's LayerNorm or Linear and the merged heads' ones)."""
+    with torch.no_grad():
+        for name, parameter in target.named_parameters(recurse=False):
+            values = [getattr(source, name).detach() for source in sources]
+            if not parameter.is_meta and any(value.is_meta for value in values):
+                # copy_ would fail with "Cannot copy out of meta tensor", naming neither module.
+                raise RuntimeError(f"merged head: the heads it merges (the blocks' heads) are on the meta device, "
+                                   f"so its {target._get_name()} {name} cannot be derived from them; materialise "
+                                   "and reset the blocks first (modules() and apply() visit them before the merged "
+                                   "head), or call the LegoMerge / LegoFuse's reset_parameters() after them")
+            value = values[0].clone()
+            for m, other in enumerate(values[1:], start=2):
+                value = slerp(value, other, 1.0 / m) if method == "slerp" else value + (other - value) / m
+            parameter.copy_(value)
+
+
+class _Derived:
+    """The merged head's LayerNorm / Linear: ``reset_parameters`` re-derives the parameters from the merged heads'
+    current ones (``_sources``, the same layer of each head) rather than drawing an init, so that deferred
+    initialisation (meta device, ``to_empty()``, ``reset_parameters()`` on every submodule) restores the merge.
+    Any walk that resets the blocks before the merged head works: ``modules()`` (parents first) and ``apply``
+    (children first) both do, as LegoMerge / LegoFuse register the blocks before the head. Plain nn.LayerNorm /
+    nn.Linear while being constructed (no sources yet), so building one draws from the RNG as before."""
+
+    _sources: tuple[nn.Module, ...] = ()
+    _method = "slerp"
+
+    def reset_parameters(self) -> None:
+        if not self._sources:
+            super().reset_parameters()
+        else:
+            _derive(self, self._sources, self._method)
+
+
+class _DerivedLayerNorm(_Derived, nn.LayerNorm):
+    def _get_name(self) -> str:
+        return "LayerNorm"
+
+
+class _DerivedLinear(_Derived, nn.Linear):
+    def _get_name(self) -> str:
+        return "Linear"
+
+
+class _MergedHead(LegoHead):
+    """A :class:`LegoHead` derived from other heads (:func:`merge_heads`); its layers re-derive themselves on
+    ``reset_parameters``."""
+
+    _norm_type = _DerivedLayerNorm
+    _linear_type = _DerivedLinear
+
+    def _get_name(self) -> str:
+        return "LegoHead"
+
+
+def _rederive(merged: LegoHead, heads: Sequence[LegoHead], method: str) -> None:
+    """``merged``'s parameters, in place, <- the merge of ``heads``; its derived layers remember the heads, for
+    their own ``reset_parameters``."""
+    for layer in ("norm", "linear"):
+        target, sources = getattr(merged, layer), tuple(getattr(head, layer) for head in heads)
+        if isinstance(target, _Derived):
+            target._sources, target._method = sources, method
+        _derive(target, sources, method)
+
+
 def merge_heads(heads: Sequence[LegoHead], method: str = "slerp") -> LegoHead:
     """A new :class:`LegoHead` whose every parameter tensor is the running merge of the heads' tensors:
     ``w <- w_1``, ``w <- merge(w, w_m, t = 1/m)`` for m = 2..M (SLERP or linear; linear gives the exact mean).
-    The result holds detached copies (trainable parameters of its own)."""
+    The result holds detached copies (trainable parameters of its own). It is derived state: its LayerNorm's and
+    Linear's ``reset_parameters`` merge the heads' current parameters again (in place) rather than drawing an
+    init, so it keeps references to ``heads`` (not registered: not in its ``state_dict`` nor ``parameters``)."""
     if method not in HEAD_METHODS:
         raise ValueError(f"head_method: expected one of {HEAD_METHODS}; got {method!r}")
     _check_heads(heads)
     first = heads[0]
-    merged = LegoHead(first.linear.in_features, first.linear.out_features, device=first.linear.weight.device,
-                      dtype=first.linear.weight.dtype)
+    merged = _MergedHead(first.linear.in_features, first.linear.out_features, device=first.linear.weight.device,
+                         dtype=first.linear.weight.dtype)
     merged.norm.eps = first.norm.eps
-    sources = [dict(head.named_parameters()) for head in heads]
-    with torch.no_grad():
-        for name, target in merged.named_parameters():
-            value = sources[0][name].detach().clone()
-            for m, source in enumerate(sources[1:], start=2):
-                other = source[name].detach()
-                value = slerp(value, other, 1.0 / m) if method == "slerp" else value + (other - value) / m
-            target.copy_(value)
+    _rederive(merged, heads, method)
     return merged
 
 
@@ -440,6 +516,17 @@ class _LegoMulti(nn.Module):
     def merge_heads(self) -> None:
         """Re-merge the head from the blocks' current heads (replaces ``self.head``)."""
         self.head = merge_heads([block.head for block in self.blocks], self.head_method)
+
+    def reset_parameters(self) -> None:
+        """Re-derive the head, in place, from the blocks' current heads: it is derived state (their running SLERP
+        or mean), not an init draw. The blocks are not reset (as every module's ``reset_parameters``, this resets
+        only what the module itself owns, and merging trained blocks must not lose them). Deferred init (meta
+        device, ``to_empty()``, ``reset_parameters()`` on every submodule) gives the model built directly from the
+        reset blocks: the head's own layers re-derive themselves when reset, after the blocks in ``modules()`` and
+        ``apply()`` order; in another order, call this last."""
+        heads = [block.head for block in self.blocks]
+        _check_heads(heads)
+        _rederive(self.head, heads, self.head_method)
 
     def _encode_all(self, inputs, masks, present):
         """Per block ``(tokens, token_mask, present)`` from its encoder, or None where the input is None (the

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._values import values_hidden
-from ._checks import describe, is_finite, is_real
+from ..reference._norm import vector_norm
+from ._checks import as_tensor, describe, is_finite, is_real
 
 __all__ = ["MERGE_METHODS", "merge_latents", "slerp"]
 
@@ -65,29 +67,49 @@ def _check_latents(latents) -> list[Tensor]:
     return list(latents)
 
 
+def _bool_array_as_tensor(value, name: str, device: torch.device):
+    """A bool numpy array as a tensor on ``device`` (host data has no device of its own: it goes where the latents
+    are, as a tensor given on the CPU would not); anything else is returned as given, for the caller to check."""
+    if isinstance(value, np.ndarray) and value.dtype == np.bool_:
+        return as_tensor(value, name).to(device)
+    return value
+
+
+def _got(value) -> str:
+    if isinstance(value, Tensor):
+        return describe(value)
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} numpy array of shape {value.shape}"
+    return type(value).__name__
+
+
 def _check_present(present, count: int, first: Tensor) -> Tensor | None:
-    """``present``: None, or M bool tensors ``(B,)`` (a sequence, or one ``(M, B)`` tensor) -> ``(M, B)`` bool."""
+    """``present``: None, or M bool masks ``(B,)`` (a sequence, or one ``(M, B)`` tensor), each a tensor or a bool
+    numpy array -> ``(M, B)`` bool on the latents' device."""
     if present is None:
         return None
     if first.dim() == 0:
         raise ValueError(f"present: needs latents with a leading batch axis; got latents[0] {describe(first)}")
     batch = first.shape[0]
-    if isinstance(present, Tensor):
-        rows = list(present.unbind(0)) if present.dim() == 2 else [present]
-        if present.dim() != 2 or present.shape[0] != count:
+    given = present
+    present = _bool_array_as_tensor(present, "present", first.device)
+    if isinstance(present, Tensor) or isinstance(given, np.ndarray):
+        if not isinstance(present, Tensor) or present.dim() != 2 or present.shape[0] != count:
             raise ValueError(f"present: expected a bool tensor of shape (M, B) = ({count}, {batch}); "
-                             f"got {describe(present)}")
+                             f"got {_got(given)}")
+        rows = list(present.unbind(0))
     elif isinstance(present, Sequence):
         rows = list(present)
         if len(rows) != count:
             raise ValueError(f"present: expected one (B,) mask per latent (M = {count}); got {len(rows)}")
     else:
-        raise TypeError(f"present: expected None, a sequence of (B,) bool tensors or an (M, B) bool tensor; got "
-                        f"{type(present).__name__}")
-    for index, row in enumerate(rows):
+        raise TypeError(f"present: expected None, a sequence of (B,) bool tensors or an (M, B) bool tensor (or "
+                        f"bool numpy arrays); got {type(present).__name__}")
+    for index, given in enumerate(rows):
+        row = rows[index] = _bool_array_as_tensor(given, f"present[{index}]", first.device)
         if not isinstance(row, Tensor) or row.dtype != torch.bool or row.shape != (batch,):
-            got = describe(row) if isinstance(row, Tensor) else type(row).__name__
-            raise ValueError(f"present[{index}]: expected a bool tensor of shape (B,) = ({batch},); got {got}")
+            raise ValueError(f"present[{index}]: expected a bool tensor of shape (B,) = ({batch},); "
+                             f"got {_got(given)}")
         if row.device != first.device:
             raise ValueError(f"present[{index}]: expected a tensor on {first.device} like the latents; "
                              f"got {describe(row)}")
@@ -95,7 +117,7 @@ def _check_present(present, count: int, first: Tensor) -> Tensor | None:
 
 
 def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: float = 1e-6,
-                  present: Sequence[Tensor] | Tensor | None = None) -> Tensor:
+                  present: Sequence[Tensor | np.ndarray] | Tensor | np.ndarray | None = None) -> Tensor:
     """Merge M frequency-domain latents into one (LegoMerge, eq. 4).
 
     Args:
@@ -106,8 +128,9 @@ def merge_latents(latents: Sequence[Tensor], method: str = "harmonic", *, eps: f
         eps: > 0, the floor that keeps ``1 / |l|`` finite at zero magnitude, and the length below which the
             resultant of the phasors counts as cancelled (times M). Used by "harmonic" only.
         present: optional per-sample selection: M bool masks ``(B,)`` (or one ``(M, B)`` tensor) over the latents'
-            first axis; sample b merges only the latents m with ``present[m][b]``. A sample with none gets 0
-            (callers such as :class:`pyblend.nn.LegoMerge` reject such samples before merging).
+            first axis, tensors on the latents' device or bool numpy arrays (copied there); sample b merges only
+            the latents m with ``present[m][b]``. A sample with none gets 0 (callers such as
+            :class:`pyblend.nn.LegoMerge` reject such samples before merging).
 
     Returns:
         The merged complex tensor, same shape and dtype as each latent.
@@ -221,7 +244,7 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
     eps = float(eps)
 
     x, y = a.reshape(-1).double(), b.reshape(-1).double()
-    norm_a, norm_b = x.norm(), y.norm()
+    norm_a, norm_b = vector_norm(x, dim=0), vector_norm(y, dim=0)
     linear = (1 - t) * x + t * y
     degenerate = (norm_a == 0) | (norm_b == 0)
     one = torch.ones((), dtype=torch.float64, device=a.device)
@@ -236,7 +259,7 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
     sin = torch.sin(theta)
     great_circle = (torch.sin((1 - t) * theta) * ux + torch.sin(t * theta) * uy) / sin
     mixed = (1 - t) * ux + t * uy
-    near = mixed / torch.where(parallel, mixed.norm(), one)
+    near = mixed / torch.where(parallel, vector_norm(mixed, dim=0), one)
     direction = torch.where(generic, great_circle, near)
     spherical = ((1 - t) * norm_a + t * norm_b) * direction
     out = torch.where(generic | parallel, spherical, linear)
