@@ -349,10 +349,12 @@ def test_moleblend_relation_loss_compiles_with_fullgraph(generator, monkeypatch,
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for one batch shape"
 
 
-def test_padded_moleblend_pretrain_loss_compiles_with_fullgraph():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_padded_moleblend_pretrain_loss_compiles_with_fullgraph(dynamic):
     """The whole padded pretraining loss in one graph, build_relations included: its shortest paths and routes
     (the bond-id range check skipped under compile) and distances trace, as README's torch.compile notes say.
-    Eval mode and one seed for the noise: the compiled loss and its parts are eager's."""
+    Eval mode and one seed for the noise: the compiled loss and its parts are eager's. With dynamic=True the
+    blend's broadcast check (``edge_bias.shape[0] in (1, B)``) came out False for equal sizes, one symbolic."""
     pytest.importorskip("rdkit", reason="MoleBlend is tested on featurized molecules (RDKit)")
     from pyblend import collate, featurize_many
     from pyblend.models import MoleBlend, MoleBlendConfig
@@ -363,7 +365,7 @@ def test_padded_moleblend_pretrain_loss_compiles_with_fullgraph():
     model = MoleBlend(MoleBlendConfig(layers=1, dim=16, heads=1, ffn_dim=16, num_kernels=6, head_width=4,
                                       max_distance=4, max_hops=2, spd_classes=4)).eval()
     torch._dynamo.reset()
-    compiled = torch.compile(model.pretrain_loss, backend="eager", fullgraph=True)
+    compiled = torch.compile(model.pretrain_loss, backend="eager", fullgraph=True, dynamic=dynamic)
     torch.manual_seed(1)
     loss, parts = compiled(batch)
     torch.manual_seed(1)

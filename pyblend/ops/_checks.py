@@ -137,6 +137,12 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def one_or(size, expected) -> bool:
+    """Whether a dimension of ``size`` broadcasts to ``expected`` (is 1 or equal). Spelled with ``==``: under
+    torch.compile, ``size in (1, expected)`` came out False for a symbolic size equal to a static one."""
+    return size == 1 or size == expected
+
+
 def is_real(value) -> bool:
     """A real-number argument: a Python or numpy int or float, never a bool (see :func:`is_int`)."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))

@@ -40,6 +40,7 @@ from ._checks import (
     id_range,
     is_finite,
     is_int,
+    one_or,
 )
 
 __all__ = ["CHANNELS", "blend_relations", "every_channel", "sample_blend"]
@@ -240,7 +241,7 @@ def blend_relations(choice: Tensor, *, spd_index: Tensor | None = None, spd_tabl
         check_dtype(value, name, FLOAT_DTYPES)
         want = (None, choice.shape[0]) if packed else (None, None, *choice.shape[1:])
         if value.dim() != len(want) or any(w is not None and s != w for s, w in zip(value.shape, want)) or \
-                (not packed and value.shape[0] not in (1, choice.shape[0])):
+                (not packed and not one_or(value.shape[0], choice.shape[0])):
             layout = "(H, P)" if packed else "(B|1, H, N, N)"
             raise ValueError(f"{name}: expected {layout} matching choice {describe(choice)}; got {describe(value)}")
         if value.device != choice.device:

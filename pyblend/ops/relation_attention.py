@@ -30,6 +30,7 @@ from ._checks import (
     id_range,
     is_finite,
     is_real,
+    one_or,
     packed_layout,
 )
 from ._dispatch import choose_backend, triton_reasons
@@ -163,9 +164,9 @@ def _check_bias(bias, packed, batch, heads, atoms, pairs):
     # The message is formatted only on failure: under torch.compile, formatting a symbolic size fixes it (one
     # recompilation per molecule size).
     if packed:
-        if not (bias.dim() == 2 and bias.shape[0] in (1, heads) and bias.shape[1] == pairs):
+        if not (bias.dim() == 2 and one_or(bias.shape[0], heads) and bias.shape[1] == pairs):
             raise ValueError(f"bias: expected shape (H|1, P) = ({heads} or 1, {pairs}); got {describe(bias)}")
-    elif not (bias.dim() == 4 and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads)
+    elif not (bias.dim() == 4 and one_or(bias.shape[0], batch) and one_or(bias.shape[1], heads)
               and tuple(bias.shape[2:]) == (atoms, atoms)):
         raise ValueError(f"bias: expected shape (B|1, H|1, N, N) = ({batch} or 1, {heads} or 1, {atoms}, {atoms}); "
                          f"got {describe(bias)}")
