@@ -232,7 +232,9 @@ def test_atom_feature_blend_draws_the_degree_or_the_3d_feature_per_atom(graphs, 
             _config(atom_feature_blend=blend)
     with pytest.raises(ValueError, match="blend_mode='molecule' already chooses"):
         _config(atom_feature_blend=(0.4, 0.6), blend_mode="molecule")
-
+    # Atoms drawing the 3D feature lost their degree embedding and got nothing in its place.
+    with pytest.raises(ValueError, match="atom_3d_feature=False turns the latter off"):
+        _config(atom_feature_blend=(0.4, 0.6), atom_3d_feature=False)
 
 
 def test_atom_feature_blend_draws_the_same_atoms_padded_and_packed(graphs, graphs_2d):

@@ -124,6 +124,9 @@ class MoleBlendConfig:
             if self.blend_mode == "molecule":
                 raise ValueError("atom_feature_blend: blend_mode='molecule' already chooses each molecule's atom "
                                  "features from its drawn subset; use one or the other")
+            if not self.atom_3d_feature:
+                raise ValueError("atom_feature_blend: draws each atom's degree embedding or its 3D atom feature, and "
+                                 "atom_3d_feature=False turns the latter off (the atoms drawing it would get neither)")
             self.atom_feature_blend = tuple(float(p) for p in blend)
         if self.geometry_reduction not in ("molecules", "pairs"):
             raise ValueError(f"geometry_reduction: expected 'molecules' or 'pairs'; got {self.geometry_reduction!r}")
