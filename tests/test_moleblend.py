@@ -488,6 +488,20 @@ def test_predictor_refuses_bad_heads_and_labels(graphs_2d):
             MoleBlendPredictor(_model(layers=1), outputs=1, task=task).loss(batch)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_batch_fields_of_the_wrong_dtype_are_named(graphs, layout):
+    """Float atom features failed in torch's embedding ("Expected tensor for argument #1 'indices'"), naming
+    neither the batch nor the field; integer positions were taken."""
+    import dataclasses
+
+    model = _model(layers=1)
+    batch = collate(graphs, layout=layout)
+    with pytest.raises(TypeError, match="batch.atom_features: expected dtype int8.*got torch.float32"):
+        model(dataclasses.replace(batch, atom_features=batch.atom_features.float()))
+    with pytest.raises(TypeError, match="positions: expected dtype float16.*got torch.int64"):
+        model(batch, positions=batch.positions.nan_to_num().long())
+
+
 def test_transformer_m_converter_refuses_another_head_count_and_leaves_extra_layers_out():
     """A checkpoint of other heads passed the dim x dim layer shapes and misread the H x H edge matrices (or
     failed in a concatenation naming nothing); its layers past config.layers went into the result, unwarned."""

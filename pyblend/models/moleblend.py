@@ -59,7 +59,7 @@ from ..ops import (
     relation_attention,
     shortest_path_routes,
 )
-from ..ops._checks import check_flag
+from ..ops._checks import FLOAT_DTYPES, INTEGER_DTYPES, check_dtype, check_flag
 from ..ops.blend_relations import EDGE, GEOMETRY, SPD
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
@@ -688,6 +688,10 @@ class MoleBlend(nn.Module):
             raise TypeError(f"batch: expected a pyblend MolBatch (from pyblend.collate); got {type(batch).__name__}")
         if batch.layout not in LAYOUTS:
             raise ValueError(f"batch: expected layout 'padded' or 'packed'; got {batch.layout!r}")
+        # Else torch's embedding or arithmetic errors, which name neither the batch nor the field.
+        check_dtype(batch.atom_features, "batch.atom_features", INTEGER_DTYPES)
+        if isinstance(positions, Tensor):
+            check_dtype(positions, "positions", FLOAT_DTYPES)
         relations = self._packed_relations(batch, positions) if batch.layout == "packed" else \
             self._padded_relations(batch, positions)
         if relations.positions is not None and not values_hidden(relations.positions):
@@ -758,8 +762,9 @@ class MoleBlend(nn.Module):
         where ``atom_3d_feature``, ``geometry_head``, ``atom_proc``) without gradient: under
         DistributedDataParallel, where a rank may draw such a batch, pass ``find_unused_parameters=True``.
 
-        Under ``torch.compile``, :meth:`build_relations` (shortest paths: a data-pipeline op) stays outside the
-        compiled region; :meth:`relation_loss` traces with ``fullgraph=True`` (see there)."""
+        Under ``torch.compile``, a padded batch's whole loss traces with ``fullgraph=True``; a packed batch's
+        :meth:`build_relations` (its shortest paths read ``cu_seqlens`` on the host) breaks the graph, so compile
+        :meth:`relation_loss` (``fullgraph=True``, see there) and build the relations outside."""
         return self.relation_loss(self.build_relations(batch), generator=generator, noise=noise)
 
     def relation_loss(self, relations: Relations, *, generator: torch.Generator | None = None,
