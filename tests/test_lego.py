@@ -291,6 +291,8 @@ def test_slerp_errors():
         slerp(a, torch.randn(4), 0.5)
     with pytest.raises(TypeError, match="a: expected a float tensor"):
         slerp(torch.arange(3), a, 0.5)
+    with pytest.raises(TypeError, match="b: expected dtype torch.float32 like a"):  # was a ValueError
+        slerp(a, a.double(), 0.5)
 
 
 def test_slerp_checks_eps():

@@ -306,6 +306,9 @@ def test_errors_name_the_argument(generator):
         (dict(temperature=0.0), ValueError, "temperature: expected a finite float > 0"),
         (dict(temperature=torch.tensor(-1.0)), ValueError, "temperature: expected a finite value > 0"),
         (dict(temperature=torch.tensor([0.1])), TypeError, "temperature: expected a float or a 0-dim"),
+        # Was "expected a tensor on cpu (or the CPU)".
+        (dict(temperature=torch.tensor(0.1, device="meta")), ValueError,
+         "temperature: expected a tensor on the CPU, as the embeddings; got"),
         (dict(weights=[1.0, 2.0]), ValueError, "weights: expected one weight per pair (1); got 2"),
         (dict(weights=["x"]), TypeError, "weights: expected finite floats"),
         (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),

@@ -217,8 +217,10 @@ def slerp(a: Tensor, b: Tensor, t: float | Tensor, *, eps: float = 1e-7) -> Tens
             raise TypeError(f"{name}: expected a torch.Tensor; got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name}: expected a float tensor; got {describe(x)}")
-    if b.shape != a.shape or b.dtype != a.dtype:
-        raise ValueError(f"b: expected shape {tuple(a.shape)} and dtype {a.dtype} like a; got {describe(b)}")
+    if b.shape != a.shape:
+        raise ValueError(f"b: expected shape {tuple(a.shape)} like a; got {describe(b)}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b: expected dtype {a.dtype} like a; got {describe(b)}")
     if b.device != a.device:
         raise ValueError(f"b: expected a tensor on {a.device} like a; got {describe(b)}")
     if not is_real(eps):

@@ -474,7 +474,8 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
         if not temperature.is_floating_point() or temperature.dim() != 0:
             raise TypeError(f"temperature: expected a float or a 0-dim float tensor; got {describe(temperature)}")
         if temperature.device != first.device and temperature.device.type != "cpu":
-            raise ValueError(f"temperature: expected a tensor on {first.device} (or the CPU); "
+            where = "the CPU" if first.device.type == "cpu" else f"{first.device} (or the CPU)"
+            raise ValueError(f"temperature: expected a tensor on {where}, as the embeddings; "
                              f"got {describe(temperature)}")
         if temperature.device.type == "cpu" and not values_hidden(temperature):
             value = float(temperature.detach())
