@@ -490,6 +490,15 @@ def test_block_explicit_latent(generator):
     assert_near(given, default, 0.0)
 
 
+def test_block_takes_numpy_masks(generator):
+    """mask and present as numpy bool arrays were refused ("got ndarray"), unlike every other mask argument."""
+    block = token_block().eval()
+    x, mask = token_inputs(generator)
+    present = torch.tensor([True, False, True, True])
+    want = block(x, mask, present)
+    assert torch.equal(block(x, mask.numpy(), present.numpy()), want)
+
+
 def test_block_errors(generator):
     block = token_block()
     x, mask = token_inputs(generator)

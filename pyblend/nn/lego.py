@@ -66,13 +66,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._values import values_hidden
-from ..ops._checks import (check_flag, check_linear_input, check_module_backend, check_positive_float, describe,
-                           is_int, is_real)
+from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_positive_float,
+                           describe, is_int, is_real)
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_eps, merge_latents, slerp
 
@@ -265,6 +266,9 @@ class LegoBlock(nn.Module):
         label = "x" if self.encoder is None else "x: the encoder's tokens"
         check_linear_input(tokens, label, self.layers[0].attention.to_kv.weight, "the block's parameters")
         batch, count = tokens.shape[:2]
+        # numpy masks are taken (on the CPU), as by the ops and the other modules.
+        mask = as_tensor(mask, "mask") if isinstance(mask, np.ndarray) else mask
+        present = as_tensor(present, "present") if isinstance(present, np.ndarray) else present
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (batch, count):
                 got = describe(mask) if isinstance(mask, Tensor) else type(mask).__name__
