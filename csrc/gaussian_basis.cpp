@@ -1,4 +1,5 @@
 #include "gaussian_basis.h"
+#include "parallel.h"
 
 #include <cmath>
 #include <vector>
@@ -38,7 +39,7 @@ int64_t gaussian_basis(const T* distances, const int64_t* types, int64_t num_pai
     inv_std[k] = T(1) / s;
     scale[k] = inv_sqrt_2pi / s;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (pyblend::parallel_allowed())
   for (int64_t m = 0; m < num_pairs; ++m) {
     T a = 0, c = 0;
     for (int64_t t = 0; t < types_per_pair; ++t) {

@@ -14,6 +14,7 @@
 #endif
 
 #include "gaussian_basis.h"
+#include "parallel.h"
 #include "shortest_path.h"
 
 namespace py = pybind11;
@@ -70,7 +71,7 @@ void check_mask(const std::optional<Array<bool>>& mask, int64_t batch, int64_t n
 
 int parallel_threads() {
 #ifdef PYBLEND_HAS_OPENMP
-  return omp_get_max_threads();
+  return pyblend::parallel_allowed() ? omp_get_max_threads() : 1;
 #else
   return 1;
 #endif
@@ -113,7 +114,7 @@ py::tuple shortest_path_padded(const std::optional<Array<bool>>& adjacency,
   int32_t* rts = routes ? routes->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t at = b * n * n;
       pyblend::MoleculeBlock block{adj ? adj + at : nullptr, ids ? ids + at : nullptr, m ? m + b * n : nullptr,
@@ -143,7 +144,7 @@ py::tuple shortest_path_packed(const std::optional<Array<bool>>& adjacency,
   int32_t* rts = routes ? routes->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t at = off.pairs[b];
       const int64_t n = off.atoms[b + 1] - off.atoms[b];
@@ -166,7 +167,7 @@ Array<T> pair_distances_padded(const Array<T>& pos, const std::optional<Array<bo
   T* d = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       pyblend::molecule_pair_distances(p + b * n * 3, m ? m + b * n : nullptr, n, n, d + b * n * n);
     }
@@ -184,7 +185,7 @@ Array<T> pair_distances_packed(const Array<T>& pos, const Array<int32_t>& cu_seq
   T* d = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t n = off.atoms[b + 1] - off.atoms[b];
       pyblend::molecule_pair_distances(p + off.atoms[b] * 3, static_cast<const bool*>(nullptr), n, n,
@@ -224,6 +225,7 @@ Array<T> gaussian_basis(const Array<T>& distances, const Array<int64_t>& types, 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  pyblend::watch_forks();
   m.doc() = "pyblend's CPU engine: shortest paths, routes, pair distances and Gaussian-basis features.";
   m.def("shortest_path_padded", &shortest_path_padded, py::arg("adjacency"), py::arg("bond_ids"),
         py::arg("mask"), py::arg("max_hops"),
@@ -247,5 +249,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian_basis", &gaussian_basis<double>, py::arg("distances").noconvert(), py::arg("pair_types"),
         py::arg("means").noconvert(), py::arg("stds").noconvert(), py::arg("mul").noconvert(),
         py::arg("bias").noconvert());
-  m.def("num_threads", &parallel_threads, "OpenMP threads the engine uses (1 without OpenMP)");
+  m.def("num_threads", &parallel_threads, "OpenMP threads the engine uses (1 without OpenMP, and in a forked child)");
 }

@@ -1,6 +1,9 @@
 """Shortest paths and routes: every backend against networkx and against each other, exactly."""
 
+import os
 import re
+import subprocess
+import sys
 
 import networkx as nx
 import numpy as np
@@ -341,6 +344,43 @@ def test_padded_routes_on_meta_tensors_and_under_fullgraph():
                              fullgraph=True)
     for got, expected in zip(compiled(bond_ids, mask), ops.shortest_path_routes(bond_ids, mask, max_hops=3)):
         assert torch.equal(got, expected)
+
+
+FORK_AFTER_THREADS = """
+import os, sys
+import numpy as np
+from pyblend import _C, ops
+ids = np.full((64, 8, 8), -1, np.int32)
+for i in range(7):
+    ids[:, i, i + 1] = ids[:, i + 1, i] = i
+expected = ops.shortest_path_routes(ids, max_hops=3)[0]  # the parent's OpenMP team starts here
+positions = np.random.default_rng(0).normal(size=(64, 8, 3)).astype(np.float32)
+distances = ops.pair_distances(positions)
+pid = os.fork()
+if pid == 0:
+    same = np.array_equal(ops.shortest_path_routes(ids, max_hops=3)[0], expected) and \
+        np.array_equal(ops.pair_distances(positions), distances)
+    os._exit(0 if same and _C.num_threads() == 1 else 3)
+sys.exit(os.waitpid(pid, 0)[1] >> 8)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_the_engine_after_the_parent_did():
+    """libgomp is not fork-safe: once the parent had run an OpenMP team, a forked child (a fork Pool, a DataLoader
+    worker that sets more threads) waited forever at its first team's barrier. The engine now runs its loops on
+    the calling thread in a forked child."""
+    from pyblend._extension import extension_available
+
+    if not extension_available():
+        pytest.skip("pyblend._C is not built")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    try:
+        result = subprocess.run([sys.executable, "-c", FORK_AFTER_THREADS], env=env, capture_output=True,
+                                text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung in the engine")
+    assert result.returncode == 0, result.stderr
 
 
 HOPPER_COMPILE = """
