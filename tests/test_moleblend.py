@@ -502,6 +502,43 @@ def test_batch_fields_of_the_wrong_dtype_are_named(graphs, layout):
         model(batch, positions=batch.positions.nan_to_num().long())
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_one_atom_molecules_are_not_scored_by_the_denoising_loss(graphs, layout):
+    """A one-atom molecule with a conformer has no neighbour direction: its predicted noise is exactly 0, where
+    the cosine's gradient is ~1/eps (a gradient norm of 1e8 at the first step, which clipping turned into a step
+    that trained nothing). It is left out, as in the public criterion: the loss and its gradients are those of the
+    batch without it."""
+    model = _model(layers=1).double().eval()  # float64: the two batches' sums differ only in rounding
+    ethanol, methane = graphs[0], graphs[5]
+    assert methane.num_atoms == 1
+
+    def denoise(molecules):
+        batch = collate(molecules, layout=layout)
+        relations = model.build_relations(batch)
+        noise = torch.zeros(relations.positions.shape, dtype=relations.positions.dtype)
+        rows = (slice(0, ethanol.num_atoms),) if layout == "packed" else (0, slice(0, ethanol.num_atoms))
+        noise[rows] = torch.randn(ethanol.num_atoms, 3, generator=torch.Generator().manual_seed(3),
+                                  dtype=noise.dtype) * 0.2
+        part = model.relation_loss(relations, noise=noise)[1]["denoise"]
+        return part, torch.autograd.grad(part, list(model.atom_proc.parameters()))
+
+    alone, alone_grads = denoise([ethanol])
+    both, both_grads = denoise([ethanol, methane])
+    torch.testing.assert_close(both, alone)
+    for got, want in zip(both_grads, alone_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_denoising_scores_only_atoms_that_drew_the_3d_feature(graphs):
+    """With atom_feature_blend the public criterion scores the noise only at atoms that took the 3D atom feature;
+    every atom of a molecule with a conformer was scored. Drawing the degree embedding everywhere leaves none."""
+    model = _model(layers=1, atom_feature_blend=(1.0, 0.0)).train()
+    loss, parts = model.pretrain_loss(collate(graphs[:4]), generator=torch.Generator().manual_seed(0))
+    assert parts["denoise"].item() == 0.0
+    assert _model(layers=1, atom_feature_blend=(0.0, 1.0)).train().pretrain_loss(
+        collate(graphs[:4]), generator=torch.Generator().manual_seed(0))[1]["denoise"].item() > 0
+
+
 def test_transformer_m_converter_refuses_another_head_count_and_leaves_extra_layers_out():
     """A checkpoint of other heads passed the dim x dim layer shapes and misread the H x H edge matrices (or
     failed in a concatenation naming nothing); its layers past config.layers went into the result, unwarned."""

@@ -505,7 +505,7 @@ class MoleBlend(nn.Module):
         ``positions`` overrides the batch's (padded ``(B, N, 3)``; for a packed batch ``(T, 3)`` or padded
         ``(B, N, 3)``); ``generator`` draws the blend in training mode."""
         relations = self.build_relations(batch, positions)
-        x, _ = self._encode(relations, generator)
+        x, _, _ = self._encode(relations, generator)
         if relations.packed:
             return pad_atoms(x, relations.index.token_cu_seqlens, relations.max_seqlen + 1)
         # Padded rows leave each layer non-zero (LayerNorm and the feed-forward of a zero attention output).
@@ -517,7 +517,7 @@ class MoleBlend(nn.Module):
         """The virtual token's final row per molecule, ``(B, dim)``: ``model(batch)[:, 0]`` without padding a
         packed batch. Arguments as :meth:`forward`."""
         relations = self.build_relations(batch, positions)
-        x, _ = self._encode(relations, generator)
+        x, _, _ = self._encode(relations, generator)
         if relations.packed:
             return x[relations.index.token_cu_seqlens[:-1].long()]
         return x[:, 0]
@@ -563,8 +563,8 @@ class MoleBlend(nn.Module):
         takes_3d = (draw >= probs[0] / (probs[0] + probs[1])) & known
         return ~takes_3d, takes_3d
 
-    def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None]:
-        x, attention, geometry_bias = self.layer_inputs(relations, generator)
+    def _encode(self, relations: Relations, generator) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        x, attention, geometry_bias, drawn_3d = self._layer_inputs(relations, generator)
         mask = None if relations.packed else F.pad(relations.mask, (1, 0), value=True)
         row_molecules = None  # drop-path's token -> molecule map, made once for every layer
         if relations.packed and self.training and self.config.droppath > 0.0:
@@ -572,7 +572,7 @@ class MoleBlend(nn.Module):
         for depth, layer in enumerate(self.layers):
             with _checked_by_the_first_layer(depth):
                 x = layer(x, mask, row_molecules=row_molecules, **attention)
-        return x, geometry_bias
+        return x, geometry_bias, drawn_3d
 
     def layer_inputs(self, relations: Relations, generator: torch.Generator | None = None
                      ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None]:
@@ -583,12 +583,20 @@ class MoleBlend(nn.Module):
         ``(B, H, N, N)``. Packed: ``(T + B, dim)`` with each molecule's virtual token first, ``{"attn_bias" (H, P +
         2T + B), "rel_index" (P + 2T + B,), "rel_table", "cu_seqlens", "max_seqlen"}`` over those tokens, ``(H, P)``.
         """
+        return self._layer_inputs(relations, generator)[:3]
+
+    def _layer_inputs(self, relations: Relations, generator: torch.Generator | None
+                      ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None, Tensor | None]:
+        """:meth:`layer_inputs`, and the atoms drawn to take the 3D atom feature (training with
+        ``atom_feature_blend`` or ``blend_mode="molecule"``; else None: every atom of a molecule with a
+        conformer), padded ``(B, N)`` / packed ``(T,)``."""
         if relations.packed:
             return self._packed_layer_inputs(relations, generator)
         config = self.config
         mask = relations.mask
         choice = self.blender(mask, has_geometry=relations.has_geometry, generator=generator)
         with_degree, with_3d = self._atom_features(choice, relations, generator)
+        drawn_3d = with_3d  # as drawn: a default replaces None below
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)
         degree = self.degree_encoder((relations.spd == 1).sum(-1).clamp(max=config.max_degree))
         x = x + (degree if with_degree is None else torch.where(with_degree[..., None], degree, 0.0))
@@ -620,10 +628,10 @@ class MoleBlend(nn.Module):
         x = torch.cat([self.graph_token.weight.expand(len(x), 1, -1), x], dim=1)
         if self.emb_layer_norm is not None:
             x = self.emb_layer_norm(x)
-        return F.dropout(x, config.dropout, self.training), attention, geometry_bias
+        return F.dropout(x, config.dropout, self.training), attention, geometry_bias, drawn_3d
 
     def _packed_layer_inputs(self, relations: Relations, generator: torch.Generator | None
-                             ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None]:
+                             ) -> tuple[Tensor, dict[str, Tensor | int | None], Tensor | None, Tensor | None]:
         config, index = self.config, relations.index
         cu_seqlens, width = relations.cu_seqlens, relations.max_seqlen
         atoms = relations.atom_features.shape[0]
@@ -633,6 +641,7 @@ class MoleBlend(nn.Module):
         choice = self.blender(cu_seqlens=cu_seqlens, max_seqlen=width, has_geometry=known, generator=generator,
                               pairs=relations.spd.shape[0])
         with_degree, with_3d = self._atom_features(choice, relations, generator)
+        drawn_3d = with_3d  # as drawn: a default replaces None below
         x = self.atom_encoder(_rows(relations.atom_features, self.atom_offsets, self.atom_dims)).sum(dim=-2)  # (T, dim)
         neighbours = (relations.spd == 1).long()
         degree = torch.zeros(atoms, dtype=torch.long, device=x.device).index_add_(0, index.pair_row, neighbours)
@@ -670,7 +679,7 @@ class MoleBlend(nn.Module):
         x = self.graph_token.weight.expand(index.tokens, -1).index_copy(0, index.atom_slots, x)        # (T + B, dim)
         if self.emb_layer_norm is not None:
             x = self.emb_layer_norm(x)
-        return F.dropout(x, config.dropout, self.training), attention, geometry_bias
+        return F.dropout(x, config.dropout, self.training), attention, geometry_bias, drawn_3d
 
     def _bond_embeddings(self, relations: Relations) -> Tensor:
         """``(E, H)``: each bond's mean over its features of their embeddings."""
@@ -802,7 +811,7 @@ class MoleBlend(nn.Module):
         if clean is not None:
             relations.positions = clean + (noise if relations.packed else
                                            torch.where(relations.mask[..., None], noise, 0.0))
-        x, geometry_bias = self._encode(relations, generator)
+        x, geometry_bias, drawn_3d = self._encode(relations, generator)
         known = relations.has_geometry
         if relations.packed:
             index = relations.index
@@ -851,7 +860,13 @@ class MoleBlend(nn.Module):
             predicted = self.atom_proc(atoms, relations.positions, bias, **head_layout)
             wide = torch.promote_types(predicted.dtype, torch.float32)  # float64 models keep float64
             cosine = F.cosine_similarity(predicted.to(wide), noise.to(wide), dim=-1, eps=1e-8)
-            parts["denoise"] = _mean_where(1 - cosine, known_atoms)
+            # Scored, as in the public criterion: atoms whose prediction is not exactly 0 (a one-atom molecule has
+            # no neighbour direction to predict from, and the cosine's gradient there is ~1/eps: 1e8 at the first
+            # step), and with a per-atom draw of features, the atoms that took the 3D one.
+            scored = known_atoms & (predicted != 0).any(-1)
+            if drawn_3d is not None:
+                scored = scored & drawn_3d
+            parts["denoise"] = _mean_where(1 - cosine, scored)
         total = sum(config.loss_weights[name] * value for name, value in parts.items())
         return total, parts
 
@@ -931,11 +946,8 @@ def _checked_by_the_first_layer(depth: int):
 
 
 def _mean_where(values: Tensor, selected: Tensor) -> Tensor:
-    """The mean of ``values`` where the bool ``selected`` is True: ``values[selected].mean()``, or under
-    torch.compile (no data-dependent length) the masked sum over the count, 0 for an empty selection (eager mode
-    never takes one). The two differ only by the order of the additions."""
-    if not values_hidden(selected):
-        return values[selected].mean()
+    """The mean of ``values`` where the bool ``selected`` is True (NaN elsewhere is never read), 0 for an empty
+    selection: the masked sum over the count (no data-dependent length, for torch.compile)."""
     total = torch.where(selected, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
     return total / selected.sum().clamp(min=1).to(total.dtype)
 
