@@ -473,6 +473,22 @@ def test_config_refuses_values_it_used_to_take():
         _config(loss_weights={"spd": -1})
 
 
+def test_predictor_fine_tunes_without_the_blend_unless_asked(graphs_2d):
+    """In train() mode the encoder's blender kept drawing channels per pair (SPD or edge, never both on 2D data):
+    the public fine-tuning runs without blending. Dropout is off here, so train and eval agree exactly. (Two
+    layers: the virtual token's row after one reads only the atoms' embeddings, which no blend changes.)"""
+    batch = collate(graphs_2d)
+    predictor = MoleBlendPredictor(_model(), outputs=1).train()
+    assert predictor.training and not predictor.encoder.blender.training
+    first, second = predictor(batch), predictor(batch)
+    assert torch.equal(first, second) and torch.equal(first, predictor.eval()(batch))
+    blending = MoleBlendPredictor(_model(), outputs=1, blend=True).train()
+    assert blending.encoder.blender.training
+    assert not torch.equal(blending(batch), blending(batch))
+    with pytest.raises(TypeError, match="blend: expected a bool"):
+        MoleBlendPredictor(_model(layers=1), outputs=1, blend="no")
+
+
 def test_predictor_refuses_bad_heads_and_labels(graphs_2d):
     """outputs=0 made a head whose loss was always 0; labels of 2 or -1 went into binary cross-entropy and an inf
     label made the loss inf, all without a word."""

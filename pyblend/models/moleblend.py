@@ -885,9 +885,13 @@ class MoleBlendPredictor(nn.Module):
     The encoder's pretraining heads (``spd_head``, ``edge_head``, ``geometry_head``, ``atom_proc``) get no gradient
     here, nor do its 3D parameters (``gaussian``, ``atom_3d_proj``) on a 2D-only batch: under
     DistributedDataParallel pass ``find_unused_parameters=True`` (deleting the heads is not enough on 2D data).
+
+    ``blend``: keep the pretraining blend (each pair's channels, and any per-atom feature draw, drawn afresh at
+    every training step). Off by default, as the public fine-tuning runs without ``--blending``: the encoder's
+    blender then stays in eval mode through ``train()``, and every pair gets every channel it has.
     """
 
-    def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification"):
+    def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification", *, blend: bool = False):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"task: expected 'classification' or 'regression'; got {task!r}")
@@ -896,8 +900,16 @@ class MoleBlendPredictor(nn.Module):
         if isinstance(outputs, bool) or not isinstance(outputs, numbers.Integral) or outputs < 1:
             raise ValueError(f"outputs: expected a positive int (the number of tasks); got {outputs!r}")
         self.encoder, self.task = encoder, task
+        self.blend = check_flag(blend, "blend")
         self.norm = nn.LayerNorm(encoder.config.dim)
         self.head = nn.Linear(encoder.config.dim, outputs)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MoleBlendPredictor:
+        super().train(mode)
+        if not self.blend:
+            self.encoder.blender.train(False)  # as BatchNorm layers are kept in eval mode for fine-tuning
+        return self
 
     def forward(self, batch: MolBatch) -> Tensor:
         """``(B, outputs)`` logits (classification) or predictions (regression), padded or packed batch."""
