@@ -275,7 +275,7 @@ def test_the_interpreter_refuses_bfloat16(name):
     torch.set_default_dtype(torch.bfloat16)
     try:
         backend, call = _kernel_op_call(name)
-        with pytest.raises(ValueError, match=f"backend 'triton' cannot run these inputs: Triton's interpreter "
+        with pytest.raises(ValueError, match="backend 'triton' cannot run these inputs: Triton's interpreter "
                                              "computes bfloat16 wrongly"):
             call(lambda x: x, backend)
         out = call(lambda x: x, None)

@@ -275,7 +275,8 @@ def _validate(row, col, weight, bias, mask, cu_seqlens, max_seqlen) -> _Layout:
     if packed:
         check_mask(mask, (), cu_seqlens)
         if values_hidden(cu_seqlens):
-            max_seqlen = check_packed_form(cu_seqlens, max_seqlen)  # P: from a per-pair input, or read by the kernel's op
+            # P: from a per-pair input, or read by the kernel's op
+            max_seqlen = check_packed_form(cu_seqlens, max_seqlen)
             pairs = None
         else:
             host, max_seqlen, pairs = packed_layout(cu_seqlens, row.shape[0], max_seqlen)
