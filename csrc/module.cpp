@@ -9,10 +9,6 @@
 #include <string>
 #include <vector>
 
-#ifdef PYBLEND_HAS_OPENMP
-#include <omp.h>
-#endif
-
 #include "gaussian_basis.h"
 #include "parallel.h"
 #include "shortest_path.h"
@@ -69,14 +65,6 @@ void check_mask(const std::optional<Array<bool>>& mask, int64_t batch, int64_t n
   }
 }
 
-int parallel_threads() {
-#ifdef PYBLEND_HAS_OPENMP
-  return pyblend::parallel_allowed() ? omp_get_max_threads() : 1;
-#else
-  return 1;
-#endif
-}
-
 // Either a bool adjacency or an int32 bond-id matrix (routes need bond ids).
 struct GraphInput {
   std::optional<Array<bool>> adjacency;
@@ -114,7 +102,8 @@ py::tuple shortest_path_padded(const std::optional<Array<bool>>& adjacency,
   int32_t* rts = routes ? routes->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
+    const int64_t chunk = pyblend::molecule_chunk(batch);
+#pragma omp parallel for schedule(dynamic, chunk) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t at = b * n * n;
       pyblend::MoleculeBlock block{adj ? adj + at : nullptr, ids ? ids + at : nullptr, m ? m + b * n : nullptr,
@@ -144,7 +133,8 @@ py::tuple shortest_path_packed(const std::optional<Array<bool>>& adjacency,
   int32_t* rts = routes ? routes->mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
+    const int64_t chunk = pyblend::molecule_chunk(batch);
+#pragma omp parallel for schedule(dynamic, chunk) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t at = off.pairs[b];
       const int64_t n = off.atoms[b + 1] - off.atoms[b];
@@ -167,7 +157,8 @@ Array<T> pair_distances_padded(const Array<T>& pos, const std::optional<Array<bo
   T* d = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
+    const int64_t chunk = pyblend::molecule_chunk(batch);
+#pragma omp parallel for schedule(dynamic, chunk) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       pyblend::molecule_pair_distances(p + b * n * 3, m ? m + b * n : nullptr, n, n, d + b * n * n);
     }
@@ -185,7 +176,8 @@ Array<T> pair_distances_packed(const Array<T>& pos, const Array<int32_t>& cu_seq
   T* d = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic, 16) if (pyblend::parallel_allowed())
+    const int64_t chunk = pyblend::molecule_chunk(batch);
+#pragma omp parallel for schedule(dynamic, chunk) if (pyblend::parallel_allowed())
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t n = off.atoms[b + 1] - off.atoms[b];
       pyblend::molecule_pair_distances(p + off.atoms[b] * 3, static_cast<const bool*>(nullptr), n, n,
@@ -249,5 +241,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian_basis", &gaussian_basis<double>, py::arg("distances").noconvert(), py::arg("pair_types"),
         py::arg("means").noconvert(), py::arg("stds").noconvert(), py::arg("mul").noconvert(),
         py::arg("bias").noconvert());
-  m.def("num_threads", &parallel_threads, "OpenMP threads the engine uses (1 without OpenMP, and in a forked child)");
+  m.def("num_threads", &pyblend::num_threads, "OpenMP threads the engine uses (1 without OpenMP, and in a forked child)");
 }
