@@ -171,7 +171,7 @@ class LegoBlock(nn.Module):
         weight_sharing: one :class:`LegoLayer` shared by every step (True, the public code) or one per step.
         fft_dims: 2 (the paper: 2-D FFT over (l_c, l_d)) or 1 (the public code: over l_c).
         token_fft: attend to ``Re FFT`` of the tokens along the token axis (True, the public code) or to the raw
-            tokens.
+            tokens (False, the paper's eq. 3).
         normalize: L2-normalise the latent over its channels before each FFT (True).
         backend: passed to :func:`pyblend.ops.fourier_cross_attention` (None: automatic).
         device, dtype: where and how the parameters are created.
