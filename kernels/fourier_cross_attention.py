@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import tile_and_item, tiles_by_items
+
 LOG2E = 1.4426950408889634
 MAX_LATENT = 256  # C and D: one (BLOCK_C, D) register tile per row block
 
@@ -122,10 +124,10 @@ def _fca_fwd_kernel(
     FFT2: tl.constexpr, NORMALIZE: tl.constexpr, LATENT_NORM: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_FF: tl.constexpr, FF_NORM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DH: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_KD: tl.constexpr,
+    BLOCK_DH: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_KD: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid, b = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    b = b.to(tl.int64)
     rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     rows_in = rows < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -257,9 +259,10 @@ def _fca_out_kernel(
     l_ptr, u_ptr, rinv_ptr, out_ptr, C, D,
     FFT2: tl.constexpr, NORMALIZE: tl.constexpr, INVERSE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K2: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid, b = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    b = b.to(tl.int64)
     rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     rows_in = rows < C
     offs_d = tl.arange(0, BLOCK_D)
@@ -322,11 +325,11 @@ def _fca_bwd_dq_kernel(
     q_ptr, do_ptr, lse_ptr, delta_ptr, kv_ptr, mask_ptr, dq_ptr,
     C, N, heads, head_dim, qk_scale, scale, s_m_b, s_m_n,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
+    BLOCK_DH: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dQ for one tile of latent rows of one (sample, head): ``q``, ``do``, ``dq`` (B, C, H*Dh) float32."""
-    rows = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bh = tl.program_id(1)
+    row_tile, bh = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    rows = row_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     rows_in = rows < C
@@ -361,12 +364,12 @@ def _fca_bwd_dkv_kernel(
     q_ptr, do_ptr, lse_ptr, delta_ptr, kv_ptr, mask_ptr, dkv_ptr,
     C, N, heads, head_dim, qk_scale, scale, s_m_b, s_m_n,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DH: tl.constexpr,
+    BLOCK_DH: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dK and dV for one token tile of one (sample, head), looping over the latent rows; ``dkv (B, N, 2*H*Dh)``
     float32, exactly 0 at masked tokens."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(1)
+    token_tile, bh = tile_and_item(tl.cdiv(N, BLOCK_N), FLAT_GRID)
+    offs_n = token_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     offs_j = tl.arange(0, BLOCK_DH)
@@ -474,17 +477,18 @@ def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw,
     dummy = wq
     precision = _precision()
     config = launch_config("forward", channels, dim, head_dim, fft_dims)
-    grid = (triton.cdiv(channels, config["BLOCK_C"]), batch)
+    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
     _fca_fwd_kernel[grid](
         latent, kv, mask_arg, wq, wo, bo, lnw, lnb, fnw if has_ff else dummy, fnb if has_ff else dummy,
         w1 if has_ff else dummy, b1 if has_ff else dummy, w2 if has_ff else dummy, b2 if has_ff else dummy,
         u, o, lse, rinv, q, channels, dim, tokens, heads, head_dim, ffn, float(scale * LOG2E), float(eps),
         s_m[0], s_m[1], FFT2=fft_dims == 2, NORMALIZE=bool(normalize), LATENT_NORM=bool(latent_norm),
-        HAS_MASK=mask is not None, HAS_FF=has_ff, FF_NORM=bool(ff_norm), PRECISION=precision, **config)
+        HAS_MASK=mask is not None, HAS_FF=has_ff, FF_NORM=bool(ff_norm), PRECISION=precision, FLAT_GRID=flat,
+        **config)
     config = launch_config("out", channels, dim, head_dim, fft_dims)
-    grid = (triton.cdiv(channels, config["BLOCK_C"]), batch)
+    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
     _fca_out_kernel[grid](latent, u, rinv, out, channels, dim, FFT2=fft_dims == 2, NORMALIZE=bool(normalize),
-                          INVERSE=bool(inverse), PRECISION=precision, **config)
+                          INVERSE=bool(inverse), PRECISION=precision, FLAT_GRID=flat, **config)
     return out, u, o, lse, rinv, q
 
 
@@ -500,11 +504,12 @@ def fourier_cross_attention_attention_backward(q, do, lse, delta, kv, mask, head
     s_m = mask.stride() if mask is not None else (0, 0)
     common = (channels, tokens, heads, head_dim, float(scale * LOG2E), float(scale), s_m[0], s_m[1])
     config = launch_config("dq", channels, 0, head_dim, 2)
-    _fca_bwd_dq_kernel[(triton.cdiv(channels, config["BLOCK_C"]), batch * heads)](
-        q, do, lse, delta, kv, mask_arg, dq, *common, HAS_MASK=mask is not None, PRECISION=_precision(), **config)
+    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch * heads)
+    _fca_bwd_dq_kernel[grid](q, do, lse, delta, kv, mask_arg, dq, *common, HAS_MASK=mask is not None,
+                             PRECISION=_precision(), FLAT_GRID=flat, **config)
     if tokens:
         config = launch_config("dkv", channels, 0, head_dim, 2)
-        _fca_bwd_dkv_kernel[(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)](
-            q, do, lse, delta, kv, mask_arg, dkv, *common, HAS_MASK=mask is not None, PRECISION=_precision(),
-            **config)
+        grid, flat = tiles_by_items(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)
+        _fca_bwd_dkv_kernel[grid](q, do, lse, delta, kv, mask_arg, dkv, *common, HAS_MASK=mask is not None,
+                                  PRECISION=_precision(), FLAT_GRID=flat, **config)
     return dq, dkv

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import precision
+from .grid import tile_and_item, tiles_by_items
 
 
 @triton.jit
@@ -187,14 +188,16 @@ def _gaussian_basis_bias_fwd_kernel(
     s_pos_b, s_pos_a, s_pos_c, s_mask_b, s_mask_a, s_t_b, s_t_i, s_t_j, s_t_t, s_mul, s_add,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, TWO_TYPES: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KH: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    """Program (i tile, molecule b). ``plane`` is the per-head stride of ``out`` (N^2 padded, P packed).
+    """Program (i tile, molecule b) of a ``tiles_by_items`` grid. ``plane`` is the per-head stride of ``out``
+    (N^2 padded, P packed).
 
     Tiles are transposed, features x pairs (g is (BLOCK_K, BLOCK_P)): the per-pair vectors (indices, distances,
     types) then spread over the threads instead of being replicated in each thread's registers."""
-    b = tl.program_id(1).to(tl.int64)
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_I
+    tile, b = tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
+    b = b.to(tl.int64)
+    i0 = tile.to(tl.int64) * BLOCK_I
     start, count, first_pair = _molecule(b, cu_ptr, pairs_ptr, width, PACKED)
     if i0 < count:
         mu, inv_sigma, coef, _ = _gaussian_params(means_ptr, stds_ptr, num_kernels, std_eps, BLOCK_K)
@@ -367,13 +370,14 @@ def _gaussian_basis_bias_bwd_positions_kernel(
     pos_ptr, mask_ptr, types_ptr, cu_ptr, pairs_ptr, mul_ptr, dx_ptr, dmul_ptr, dpos_ptr, width,
     s_pos_b, s_pos_a, s_pos_c, s_mask_b, s_mask_a, s_t_b, s_t_i, s_t_j, s_t_t, s_mul,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, TWO_TYPES: tl.constexpr, BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    BLOCK_J: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """Program (i tile, molecule b), from the per-pair dx: ``dmul_pair_ij = dx_ij d_ij`` (into ``dmul``, laid
     out like ``dx``) and, with dd = dx * mul, ``dp_i = sum_j (dd_ij + dd_ji) (p_i - p_j) / d_ij`` (0 where
     d = 0, as torch's norm) into float32 ``dpos`` (contiguous, shaped like the positions; 0 at padded atoms)."""
-    b = tl.program_id(1).to(tl.int64)
-    i0 = tl.program_id(0).to(tl.int64) * BLOCK_I
+    tile, b = tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
+    b = b.to(tl.int64)
+    i0 = tile.to(tl.int64) * BLOCK_I
     start, count, first_pair = _molecule(b, cu_ptr, pairs_ptr, width, PACKED)
     if i0 < count:
         rows = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
@@ -516,12 +520,12 @@ def gaussian_basis_bias_forward(positions, pair_types, means, stds, mul, bias, w
     if problem.batch == 0 or problem.width == 0:
         return out.zero_(), feat.zero_()
     config = _launch_config("forward", problem.width, kernels, problem.hidden, heads, w1.dtype)
-    grid = (triton.cdiv(problem.width, config["BLOCK_I"]), problem.batch)
+    grid, flat = tiles_by_items(triton.cdiv(problem.width, config["BLOCK_I"]), problem.batch)
     _gaussian_basis_bias_fwd_kernel[grid](
         positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, means, stds, mul, bias,
         w1, b1, w2, b2, out, feat,
         problem.width, kernels, problem.hidden, heads, problem.plane, float(std_eps), *problem.strides,
-        **problem.flags(), **config)
+        FLAT_GRID=flat, **problem.flags(), **config)
     return out, feat
 
 
@@ -580,11 +584,11 @@ def gaussian_basis_bias_backward(dout, dfeat, positions, pair_types, means, stds
             w1, b1, w2, dout, mlp_partial, *common, *split["weights"][:2], *problem.strides, *s_do,
             **problem.flags(), **weights_config)
         positions_config = _launch_config("positions", problem.width, kernels, hidden, heads, w1.dtype)
-        grid = (triton.cdiv(problem.width, positions_config["BLOCK_I"]), problem.batch)
+        grid, flat = tiles_by_items(triton.cdiv(problem.width, positions_config["BLOCK_I"]), problem.batch)
         _gaussian_basis_bias_bwd_positions_kernel[grid](
             positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, mul, dx, dmul, dpos,
             problem.width, *problem.strides[:10], PACKED=problem.packed, HAS_MASK=problem.has_mask,
-            TWO_TYPES=problem.two_types, **positions_config)
+            TWO_TYPES=problem.two_types, FLAT_GRID=flat, **positions_config)
     dmu, dstds = gaussian_partial.sum(0)[:, :kernels]
     mlp = mlp_partial.sum(0)  # (chunks, row)
     dw1, dw2, db1, db2 = torch.split(mlp, [bc * bk, bh * bc, bc, bh], dim=1)

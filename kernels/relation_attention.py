@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import precision
+from .grid import tile_and_item, tiles_by_items
 
 # Relation ids handled per step of the table gradient's one-hot reduction.
 RELATION_CHUNK = 16
@@ -29,16 +30,19 @@ RELATION_CHUNK = 16
 
 @triton.jit
 def _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED: tl.constexpr):
-    """First token, length and first pair of molecule ``b``."""
+    """``(atoms, seqlen, pair_start)`` of molecule ``b``: the index of its rows in the per-atom tensors (int64, times
+    their molecule stride; packed: its first token, the launcher passing the token stride as the molecule stride,
+    so that a million tokens times a row stride do not wrap in 32 bits), its length and its first pair."""
     if PACKED:
-        start = tl.load(cu_seqlens_ptr + b)
-        seqlen = tl.load(cu_seqlens_ptr + b + 1) - start
+        first = tl.load(cu_seqlens_ptr + b)
+        seqlen = tl.load(cu_seqlens_ptr + b + 1) - first
+        atoms = first.to(tl.int64)
         pair_start = tl.load(pair_offsets_ptr + b)
     else:
-        start = 0
+        atoms = b
         seqlen = padded_len
         pair_start = 0
-    return start, seqlen, pair_start
+    return atoms, seqlen, pair_start
 
 
 @triton.jit
@@ -70,17 +74,19 @@ def _atom_mask(mask_ptr, b, positions, inside, s_m_b, s_m_n, HAS_MASK: tl.conste
 
 
 @triton.jit
-def _atom_offsets(b, h, tokens, offs_d, s_b, s_n, s_h, ALIGN: tl.constexpr):
-    """Offsets of a (tokens, D) tile of a per-atom tensor. Every row starts at a multiple of ALIGN elements (the
-    launcher checked the strides), which lets the compiler use 16-byte loads and stores when D is not a multiple
-    of 16 (D = 24: the per-head width of a 768-wide model with 32 heads)."""
-    starts = tl.multiple_of(b * s_b + tokens * s_n + h * s_h, ALIGN)
+def _atom_offsets(atoms, h, positions, offs_d, s_b, s_n, s_h, ALIGN: tl.constexpr):
+    """Offsets of a (positions, D) tile of a per-atom tensor: rows ``positions`` of the molecule whose rows start at
+    ``atoms * s_b`` (see :func:`_sequence`). Every row starts at a multiple of ALIGN elements (the launcher checked
+    the strides), which lets the compiler use 16-byte loads and stores when D is not a multiple of 16 (D = 24: the
+    per-head width of a 768-wide model with 32 heads)."""
+    # Positions within a molecule times the stride fit 32 bits (the launcher checked): the per-row math stays 32-bit.
+    starts = tl.multiple_of(atoms * s_b + positions * s_n + h * s_h, ALIGN)
     return starts[:, None] + offs_d[None, :]
 
 
 @triton.jit
-def _load_atoms(ptr, b, h, tokens, inside, offs_d, head_dim, s_b, s_n, s_h, ALIGN: tl.constexpr):
-    return tl.load(ptr + _atom_offsets(b, h, tokens, offs_d, s_b, s_n, s_h, ALIGN),
+def _load_atoms(ptr, atoms, h, positions, inside, offs_d, head_dim, s_b, s_n, s_h, ALIGN: tl.constexpr):
+    return tl.load(ptr + _atom_offsets(atoms, h, positions, offs_d, s_b, s_n, s_h, ALIGN),
                    mask=inside[:, None] & (offs_d[None, :] < head_dim), other=0.0)
 
 
@@ -144,18 +150,19 @@ def _relation_attention_fwd_kernel(
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, WRITE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
+    b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if tl.program_id(0) * BLOCK_M >= seqlen:
+    atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tile * BLOCK_M >= seqlen:
         return
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+    q = _load_atoms(q_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -164,8 +171,8 @@ def _relation_attention_fwd_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
-        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+        k = _load_atoms(k_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        v = _load_atoms(v_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         inside = rows_in[:, None] & cols_in[None, :]
         real = rows_real[:, None] & keys_real[None, :]
         s = _logits(q, k, rows, cols, real, b, h, pair_start, seqlen, scale,
@@ -195,20 +202,20 @@ def _relation_attention_fwd_kernel(
     if DROPOUT:
         out = out / (1.0 - dropout_p)
     out = tl.where(live[:, None], out, 0.0)
-    tl.store(out_ptr + _atom_offsets(b, h, start + rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
+    tl.store(out_ptr + _atom_offsets(atoms, h, rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
              out.to(out_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM))
     # The log-sum-exp in two planes, the row maximum and log l: summed in one float32, log l is lost against a
     # maximum of 1e9 (every logit of the row carrying a -1e9 bias) and the backward's probabilities all become 1.
     # +inf for dead rows: the backward's exp(s - max) is then 0 there.
-    row = lse_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h
+    row = lse_ptr + atoms * s_l_b + rows * s_l_n + h * s_l_h
     tl.store(row, tl.where(live, m_i, float("inf")), mask=rows_in)
     tl.store(row + s_l_plane, tl.where(live, tl.log(tl.where(live, l_i, 1.0)), 0.0), mask=rows_in)
 
 
 @triton.jit
-def _load_lse(lse_ptr, b, h, atoms, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane):
-    """The forward's row maximum and log normaliser of rows ``atoms`` (+inf and 0 off real rows)."""
-    row = lse_ptr + b * s_l_b + atoms * s_l_n + h * s_l_h
+def _load_lse(lse_ptr, atoms, h, rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane):
+    """The forward's row maximum and log normaliser of the molecule's rows ``rows`` (+inf and 0 off real rows)."""
+    row = lse_ptr + atoms * s_l_b + rows * s_l_n + h * s_l_h
     return (tl.load(row, mask=rows_real, other=float("inf")), tl.load(row + s_l_plane, mask=rows_real, other=0.0))
 
 
@@ -260,31 +267,32 @@ def _relation_attention_bwd_kv_kernel(
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, WRITE_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dK and dV for one key tile (``do``, ``dk``, ``dv`` share the contiguous strides ``s_o_*``). With
     WRITE_DBIAS the score gradient goes straight to a contiguous dBias of the bias's full shape and dtype."""
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_N), FLAT_GRID)
+    b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if tl.program_id(0) * BLOCK_N >= seqlen:
+    atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tile * BLOCK_N >= seqlen:
         return
     offs_d = tl.arange(0, BLOCK_D)
     cols_in = cols < seqlen
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
-    v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+    k = _load_atoms(k_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+    v = _load_atoms(v_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for row_start in range(0, seqlen, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         rows_in = rows < seqlen
         rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-        row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
-        delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
+        q = _load_atoms(q_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+        do = _load_atoms(do_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+        row_max, log_l = _load_lse(lse_ptr, atoms, h, rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
+        delta = tl.load(delta_ptr + atoms * s_l_b + rows * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
         inside = rows_in[:, None] & cols_in[None, :]
         p_dropped, ds = _score_gradient(
             q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
@@ -298,10 +306,10 @@ def _relation_attention_bwd_kv_kernel(
             tl.store(dbias_ptr + canonical, ds.to(dbias_ptr.dtype.element_ty), mask=inside)
         dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    atoms = _atom_offsets(b, h, start + cols, offs_d, s_o_b, s_o_n, s_o_h, ALIGN)
+    offsets = _atom_offsets(atoms, h, cols, offs_d, s_o_b, s_o_n, s_o_h, ALIGN)
     inside_d = cols_in[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dk_ptr + atoms, (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_d)
-    tl.store(dv_ptr + atoms, dv.to(dv_ptr.dtype.element_ty), mask=inside_d)
+    tl.store(dk_ptr + offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_d)
+    tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=inside_d)
 
 
 @triton.jit
@@ -314,32 +322,33 @@ def _relation_attention_bwd_q_kernel(
     padded_len, num_heads, HEAD_DIM: tl.constexpr, total_pairs, scale, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dQ for one query tile, summing over key tiles in order. Runs first: it also writes
     ``delta = rowsum(dO * O)`` (float32, laid out as one plane of lse) for the kernels after it."""
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
+    b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    if tl.program_id(0) * BLOCK_M >= seqlen:
+    atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tile * BLOCK_M >= seqlen:
         return
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = rows < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
-    q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-    do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-    out = _load_atoms(out_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-    row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
+    q = _load_atoms(q_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+    do = _load_atoms(do_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+    out = _load_atoms(out_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+    row_max, log_l = _load_lse(lse_ptr, atoms, h, rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    tl.store(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, delta, mask=rows_in)
+    tl.store(delta_ptr + atoms * s_l_b + rows * s_l_n + h * s_l_h, delta, mask=rows_in)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for col_start in range(0, seqlen, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         cols_in = cols < seqlen
         keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
-        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+        k = _load_atoms(k_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        v = _load_atoms(v_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         _, ds = _score_gradient(
             q, k, v, do, row_max, log_l, delta, rows, cols, rows_real, keys_real, b, h, pair_start, seqlen, scale,
             bias_ptr, s_bias_b, s_bias_h, s_bias_i, s_bias_j,
@@ -347,7 +356,7 @@ def _relation_attention_bwd_q_kernel(
             dlogits_ptr, num_heads, padded_len, total_pairs, dropout_p, seed,
             HAS_BIAS, HAS_TABLE, PACKED, DROPOUT, HAS_DLOGITS, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + _atom_offsets(b, h, start + rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
+    tl.store(dq_ptr + _atom_offsets(atoms, h, rows, offs_d, s_o_b, s_o_n, s_o_h, ALIGN),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows_in[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -365,22 +374,22 @@ def _tile_score_gradient(
     """dL/dS of molecule b, head h on the (rows, cols) tile, loading everything it needs (0 outside). Q K^T and
     dO V^T are summed over head-dimension slices of D_STEP (a divisor of BLOCK_D), so that only slices of the four
     per-atom tiles are live at once (float32 at D = 128: whole tiles spilled 5.5 KB)."""
-    start, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
     rows_in = rows < seqlen
     cols_in = cols < seqlen
     rows_real = _atom_mask(mask_ptr, b, rows, rows_in, s_m_b, s_m_n, HAS_MASK)
     keys_real = _atom_mask(mask_ptr, b, cols, cols_in, s_m_b, s_m_n, HAS_MASK)
-    row_max, log_l = _load_lse(lse_ptr, b, h, start + rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
-    delta = tl.load(delta_ptr + b * s_l_b + (start + rows) * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
+    row_max, log_l = _load_lse(lse_ptr, atoms, h, rows, rows_real, s_l_b, s_l_n, s_l_h, s_l_plane)
+    delta = tl.load(delta_ptr + atoms * s_l_b + rows * s_l_n + h * s_l_h, mask=rows_real, other=0.0)
     qk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d_start in range(0, BLOCK_D, D_STEP):
         offs_d = d_start + tl.arange(0, D_STEP)
-        q = _load_atoms(q_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
-        k = _load_atoms(k_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
+        q = _load_atoms(q_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_q_b, s_q_n, s_q_h, ALIGN)
+        k = _load_atoms(k_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_k_b, s_k_n, s_k_h, ALIGN)
         qk += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        do = _load_atoms(do_ptr, b, h, start + rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
-        v = _load_atoms(v_ptr, b, h, start + cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
+        do = _load_atoms(do_ptr, atoms, h, rows, rows_real, offs_d, HEAD_DIM, s_o_b, s_o_n, s_o_h, ALIGN)
+        v = _load_atoms(v_ptr, atoms, h, cols, keys_real, offs_d, HEAD_DIM, s_v_b, s_v_n, s_v_h, ALIGN)
         dp += tl.dot(do, tl.trans(v), input_precision=PRECISION)
     real = rows_real[:, None] & keys_real[None, :]
     s = _biased_logits(qk, rows, cols, real, b, h, pair_start, seqlen, scale,
@@ -407,12 +416,17 @@ def _relation_attention_bwd_bias_kernel(
     HAS_BIAS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    D_STEP: tl.constexpr,
+    D_STEP: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dBias of a broadcast bias: one program per (row tile, column tile, bias slice), summing the score
     gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
     output ``dbias`` has the bias's own shape, strides ``s_db_*`` (packed: ``(1, P)``)."""
-    slice_id = tl.program_id(2).to(tl.int64)
+    if FLAT_GRID:  # more than 65535 slices: (row tiles x slices, 1, column tiles)
+        row_tile, slice_id = tile_and_item(tl.cdiv(padded_len, BLOCK_M), True)
+        col_tile = tl.program_id(2)
+    else:  # (row tiles, column tiles, slices)
+        row_tile, col_tile, slice_id = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slice_id = slice_id.to(tl.int64)
     if SUM_HEADS:
         b_first = slice_id
         h_first = slice_id * 0
@@ -426,8 +440,8 @@ def _relation_attention_bwd_bias_kernel(
         batch_count = num_batch
     else:
         batch_count = 1
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(b_first, b_first + batch_count):
         for h in range(h_first, h_first + head_count):
@@ -442,7 +456,7 @@ def _relation_attention_bwd_bias_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, D_STEP)
             total += ds
     # The output slice is (b_first, h_first): 0 along a summed dimension, whose dbias stride is 0 anyway.
-    start, seqlen, pair_start = _sequence(b_first, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
+    _, seqlen, pair_start = _sequence(b_first, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
     inside = (rows < seqlen)[:, None] & (cols < seqlen)[None, :]
     offsets = _pair_offsets(rows, cols, b_first, h_first, pair_start, seqlen, s_db_b, s_db_h, s_db_i, s_db_j, PACKED)
     tl.store(dbias_ptr + offsets, total, mask=inside)
@@ -570,12 +584,22 @@ def _row_alignment(*strides: tuple[int, ...]) -> int:
     return math.gcd(common, 16) if common else 16
 
 
+def _within_int32_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (per-atom, atoms at dim -3), copied contiguous when a molecule's last row times the atom stride would
+    not fit 32 bits, as the kernels compute it (a sequence-first view ``(N, B, H, D).transpose(0, 1)`` of 2^31
+    elements or more); contiguous rows are ``H * D`` apart."""
+    if (width - 1) * abs(x.stride(-3)) < 2 ** 31:
+        return x
+    return x.contiguous()
+
+
 class _Problem:
     """Pointers, strides and flags shared by every kernel of one call."""
 
     def __init__(self, q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
         self.packed = cu_seqlens is not None
-        self.q, self.k, self.v = q, k, v
+        width = max_seqlen if self.packed else q.shape[1]
+        self.q, self.k, self.v = (_within_int32_rows(x, width) for x in (q, k, v))
         self.head_dim = q.shape[-1]
         self.num_heads = q.shape[-2]
         dummy = q.new_empty(1, dtype=torch.int32)  # a valid pointer for arguments a flag disables
@@ -586,7 +610,8 @@ class _Problem:
             self.pair_offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths * lengths, 0)])
             self.total_pairs = int(self.pair_offsets[-1]) if bias is None and rel_index is None else (
                 bias.shape[-1] if bias is not None else rel_index.shape[0])
-            atom_strides = lambda x: (0, x.stride(0), x.stride(1))  # noqa: E731
+            # The molecule stride is the token stride: kernels index a molecule's rows from its first token.
+            atom_strides = lambda x: (x.stride(0), x.stride(0), x.stride(1))  # noqa: E731
         else:
             self.batch, self.padded_len = q.shape[0], q.shape[1]
             self.pair_offsets = dummy
@@ -596,9 +621,9 @@ class _Problem:
         self.cu_seqlens = cu_seqlens.contiguous() if self.packed else dummy  # read at b and b + 1
         # out, grad_out, dq, dk, dv: contiguous with q's shape.
         row = self.num_heads * self.head_dim
-        self.contiguous_strides = (0 if self.packed else q.shape[1] * row, row, self.head_dim)
+        self.contiguous_strides = (row if self.packed else q.shape[1] * row, row, self.head_dim)
         lse_like = q.new_empty(q.shape[:-1], dtype=torch.float32)  # one plane of lse (and delta)
-        self.lse_strides = (0, lse_like.stride(0), lse_like.stride(1)) if self.packed else lse_like.stride()
+        self.lse_strides = (lse_like.stride(0), *lse_like.stride()) if self.packed else lse_like.stride()
         self.lse_strides += (lse_like.numel(),)
         self.bias = bias if bias is not None else dummy
         if bias is None:
@@ -622,7 +647,8 @@ class _Problem:
         self.scale, self.dropout_p, self.seed = float(scale), float(dropout_p), int(seed)
         self.flags = dict(HAS_BIAS=bias is not None, HAS_TABLE=rel_table is not None, HAS_MASK=mask is not None,
                           PACKED=self.packed, DROPOUT=dropout_p > 0.0, PRECISION=precision.dot_precision(q.dtype),
-                          ALIGN=_row_alignment(*(atom_strides(x) for x in (q, k, v)), self.contiguous_strides))
+                          ALIGN=_row_alignment(*(atom_strides(x) for x in (self.q, self.k, self.v)),
+                                               self.contiguous_strides))
         self.dummy = dummy
 
     def shared_arguments(self):
@@ -651,6 +677,7 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
     ``(B, H, N, N)`` / ``(H, P)`` in q's dtype when ``return_logits``, else an empty tensor.
     """
     problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    q, k, v = problem.q, problem.k, problem.v
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
     if return_logits:
@@ -661,9 +688,10 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
         logits = q.new_empty(0)
     if q.numel():
         config, tiles = problem.config("forward")
-        _relation_attention_fwd_kernel[(tiles, problem.batch, problem.num_heads)](
+        grid, flat = tiles_by_items(tiles, problem.batch, problem.num_heads)
+        _relation_attention_fwd_kernel[grid](
             q, k, v, out, lse, logits if return_logits else problem.dummy, *problem.shared_arguments(),
-            WRITE_LOGITS=return_logits, **problem.flags, **config)
+            WRITE_LOGITS=return_logits, FLAT_GRID=flat, **problem.flags, **config)
     return out, lse, logits
 
 
@@ -672,6 +700,7 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
     """Launch the backward. Returns ``(dq, dk, dv, dbias, dtable)``: dbias with the bias's shape (or None),
     dtable float32 ``(R, H)`` (or None). ``grad_logits`` (logits' shape) may be None."""
     problem = _Problem(q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    q, k, v = problem.q, problem.k, problem.v
     grad_out = grad_out.contiguous()
     delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
@@ -689,26 +718,32 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
         # Direct: one value per element, written once in the bias's dtype. Summed: float32, cast at the end.
         dbias = torch.empty(bias.shape, dtype=bias.dtype if direct else torch.float32, device=q.device)
     if not q.numel():
-        return dq, dk, dv, None if dbias is None else dbias.zero_(), (torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
-                                   if table_grad else None)
-    config, tiles = problem.config("gradients")
+        dtable = torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device) if table_grad else None
+        return dq, dk, dv, None if dbias is None else dbias.zero_(), dtable
+    config, _ = problem.config("gradients")
     q_config, q_tiles = problem.config("dq")
+    key_tiles = triton.cdiv(problem.padded_len, config["BLOCK_N"])
     common = (*problem.shared_arguments(),)
-    _relation_attention_bwd_q_kernel[(q_tiles, batch, heads)](
-        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, **flags, **q_config)
-    _relation_attention_bwd_kv_kernel[(tiles, batch, heads)](
+    grid, flat = tiles_by_items(q_tiles, batch, heads)
+    _relation_attention_bwd_q_kernel[grid](
+        q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, FLAT_GRID=flat, **flags, **q_config)
+    grid, flat = tiles_by_items(key_tiles, batch, heads)
+    _relation_attention_bwd_kv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
-        WRITE_DBIAS=bias_grad and direct, **flags, **config)
+        WRITE_DBIAS=bias_grad and direct, FLAT_GRID=flat, **flags, **config)
     if bias_grad and not direct:
         if problem.packed:
             slices, db_strides = batch, (0, 0, dbias.stride(1), dbias.stride(1))
         else:
             slices = (1 if sum_batch else batch) * (1 if sum_heads else heads)
             db_strides = tuple(s if n > 1 else 0 for s, n in zip(dbias.stride(), dbias.shape))
-        bias_config, bias_tiles = problem.config("bias")
-        _relation_attention_bwd_bias_kernel[(bias_tiles, bias_tiles, slices)](
+        bias_config, row_tiles = problem.config("bias")
+        column_tiles = triton.cdiv(problem.padded_len, bias_config["BLOCK_N"])
+        grid, flat = tiles_by_items(row_tiles, slices, column_tiles)
+        grid = grid if flat else (row_tiles, column_tiles, slices)
+        _relation_attention_bwd_bias_kernel[grid](
             q, k, v, grad_out, lse, delta, dbias, dlogits, *common, batch, *db_strides,
-            SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, **flags, **bias_config)
+            SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, FLAT_GRID=flat, **flags, **bias_config)
     if table_grad:
         groups = max(1, min(batch, 64))
         per_group = triton.cdiv(batch, groups)

@@ -15,14 +15,22 @@ HOPPER_SHARED_MEMORY_BYTES = 232448
 
 
 @contextlib.contextmanager
-def captured_launches():
+def captured_launches(grids: list | None = None):
     """Record every Triton launch as ``(kernel, args, kwargs)`` instead of running it, so a launcher can be
-    called on CPU tensors to see what it would compile on a GPU."""
+    called on CPU tensors to see what it would compile on a GPU. ``grids``: a list to which each launch's
+    ``(kernel name, grid)`` is appended (a callable grid resolved as Triton would)."""
     from triton.runtime.jit import JITFunction
 
     launches = []
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append((kernel, args, kwargs))
+        if grids is not None:
+            grid = grid(dict(zip(kernel.arg_names, args), **kwargs)) if callable(grid) else grid
+            grids.append((kernel.fn.__name__, tuple(grid)))
+
     run = JITFunction.run
-    JITFunction.run = lambda kernel, *args, grid, warmup, **kwargs: launches.append((kernel, args, kwargs))
+    JITFunction.run = record
     try:
         yield launches
     finally:

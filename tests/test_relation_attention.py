@@ -7,8 +7,11 @@ same computation done by PyTorch in that precision (flash-attn's rule).
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from pyblend import layout, ops, reference
+from pyblend.kernels.relation_attention import _atom_offsets, _sequence
 
 from allocations import Allocations
 from graphs import backend_device
@@ -414,6 +417,54 @@ def test_empty_batch(backend):
         out = ops.relation_attention(q, q, q, cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
                                      max_seqlen=0, backend=backend)
         assert out.shape == q.shape
+
+
+@triton.jit
+def _token_offsets_probe(out_ptr, cu_seqlens_ptr, pair_offsets_ptr, row_stride, BLOCK: tl.constexpr):
+    """Writes the offsets of rows 0 .. BLOCK-1 of packed molecule b = program id, as the kernels compute them."""
+    b = tl.program_id(0).to(tl.int64)
+    atoms, _, _ = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, BLOCK, True)
+    rows = tl.arange(0, BLOCK)
+    # Packed, the launcher passes the token stride as the molecule stride.
+    offsets = _atom_offsets(atoms, 0, rows, tl.arange(0, 1), row_stride, row_stride, 0, 1)
+    tl.store(out_ptr + b * BLOCK + rows[:, None], offsets)
+
+
+def test_packed_token_offsets_are_64_bit():
+    """Every per-atom load and store of the kernels goes through ``_sequence`` and ``_atom_offsets``: a packed
+    token index times the row stride must not wrap at 2^31 (a molecule starting at token 2^30, 768 elements a row:
+    it wrapped to offset 0, another molecule's rows)."""
+    where = device()
+    first = 2 ** 30
+    cu_seqlens = torch.tensor([0, first, first + 4], dtype=torch.int32, device=where)
+    pair_offsets = torch.zeros(3, dtype=torch.int64, device=where)
+    out = torch.zeros(2, 4, 1, dtype=torch.int64, device=where)
+    _token_offsets_probe[(2,)](out, cu_seqlens, pair_offsets, 768, BLOCK=4)
+    assert out[1, :, 0].tolist() == [row * 768 for row in range(first, first + 4)]
+
+
+def test_rows_too_far_apart_for_32_bits_are_copied_contiguous():
+    """Within a molecule the kernels compute row offsets in 32 bits; a view whose atom stride times the width
+    passes 2^31 (a sequence-first (N, B, H, D) view of 2^31+ elements) is copied contiguous first. (A stand-in
+    with those strides: the real view would take 4 GiB.)"""
+    from pyblend.kernels.relation_attention import _within_int32_rows
+
+    class View:
+        def __init__(self, atom_stride):
+            self.atom_stride = atom_stride
+
+        def stride(self, dim):
+            assert dim == -3
+            return self.atom_stride
+
+        def contiguous(self):
+            return "a contiguous copy"
+
+    contiguous = torch.empty(2, 5, 3, 8)
+    assert _within_int32_rows(contiguous, 5) is contiguous
+    sequence_first = View(2 ** 24 * 24)  # B = 2^24 molecules of 3 heads x 8
+    assert _within_int32_rows(sequence_first, 6) is sequence_first  # 5 * 2^24 * 24 < 2^31
+    assert _within_int32_rows(sequence_first, 7) == "a contiguous copy"  # 6 * 2^24 * 24 >= 2^31
 
 
 def test_noncontiguous_inputs(generator):
