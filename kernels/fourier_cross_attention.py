@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import tile_and_item, tiles_by_items
+from . import launch_grid
 
 LOG2E = 1.4426950408889634
 MAX_LATENT = 256  # C and D: one (BLOCK_C, D) register tile per row block
@@ -126,7 +126,7 @@ def _fca_fwd_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K2: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DH: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_KD: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    pid, b = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    pid, b = launch_grid.tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
     b = b.to(tl.int64)
     rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     rows_in = rows < C
@@ -261,7 +261,7 @@ def _fca_out_kernel(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K2: tl.constexpr,
     FLAT_GRID: tl.constexpr,
 ):
-    pid, b = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    pid, b = launch_grid.tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
     b = b.to(tl.int64)
     rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     rows_in = rows < C
@@ -328,7 +328,7 @@ def _fca_bwd_dq_kernel(
     BLOCK_DH: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dQ for one tile of latent rows of one (sample, head): ``q``, ``do``, ``dq`` (B, C, H*Dh) float32."""
-    row_tile, bh = tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
+    row_tile, bh = launch_grid.tile_and_item(tl.cdiv(C, BLOCK_C), FLAT_GRID)
     rows = row_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
@@ -368,7 +368,7 @@ def _fca_bwd_dkv_kernel(
 ):
     """dK and dV for one token tile of one (sample, head), looping over the latent rows; ``dkv (B, N, 2*H*Dh)``
     float32, exactly 0 at masked tokens."""
-    token_tile, bh = tile_and_item(tl.cdiv(N, BLOCK_N), FLAT_GRID)
+    token_tile, bh = launch_grid.tile_and_item(tl.cdiv(N, BLOCK_N), FLAT_GRID)
     offs_n = token_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
@@ -477,7 +477,7 @@ def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw,
     dummy = wq
     precision = _precision()
     config = launch_config("forward", channels, dim, head_dim, fft_dims)
-    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
+    grid, flat = launch_grid.tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
     _fca_fwd_kernel[grid](
         latent, kv, mask_arg, wq, wo, bo, lnw, lnb, fnw if has_ff else dummy, fnb if has_ff else dummy,
         w1 if has_ff else dummy, b1 if has_ff else dummy, w2 if has_ff else dummy, b2 if has_ff else dummy,
@@ -486,7 +486,7 @@ def fourier_cross_attention_forward(latent, kv, mask, wq, wo, bo, lnw, lnb, fnw,
         HAS_MASK=mask is not None, HAS_FF=has_ff, FF_NORM=bool(ff_norm), PRECISION=precision, FLAT_GRID=flat,
         **config)
     config = launch_config("out", channels, dim, head_dim, fft_dims)
-    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
+    grid, flat = launch_grid.tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch)
     _fca_out_kernel[grid](latent, u, rinv, out, channels, dim, FFT2=fft_dims == 2, NORMALIZE=bool(normalize),
                           INVERSE=bool(inverse), PRECISION=precision, FLAT_GRID=flat, **config)
     return out, u, o, lse, rinv, q
@@ -504,12 +504,12 @@ def fourier_cross_attention_attention_backward(q, do, lse, delta, kv, mask, head
     s_m = mask.stride() if mask is not None else (0, 0)
     common = (channels, tokens, heads, head_dim, float(scale * LOG2E), float(scale), s_m[0], s_m[1])
     config = launch_config("dq", channels, 0, head_dim, 2)
-    grid, flat = tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch * heads)
+    grid, flat = launch_grid.tiles_by_items(triton.cdiv(channels, config["BLOCK_C"]), batch * heads)
     _fca_bwd_dq_kernel[grid](q, do, lse, delta, kv, mask_arg, dq, *common, HAS_MASK=mask is not None,
                              PRECISION=_precision(), FLAT_GRID=flat, **config)
     if tokens:
         config = launch_config("dkv", channels, 0, head_dim, 2)
-        grid, flat = tiles_by_items(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)
+        grid, flat = launch_grid.tiles_by_items(triton.cdiv(tokens, config["BLOCK_N"]), batch * heads)
         _fca_bwd_dkv_kernel[grid](q, do, lse, delta, kv, mask_arg, dkv, *common, HAS_MASK=mask is not None,
                                   PRECISION=_precision(), FLAT_GRID=flat, **config)
     return dq, dkv

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import precision
-from .grid import tile_and_item, tiles_by_items
+from . import launch_grid
 
 
 @triton.jit
@@ -190,12 +190,12 @@ def _gaussian_basis_bias_fwd_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KH: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    """Program (i tile, molecule b) of a ``tiles_by_items`` grid. ``plane`` is the per-head stride of ``out``
-    (N^2 padded, P packed).
+    """Program (i tile, molecule b) of a ``launch_grid.tiles_by_items`` grid. ``plane`` is the per-head stride of
+    ``out`` (N^2 padded, P packed).
 
     Tiles are transposed, features x pairs (g is (BLOCK_K, BLOCK_P)): the per-pair vectors (indices, distances,
     types) then spread over the threads instead of being replicated in each thread's registers."""
-    tile, b = tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
+    tile, b = launch_grid.tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
     b = b.to(tl.int64)
     i0 = tile.to(tl.int64) * BLOCK_I
     start, count, first_pair = _molecule(b, cu_ptr, pairs_ptr, width, PACKED)
@@ -375,7 +375,7 @@ def _gaussian_basis_bias_bwd_positions_kernel(
     """Program (i tile, molecule b), from the per-pair dx: ``dmul_pair_ij = dx_ij d_ij`` (into ``dmul``, laid
     out like ``dx``) and, with dd = dx * mul, ``dp_i = sum_j (dd_ij + dd_ji) (p_i - p_j) / d_ij`` (0 where
     d = 0, as torch's norm) into float32 ``dpos`` (contiguous, shaped like the positions; 0 at padded atoms)."""
-    tile, b = tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
+    tile, b = launch_grid.tile_and_item(tl.cdiv(width, BLOCK_I), FLAT_GRID)
     b = b.to(tl.int64)
     i0 = tile.to(tl.int64) * BLOCK_I
     start, count, first_pair = _molecule(b, cu_ptr, pairs_ptr, width, PACKED)
@@ -520,7 +520,7 @@ def gaussian_basis_bias_forward(positions, pair_types, means, stds, mul, bias, w
     if problem.batch == 0 or problem.width == 0:
         return out.zero_(), feat.zero_()
     config = _launch_config("forward", problem.width, kernels, problem.hidden, heads, w1.dtype)
-    grid, flat = tiles_by_items(triton.cdiv(problem.width, config["BLOCK_I"]), problem.batch)
+    grid, flat = launch_grid.tiles_by_items(triton.cdiv(problem.width, config["BLOCK_I"]), problem.batch)
     _gaussian_basis_bias_fwd_kernel[grid](
         positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, means, stds, mul, bias,
         w1, b1, w2, b2, out, feat,
@@ -584,7 +584,8 @@ def gaussian_basis_bias_backward(dout, dfeat, positions, pair_types, means, stds
             w1, b1, w2, dout, mlp_partial, *common, *split["weights"][:2], *problem.strides, *s_do,
             **problem.flags(), **weights_config)
         positions_config = _launch_config("positions", problem.width, kernels, hidden, heads, w1.dtype)
-        grid, flat = tiles_by_items(triton.cdiv(problem.width, positions_config["BLOCK_I"]), problem.batch)
+        tiles = triton.cdiv(problem.width, positions_config["BLOCK_I"])
+        grid, flat = launch_grid.tiles_by_items(tiles, problem.batch)
         _gaussian_basis_bias_bwd_positions_kernel[grid](
             positions, problem.mask, pair_types, problem.cu, problem.pair_offsets, mul, dx, dmul, dpos,
             problem.width, *problem.strides[:10], PACKED=problem.packed, HAS_MASK=problem.has_mask,

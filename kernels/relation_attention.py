@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import precision
-from .grid import tile_and_item, tiles_by_items
+from . import launch_grid
 
 # Relation ids handled per step of the table gradient's one-hot reduction.
 RELATION_CHUNK = 16
@@ -152,7 +152,7 @@ def _relation_attention_fwd_kernel(
     DROPOUT: tl.constexpr, WRITE_LOGITS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
-    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
+    tile, b = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
     b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -271,7 +271,7 @@ def _relation_attention_bwd_kv_kernel(
 ):
     """dK and dV for one key tile (``do``, ``dk``, ``dv`` share the contiguous strides ``s_o_*``). With
     WRITE_DBIAS the score gradient goes straight to a contiguous dBias of the bias's full shape and dtype."""
-    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_N), FLAT_GRID)
+    tile, b = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_N), FLAT_GRID)
     b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -326,7 +326,7 @@ def _relation_attention_bwd_q_kernel(
 ):
     """dQ for one query tile, summing over key tiles in order. Runs first: it also writes
     ``delta = rowsum(dO * O)`` (float32, laid out as one plane of lse) for the kernels after it."""
-    tile, b = tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
+    tile, b = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
     b = b.to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     atoms, seqlen, pair_start = _sequence(b, cu_seqlens_ptr, pair_offsets_ptr, padded_len, PACKED)
@@ -422,7 +422,7 @@ def _relation_attention_bwd_bias_kernel(
     gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
     output ``dbias`` has the bias's own shape, strides ``s_db_*`` (packed: ``(1, P)``)."""
     if FLAT_GRID:  # more than 65535 slices: (row tiles x slices, 1, column tiles)
-        row_tile, slice_id = tile_and_item(tl.cdiv(padded_len, BLOCK_M), True)
+        row_tile, slice_id = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_M), True)
         col_tile = tl.program_id(2)
     else:  # (row tiles, column tiles, slices)
         row_tile, col_tile, slice_id = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -688,7 +688,7 @@ def relation_attention_forward(q, k, v, bias, rel_index, rel_table, mask, cu_seq
         logits = q.new_empty(0)
     if q.numel():
         config, tiles = problem.config("forward")
-        grid, flat = tiles_by_items(tiles, problem.batch, problem.num_heads)
+        grid, flat = launch_grid.tiles_by_items(tiles, problem.batch, problem.num_heads)
         _relation_attention_fwd_kernel[grid](
             q, k, v, out, lse, logits if return_logits else problem.dummy, *problem.shared_arguments(),
             WRITE_LOGITS=return_logits, FLAT_GRID=flat, **problem.flags, **config)
@@ -724,10 +724,10 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
     q_config, q_tiles = problem.config("dq")
     key_tiles = triton.cdiv(problem.padded_len, config["BLOCK_N"])
     common = (*problem.shared_arguments(),)
-    grid, flat = tiles_by_items(q_tiles, batch, heads)
+    grid, flat = launch_grid.tiles_by_items(q_tiles, batch, heads)
     _relation_attention_bwd_q_kernel[grid](
         q, k, v, grad_out, lse, delta, dq, dlogits, out, *common, FLAT_GRID=flat, **flags, **q_config)
-    grid, flat = tiles_by_items(key_tiles, batch, heads)
+    grid, flat = launch_grid.tiles_by_items(key_tiles, batch, heads)
     _relation_attention_bwd_kv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv, dbias if bias_grad and direct else problem.dummy, dlogits, *common,
         WRITE_DBIAS=bias_grad and direct, FLAT_GRID=flat, **flags, **config)
@@ -739,7 +739,7 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
             db_strides = tuple(s if n > 1 else 0 for s, n in zip(dbias.stride(), dbias.shape))
         bias_config, row_tiles = problem.config("bias")
         column_tiles = triton.cdiv(problem.padded_len, bias_config["BLOCK_N"])
-        grid, flat = tiles_by_items(row_tiles, slices, column_tiles)
+        grid, flat = launch_grid.tiles_by_items(row_tiles, slices, column_tiles)
         grid = grid if flat else (row_tiles, column_tiles, slices)
         _relation_attention_bwd_bias_kernel[grid](
             q, k, v, grad_out, lse, delta, dbias, dlogits, *common, batch, *db_strides,
