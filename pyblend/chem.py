@@ -45,7 +45,7 @@ from .features import (ATOM_FEATURE_DIMS, ATOM_FEATURE_NAMES, BOND_FEATURE_DIMS,
 __all__ = [
     "ATOM_FEATURE_DIMS", "ATOM_FEATURE_NAMES", "BOND_FEATURE_DIMS", "BOND_FEATURE_NAMES", "DEFAULT_MOLECULES_PATH",
     "Failure", "MolGraph", "MoleculeTable", "default_molecules", "featurize", "featurize_many", "read_csv",
-    "read_sdf",
+    "read_sdf", "smiles_of_line",
 ]
 
 
@@ -254,7 +254,7 @@ def featurize(mol_or_smiles, *, conformer: bool = False, hydrogens: bool = False
     Args:
         mol_or_smiles: a SMILES string (CXSMILES extensions after a space are allowed, a trailing name is not) or
             an ``rdkit.Chem.Mol``, which is copied and never modified. All fragments are kept (salts stay whole).
-        conformer: generate 3D coordinates with ETKDGv3 (``randomSeed=seed``), embedded with explicit hydrogens,
+        conformer: generate 3D coordinates with ETKDGv3 (seeded by ``seed``), embedded with explicit hydrogens,
             then optimised with MMFF94 (RDKit's default 200 iterations) when MMFF has parameters for every atom
             (``conformer_source`` tells which). The fragments of a salt or mixture, which ETKDG embeds on top of
             each other, are first set side by side (``FRAGMENT_GAP`` apart) for MMFF to relax together.
@@ -263,7 +263,8 @@ def featurize(mol_or_smiles, *, conformer: bool = False, hydrogens: bool = False
             such as isotopic ``[2H]``); other hydrogens only count in the ``total_hydrogens`` feature.
             True: every hydrogen is an atom (``Chem.AddHs``: the molecule's atoms keep their order and the added
             hydrogens follow; for a Mol with a 3D conformer they are placed from its coordinates).
-        seed: non-negative int, the ETKDG random seed; the same seed gives the same coordinates.
+        seed: int in ``[0, 2**31 - 1)``, the ETKDG random seed; the same seed gives the same coordinates, and
+            different seeds different ones (RDKit runs ``seed + 1``: it reads a seed of 0 as 1).
 
     Returns:
         a :class:`MolGraph`.
@@ -291,8 +292,8 @@ def _check_options(caller: str, conformer, hydrogens, seed) -> None:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{caller}: seed must be an int, got {type(seed).__name__} {seed!r}")
     # RDKit reads a negative randomSeed as "seed from the clock", which would break reproducibility.
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"{caller}: seed must be in [0, 2**31), got {seed}")
+    if not 0 <= seed < 2**31 - 1:
+        raise ValueError(f"{caller}: seed must be in [0, 2**31 - 1), got {seed}")
 
 
 def _describe_input(mol_or_smiles) -> str:
@@ -366,6 +367,13 @@ def _parse_smiles(text: str):
     """Parse and sanitise a SMILES with RDKit's defaults, or raise _InvalidMolecule with RDKit's reason."""
     if not text.strip():
         raise _InvalidMolecule("empty SMILES")
+    smiles = text.split(None, 1)[0]
+    if not smiles.isascii():
+        # RDKit drops a trailing run of non-ASCII characters ("CCN’", a zero-width space, "°" pasted along) and
+        # parses what is left as a smaller molecule.
+        position, character = next((i, c) for i, c in enumerate(smiles) if not c.isascii())
+        raise _InvalidMolecule(f"non-ASCII character {character!r} at position {position}: SMILES are ASCII "
+                               f"(RDKit drops them at the end of a SMILES and reads a smaller molecule)")
     mol = Chem.MolFromSmiles(text)
     if mol is None:
         # Failures are rare, so only then pay for a second parse that records RDKit's reason.
@@ -411,6 +419,15 @@ def _prepare_input_mol(mol):
     except Exception as error:  # RDKit's MolSanitizeException family carries the reason in its message
         raise _InvalidMolecule(f"RDKit could not sanitise the Mol: {error}") from None
     conformer_id = next((conformer.GetId() for conformer in mol.GetConformers() if _is_geometry(conformer)), None)
+    if not mol.HasProp("_StereochemDone"):
+        # A Mol read with sanitize=False has had no stereo perception, which RDKit's readers run after
+        # sanitising: its chirality tags (from 3D, or none) and E/Z bonds would differ from the same molecule
+        # read normally. Perceived here as they would be.
+        with _rdkit_step("assign stereochemistry"):
+            if conformer_id is not None:
+                Chem.AssignStereochemistryFrom3D(mol, confId=conformer_id)
+            else:
+                Chem.AssignStereochemistry(mol, cleanIt=True, force=True)
     if conformer_id is None:
         mol.RemoveAllConformers()
     return mol, conformer_id
@@ -441,11 +458,16 @@ def _generate_conformer(mol, hydrogens: bool, seed: int):
     with _rdkit_step("add hydrogens for embedding"):
         embedded = Chem.Mol(mol) if hydrogens else Chem.AddHs(mol)
     params = rdDistGeom.ETKDGv3()
-    params.randomSeed = int(seed)
+    params.randomSeed = int(seed) + 1  # RDKit's generator takes a seed of 0 as 1: seeds 0 and 1 gave one conformer
     with _rdkit_step("embed the molecule in 3D"):
         embedded_id = rdDistGeom.EmbedMolecule(embedded, params)
+        if embedded_id < 0:
+            # Past ~200 atoms (hydrogens counted) the eigenvalue start fails where random starting coordinates,
+            # RDKit's advice for large molecules, embed (C70H142: 212 atoms).
+            params.useRandomCoords = True
+            embedded_id = rdDistGeom.EmbedMolecule(embedded, params)
     if embedded_id < 0:
-        raise _InvalidMolecule(f"3D embedding failed (RDKit ETKDGv3, seed {seed}, "
+        raise _InvalidMolecule(f"3D embedding failed (RDKit ETKDGv3, seed {seed}, also from random coordinates; "
                                f"{embedded.GetNumAtoms()} atoms with hydrogens)")
     fragments = Chem.GetMolFrags(embedded)
     if len(fragments) > 1:
@@ -453,7 +475,8 @@ def _generate_conformer(mol, hydrogens: bool, seed: int):
     source = "etkdg"
     with _rdkit_step("optimise the conformer with MMFF94"):
         if rdForceFieldHelpers.MMFFHasAllMoleculeParams(embedded):
-            rdForceFieldHelpers.MMFFOptimizeMolecule(embedded, confId=embedded_id)
+            # RDKit leaves out the forces between fragments by default: a salt's ions stayed where they were set.
+            rdForceFieldHelpers.MMFFOptimizeMolecule(embedded, confId=embedded_id, ignoreInterfragInteractions=False)
             source = "etkdg+mmff"
     positions = embedded.GetConformer(embedded_id).GetPositions()[: mol.GetNumAtoms()]
     return positions.astype(np.float32), source
@@ -664,13 +687,39 @@ def default_molecules(limit: int | None = None) -> list[str]:
         for line in lines:
             if limit is not None and len(smiles) >= limit:
                 break
-            fields = line.split()
-            if fields:
-                smiles.append(fields[0])
+            text = smiles_of_line(line)
+            if text:
+                smiles.append(text)
     return smiles
 
 
+def smiles_of_line(line: str) -> str:
+    """The SMILES of a ``.smi`` line ("SMILES [name ...]"; "" for a blank line), with a CXSMILES extension that
+    follows it ("SMILES |...| name") kept: :func:`featurize` reads it (radicals, coordinate bonds, ring stereo),
+    and cutting at the first space would change the molecule."""
+    fields = line.split(None, 1)
+    if not fields:
+        return ""
+    if len(fields) == 2 and fields[1].startswith("|"):
+        end = fields[1].find("|", 1)
+        if end > 0:
+            return f"{fields[0]} {fields[1][:end + 1]}"
+    return fields[0]
+
+
 _SMILES_HEADERS = ("smiles", "mol")
+
+
+def _first_undecodable_line(path: str, compressed: bool):
+    """``(line number, error)`` of the first line of ``path`` that is not UTF-8: the CSV reader decodes in chunks,
+    so its own line count lags behind the bad byte."""
+    with (gzip.open if compressed else open)(path, "rb") as raw:
+        for number, line in enumerate(raw, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, error
+    return "unknown", "a multi-byte character cut at the end of the file"
 
 
 def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str] | str | None = None
@@ -701,11 +750,12 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
         reader = csv.reader(text)
         try:
             for row in reader:
-                if row:
+                if any(cell.strip() for cell in row):  # a line of spaces is blank too
                     rows.append(row)
                     lines.append(reader.line_num)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"read_csv: {path} is not UTF-8 text (after line {reader.line_num}): {error}") from None
+        except UnicodeDecodeError:
+            line, error = _first_undecodable_line(path, compressed)
+            raise ValueError(f"read_csv: {path} is not UTF-8 text (line {line}): {error}") from None
     if not rows:
         raise ValueError(f"read_csv: {path} is empty (expected a header row)")
     header, body, lines = [name.strip() for name in rows[0]], rows[1:], lines[1:]

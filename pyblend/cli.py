@@ -33,8 +33,8 @@ def _featurize(argv) -> int:
     elif suffix.endswith((".sdf", ".sdf.gz")):
         items = chem.read_sdf(args.input)
     else:
-        with open(args.input) as lines:
-            items = [line.split()[0] for line in lines if line.strip()]
+        with open(args.input, encoding="utf-8-sig") as lines:
+            items = [smiles for smiles in map(chem.smiles_of_line, lines) if smiles]
     graphs, failures = chem.featurize_many(items, errors="skip", workers=args.workers, labels=labels,
                                            conformer=args.conformer, hydrogens=args.hydrogens)
     torch.save(graphs, args.output)

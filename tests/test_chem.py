@@ -14,7 +14,7 @@ import pytest
 
 Chem = pytest.importorskip("rdkit.Chem", reason="pyblend.chem needs RDKit")
 from rdkit import RDConfig, rdBase  # noqa: E402
-from rdkit.Chem import rdDistGeom  # noqa: E402
+from rdkit.Chem import AllChem, rdDistGeom  # noqa: E402
 
 from pyblend import chem  # noqa: E402
 from pyblend.chem import (  # noqa: E402
@@ -222,6 +222,10 @@ def test_matches_reference_and_rdkit_bonds_on_nci(nci_smiles):
     ("", "empty SMILES"),
     ("   ", "empty SMILES"),
     ("CCO ethanol", "whitespace inside the SMILES"),
+    # RDKit drops a trailing run of non-ASCII characters: these parsed as benzene, CCN and CCO.
+    ("c1ccccc1\u00d6", "non-ASCII character '\u00d6' at position 8"),
+    ("CCN\u2019", "non-ASCII character"),
+    ("CCO\u200b", "non-ASCII character '\\u200b'"),
 ])
 def test_invalid_smiles_raise_with_input_and_reason(smiles, rdkit_reason):
     with pytest.raises(ValueError) as error:
@@ -263,6 +267,37 @@ def test_reason_without_rdkit_log_comes_from_sanitisation(monkeypatch):
 def test_cxsmiles_extension_is_accepted():
     graph = featurize("C[C@H](F)Cl |&1:1|")
     assert graph.num_atoms == 4
+
+
+def test_smiles_of_a_smi_line_keeps_its_cxsmiles_extension():
+    """Cutting a .smi line at its first space dropped the extension: a radical, ring stereo, lost."""
+    assert chem.smiles_of_line("CC |^1:1| ethyl\n") == "CC |^1:1|"
+    assert chem.smiles_of_line("CCO ethanol 42\n") == "CCO"
+    assert chem.smiles_of_line("  \n") == ""
+    radical = featurize(chem.smiles_of_line("CC |^1:1| ethyl"))
+    assert radical.atom_features[:, ATOM_FEATURE_NAMES.index("radical_electrons")].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("smiles", ["F/C=C/F", "C[C@H](N)O", "C/C=C\\C[C@@H](Cl)F"])
+def test_an_unsanitised_mol_gets_the_features_of_the_sanitised_one(smiles):
+    """A Mol read with sanitize=False has had no stereo perception: its E/Z bonds and chirality tags were lost (or,
+    read from a 3D SDF, every CH3 got a tag)."""
+    expected = featurize(smiles)
+    got = featurize(Chem.MolFromSmiles(smiles, sanitize=False))
+    assert np.array_equal(got.atom_features, expected.atom_features)
+    assert np.array_equal(got.bond_features, expected.bond_features)
+
+
+def test_an_unsanitised_3d_sdf_record_gets_the_features_of_the_sanitised_one(tmp_path):
+    mol = Chem.AddHs(Chem.MolFromSmiles("C/C=C/[C@@H](N)C(=O)O"))
+    AllChem.EmbedMolecule(mol, randomSeed=3)
+    path = tmp_path / "one.sdf"
+    path.write_text(Chem.MolToMolBlock(mol) + "$$$$\n")
+    sanitised = featurize(next(iter(Chem.SDMolSupplier(str(path), removeHs=False))))
+    unsanitised = featurize(next(iter(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False))))
+    assert np.array_equal(unsanitised.atom_features, sanitised.atom_features)
+    assert np.array_equal(unsanitised.bond_features, sanitised.bond_features)
+    assert np.array_equal(unsanitised.positions, sanitised.positions)
 
 
 @pytest.mark.parametrize("value", [42, b"CCO", None, ["CCO"]])
@@ -348,6 +383,9 @@ def test_conformer_is_deterministic_per_seed_and_keeps_heavy_coordinates():
     other = featurize(PARACETAMOL, conformer=True, seed=8)
     assert np.array_equal(first.positions, again.positions)
     assert not np.allclose(first.positions, other.positions, atol=1e-2)
+    # RDKit reads a seed of 0 as 1: seeds 0 and 1 gave one conformer.
+    zero, one = (featurize(PARACETAMOL, conformer=True, seed=seed).positions for seed in (0, 1))
+    assert not np.allclose(zero, one, atol=1e-2)
     # The same hydrogen-complete molecule is embedded either way; hydrogens=False keeps its heavy-atom rows.
     with_h = featurize(PARACETAMOL, conformer=True, hydrogens=True, seed=7)
     assert np.array_equal(with_h.positions[:first.num_atoms], first.positions)
@@ -367,6 +405,23 @@ def test_fragments_of_a_salt_or_mixture_do_not_overlap(smiles):
     assert between.min() > 1.5, between.min()
     lengths = bond_lengths(graph)
     assert ((lengths > 0.9) & (lengths < 2.0)).all(), lengths
+
+
+def test_mmff_relaxes_the_fragments_together():
+    """RDKit's MMFF leaves out the forces between fragments unless asked: the ions of a salt stayed exactly
+    FRAGMENT_GAP apart, where they were set."""
+    positions = featurize("[Na+].[Cl-]", conformer=True).positions
+    distance = float(np.linalg.norm(positions[0] - positions[1]))
+    assert 2.0 < distance < chem.FRAGMENT_GAP - 0.3, distance
+
+
+def test_a_large_molecule_embeds_from_random_coordinates():
+    """C70H142 (212 atoms with hydrogens): ETKDG's default start fails past ~200 atoms; RDKit's advice for large
+    molecules, random starting coordinates, embeds it."""
+    graph = featurize("C" * 70, conformer=True)
+    assert graph.conformer_source == "etkdg+mmff"
+    lengths = bond_lengths(graph)
+    assert ((lengths > 1.4) & (lengths < 1.7)).all(), lengths
 
 
 def test_embedding_failure_is_reported():
@@ -805,8 +860,17 @@ def test_read_csv_errors(tmp_path):
         read_csv(tmp_path / "missing.csv")
     latin = tmp_path / "latin.csv"
     latin.write_bytes("smiles,name\nCCO,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8 text \(line 2\)"):
         read_csv(latin)
+    # The line of the bad byte, not of where the reader's decoded chunk ended ("after line 0").
+    late = tmp_path / "late.csv"
+    late.write_bytes(b"smiles,y\n" + b"CCO,1\n" * 5000 + b"CC\xff,1\n")
+    with pytest.raises(ValueError, match=r"late.csv is not UTF-8 text \(line 5002\)"):
+        read_csv(late)
+    # A line of spaces is blank, not a row of one cell.
+    spaces = tmp_path / "spaces.csv"
+    spaces.write_text("smiles,y\nCCO,1\n   \n")
+    assert read_csv(spaces).smiles == ["CCO"]
 
 
 def test_read_csv_refuses_ambiguous_columns_and_grouped_digits(tmp_path):

@@ -122,15 +122,17 @@ def test_cli_usage():
 
 def test_cli_featurize(tmp_path):
     source = tmp_path / "molecules.smi"
-    source.write_text("CCO first\nnot_a_smiles second\nc1ccccc1 third\n")
+    # A UTF-8 byte-order mark, and a CXSMILES extension (a radical) that must reach featurize with its SMILES.
+    source.write_bytes("\ufeffCCO first\nnot_a_smiles second\nc1ccccc1 third\nCC |^1:1| ethyl\n".encode())
     result = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(source), str(tmp_path / "out.pt")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "skipped input 1 (not_a_smiles)" in result.stderr and "2 molecules written" in result.stderr
+    assert "skipped input 1 (not_a_smiles)" in result.stderr and "3 molecules written" in result.stderr
     import torch
 
     graphs = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert [g.smiles for g in graphs] == ["CCO", "c1ccccc1"]
+    assert [g.smiles for g in graphs] == ["CCO", "c1ccccc1", "CC |^1:1|"]
+    assert graphs[2].atom_features[:, 5].tolist() == [0, 1]  # radical electrons
 
 
 def test_cli_featurize_reads_suffixes_in_any_case_and_fails_when_nothing_is_written(tmp_path):
