@@ -95,7 +95,8 @@ def build_case(batch: int, channels: int, dim: int, tokens: int, width: int, dty
     else:
         skipped[TRITON] = "needs a CUDA device"
     candidates[EAGER] = _provider(reference.fourier_cross_attention, problem, heads, backward)
-    candidates[COMPILED] = _provider(torch.compile(reference.fourier_cross_attention), problem, heads, backward)
+    compiled = torch.compile(reference.fourier_cross_attention, dynamic=False)
+    candidates[COMPILED] = _provider(compiled, problem, heads, backward)
     ran, failed, results = first_runs(candidates, device, required=TRITON)
     providers.update(ran)
     skipped.update(failed)
@@ -151,5 +152,9 @@ def cases(context) -> Iterator[Case]:
         shapes += [] if context.quick else [(shape, False) for shape in SWEEP]
         for shape, paper in shapes:
             if context.wants(ENTRY, case_name(*shape, torch.bfloat16, backward)):
+                # The previous case's compiled reference is done with; without the reset (and dynamic=False), this
+                # case's shapes recompiled it for dynamic shapes, and its times depended on the cases' order.
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
                 yield build_case(*shape, torch.bfloat16, context.device, backward=backward,
                                  targets=[(TRITON, EAGER, 3.0)] if paper else [], time_budget_s=budget)

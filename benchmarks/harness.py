@@ -357,8 +357,19 @@ def _throughput_fields(case: Case, provider: str, median_ms: float, device: torc
     return fields
 
 
+def _not_timed(provider: str, by_provider: dict[str, dict], metric: str) -> str:
+    """Why ``provider`` has no usable ``metric`` in this case's rows."""
+    row = by_provider.get(provider)
+    if row is None:
+        return f"{provider} did not run"
+    if row["status"] != "ok":
+        return f"{provider} {row['status']}: {row.get('reason', row.get('error', ''))}"
+    return f"{provider} has no {metric}" if row.get(metric) is None else f"{provider}'s {metric} is 0"
+
+
 def _apply_targets(case: Case, rows: list[dict]) -> None:
     ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    by_provider = {r["provider"]: r for r in rows}
     for target in case.targets:
         provider, over, ratio = target[:3]
         kind = target[3] if len(target) > 3 else "time"
@@ -366,6 +377,15 @@ def _apply_targets(case: Case, rows: list[dict]) -> None:
         metric = "median_ms" if kind == "time" else "peak_memory_bytes"
         values = {name: ok[name][metric] for name in candidates if name in ok and ok[name].get(metric) is not None}
         if provider not in ok or ok[provider].get(metric) in (None, 0) or not values:
+            # Said in the row and the summary: a target that silently vanished read as one nobody had set.
+            reason = (_not_timed(provider, by_provider, metric) if provider not in ok or ok[provider].get(metric)
+                      in (None, 0) else "; ".join(_not_timed(name, by_provider, metric) for name in candidates))
+            missed = {"over": over if isinstance(over, str) else candidates, "at_least": ratio, "reason": reason}
+            if kind != "time":
+                missed["kind"] = kind
+            holder = by_provider.get(provider, rows[0] if rows else None)
+            if holder is not None:
+                holder.setdefault("targets_not_evaluated", []).append({"provider": provider, **missed})
             continue
         best = min(values, key=values.get)
         measured = values[best] / ok[provider][metric]
@@ -422,6 +442,17 @@ def run_case(case: Case, device: torch.device, log: Callable[[str], None] = prin
     return rows
 
 
+# The provider of the row that records a case whose construction raised (the case's own providers never ran).
+BUILD_PROVIDER = "(building the case)"
+
+
+def build_failure_row(entry: str, case: str, error: BaseException, device: torch.device) -> dict:
+    """The row of a case whose construction raised (a broken required kernel, out of memory while allocating its
+    tensors): status "wrong", as a provider that raises, so that the case is reported and measured again later."""
+    return {"entry": entry, "case": case, "provider": BUILD_PROVIDER, "status": "wrong",
+            "error": f"raised while built: {short_error(error)}", "config": {}, **_environment(device)}
+
+
 def _release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -433,9 +464,14 @@ def _key(row: dict) -> tuple:
 
 
 def record(rows: list[dict], path: Path) -> None:
-    """Merge ``rows`` into the JSON list at ``path``: a new row replaces an old one with the same key. The file is
+    """Merge ``rows`` into the JSON list at ``path``: a new row replaces an old one with the same key, and a case's
+    new rows replace its build-failure row (:func:`build_failure_row`), which has a key of its own. The file is
     replaced whole (written beside it, then renamed), so a run killed while writing leaves the previous rows."""
     old = json.loads(path.read_text()) if path.exists() else []
+    # A failure to build that a later call got past would otherwise mark the case wrong for good.
+    rebuilt = {(row["entry"], row["case"], row["device"]) for row in rows if row["provider"] != BUILD_PROVIDER}
+    old = [row for row in old
+           if not (row["provider"] == BUILD_PROVIDER and (row["entry"], row["case"], row["device"]) in rebuilt)]
     merged = {_key(row): row for row in old}
     merged.update({_key(row): row for row in rows})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,17 +482,29 @@ def record(rows: list[dict], path: Path) -> None:
 
 def recorded_cases(path: Path) -> frozenset:
     """The (entry, case) pairs that the results JSON at ``path`` holds a finished measurement of: some provider
-    timed and none wrong (a case with a wrong provider is measured again)."""
+    timed, none wrong (a case with a wrong provider, or that failed to build, is measured again) and, on a GPU, no
+    pyblend provider skipped (out of memory, say: the case's targets were not evaluated). A ValueError names a
+    file that is not a list of result rows."""
     if not path.exists():
         return frozenset()
-    timed, wrong = set(), set()
-    for row in json.loads(path.read_text()):
-        key = (row["entry"], row["case"])
-        if row["status"] == "ok":
-            timed.add(key)
-        elif row["status"] == "wrong":
-            wrong.add(key)
-    return frozenset(timed - wrong)
+    timed, unfinished = set(), set()
+    try:
+        rows = json.loads(path.read_text())
+        for row in rows:
+            key = (row["entry"], row["case"])
+            if row["status"] == "ok":
+                timed.add(key)
+            elif row["status"] == "wrong" or (row["status"] == "skipped" and _pyblend_skipped_on_a_gpu(row)):
+                unfinished.add(key)
+    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: expected a JSON list of result rows; {type(error).__name__}: {error}") from None
+    return frozenset(timed - unfinished)
+
+
+def _pyblend_skipped_on_a_gpu(row: dict) -> bool:
+    # On the CPU the Triton providers are skipped by design ("needs a CUDA device"); on a GPU a skipped pyblend
+    # provider is the measurement the case exists for, missing.
+    return row["provider"].startswith("pyblend") and row.get("device_type") == "cuda"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -494,6 +542,11 @@ def format_targets(rows: list[dict]) -> str:
             else:
                 claim = f"is {target['measured']:.1f}x {over}"
             lines.append(f"{row['case']}: {row['provider']} {claim} (target >= {target['at_least']:g}x): {verdict}")
+        for target in row.get("targets_not_evaluated", []):
+            over = target["over"] if isinstance(target["over"], str) else f"the best of {len(target['over'])}"
+            claim = "less peak memory than" if target.get("kind") == "memory" else "faster than"
+            lines.append(f"{row['case']}: {target['provider']} {target['at_least']:g}x {claim} {over}: "
+                         f"target not evaluated: {target['reason']}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from . import (
 )
 from .harness import (
     RESULTS_DIR,
+    build_failure_row,
     device_name,
     device_slug,
     format_table,
@@ -41,6 +42,7 @@ from .harness import (
     record,
     recorded_cases,
     run_case,
+    short_error,
 )
 
 ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "gaussian_basis": bench_gaussian_basis,
@@ -50,17 +52,29 @@ ENTRIES = {"featurize": bench_featurize, "shortest_path": bench_shortest_path, "
            "fourier_cross_attention": bench_fourier_cross_attention, "moleblend": bench_moleblend}
 
 
+RECORDED = "recorded in an earlier run"  # why Context.wants leaves out a case --skip-recorded found
+
+
 class Context:
     """What entries share: the device, the time budget, which cases to run, and the default molecule set
     featurized once."""
 
     def __init__(self, device: torch.device, quick: bool, molecules: int | None = None, cases: str | None = None,
-                 deadline: float | None = None, recorded: frozenset = frozenset()):
+                 deadline: float | None = None, recorded: frozenset = frozenset(), end: float | None = None):
         self.device = device
         self.cases = cases  # --cases
         self.deadline = deadline  # a time.perf_counter() value after which no case is started (None: no limit)
+        # A time.perf_counter() value by which cases should have ended (None: none): a case is not started when the
+        # last case of its entry in this call took longer than what is left.
+        self.end = end
         self.recorded = recorded  # (entry, case) pairs to leave out (--skip-recorded)
         self.not_started: dict[tuple[str, str], str] = {}  # (entry, case) -> why it was left out
+        # (entry, case) pairs run, or that failed to build, in this call: an entry started again after a case failed
+        # to build, or a later item of the lease's plan, does not build them again.
+        self.done: set[tuple[str, str]] = set()
+        self.durations: dict[str, float] = {}  # entry -> seconds its last case took in this call, build included
+        self.building: tuple[str, str, float] | None = None  # (entry, case, start) let through, not yielded yet
+        self.running: tuple[str, str] | None = None  # the case being measured
         # (entry, case) pairs --cases keeps, run or not: none means the pattern matches nothing, which is an error,
         # while cases left out as recorded or late did match.
         self.matched: set[tuple[str, str]] = set()
@@ -76,12 +90,21 @@ class Context:
         if not name_selected(name, self.cases):
             return False
         self.matched.add((entry, name))
-        if (entry, name) in self.recorded:
-            self.not_started[(entry, name)] = "recorded in an earlier run"
+        if (entry, name) in self.done:
             return False
-        if self.deadline is not None and time.perf_counter() >= self.deadline:
+        if (entry, name) in self.recorded:
+            self.not_started[(entry, name)] = RECORDED
+            return False
+        now = time.perf_counter()
+        if self.deadline is not None and now >= self.deadline:
             self.not_started[(entry, name)] = "deadline"
             return False
+        expected = self.durations.get(entry)
+        if self.end is not None and expected is not None and now + expected > self.end:
+            self.not_started[(entry, name)] = (f"would not end in time: the last {entry} case took {expected:.0f} s, "
+                                               f"{max(0.0, self.end - now):.0f} s were left")
+            return False
+        self.building = (entry, name, now)
         return True
 
     @lru_cache(maxsize=None)
@@ -133,28 +156,59 @@ def selected_entries(text: str, option: str = "--entries") -> list[str]:
     return chosen
 
 
-def run_entries(names: list[str], context: Context, results: Path | None = None, log=print
-                ) -> tuple[list[dict], list[str]]:
+def run_entries(names: list[str], context: Context, results: Path | None = None, log=print,
+                rows: list[dict] | None = None, failed: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Run the cases of the entries ``names`` that ``context`` wants, in order; with ``results``, merge each
     case's rows into that JSON as soon as the case ends (a run cut short keeps every finished case). Returns
-    ``(rows, failures)``: an entry that raises is one failure line and the next entry still runs."""
-    rows, failed = [], []
+    ``(rows, failures)``, also appended to ``rows`` and ``failed`` when given (a caller cut short by an exception
+    keeps what finished): an entry that raises is one failure line and the next entry still runs. A case whose
+    construction raises (the case ``context.wants`` let through last) is one "wrong" row instead, and its entry
+    goes on with its other cases."""
+    rows = [] if rows is None else rows
+    failed = [] if failed is None else failed
     for name in names:
         started = time.perf_counter()
-        try:
-            for case in ENTRIES[name].cases(context):
-                if not name_selected(case.name, context.cases):
-                    continue
-                context.matched.add((name, case.name))  # an entry may not ask context.wants
-                log(f"{name}: {case.name}")
-                case_rows = run_case(case, context.device, log=log)
-                del case  # its tensors go before the next case is built (two big cases may not fit at once)
-                rows += case_rows
-                if results is not None and case_rows:
-                    record(case_rows, results)
-        except Exception as error:  # one broken entry must not hide the others' results
-            traceback.print_exc()
-            failed.append(f"{name}: {type(error).__name__}: {error}")
+        # The entry's generator ends with an exception raised inside it: after a case that failed to build, the
+        # entry starts again, and context.done keeps the cases already handled from being built again.
+        while True:
+            context.building = None
+            try:
+                for case in ENTRIES[name].cases(context):
+                    building, context.building = context.building, None
+                    if not name_selected(case.name, context.cases):
+                        continue
+                    key = (name, case.name)
+                    context.matched.add(key)  # an entry may not ask context.wants
+                    begun = building[2] if building is not None and building[:2] == key else time.perf_counter()
+                    context.running = key
+                    log(f"{name}: {case.name}")
+                    case_rows = run_case(case, context.device, log=log)
+                    del case  # its tensors go before the next case is built (two big cases may not fit at once)
+                    context.running = None
+                    context.done.add(key)
+                    context.durations[name] = time.perf_counter() - begun
+                    rows += case_rows
+                    if results is not None and case_rows:
+                        record(case_rows, results)
+            except Exception as error:  # one broken entry must not hide the others' results
+                traceback.print_exc()
+                context.running = None
+                building, context.building = context.building, None
+                if building is None or building[0] != name:
+                    failed.append(f"{name}: {type(error).__name__}: {error}")
+                    break
+                case_name = building[1]
+                log(f"  {case_name}: RAISED while built, not measured: {short_error(error)}")
+                context.done.add((name, case_name))
+                context.durations[name] = time.perf_counter() - building[2]
+                row = build_failure_row(name, case_name, error, context.device)
+                rows.append(row)
+                if results is not None:
+                    record([row], results)
+            else:
+                break
+            if context.device.type == "cuda":  # out of the except clause: its traceback held the case's tensors
+                torch.cuda.empty_cache()
         log(f"{name}: done in {time.perf_counter() - started:.1f} s")
     return rows, failed
 

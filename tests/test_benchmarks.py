@@ -396,9 +396,33 @@ def test_relation_attention_check_rejects_a_wrong_gradient():
     out, dq, dk, dv, dbias = case.providers[bench.EAGER]()
     with pytest.raises(AssertionError, match="dk: relative error"):
         case.check(bench.EAGER, (out, dq, dk * 1.1, dv, dbias))
-    raised = bench._guarded(lambda: 1 / 0)()
-    with pytest.raises(AssertionError, match="ZeroDivisionError"):
-        case.check(bench.EAGER, raised)
+
+
+def test_relation_attention_pyblend_provider_that_raises_once_checked_is_not_timed():
+    """A pyblend provider passing its check and raising on later calls (out of memory on the timed calls, say) used
+    to be timed as an instant success (its wrapper returned the exception), and looked capturable to the CUDA-graph
+    timing, whose probe needs the call to raise: it raises, and its row is wrong."""
+    from pyblend import reference
+    from pyblend.benchmarks import bench_relation_attention as bench
+
+    calls = []
+
+    def attention(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated: out of memory on a later call")
+        return reference.relation_attention(*args, **kwargs)
+
+    problem = bench.Problem([7, 3, 11], 2, 16, torch.float32, torch.device("cpu"), True)
+    case = bench.build_case(problem, "dry", attention=attention, peers=(bench.EAGER,), time_budget_s=0.01)
+    case.providers = {name: case.providers[name] for name in (bench.TRITON_PACKED, bench.EAGER)}
+    rows = {row["provider"]: row for row in run_case(case, torch.device("cpu"), log=lambda line: None)}
+    assert rows[bench.TRITON_PACKED]["status"] == "wrong", rows[bench.TRITON_PACKED]
+    assert rows[bench.TRITON_PACKED]["error"] == "raised while timed: RuntimeError: simulated: out of memory on a " \
+                                                 "later call"
+    assert rows[bench.EAGER]["status"] == "ok" and rows[bench.EAGER]["speedup_over"] == {}
+    with pytest.raises(RuntimeError, match="simulated"):
+        case.providers[bench.TRITON_PACKED]()
 
 
 def test_relation_attention_entry_end_to_end(tmp_path):
@@ -474,6 +498,43 @@ def test_gated_fusion_check_rejects_a_wrong_gradient():
     result[4] = result[4] * 1.01  # d(gate_logits) off by 1%
     with pytest.raises(AssertionError, match="dgate_logits"):
         case.check(bench_gated_fusion.EAGER, result)
+
+
+def test_compiled_references_are_compiled_afresh_for_each_gpu_case(monkeypatch):
+    """Each GPU case of gated fusion, InfoNCE and the LegoBlock step compiled the same reference function again with
+    dynamo's state of the previous case: the second shape was compiled for dynamic shapes, so a case's time
+    depended on the cases run before it. Now dynamo is reset before each case is built, and compiles static
+    shapes, as relation attention, outer product and path edge bias do."""
+    import torch._dynamo
+
+    from pyblend.benchmarks import bench_fourier_cross_attention, bench_gated_fusion, bench_multi_infonce, run
+
+    class EveryCase(run.Context):
+        def __init__(self):
+            super().__init__(torch.device("cuda"), quick=False)
+
+        def wants(self, entry, name):
+            return True
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    for bench in (bench_gated_fusion, bench_multi_infonce, bench_fourier_cross_attention):
+        resets.clear()
+        built = []
+        monkeypatch.setattr(bench, "build_case", lambda *args, **kwargs: built.append(len(resets)))
+        list(bench.cases(EveryCase()))
+        assert len(built) > 1 and built == list(range(1, len(built) + 1)), (bench.ENTRY, built)
+        monkeypatch.undo()
+        monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    cpu = torch.device("cpu")
+    bench_gated_fusion.build_case(8, 4, torch.float32, cpu, triton=False)
+    bench_multi_infonce.build_case(8, 2, 4, torch.float32, cpu, triton=False)
+    bench_fourier_cross_attention.build_case(*bench_fourier_cross_attention.CPU_SHAPE, torch.float32, cpu, heads=2,
+                                             head_dim=8, triton=False)
+    assert compiled == [{"dynamic": False}] * 3, compiled
 
 
 def test_moleblend_step_on_the_kernels_matches_the_reference_model():
@@ -823,7 +884,7 @@ def test_lease_runs_its_plan_within_the_budget_and_resumes(tmp_path, monkeypatch
         {"entry": "toy", "case": "c", "provider": "p", "status": "ok", "device": "earlier", "config": {},
          "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0}]))
     out = tmp_path / "out"
-    options = ["--out", str(out), "--tests", "none", "--reserve-s", "1.0"]
+    options = ["--out", str(out), "--tests", "none", "--reserve-s", "1.0", "--allow-cpu"]
     # The first item ends within budget - reserve (59 s), so the slow one begins, which then outlasts it.
     assert lease.main([*options, "--budget-s", "60"]) == 0
     assert sorted(row["case"] for row in json.loads((out / f"{slug}.json").read_text())) == ["a", "c", "s"]
@@ -856,25 +917,236 @@ def test_lease_refuses_a_budget_it_could_not_keep(tmp_path, monkeypatch, capsys)
             (["--out", str(tmp_path / "file")],
              f"--out: expected a folder that exists or can be made; got '{tmp_path / 'file'}'")]:
         with pytest.raises(SystemExit) as exit_info:
-            lease.main([*options, "--tests", "none"])
+            lease.main([*options, "--tests", "none", "--allow-cpu"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, options
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
 def test_lease_tests_step_reports_and_stops(tmp_path, monkeypatch):
+    """Tests still running near the step's limit get SIGINT first: pytest then names the failures so far and writes
+    its XML (killed outright, it left neither); a test that ignores SIGINT is killed at the limit, its workers too."""
+    import os
+    import time
+
     from pyblend.benchmarks import lease
 
     folder = tmp_path / "tests"
     folder.mkdir()
     (folder / "test_toy.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                        "def test_wrong():\n    assert False\n\n"
                                         "def test_slow():\n    time.sleep(60)\n")
     monkeypatch.setattr(lease, "TESTS", folder)
-    (tmp_path / "out").mkdir()
-    summary = lease.run_tests("all", tmp_path / "out", limit_s=20)
-    assert summary.startswith("STOPPED after 20 s"), summary
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = lease.run_tests("all", out, limit_s=16)
+    assert summary.startswith("STOPPED after 8 s (interrupted): 1 failed, 1 passed"), summary
+    assert "FAILED" in (out / "tests.log").read_text() and 'name="test_wrong"' in (out / "tests.xml").read_text()
+
+    (folder / "test_toy.py").write_text("import os, signal, time\n\ndef test_deaf():\n"
+                                        f"    open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
+                                        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n    time.sleep(60)\n")
+    monkeypatch.setattr(lease, "TESTS_STOP_S", 2.0)
+    summary = lease.run_tests("all", out, limit_s=10)
+    assert summary.startswith("STOPPED after 8 s (killed: still running 2 s after SIGINT)"), summary
+    pid = int((tmp_path / "pid").read_text())
+    for _ in range(50):  # the orphaned worker is reaped by init, soon
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the test process {pid} outlived the stop")
+
     (folder / "test_toy.py").write_text("def test_quick():\n    pass\n\ndef test_wrong():\n    assert False\n")
-    summary = lease.run_tests("all", tmp_path / "out", limit_s=60)
+    summary = lease.run_tests("all", out, limit_s=60)
     assert summary.startswith("exit 1: 1 failed, 1 passed"), summary
+
+
+def failing_build_entry(built: list):
+    """A benchmark entry whose case "target" raises while it is built (a broken kernel that the case requires, or
+    out of memory allocating its tensors); ``built`` lists the cases it began building."""
+    import types
+
+    def cases(context):
+        for name in ("target", "other1", "other2"):
+            if context.wants("toy", name):
+                built.append(name)
+                if name == "target":
+                    raise RuntimeError("simulated: Triton compile error while building 'target'")
+                yield Case(entry="toy", name=name, providers={"p": lambda: 4}, check=lambda provider, output: None,
+                           units=1, unit="items", time_budget_s=0.0)
+    return types.SimpleNamespace(cases=cases)
+
+
+def test_a_case_that_fails_to_build_is_recorded_and_its_entry_goes_on(tmp_path, monkeypatch, capsys):
+    """It used to end its entry with no row: the entry's other cases were never measured, and each later plan item
+    (and call) built the same broken case first. Now it is one wrong row, built once a call, and the entry goes on;
+    a later call that builds it replaces that row."""
+    from pyblend.benchmarks import lease, run
+    from pyblend.benchmarks.harness import BUILD_PROVIDER, recorded_cases
+
+    built = []
+    monkeypatch.setattr(run, "ENTRIES", {"toy": failing_build_entry(built)})
+    monkeypatch.setattr(lease, "PLAN", [("toy", "target", "issue"), ("toy", None, "the rest")])
+    monkeypatch.setattr(lease, "RESULTS_DIR", tmp_path / "committed")
+    out = tmp_path / "out"
+    assert lease.main(["--out", str(out), "--tests", "none", "--budget-s", "60", "--reserve-s", "1",
+                       "--allow-cpu"]) == 1
+    assert built == ["target", "other1", "other2"]
+    path = out / f"{run.device_slug(torch.device('cpu'))}.json"
+    rows = {row["case"]: row for row in json.loads(path.read_text())}
+    assert rows["target"]["provider"] == BUILD_PROVIDER and rows["target"]["status"] == "wrong"
+    assert rows["target"]["error"] == "raised while built: RuntimeError: simulated: Triton compile error while " \
+                                      "building 'target'"
+    assert rows["other1"]["status"] == rows["other2"]["status"] == "ok"
+    text = capsys.readouterr().out
+    assert "target: RAISED while built, not measured" in text and "ENTRY FAILED" not in text
+    assert recorded_cases(path) == {("toy", "other1"), ("toy", "other2")}, "measured again by the next call"
+    fixed = Case(entry="toy", name="target", providers={"p": lambda: 4}, check=lambda provider, output: None,
+                 units=1, unit="items", time_budget_s=0.0)
+    record(run_case(fixed, torch.device("cpu"), log=lambda line: None), path)
+    assert [row["provider"] for row in json.loads(path.read_text()) if row["case"] == "target"] == ["p"]
+    assert ("toy", "target") in recorded_cases(path)
+
+
+def test_lease_starts_no_case_its_entry_would_not_finish_in_time(tmp_path, monkeypatch, capsys):
+    """Before the reserve is reached, a case is still left out when the last case of its entry took longer than what
+    is left of the budget; it is listed with why."""
+    import types
+
+    from pyblend.benchmarks import lease, run
+
+    clock = [0.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    monkeypatch.setattr(lease, "time", fake)
+    monkeypatch.setattr(run, "time", fake)
+
+    def cases(context):
+        for name in ("s1", "s2", "s3"):
+            if context.wants("toy", name):
+                clock[0] += 40.0  # its build: compiling the peers is most of a real case's time
+                yield Case(entry="toy", name=name, providers={"p": lambda: 4}, check=lambda provider, output: None,
+                           units=1, unit="items", time_budget_s=0.0)
+
+    monkeypatch.setattr(run, "ENTRIES", {"toy": types.SimpleNamespace(cases=cases)})
+    monkeypatch.setattr(lease, "PLAN", [("toy", None, "every case")])
+    monkeypatch.setattr(lease, "RESULTS_DIR", tmp_path / "committed")
+    out = tmp_path / "out"
+    assert lease.main(["--out", str(out), "--tests", "none", "--budget-s", "100", "--reserve-s", "1",
+                       "--allow-cpu"]) == 0
+    path = out / f"{run.device_slug(torch.device('cpu'))}.json"
+    assert sorted(row["case"] for row in json.loads(path.read_text())) == ["s1", "s2"]
+    text = capsys.readouterr().out
+    assert "toy: s3 (would not end in time: the last toy case took 40 s, 20 s were left)" in text, text
+
+
+SIGTERMED_LEASE = """
+import os, signal, sys, time, types, weakref
+from pathlib import Path
+from pyblend.benchmarks import lease, run
+from pyblend.benchmarks.harness import Case
+
+
+def terminate():  # as the device tool does at its time limit
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+
+
+class Dropped:
+    pass
+
+
+def provider(name):
+    def call():
+        if name == "second" and sys.argv[2] == "during a call":
+            terminate()
+            time.sleep(30)
+        elif name == "second":  # the callback runs as the object goes; Python prints its exception, and goes on
+            ref = weakref.ref(Dropped(), lambda ref: terminate())
+            assert ref() is None
+    return call
+
+
+def cases(context):
+    for name in ("first", "second", "third"):
+        if context.wants("toy", name):
+            yield Case(entry="toy", name=name, providers={"p": provider(name)}, check=lambda p, o: None,
+                       units=1, unit="items", time_budget_s=0.0)
+
+
+run.ENTRIES = {"toy": types.SimpleNamespace(cases=cases)}
+lease.PLAN = [("toy", None, "every case"), ("toy", "third", "again")]
+lease.RESULTS_DIR = Path(sys.argv[1]) / "committed"
+sys.exit(lease.main(["--out", sys.argv[1] + "/out", "--tests", "none", "--budget-s", "600", "--reserve-s", "1",
+                     "--allow-cpu"]))
+"""
+
+
+@pytest.mark.parametrize("where", ["during a call", "in a weakref callback"])
+def test_lease_prints_its_summary_when_terminated(tmp_path, where):
+    """SIGTERM (the device tool's time limit) used to end the lease at once, with no summary: the case running is
+    abandoned, the summary of what finished prints, the finished rows stay, and the exit status says it; also when
+    the signal arrives where Python drops the exception it raises."""
+    from pyblend.benchmarks import lease, run
+
+    result = subprocess.run([sys.executable, "-c", SIGTERMED_LEASE, str(tmp_path), where], capture_output=True,
+                            text=True, timeout=300, cwd=REPOSITORY)
+    assert result.returncode == lease.TERMINATED_EXIT, result.stdout[-3000:] + result.stderr[-3000:]
+    text = result.stdout.split("================ summary")[1]
+    assert "TERMINATED by SIGTERM" in text and "during toy: second" in text, text
+    assert "first" in text and "Plan item cut short: toy: every case" in text, text
+    assert "Plan items not begun (1):\n  toy: third (again)" in text, text
+    path = tmp_path / "out" / f"{run.device_slug(torch.device('cpu'))}.json"
+    assert [row["case"] for row in json.loads(path.read_text())] == ["first"]
+
+
+def test_a_gpu_case_whose_pyblend_provider_was_skipped_is_not_recorded_and_its_target_says_why(tmp_path):
+    """A pyblend provider skipped on a GPU (out of memory, say) left the case counted as recorded, so no later call
+    tried it again, and its target vanished from the summary. On the CPU, where Triton is skipped by design, the case
+    stays recorded."""
+    from pyblend.benchmarks.harness import recorded_cases
+
+    case = Case(entry="toy", name="big", providers={"peer": lambda: 4}, check=lambda provider, output: None, units=1,
+                unit="items", time_budget_s=0.0, skipped={"pyblend Triton": "OutOfMemoryError: CUDA out of memory"},
+                targets=[("pyblend Triton", "peer", 2.0), ("peer", ("pyblend Triton",), 1.0)])
+    rows = run_case(case, torch.device("cpu"), log=lambda line: None)
+    text = format_targets(rows)
+    assert "big: pyblend Triton 2x faster than peer: target not evaluated: pyblend Triton skipped: " \
+           "OutOfMemoryError: CUDA out of memory" in text, text
+    assert "big: peer 1x faster than the best of 1: target not evaluated: pyblend Triton skipped" in text
+    path = tmp_path / "results.json"
+    record(rows, path)
+    assert recorded_cases(path) == {("toy", "big")}
+    path.write_text(json.dumps([{**row, "device": "a GPU", "device_type": "cuda"} for row in rows]))
+    assert recorded_cases(path) == frozenset()
+
+
+def test_lease_refuses_a_machine_without_cuda_and_an_unreadable_results_file_before_the_tests(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Without CUDA the lease measured nothing and exited 0; a results JSON that does not parse ended the call
+    after the tests had taken their third of the budget."""
+    from pyblend.benchmarks import lease, run
+
+    tests = []
+    monkeypatch.setattr(lease, "run_tests", lambda *args, **kwargs: tests.append(args) or "exit 0: 1 passed")
+    monkeypatch.setattr(lease, "PLAN", [])
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(lease, "RESULTS_DIR", committed)
+    out = tmp_path / "out"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            lease.main(["--out", str(out), "--tests", "all"])
+        assert exit_info.value.code == 2
+        assert "expected a CUDA device, but torch sees none" in capsys.readouterr().err
+    committed.mkdir()
+    broken = committed / f"{run.device_slug(torch.device('cpu'))}.json"
+    broken.write_text('[{"entry": "toy", "case"')
+    with pytest.raises(SystemExit) as exit_info:
+        lease.main(["--out", str(out), "--tests", "all", "--allow-cpu"])
+    assert exit_info.value.code == 2 and tests == []
+    err = capsys.readouterr().err
+    assert "expected a JSON list of result rows; JSONDecodeError" in err and f"(a copy of {broken})" in err, err
 
 
 def test_path_edge_bias_names_its_cases_with_the_pairs_it_builds():
