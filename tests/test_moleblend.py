@@ -41,6 +41,9 @@ def test_defaults_are_the_papers_base_model():
     config = MoleBlendConfig()
     assert (config.layers, config.dim, config.heads, config.blend_probs) == (12, 768, 32, (0.2, 0.2, 0.6))
     assert config.loss_weights == {"geometry": 0.5, "spd": 0.1, "edge": 0.1, "denoise": 6.0}
+    # The public pretraining run's rates (pretrain-moleblend.sh: --dropout 0.0, the architecture's 0.1 overridden).
+    assert (config.dropout, config.attention_dropout, config.activation_dropout, config.droppath) == \
+        (0.0, 0.1, 0.1, 0.1)
     with pytest.raises(ValueError, match="divisible"):
         MoleBlendConfig(dim=30, heads=4)
     # Sizes are checked when the config is made (heads = 0 was a ZeroDivisionError, max_distance = -1 an
@@ -110,7 +113,7 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
             _config(droppath=value)
     layer = EncoderLayer(_config(), droppath=0.25).train()
     torch.manual_seed(0)
-    padded = layer._drop_path(torch.ones(4000, 3, 2), 4000, None)
+    padded = layer._residual_dropout(torch.ones(4000, 3, 2), 4000, None)
     per_molecule = padded.flatten(1)
     assert (per_molecule == per_molecule[:, :1]).all(), "one draw per molecule"
     assert per_molecule[:, 0].unique().tolist() == [0.0, pytest.approx(4 / 3)]
@@ -118,7 +121,7 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
     cu_seqlens = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     for seed in range(20):
         torch.manual_seed(seed)
-        packed = layer._drop_path(torch.ones(9, 2), 3, atom_molecules(cu_seqlens, 9))[:, 0]
+        packed = layer._residual_dropout(torch.ones(9, 2), 3, atom_molecules(cu_seqlens, 9))[:, 0]
         for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
             assert (packed[start:end] == packed[start]).all()
     # Packed, the layer makes the row -> molecule map itself when it is not given: the same draws.
@@ -128,7 +131,15 @@ def test_droppath_drops_whole_molecules_at_rates_rising_over_the_layers(graphs):
         torch.manual_seed(5)
         outputs.append(layer(tokens, cu_seqlens=cu_seqlens, max_seqlen=5, row_molecules=given))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
-    assert layer.eval()._drop_path(torch.ones(3, 2, 2), 3, None).eq(1).all()
+    assert layer.eval()._residual_dropout(torch.ones(3, 2, 2), 3, None).eq(1).all()
+    # Drop-path replaces the residual dropout (Graphormer's layer); a layer without drop-path applies dropout.
+    x = torch.randn(3, 5, 32)
+    for droppath, dropped in ((1e-12, False), (0.0, True)):
+        layer = EncoderLayer(_config(dropout=0.9), droppath=droppath)
+        evaluated = layer.eval()(x)
+        torch.manual_seed(0)
+        trained = layer.train()(x)
+        assert torch.equal(trained, evaluated) != dropped, droppath
     # In a training step it draws from torch's generator: with the blend fixed, two steps differ (both layouts).
     model = _model(droppath=0.9).train()
     for layout in ("padded", "packed"):

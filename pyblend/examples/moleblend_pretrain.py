@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor
 PARTS = ("spd", "edge", "geometry", "denoise")
 
 
-def small_config() -> MoleBlendConfig:
-    return MoleBlendConfig(layers=4, dim=128, heads=8, ffn_dim=256, num_kernels=32, head_width=16,
-                           max_distance=16, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+def small_config(finetuning: bool = False) -> MoleBlendConfig:
+    """A small model with the public runs' dropout rates: pretraining's defaults, or fine-tuning's (no activation
+    dropout or drop-path; attention dropout stays)."""
+    config = MoleBlendConfig(layers=4, dim=128, heads=8, ffn_dim=256, num_kernels=32, head_width=16, max_distance=16)
+    return replace(config, activation_dropout=0.0, droppath=0.0) if finetuning else config
 
 
 def batches(items, size, generator=None):
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for label in results:
             torch.manual_seed(seed)
-            encoder = MoleBlend(small_config())
+            encoder = MoleBlend(small_config(finetuning=True))
             if label != "from scratch":
                 encoder.load_state_dict(state)
             predictor = MoleBlendPredictor(encoder, outputs=1)

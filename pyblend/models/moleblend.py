@@ -76,7 +76,8 @@ class MoleBlendConfig:
     dim: int = 768
     heads: int = 32
     ffn_dim: int = 768
-    dropout: float = 0.1
+    # The public pretraining run's rates (fine-tuning there: dropout, activation dropout and drop-path 0).
+    dropout: float = 0.0                 # embeddings, and residual branches of the layers without drop-path
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
     droppath: float = 0.1                # stochastic depth of the last layer, from 0 at the first (Graphormer's)
@@ -253,7 +254,9 @@ class EncoderLayer(nn.Module):
     and branch from torch's global generator, as dropout). Graphormer's own DropPath runs on its ``(N, B, dim)``
     layout and so draws per atom position shared by the batch; pyblend draws per molecule, as stochastic depth
     is defined. Packed, ``row_molecules`` gives each row's molecule (:func:`pyblend.layout.atom_molecules` of
-    ``cu_seqlens``; made here when not given: :class:`MoleBlend` makes it once for all its layers)."""
+    ``cu_seqlens``; made here when not given: :class:`MoleBlend` makes it once for all its layers). As in
+    Graphormer / Transformer-M, drop-path takes the place of the residual branches' dropout (``config.dropout``),
+    which only a layer with ``droppath == 0`` applies."""
 
     def __init__(self, config: MoleBlendConfig, droppath: float = 0.0):
         super().__init__()
@@ -276,23 +279,24 @@ class EncoderLayer(nn.Module):
         residual = x
         if self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
-        x = residual + self._drop_path(self.dropout(self.self_attn(x, mask=mask, **attention)), molecules,
-                                       row_molecules)
+        x = residual + self._residual_dropout(self.self_attn(x, mask=mask, **attention), molecules, row_molecules)
         if not self.pre_layernorm:
             x = self.self_attn_layer_norm(x)
         residual = x
         if self.pre_layernorm:
             x = self.final_layer_norm(x)
         x = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
-        x = residual + self._drop_path(self.dropout(x), molecules, row_molecules)
+        x = residual + self._residual_dropout(x, molecules, row_molecules)
         if not self.pre_layernorm:
             x = self.final_layer_norm(x)
         return x
 
-    def _drop_path(self, branch: Tensor, molecules: int, row_molecules: Tensor | None) -> Tensor:
-        """``branch`` with each molecule's rows dropped or scaled; padded (``row_molecules`` None): row b is
-        molecule b."""
-        if not self.training or self.droppath == 0.0:
+    def _residual_dropout(self, branch: Tensor, molecules: int, row_molecules: Tensor | None) -> Tensor:
+        """Drop-path: ``branch`` with each molecule's rows dropped or scaled (padded, ``row_molecules`` None: row
+        b is molecule b); without drop-path, dropout."""
+        if self.droppath == 0.0:
+            return self.dropout(branch)
+        if not self.training:
             return branch
         keep = 1.0 - self.droppath
         scale = (torch.rand(molecules, device=branch.device) < keep).to(branch.dtype) / keep
@@ -889,6 +893,10 @@ class MoleBlendPredictor(nn.Module):
     ``blend``: keep the pretraining blend (each pair's channels, and any per-atom feature draw, drawn afresh at
     every training step). Off by default, as the public fine-tuning runs without ``--blending``: the encoder's
     blender then stays in eval mode through ``train()``, and every pair gets every channel it has.
+
+    The encoder keeps its own dropout rates; the public fine-tuning has no dropout, activation dropout or
+    drop-path (attention dropout 0.1): build the encoder with ``dataclasses.replace(pretraining_config,
+    activation_dropout=0.0, droppath=0.0)`` and load the pretrained state into it.
     """
 
     def __init__(self, encoder: MoleBlend, outputs: int, task: str = "classification", *, blend: bool = False):
