@@ -33,6 +33,24 @@ def test_scaffold_split_keeps_scaffolds_together_and_covers_every_molecule():
                 assert part[i] == part[j], (smiles[i], smiles[j])
 
 
+def test_scaffold_split_follows_deepchems_valid_cutoff_and_names_bad_smiles():
+    """DeepChem's ScaffoldSplitter gives a group to valid while train + valid stay within 90%: the slack train
+    leaves below 80% goes to valid (the split capped valid alone at 10%, and BBBP came out 1631/203/205, not
+    DeepChem's 1631/204/204)."""
+    # 10 molecules: scaffold groups of 7, 2 and 1. The 7 go to train; the 2 cannot join train (9 > 8) and go to
+    # valid (7 + 2 <= 9), where a 10% cap on valid alone (2 > 1) sent them to test; the last one fits in train.
+    smiles = ["c1ccccc1" + tail for tail in ("C", "CC", "O", "N", "F", "Cl", "Br")] + ["C1CCCCC1C", "C1CCCCC1O",
+                                                                                     "CCO"]
+    split = scaffold_split(smiles)
+    assert {name: rows.tolist() for name, rows in split.items()} == {"train": [*range(7), 9], "valid": [7, 8],
+                                                                      "test": []}
+    # Empty parts are int64 (a float64 empty array is no index), and an unparsable SMILES is named.
+    empty = scaffold_split(["CCO"] * 3)
+    assert all(rows.dtype == np.int64 for rows in empty.values()) and empty["valid"].size == 0
+    with pytest.raises(ValueError, match=r"smiles\[1\] = 'not_a_smiles' does not parse"):
+        scaffold_split(["CCO", "not_a_smiles"])
+
+
 def test_mean_roc_auc_skips_missing_labels_and_single_class_tasks():
     scores = np.array([[0.9, 0.1, 0.3], [0.8, 0.2, 0.4], [0.2, 0.7, 0.5], [0.1, 0.6, 0.6]])
     labels = np.array([[1, np.nan, 1], [1, 0, 1], [0, 1, 1], [np.nan, 1, 1]], dtype=float)
@@ -66,3 +84,41 @@ def test_moleblend_held_out_losses_draw_nothing_from_torchs_generator():
     torch.manual_seed(2)
     assert held_out_losses(model, held_out) == first
     assert model.blender.training and not model.layers[1].training
+
+
+def test_moleblend_held_out_losses_weigh_each_batch_by_its_molecules(monkeypatch):
+    """The held-out losses averaged batch means unweighted: with batches of 64 and 36 molecules the partial one
+    counted for half."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pyblend.examples import moleblend_pretrain
+
+    class Constant:
+        blender = torch.nn.Module()
+
+        def eval(self):
+            return self
+
+        def pretrain_loss(self, batch, generator=None):
+            value = torch.tensor(batch.value)
+            return value, {name: value for name in moleblend_pretrain.PARTS}
+
+    held_out = [SimpleNamespace(num_atoms=torch.ones(64), value=1.0), SimpleNamespace(num_atoms=torch.ones(36),
+                                                                                         value=2.0)]
+    totals = moleblend_pretrain.held_out_losses(Constant(), held_out)
+    assert totals["total"] == pytest.approx((64 * 1.0 + 36 * 2.0) / 100)
+
+
+def test_default_set_with_conformers_leaves_out_repeated_molecules(monkeypatch, capsys):
+    """The default set repeats molecules (106 repeats among 4999 SMILES): a repeat sat on both sides of the
+    examples' held-out splits. Repeats are found by canonical SMILES."""
+    pytest.importorskip("rdkit")
+    from pyblend import chem
+    from pyblend.examples import moleculenet
+
+    monkeypatch.setattr(chem, "default_molecules", lambda count: ["CCO", "OCC", "c1ccccc1", "C(C)O"][:count])
+    graphs = moleculenet.default_set_with_conformers(4, seed=0)
+    assert [g.smiles for g in graphs] == ["CCO", "c1ccccc1"]
+    assert "2 repeats left out" in capsys.readouterr().out

@@ -49,11 +49,13 @@ def held_out_losses(model: MoleBlend, held_out) -> dict[str, float]:
     model.blender.train()
     totals = dict.fromkeys(("total", *PARTS), 0.0)
     generator = torch.Generator().manual_seed(1234)
+    molecules = sum(len(batch.num_atoms) for batch in held_out)
     for batch in held_out:
         loss, parts = model.pretrain_loss(batch, generator=generator)
-        totals["total"] += loss.item() / len(held_out)
+        weight = len(batch.num_atoms) / molecules  # each batch by its molecules: the last one is partial
+        totals["total"] += loss.item() * weight
         for name in PARTS:
-            totals[name] += parts[name].item() / len(held_out)
+            totals[name] += parts[name].item() * weight
     return totals
 
 
@@ -96,7 +98,7 @@ def finetune(model: MoleBlendPredictor, train, valid, test, epochs: int, seed: i
         model.eval()
         outputs, labels = [], []
         for batch in split:
-            outputs.append(torch.sigmoid(model(batch)).numpy())
+            outputs.append(model(batch).double().numpy())  # logits: a float32 sigmoid ties everything past ~17
             labels.append(batch.labels.numpy())
         return mean_roc_auc(np.concatenate(outputs), np.concatenate(labels))
 

@@ -13,22 +13,29 @@ DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared
 
 
 def scaffold_split(smiles: list[str]) -> dict[str, np.ndarray]:
-    """80/10/10 by Murcko scaffold, biggest scaffold groups first (the MoleculeNet / DeepChem convention)."""
+    """80/10/10 by Murcko scaffold (without chirality), biggest scaffold groups first, as DeepChem's
+    ScaffoldSplitter (MoleculeNet): a group goes to train while train stays within 80%, else to valid while train
+    and valid stay within 90%, else to test. Returns int64 row indices; an unparsable SMILES is a ValueError."""
+    from rdkit import Chem
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
     groups: dict[str, list[int]] = {}
     for index, text in enumerate(smiles):
-        groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(smiles=text, includeChirality=False), []).append(index)
+        mol = Chem.MolFromSmiles(text)
+        if mol is None:
+            raise ValueError(f"scaffold_split: smiles[{index}] = {text!r} does not parse")
+        groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False), []).append(index)
     ordered = sorted(groups.values(), key=lambda rows: (len(rows), rows[0]), reverse=True)
     train, valid, test = [], [], []
     for rows in ordered:
         if len(train) + len(rows) <= 0.8 * len(smiles):
             train += rows
-        elif len(valid) + len(rows) <= 0.1 * len(smiles):
+        elif len(train) + len(valid) + len(rows) <= 0.9 * len(smiles):
             valid += rows
         else:
             test += rows
-    return {"train": np.array(train), "valid": np.array(valid), "test": np.array(test)}
+    return {name: np.array(rows, dtype=np.int64) for name, rows in (("train", train), ("valid", valid),
+                                                                    ("test", test))}
 
 
 def mean_roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -44,13 +51,22 @@ def mean_roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def default_set_with_conformers(count: int, seed: int) -> list:
     """The MolGraphs of the first ``count`` SMILES of the default set with ETKDG + MMFF conformers (``seed``),
-    featurized by every CPU; says on stdout how many failed and how long it took."""
+    featurized by every CPU, each molecule once (the set repeats some, by canonical SMILES: a repeat would sit on
+    both sides of a held-out split); says on stdout how many failed or repeated and how long it took."""
+    from rdkit import Chem
+
     from pyblend.chem import default_molecules, featurize_many
 
     started = time.perf_counter()
     graphs, failures = featurize_many(default_molecules(count), errors="skip", conformer=True,
                                       workers=os.cpu_count(), progress=False, seed=seed)
-    graphs = [g for g in graphs if g.positions is not None]
-    print(f"{len(graphs)} molecules featurized with conformers ({len(failures)} failed) in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
-    return graphs
+    seen, unique = set(), []
+    for graph in graphs:
+        canonical = Chem.MolToSmiles(Chem.MolFromSmiles(graph.smiles))
+        if graph.positions is not None and canonical not in seen:
+            seen.add(canonical)
+            unique.append(graph)
+    repeats = sum(g.positions is not None for g in graphs) - len(unique)
+    print(f"{len(unique)} molecules featurized with conformers ({len(failures)} failed, {repeats} repeats left out) "
+          f"in {time.perf_counter() - started:.0f} s", flush=True)
+    return unique
