@@ -584,11 +584,12 @@ def _row_alignment(*strides: tuple[int, ...]) -> int:
     return math.gcd(common, 16) if common else 16
 
 
-def _within_int32_rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``x`` (per-atom, atoms at dim -3), copied contiguous when a molecule's last row times the atom stride would
-    not fit 32 bits, as the kernels compute it (a sequence-first view ``(N, B, H, D).transpose(0, 1)`` of 2^31
-    elements or more); contiguous rows are ``H * D`` apart."""
-    if (width - 1) * abs(x.stride(-3)) < 2 ** 31:
+def _within_int32_offsets(x: torch.Tensor, width: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x``, copied contiguous when a molecule's last atom index times the stride of one of ``dims`` (its atom
+    dimensions) would not fit 32 bits, as the kernels compute those products: a sequence-first view
+    ``(N, B, H, D).transpose(0, 1)`` of q, or a pair-first ``(N, N, B, H)`` bias permuted to ``(B, H, N, N)``, of
+    2^31 elements or more. Contiguous, a molecule's offsets are small."""
+    if all((width - 1) * abs(x.stride(dim)) < 2 ** 31 for dim in dims):
         return x
     return x.contiguous()
 
@@ -599,7 +600,10 @@ class _Problem:
     def __init__(self, q, k, v, bias, rel_index, rel_table, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
         self.packed = cu_seqlens is not None
         width = max_seqlen if self.packed else q.shape[1]
-        self.q, self.k, self.v = (_within_int32_rows(x, width) for x in (q, k, v))
+        self.q, self.k, self.v = (_within_int32_offsets(x, width, (-3,)) for x in (q, k, v))
+        if not self.packed:  # packed pair offsets are 64-bit from the molecule's first pair on
+            bias = None if bias is None else _within_int32_offsets(bias, width, (-2, -1))
+            rel_index = None if rel_index is None else _within_int32_offsets(rel_index, width, (-2, -1))
         self.head_dim = q.shape[-1]
         self.num_heads = q.shape[-2]
         dummy = q.new_empty(1, dtype=torch.int32)  # a valid pointer for arguments a flag disables

@@ -443,28 +443,44 @@ def test_packed_token_offsets_are_64_bit():
     assert out[1, :, 0].tolist() == [row * 768 for row in range(first, first + 4)]
 
 
-def test_rows_too_far_apart_for_32_bits_are_copied_contiguous():
-    """Within a molecule the kernels compute row offsets in 32 bits; a view whose atom stride times the width
-    passes 2^31 (a sequence-first (N, B, H, D) view of 2^31+ elements) is copied contiguous first. (A stand-in
-    with those strides: the real view would take 4 GiB.)"""
-    from pyblend.kernels.relation_attention import _within_int32_rows
+def test_atoms_too_far_apart_for_32_bits_are_copied_contiguous():
+    """Within a molecule the kernels compute atom index x stride in 32 bits; a view where that passes 2^31 (a
+    sequence-first (N, B, H, D) q, a pair-first (N, N, B, H) bias permuted to (B, H, N, N), each of 2^31+ elements)
+    is copied contiguous first. (Stand-ins with those strides: the real views would take 4 GiB.)"""
+    from pyblend.kernels.relation_attention import _within_int32_offsets
 
     class View:
-        def __init__(self, atom_stride):
-            self.atom_stride = atom_stride
+        def __init__(self, strides):
+            self.strides = strides
 
         def stride(self, dim):
-            assert dim == -3
-            return self.atom_stride
+            return self.strides[dim]
 
         def contiguous(self):
             return "a contiguous copy"
 
     contiguous = torch.empty(2, 5, 3, 8)
-    assert _within_int32_rows(contiguous, 5) is contiguous
-    sequence_first = View(2 ** 24 * 24)  # B = 2^24 molecules of 3 heads x 8
-    assert _within_int32_rows(sequence_first, 6) is sequence_first  # 5 * 2^24 * 24 < 2^31
-    assert _within_int32_rows(sequence_first, 7) == "a contiguous copy"  # 6 * 2^24 * 24 >= 2^31
+    assert _within_int32_offsets(contiguous, 5, (-3,)) is contiguous
+    sequence_first = View({-3: 2 ** 24 * 24})  # B = 2^24 molecules of 3 heads x 8
+    assert _within_int32_offsets(sequence_first, 6, (-3,)) is sequence_first  # 5 * 2^24 * 24 < 2^31
+    assert _within_int32_offsets(sequence_first, 7, (-3,)) == "a contiguous copy"  # 6 * 2^24 * 24 >= 2^31
+    pair_first = View({-2: 7 * 2 ** 24 * 8, -1: 2 ** 24 * 8})  # (N=7, N, B=2^24, H=8) permuted
+    assert _within_int32_offsets(pair_first, 2, (-2, -1)) is pair_first  # 7 * 2^27 < 2^31
+    assert _within_int32_offsets(pair_first, 7, (-2, -1)) == "a contiguous copy"  # 6 * 7 * 2^27 >= 2^31
+
+
+def test_a_permuted_bias_and_relation_ids_give_the_contiguous_result(generator):
+    """The copy path's inputs: a pair-first bias and relation ids permuted into place (small here, so read in
+    place) agree with contiguous copies of themselves."""
+    q, k, v, mask = random_padded(generator, [6, 4], heads=2, head_dim=8, dtype=torch.float32)
+    bias = torch.randn(6, 6, 2, 2, generator=generator).permute(2, 3, 0, 1)  # (N, N, B, H) -> (B, H, N, N)
+    rel_index = torch.randint(0, 5, (6, 6, 2), generator=generator).permute(2, 0, 1)
+    rel_table = torch.randn(5, 2, generator=generator)
+    permuted = ops.relation_attention(q, k, v, bias, mask=mask, rel_index=rel_index, rel_table=rel_table,
+                                      backend="triton")
+    copied = ops.relation_attention(q, k, v, bias.contiguous(), mask=mask, rel_index=rel_index.contiguous(),
+                                    rel_table=rel_table, backend="triton")
+    torch.testing.assert_close(permuted, copied, rtol=0, atol=0)
 
 
 def test_noncontiguous_inputs(generator):
