@@ -33,15 +33,16 @@ def _shortest_path_kernel(
     mask_ptr,           # (B, mask_stride) uint8, True = real atom; unused without HAS_MASK
     dist_ptr,           # (pairs,) int32 out, filled with -1 by the launcher
     next_ptr,           # (pairs,) int32 scratch for the next hop; unused without routes
-    routes_ptr,         # (pairs, MAX_HOPS) int32 out, filled with -1 by the launcher
+    routes_ptr,         # (pairs, route_width) int32 out, filled with -1 by the launcher
     lengths_ptr,        # (B,) int32 atoms to visit in each molecule
     pair_offsets_ptr,   # (B,) int64 start of each molecule's block
     padded_stride,      # row stride of the padded layout (N); the packed layout uses the molecule's own n
     mask_stride,
+    route_width,        # max_hops: the routes' row length; hops past MAX_HOPS stay -1
     GRAPH_IS_BOND_IDS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PACKED: tl.constexpr,
-    MAX_HOPS: tl.constexpr,
+    MAX_HOPS: tl.constexpr,  # the hops written: at most the longest molecule's atoms - 1 (an unrolled loop)
     BLOCK: tl.constexpr,
 ):
     molecule = tl.program_id(0)
@@ -106,7 +107,7 @@ def _shortest_path_kernel(
                 tl.store(hop_to + tile, best, mask=inside)
         tl.debug_barrier()
 
-        routes = routes_ptr + start * MAX_HOPS
+        routes = routes_ptr + start * route_width
         for i0 in range(0, n, BLOCK):
             i = i0 + offsets
             for j0 in range(0, n, BLOCK):
@@ -117,7 +118,7 @@ def _shortest_path_kernel(
                     active = d_ij > hop
                     step = tl.load(hop_to + at * stride + j[None, :], mask=active, other=0)
                     bond = tl.load(graph + at * stride + step, mask=active, other=-1)
-                    tl.store(routes + tile * MAX_HOPS + hop, bond.to(tl.int32), mask=active)
+                    tl.store(routes + tile * route_width + hop, bond.to(tl.int32), mask=active)
                     at = tl.where(active, step, at)
 
 
@@ -138,13 +139,16 @@ def _launch(graph, mask, lengths, pair_offsets, padded_stride, longest, max_hops
         return dist, routes
     is_bond_ids = graph.dtype != torch.bool
     graph_arg = graph if is_bond_ids else graph.view(torch.uint8)
-    next_hop = torch.empty(pairs if max_hops > 0 else 1, dtype=torch.int32, device=graph.device)
+    # A shortest path has at most longest - 1 hops; the kernel unrolls its hop loop, so it writes only those (the
+    # rest stay -1): a large max_hops compiled a loop of that length, and each max_hops a kernel of its own.
+    hops = min(max_hops, max(longest - 1, 0))
+    next_hop = torch.empty(pairs if hops > 0 else 1, dtype=torch.int32, device=graph.device)
     mask_arg = mask.view(torch.uint8) if mask is not None else lengths
     _shortest_path_kernel[(batch,)](
         graph_arg, mask_arg, dist, next_hop, routes, lengths, pair_offsets,
-        padded_stride, mask.shape[1] if mask is not None else 0,
-        GRAPH_IS_BOND_IDS=is_bond_ids, HAS_MASK=mask is not None, PACKED=packed, MAX_HOPS=max_hops,
-        **_launch_config(longest, max_hops),
+        padded_stride, mask.shape[1] if mask is not None else 0, max_hops,
+        GRAPH_IS_BOND_IDS=is_bond_ids, HAS_MASK=mask is not None, PACKED=packed, MAX_HOPS=hops,
+        **_launch_config(longest, hops),
     )
     return dist, routes
 

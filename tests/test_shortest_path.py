@@ -418,6 +418,37 @@ def test_kernel_compiles_for_hopper():
         assert spills == 0, f"{line}: registers spill"
 
 
+HOP_LAUNCHES = """
+import torch
+from hopper import captured_launches
+from pyblend.kernels import shortest_path as kernels
+
+with captured_launches() as captured:
+    bond_ids = torch.randint(-1, 9, (2, 6, 6), dtype=torch.int32)
+    for max_hops in (3, 5, 6, 40):
+        kernels.shortest_path_padded(bond_ids, None, max_hops)
+print(*(kwargs["MAX_HOPS"] for _, _, kwargs in captured))
+"""
+
+
+def test_the_kernel_unrolls_no_more_hops_than_a_path_can_have():
+    """The hop loop is unrolled: max_hops = 40 compiled a loop of 40 steps (each max_hops a kernel of its own). A
+    path among 6 atoms has at most 5 hops: max_hops 5, 6 and 40 share one kernel."""
+    assert run_compile_script(HOP_LAUNCHES) == ["3 5 5 5"]
+
+
+def test_routes_past_the_longest_path_stay_minus_one():
+    """A chain of 5 atoms with max_hops = 12: the kernel writes the 4 hops a path can have, the rest stay -1."""
+    bond_ids = torch.full((1, 5, 5), -1, dtype=torch.int32)
+    for bond in range(4):
+        bond_ids[0, bond, bond + 1] = bond_ids[0, bond + 1, bond] = bond
+    expected = ops.shortest_path_routes(bond_ids, max_hops=12, backend="reference")
+    got = ops.shortest_path_routes(bond_ids.to(backend_device("triton")), max_hops=12, backend="triton")
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+    routes = got[1].cpu()
+    assert routes.shape[-1] == 12 and (routes[..., 4:] == -1).all() and routes[0, 0, 4, :4].tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.gpu
 def test_cuda_triton_matches_cpp_on_the_default_set(default_batch_with_hydrogens):
     _, batch = default_batch_with_hydrogens
