@@ -750,7 +750,7 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
         reader = csv.reader(text)
         try:
             for row in reader:
-                if any(cell.strip() for cell in row):  # a line of spaces is blank too
+                if row and not (len(row) == 1 and not row[0].strip()):  # a line of spaces is blank too
                     rows.append(row)
                     lines.append(reader.line_num)
         except UnicodeDecodeError:

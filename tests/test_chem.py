@@ -867,10 +867,11 @@ def test_read_csv_errors(tmp_path):
     late.write_bytes(b"smiles,y\n" + b"CCO,1\n" * 5000 + b"CC\xff,1\n")
     with pytest.raises(ValueError, match=r"late.csv is not UTF-8 text \(line 5002\)"):
         read_csv(late)
-    # A line of spaces is blank, not a row of one cell.
+    # A line of spaces is blank, not a row of one cell; a row of empty cells is a record (an empty SMILES, which
+    # featurize_many reports), not dropped.
     spaces = tmp_path / "spaces.csv"
-    spaces.write_text("smiles,y\nCCO,1\n   \n")
-    assert read_csv(spaces).smiles == ["CCO"]
+    spaces.write_text("smiles,y\nCCO,1\n   \n,\n")
+    assert read_csv(spaces).smiles == ["CCO", ""]
 
 
 def test_read_csv_refuses_ambiguous_columns_and_grouped_digits(tmp_path):
