@@ -421,11 +421,8 @@ def _relation_attention_bwd_bias_kernel(
     """dBias of a broadcast bias: one program per (row tile, column tile, bias slice), summing the score
     gradient over the molecules (SUM_BATCH) and heads (SUM_HEADS) that share the slice, in order. The float32
     output ``dbias`` has the bias's own shape, strides ``s_db_*`` (packed: ``(1, P)``)."""
-    if FLAT_GRID:  # more than 65535 slices: (row tiles x slices, 1, column tiles)
-        row_tile, slice_id = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_M), True)
-        col_tile = tl.program_id(2)
-    else:  # (row tiles, column tiles, slices)
-        row_tile, col_tile, slice_id = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row_tile, slice_id = launch_grid.tile_and_item(tl.cdiv(padded_len, BLOCK_M), FLAT_GRID)
+    col_tile = tl.program_id(2)
     slice_id = slice_id.to(tl.int64)
     if SUM_HEADS:
         b_first = slice_id
@@ -744,7 +741,6 @@ def relation_attention_backward(grad_out, grad_logits, q, k, v, out, lse, bias, 
         bias_config, row_tiles = problem.config("bias")
         column_tiles = triton.cdiv(problem.padded_len, bias_config["BLOCK_N"])
         grid, flat = launch_grid.tiles_by_items(row_tiles, slices, column_tiles)
-        grid = grid if flat else (row_tiles, column_tiles, slices)
         _relation_attention_bwd_bias_kernel[grid](
             q, k, v, grad_out, lse, delta, dbias, dlogits, *common, batch, *db_strides,
             SUM_BATCH=sum_batch, SUM_HEADS=sum_heads, FLAT_GRID=flat, **flags, **bias_config)
