@@ -241,5 +241,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("gaussian_basis", &gaussian_basis<double>, py::arg("distances").noconvert(), py::arg("pair_types"),
         py::arg("means").noconvert(), py::arg("stds").noconvert(), py::arg("mul").noconvert(),
         py::arg("bias").noconvert());
-  m.def("num_threads", &pyblend::num_threads, "OpenMP threads the engine uses (1 without OpenMP, and in a forked child)");
+  m.def("num_threads", &pyblend::num_threads,
+        "OpenMP threads the engine uses (1 without OpenMP, and in a forked child)");
 }
