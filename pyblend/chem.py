@@ -367,7 +367,8 @@ def _parse_smiles(text: str):
     """Parse and sanitise a SMILES with RDKit's defaults, or raise _InvalidMolecule with RDKit's reason."""
     if not text.strip():
         raise _InvalidMolecule("empty SMILES")
-    smiles = text.split(None, 1)[0]
+    pieces = text.split(None, 1)  # the SMILES, and what follows whitespace
+    smiles = pieces[0]
     if not smiles.isascii():
         # RDKit drops a trailing run of non-ASCII characters ("CCN’", a zero-width space, "°" pasted along) and
         # parses what is left as a smaller molecule.
@@ -380,7 +381,6 @@ def _parse_smiles(text: str):
         raise _InvalidMolecule(_rdkit_reason(text))
     # RDKit reads "CCO ethanol" as CCO named "ethanol", so a pasted "SMILES id" line would be half-read in
     # silence; only a CXSMILES extension block ("... |...|") may follow whitespace.
-    pieces = text.split(None, 1)
     if len(pieces) == 2 and not pieces[1].startswith("|"):
         raise _InvalidMolecule(f"whitespace inside the SMILES: RDKit would read only {pieces[0]!r} and take "
                                f"{pieces[1]!r} as a name; pass the SMILES alone")
