@@ -22,7 +22,9 @@ block, looping over row blocks) accumulates ``v_j = sum_i dS_ij x_scale_i x_i``.
 one summation order: deterministic, no atomics. The weights ``dS_ij y_scale_j`` are rounded to the input dtype
 for the dot; in float16 each tile's rows (columns for ``v``) are first divided by their largest magnitude and the
 product multiplied back, because those weights are small (the 1/(2B) of the mean times 1/||y||: 1.5e-8 at
-B = 16k and ||y|| = 2) and float16 keeps full precision only down to 6.1e-5.
+B = 16k and ||y|| = 2) and float16 keeps full precision only down to 6.1e-5. The weights take their scale from
+``x_weight`` / ``y_weight``: the scales, but 0 for an all-zero float16 row, whose 1/eps inverse norm would
+otherwise be the peak every other weight is divided by (rounding those to 0) while it multiplies only zeros.
 
 Rectangular problems (the distributed path, ``multi_infonce_row_lse_*``): a rank's local rows ``x (M, D)``
 against the columns gathered from every rank ``y (N, D)``, with separate row and column masks. Only the row
@@ -127,8 +129,8 @@ def _score_gradient(s, row_lse, col_lse, g_row, g_col, real, COLUMNS: tl.constex
 
 @triton.jit
 def _multi_infonce_bwd_rows_kernel(
-    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, row_present_ptr, col_present_ptr, row_lse_ptr, col_lse_ptr,
-    g_row_ptr, g_col_ptr,
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, x_weight_ptr, y_weight_ptr, row_present_ptr, col_present_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
     dx_ptr, dx_scale_ptr,
     n_rows, n_cols, dim, s_x_n, s_x_d, s_y_n, s_y_d,
     HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr, RESCALE: tl.constexpr,
@@ -157,7 +159,7 @@ def _multi_infonce_bwd_rows_kernel(
             g_col = y_scale
         s = _similarity(x, y, x_scale, y_scale, PRECISION)
         ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :], COLUMNS)
-        weights = ds * y_scale[None, :]
+        weights = ds * tl.load(y_weight_ptr + cols, mask=cols_live, other=0.0)[None, :]
         if RESCALE:
             peak = _unit_peaks(weights, 1)
             acc += tl.dot((weights * (1.0 / peak)[:, None]).to(y.dtype), y, input_precision=PRECISION) * peak[:, None]
@@ -172,8 +174,8 @@ def _multi_infonce_bwd_rows_kernel(
 
 @triton.jit
 def _multi_infonce_bwd_cols_kernel(
-    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, row_present_ptr, col_present_ptr, row_lse_ptr, col_lse_ptr,
-    g_row_ptr, g_col_ptr,
+    x_ptr, y_ptr, x_scale_ptr, y_scale_ptr, x_weight_ptr, y_weight_ptr, row_present_ptr, col_present_ptr,
+    row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
     dy_ptr, dy_scale_ptr,
     n_rows, n_cols, dim, s_x_n, s_x_d, s_y_n, s_y_d,
     HAS_MASK: tl.constexpr, COLUMNS: tl.constexpr, PRECISION: tl.constexpr, RESCALE: tl.constexpr,
@@ -202,7 +204,7 @@ def _multi_infonce_bwd_cols_kernel(
         g_row = tl.load(g_row_ptr + rows, mask=rows_live, other=0.0)
         s = _similarity(x, y, x_scale, y_scale, PRECISION)
         ds = _score_gradient(s, row_lse, col_lse, g_row, g_col, rows_live[:, None] & cols_live[None, :], COLUMNS)
-        weights = ds * x_scale[:, None]
+        weights = ds * tl.load(x_weight_ptr + rows, mask=rows_live, other=0.0)[:, None]
         if RESCALE:
             peak = _unit_peaks(weights, 0)
             acc += tl.dot(tl.trans((weights * (1.0 / peak)[None, :]).to(x.dtype)), x,
@@ -274,6 +276,15 @@ def _aligned(x, y):
     return F.pad(x, (0, -dim % 16)), F.pad(y, (0, -dim % 16))
 
 
+def _weight_scales(x, x_scale, y, y_scale):
+    """The backward's scales for the weights ``dS * scale`` (see the module's docstring): in float16 0 at an
+    all-zero row, which adds nothing to the other side's gradient, but whose scale (a clamped norm's 1/eps) would
+    set the peak that the tile's other weights are divided by; the scales themselves otherwise."""
+    if x.dtype != torch.float16:
+        return x_scale, y_scale
+    return tuple(torch.where((rows != 0).any(1), scale, 0.0) for rows, scale in ((x, x_scale), (y, y_scale)))
+
+
 def _cut(dx, dy, dim: int):
     """The gradients of the ``dim`` features given, without ``_aligned``'s padding."""
     if dx.shape[1] == dim:
@@ -321,7 +332,8 @@ def multi_infonce_lse_backward(g_row, g_col, x, y, x_scale, y_scale, present, ro
         return (*_cut(dx, dy, given), dx_scale, dy_scale)
     g_row = g_row.float().contiguous()
     g_col = g_col.float().contiguous()
-    arguments = (x, y, x_scale, y_scale, mask, mask, row_lse, col_lse, g_row, g_col)
+    arguments = (x, y, x_scale, y_scale, *_weight_scales(x, x_scale, y, y_scale), mask, mask, row_lse, col_lse,
+                 g_row, g_col)
     sizes = (batch, batch, dim, *x.stride(), *y.stride())
     _multi_infonce_bwd_rows_kernel[(triton.cdiv(batch, flags["BLOCK_M"]),)](
         *arguments, dx, dx_scale, *sizes, **flags)
@@ -375,8 +387,8 @@ def multi_infonce_row_lse_backward(g_row, x, y, x_scale, y_scale, row_present, c
     if rows == 0 or cols == 0:
         return (*_cut(dx.zero_(), dy.zero_(), given), dx_scale.zero_(), dy_scale.zero_())
     g_row = g_row.float().contiguous()
-    arguments = (x, y, x_scale, y_scale, _mask_bytes(row_present, x), _mask_bytes(col_present, x), row_lse,
-                 row_lse, g_row, g_row)
+    arguments = (x, y, x_scale, y_scale, *_weight_scales(x, x_scale, y, y_scale), _mask_bytes(row_present, x),
+                 _mask_bytes(col_present, x), row_lse, row_lse, g_row, g_row)
     sizes = (rows, cols, dim, *x.stride(), *y.stride())
     _multi_infonce_bwd_rows_kernel[(triton.cdiv(rows, flags["BLOCK_M"]),)](
         *arguments, dx, dx_scale, *sizes, **flags)
