@@ -157,13 +157,21 @@ def test_convert_unimol_state_dict_keys():
 
 
 def test_graphormer_initialisation_and_repr():
+    """One seed gives Graphormer's parameters: its MultiheadAttention (fairseq's) makes k_proj, v_proj, q_proj,
+    out_proj as nn.Linear, then redraws their weights Xavier-uniform in that order (gain 1/sqrt(2) but for out)
+    and zeroes out_proj's bias. The q, k, v draws were once handed to k, v, q."""
+    torch.manual_seed(7)
+    graphormer = {name: torch.nn.Linear(48, 48) for name in ("k_proj", "v_proj", "q_proj", "out_proj")}
+    for name in ("k_proj", "v_proj", "q_proj"):
+        torch.nn.init.xavier_uniform_(graphormer[name].weight, gain=1 / math.sqrt(2))
+    torch.nn.init.xavier_uniform_(graphormer["out_proj"].weight)
+    torch.nn.init.zeros_(graphormer["out_proj"].bias)
+    torch.manual_seed(7)
     module = RelationBiasedAttention(48, 8, dropout=0.1)
-    bound = math.sqrt(6 / (48 + 48))
-    for proj in (module.q_proj, module.k_proj, module.v_proj):
-        assert proj.weight.abs().max() <= bound / math.sqrt(2)
-        assert proj.weight.abs().max() > 0.8 * bound / math.sqrt(2)  # xavier with gain 1/sqrt(2), not the default
-    assert module.out_proj.weight.abs().max() <= bound
-    assert torch.count_nonzero(module.out_proj.bias) == 0
+    for name, linear in graphormer.items():
+        assert torch.equal(getattr(module, name).weight, linear.weight), f"{name}.weight"
+        assert torch.equal(getattr(module, name).bias, linear.bias), f"{name}.bias"
+    assert [name for name, _ in module.named_parameters()][::2] == [f"{name}.weight" for name in graphormer]
     text = repr(module)
     assert "embed_dim=48, num_heads=8, head_dim=6, dropout=0.1, bias=True" in text
 

@@ -176,14 +176,14 @@ class RelationBiasedAttention(nn.Module):
             raise ValueError(f"scaling: expected None or a finite float; got {scaling!r}")
         self.scaling = float(self.head_dim ** -0.5 if scaling is None else scaling)
         factory = {"device": device, "dtype": dtype}
-        self.q_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        # Graphormer's (fairseq's) order of draws: k, v, q and out made, then their weights redrawn in that order,
+        # so that one seed gives both the same parameters; each projection keeps its rule for later resets.
         self.k_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
         self.v_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.q_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
         self.out_proj = _GraphormerLinear(embed_dim, embed_dim, bias=bias, **factory)
-        # Graphormer's order of draws (all four Linears made, then their weights redrawn), then each projection
-        # keeps its rule for later resets.
-        for proj, gain, zero_bias in ((self.q_proj, 1 / math.sqrt(2), False), (self.k_proj, 1 / math.sqrt(2), False),
-                                      (self.v_proj, 1 / math.sqrt(2), False), (self.out_proj, 1.0, True)):
+        for proj, gain, zero_bias in ((self.k_proj, 1 / math.sqrt(2), False), (self.v_proj, 1 / math.sqrt(2), False),
+                                      (self.q_proj, 1 / math.sqrt(2), False), (self.out_proj, 1.0, True)):
             proj.gain, proj.zero_bias = gain, zero_bias
             proj.graphormer_init()
 
