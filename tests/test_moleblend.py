@@ -1023,3 +1023,22 @@ def test_meta_construction_then_to_empty_reset_and_load(graphs):
     deferred.load_state_dict(model.state_dict())
     batch = collate(graphs)
     torch.testing.assert_close(deferred.eval()(batch), model(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_checkpoint_loads_into_a_meta_model_without_reset(graphs, how):
+    """PyTorch's big-model loading: a meta-device model given a checkpoint with ``load_state_dict(assign=True)``,
+    or materialised by ``to_empty()`` and loaded without ``reset_parameters()``. The feature-row index buffers are
+    not in the state_dict: they stayed on the meta device (the forward raised "Tensor on device meta") or held
+    uninitialised memory (an IndexError, or on a GPU possibly wrong rows read without an error)."""
+    model = _model().eval()
+    with torch.device("meta"):
+        deferred = MoleBlend(_config())
+    if how == "to_empty":
+        deferred = deferred.to_empty(device="cpu")
+        for name, buffer in deferred.named_buffers():
+            buffer.fill_(10**6)  # what uninitialised memory may hold
+    deferred.load_state_dict(model.state_dict(), assign=how == "assign")
+    assert all(buffer.device.type == "cpu" for buffer in deferred.buffers())
+    batch = collate(graphs)
+    torch.testing.assert_close(deferred.eval()(batch), model(batch), rtol=0, atol=0)

@@ -467,6 +467,9 @@ class MoleBlend(nn.Module):
         self.geometry_head = _OuterProductHead(dim, width, 3)
         self.atom_proc = NoisyNodeHead(dim, heads)
         self._graphormer_init()
+        # The index buffers are not in the state_dict (they follow from the feature vocabularies): refilled after
+        # every load, a model built on the meta device or left uninitialised by to_empty() gets them too.
+        self.register_load_state_dict_post_hook(_refill_feature_rows)
 
     @property
     def unreachable_id(self) -> int:
@@ -479,10 +482,7 @@ class MoleBlend(nn.Module):
     def reset_parameters(self) -> None:
         """Every parameter as at construction (after ``to_empty()`` they hold garbage, the feature-row index
         buffers too): each submodule's own initialisation, then Graphormer's."""
-        with torch.no_grad():
-            for name, dims in (("atom", ATOM_FEATURE_DIMS), ("bond", BOND_FEATURE_DIMS)):
-                getattr(self, f"{name}_offsets").copy_(_offsets(dims))
-                getattr(self, f"{name}_dims").copy_(torch.tensor(dims))
+        _refill_feature_rows(self)
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -982,6 +982,16 @@ def _rows(features: Tensor, offsets: Tensor, dims: Tensor) -> Tensor:
     """Embedding rows of integer features ``(..., F)``, in their vocabularies (not the first row of the next
     feature)."""
     return _in_vocabulary(features, dims) + offsets
+
+
+def _refill_feature_rows(model: MoleBlend, incompatible_keys=None) -> None:
+    """The feature-row index buffers, made anew on the atom table's device: after ``to_empty()`` they hold
+    garbage, and ``load_state_dict(assign=True)`` into a meta-device model leaves them on the meta device. Also
+    a ``load_state_dict`` post-hook (``incompatible_keys`` unused)."""
+    device = model.atom_encoder.weight.device
+    for name, dims in (("atom", ATOM_FEATURE_DIMS), ("bond", BOND_FEATURE_DIMS)):
+        setattr(model, f"{name}_offsets", _offsets(dims).to(device))
+        setattr(model, f"{name}_dims", torch.tensor(dims, device=device))
 
 
 def _offsets(dims) -> Tensor:
