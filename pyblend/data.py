@@ -68,9 +68,18 @@ class MolBatch:
     def __len__(self) -> int:
         return self.num_atoms.shape[0]
 
-    def to(self, device) -> MolBatch:
-        """Move every tensor to ``device``."""
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+    def to(self, device, non_blocking: bool = False) -> MolBatch:
+        """Every tensor moved to ``device``; ``non_blocking`` as for ``Tensor.to`` (an asynchronous copy from
+        pinned memory, see :meth:`pin_memory`)."""
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> MolBatch:
+        """Every tensor in page-locked host memory: ``DataLoader(..., collate_fn=pyblend.collate,
+        pin_memory=True)`` calls this on each batch."""
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, move) -> MolBatch:
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), Tensor)})
 
     def to_packed(self) -> MolBatch:

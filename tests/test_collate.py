@@ -201,6 +201,29 @@ def test_batch_moves_between_devices(graphs):
     assert moved.atom_features.device.type == "meta" and moved.mask.device.type == "meta"
 
 
+def test_batch_pins_its_tensors_and_moves_without_blocking(graphs, monkeypatch):
+    """DataLoader(pin_memory=True) pins a custom batch through its pin_memory(); a MolBatch had none and was
+    passed on unpinned without a word, and to() refused non_blocking. Pinning needs an accelerator, so here
+    Tensor.pin_memory records what it is given."""
+    batch = collate(graphs)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor) or tensor.clone())
+    result = batch.pin_memory()
+    tensors = [name for name, value in vars(batch).items() if isinstance(value, torch.Tensor)]
+    assert len(pinned) == len(tensors) and all(any(t is getattr(batch, name) for t in pinned) for name in tensors)
+    assert all(getattr(result, name) is not getattr(batch, name) for name in tensors)
+    moved = result.to("cpu", non_blocking=True)
+    assert all(torch.equal(getattr(moved, name), getattr(batch, name)) for name in tensors)
+
+
+@pytest.mark.gpu
+def test_data_loader_pins_batches(graphs):
+    loader = torch.utils.data.DataLoader(graphs, batch_size=2, collate_fn=collate, pin_memory=True)
+    batch = next(iter(loader))
+    assert batch.atom_features.is_pinned() and batch.mask.is_pinned()
+    assert batch.to("cuda", non_blocking=True).atom_features.is_cuda
+
+
 def test_layout_helpers_round_trip(generator):
     lengths = [3, 1, 0, 5]
     cu_seqlens = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
