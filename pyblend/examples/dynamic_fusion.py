@@ -37,27 +37,27 @@ class Dataset:
     features: dict[str, np.ndarray]  # modality -> (M, d_m) float32
     labels: np.ndarray               # (M, T) float32, NaN = missing label
     split: dict[str, np.ndarray]     # train / valid / test row indices
+    unparsable: list[int]            # data rows (0 = first after the header) RDKit cannot parse, left out
 
 
 def featurize(smiles: list[str]) -> tuple[list[int], dict[str, np.ndarray]]:
     """RDKit features of the SMILES RDKit parses: (kept row indices, modality -> (M, d) float32)."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem, rdBase
     from rdkit.Chem import Descriptors, MACCSkeys, rdFingerprintGenerator
 
-    RDLogger.DisableLog("rdApp.*")
     morgan = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
     kept, columns = [], {"morgan": [], "maccs": [], "descriptors": []}
     names = [name for name, _ in Descriptors.descList]
-    for index, text in enumerate(smiles):
-        mol = Chem.MolFromSmiles(text)
-        if mol is None or mol.GetNumAtoms() == 0:
-            continue
-        kept.append(index)
-        columns["morgan"].append(morgan.GetFingerprintAsNumPy(mol).astype(np.float32))
-        columns["maccs"].append(np.array(list(MACCSkeys.GenMACCSKeys(mol)), dtype=np.float32))
-        values = Descriptors.CalcMolDescriptors(mol, missingVal=np.nan)
-        columns["descriptors"].append(np.array([values[name] for name in names], dtype=np.float64))
-    RDLogger.EnableLog("rdApp.*")
+    with rdBase.BlockLogs():  # parse errors are counted by the caller; sanitiser warnings would flood the output
+        for index, text in enumerate(smiles):
+            mol = Chem.MolFromSmiles(text)
+            if mol is None or mol.GetNumAtoms() == 0:
+                continue
+            kept.append(index)
+            columns["morgan"].append(morgan.GetFingerprintAsNumPy(mol).astype(np.float32))
+            columns["maccs"].append(np.array(list(MACCSkeys.GenMACCSKeys(mol)), dtype=np.float32))
+            values = Descriptors.CalcMolDescriptors(mol, missingVal=np.nan)
+            columns["descriptors"].append(np.array([values[name] for name in names], dtype=np.float64))
     features = {name: np.stack(rows) for name, rows in columns.items()}
     return kept, features
 
@@ -76,7 +76,8 @@ def load(name: str, data_dir: str) -> Dataset:
     mean, std = np.nanmean(train, 0), np.nanstd(train, 0)
     scaled = np.clip((descriptors - mean) / np.where(std > 0, std, 1.0), -6, 6)
     features["descriptors"] = np.nan_to_num(scaled, nan=0.0).astype(np.float32)
-    return Dataset(name, features, labels, split)
+    unparsable = sorted(set(range(len(table.smiles))) - set(kept))
+    return Dataset(name, features, labels, split, unparsable)
 
 
 def presence(count: int, modalities: list[str], missing: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -161,7 +162,8 @@ def train(model: nn.Module, data: Dataset, modalities: list[str], missing: float
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.dynamic_fusion", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pyblend.examples.dynamic_fusion",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder with MoleculeNet CSVs (bbbp.csv, ...)")
     parser.add_argument("--tasks", default="bbbp,bace,clintox,tox21,sider")
     parser.add_argument("--missing", type=float, default=0.3, help="absence probability in the missing setting")
@@ -181,7 +183,9 @@ def main(argv=None) -> int:
     for name in names:
         started = time.perf_counter()
         data = load(name, args.data)
-        print(f"{name}: {len(data.labels)} molecules, {data.labels.shape[1]} tasks, split "
+        left_out = (f" ({len(data.unparsable)} SMILES RDKit cannot parse left out, data rows "
+                    f"{data.unparsable[:5]}{' ...' if len(data.unparsable) > 5 else ''})" if data.unparsable else "")
+        print(f"{name}: {len(data.labels)} molecules{left_out}, {data.labels.shape[1]} tasks, split "
               f"{len(data.split['train'])}/{len(data.split['valid'])}/{len(data.split['test'])}, features in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
         for missing in (0.0, args.missing):

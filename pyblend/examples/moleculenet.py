@@ -16,12 +16,13 @@ def scaffold_split(smiles: list[str]) -> dict[str, np.ndarray]:
     """80/10/10 by Murcko scaffold (without chirality), biggest scaffold groups first, as DeepChem's
     ScaffoldSplitter (MoleculeNet): a group goes to train while train stays within 80%, else to valid while train
     and valid stay within 90%, else to test. Returns int64 row indices; an unparsable SMILES is a ValueError."""
-    from rdkit import Chem
+    from rdkit import Chem, rdBase
     from rdkit.Chem.Scaffolds import MurckoScaffold
 
     groups: dict[str, list[int]] = {}
     for index, text in enumerate(smiles):
-        mol = Chem.MolFromSmiles(text)
+        with rdBase.BlockLogs():  # sanitiser warnings; a parse failure raises below
+            mol = Chem.MolFromSmiles(text)
         if mol is None:
             raise ValueError(f"scaffold_split: smiles[{index}] = {text!r} does not parse")
         groups.setdefault(MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False), []).append(index)
