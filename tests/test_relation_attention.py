@@ -638,6 +638,14 @@ def test_opcheck(generator, return_logits):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), bias.requires_grad_(), relations,
             table.requires_grad_(), mask, None, 5, 0.3, 0.0, 0, return_logits)
     torch.library.opcheck(torch.ops.pyblend.relation_attention.default, args)
+    out, lse, logits = torch.ops.pyblend.relation_attention(*args)
+    plain = [x.detach() if isinstance(x, torch.Tensor) else x for x in args]
+    q, k, v, bias, relations, table, mask = plain[:7]
+    grad_logits = torch.randn_like(logits) if return_logits else None
+    # The backward op's own derivative only raises (no double backward): checked on plain tensors.
+    torch.library.opcheck(torch.ops.pyblend.relation_attention_backward.default,
+                          (torch.randn_like(out), grad_logits, q, k, v, out.detach(), lse.detach(), bias, relations,
+                           table, mask, None, 5, 0.3, 0.0, 0, True, True))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
