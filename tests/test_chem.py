@@ -22,7 +22,7 @@ from pyblend.chem import (  # noqa: E402
     MoleculeTable, default_molecules, featurize, featurize_many, read_csv, read_sdf,
 )
 
-SHARED_DATA = "/work/shared/data"
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")  # ../shared/data
 MOLECULENET = os.path.join(SHARED_DATA, "moleculenet")
 NCI_SDF = os.path.join(RDConfig.RDDataDir, "NCI", "first_200.props.sdf")
 PARACETAMOL = "CC(=O)Nc1ccc(O)cc1"
