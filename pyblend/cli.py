@@ -20,6 +20,14 @@ def _featurize(argv) -> int:
         parser.error(f"--workers: expected a positive int, got {args.workers}")
     if not os.path.isfile(args.input):
         parser.error(f"input: no such file: {args.input}")
+    # Checked before featurizing (hours with --conformer), not when saving.
+    if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        parser.error(f"output: {args.output} is the input file; it would be overwritten")
+    if os.path.isdir(args.output):
+        parser.error(f"output: {args.output} is a folder; expected a file path such as molecules.pt")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        parser.error(f"output: the folder {folder} does not exist")
 
     import torch
 

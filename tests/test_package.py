@@ -146,11 +146,17 @@ def test_cli_featurize_reads_suffixes_in_any_case_and_fails_when_nothing_is_writ
     failed = subprocess.run([sys.executable, "-m", "pyblend", "featurize", str(junk), str(tmp_path / "none.pt")],
                             capture_output=True, text=True)
     assert failed.returncode == 1 and "0 molecules written" in failed.stderr, failed.stderr
+    # Refused before featurizing: the input given as the output was overwritten (exit 0), and a missing folder
+    # failed only at the save, after every molecule was featurized.
     for arguments, words in (([str(junk), "x.pt", "--workers", "0"], "--workers: expected a positive int, got 0"),
-                             ([str(tmp_path / "missing.smi"), "x.pt"], "input: no such file")):
+                             ([str(tmp_path / "missing.smi"), "x.pt"], "input: no such file"),
+                             ([str(junk), str(junk)], "is the input file; it would be overwritten"),
+                             ([str(junk), str(tmp_path)], "is a folder; expected a file path"),
+                             ([str(junk), str(tmp_path / "no" / "x.pt")], "does not exist")):
         usage = subprocess.run([sys.executable, "-m", "pyblend", "featurize", *arguments], capture_output=True,
                                text=True)
         assert usage.returncode == 2 and words in usage.stderr and "Traceback" not in usage.stderr, usage.stderr
+    assert junk.read_text() == "not_a_smiles\nC1CC\n"
 
 
 def test_a_cuda_fallback_to_the_reference_warns_once_with_the_reasons():
