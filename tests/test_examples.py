@@ -16,6 +16,32 @@ def test_example_imports_and_shows_its_options(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name, arguments, words", [
+    ("molbind_alignment", ["--held-out", "-5"], "argument --held-out: expected a positive int, got -5"),
+    ("molbind_alignment", ["--molecules", "20", "--held-out", "50"], "--held-out: expected fewer than --molecules"),
+    ("molbind_alignment", ["--minutes", "-1"], "argument --minutes: expected a positive float, got -1"),
+    ("molbind_alignment", ["--batch", "0"], "argument --batch: expected a positive int, got 0"),
+    ("moleblend_pretrain", ["--seeds", "0"], "argument --seeds: expected a positive int, got 0"),
+    ("moleblend_pretrain", ["--data", "/nonexistent"], "--data: bbbp.csv not found in /nonexistent"),
+    ("mm_lego", ["--epochs", "-2"], "argument --epochs: expected a positive int, got -2"),
+    ("mm_lego", ["--data", "/nonexistent", "--task", "bace"], "--data: bace.csv not found"),
+    ("dynamic_fusion", ["--missing", "1.5"], "argument --missing: expected a float in [0, 1), got 1.5"),
+    ("dynamic_fusion", ["--epochs", "0"], "argument --epochs: expected a positive int, got 0"),
+    ("dynamic_fusion", ["--tasks", "bbbp,bbbp"], "--tasks: expected distinct names among bbbp, bace"),
+    ("dynamic_fusion", ["--tasks", "foo"], "--tasks: expected distinct names"),
+    ("dynamic_fusion", ["--seeds", "x"], "argument --seeds: invalid positive int value: 'x'"),
+])
+def test_example_refuses_bad_options_before_any_work(name, arguments, words, capsys):
+    """Found by a bad-input sweep: a negative --held-out swapped the split, --minutes -1 printed an 'aligned' row
+    after 0 steps, --missing 1.5 printed '150% missing', --epochs 0 a table of NaN, a repeated task pooled its
+    runs, and a missing --data folder failed after pretraining; others crashed without naming the flag."""
+    module = importlib.import_module(f"pyblend.examples.{name}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(arguments)
+    assert stop.value.code == 2
+    assert words in capsys.readouterr().err
+
+
 def test_scaffold_split_keeps_scaffolds_together_and_covers_every_molecule():
     from rdkit.Chem.Scaffolds import MurckoScaffold
 

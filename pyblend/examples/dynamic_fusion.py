@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyblend.examples.moleculenet import DEFAULT_DATA, mean_roc_auc, scaffold_split
+from pyblend.examples.moleculenet import (
+    DEFAULT_DATA, check_data, fraction_below_one, mean_roc_auc, positive, scaffold_split,
+)
 
 DATASETS = {"bbbp": "bbbp.csv", "bace": "bace.csv", "clintox": "clintox.csv", "tox21": "tox21.csv",
             "sider": "sider.csv"}
@@ -166,19 +168,24 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder with MoleculeNet CSVs (bbbp.csv, ...)")
     parser.add_argument("--tasks", default="bbbp,bace,clintox,tox21,sider")
-    parser.add_argument("--missing", type=float, default=0.3, help="absence probability in the missing setting")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seeds", type=int, default=3, help="runs per model (mean and spread reported)")
+    parser.add_argument("--missing", type=fraction_below_one, default=0.3,
+                        help="absence probability in the missing setting")
+    parser.add_argument("--epochs", type=positive(int), default=40)
+    parser.add_argument("--seeds", type=positive(int), default=3, help="runs per model (mean and spread reported)")
     parser.add_argument("--rescale-gate", action="store_true",
                         help="DynamicFusion(rescale_gate=True): gated features times the width, so an all-equal "
                              "gate is the identity (eq. 2 as printed makes each feature ~1/width)")
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DATASETS]
+    if not names or unknown or len(set(names)) != len(names):
+        parser.error(f"--tasks: expected distinct names among {', '.join(DATASETS)}; got {args.tasks!r}")
+    check_data(parser, args.data, [DATASETS[name] for name in names])
     torch.set_num_threads(os.cpu_count() or 1)
     modalities = ["morgan", "maccs", "descriptors"]
     rows = [(f"unimodal: {m}", [m], Concatenation) for m in modalities]
     rows += [("naive concatenation: " + " + ".join(modalities), modalities, Concatenation),
              ("Dynamic Fusion (pyblend)", modalities, functools.partial(Fused, rescale_gate=args.rescale_gate))]
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     results: dict[tuple[str, str, float], list[float]] = {}
     for name in names:
         started = time.perf_counter()

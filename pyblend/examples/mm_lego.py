@@ -32,7 +32,7 @@ from torch import nn
 
 from pyblend import collate, featurize_many, ops
 from pyblend.chem import ATOM_FEATURE_DIMS, read_csv
-from pyblend.examples.moleculenet import DEFAULT_DATA, scaffold_split
+from pyblend.examples.moleculenet import DEFAULT_DATA, check_data, positive, scaffold_split
 from pyblend.metrics import roc_auc
 from pyblend.nn import RelationBiasedAttention
 from pyblend.nn.lego import LegoBlock, LegoFuse, classification_loss, lego_merge
@@ -141,14 +141,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyblend.examples.mm_lego", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="folder with MoleculeNet CSVs (bbbp.csv, bace.csv)")
     parser.add_argument("--task", default="bbbp", choices=sorted(DATASETS))
-    parser.add_argument("--epochs", type=int, default=6, help="unimodal training epochs per block")
-    parser.add_argument("--fuse-epochs", type=int, default=2, help="LegoFuse fine-tuning epochs (the paper's 2)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--latent", type=int, default=32, help="l_c = l_d")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--epochs", type=positive(int), default=6, help="unimodal training epochs per block")
+    parser.add_argument("--fuse-epochs", type=positive(int), default=2,
+                        help="LegoFuse fine-tuning epochs (the paper's 2)")
+    parser.add_argument("--batch", type=positive(int), default=64)
+    parser.add_argument("--latent", type=positive(int), default=32, help="l_c = l_d")
+    parser.add_argument("--heads", type=positive(int), default=4)
+    parser.add_argument("--head-dim", type=positive(int), default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    check_data(parser, args.data, [DATASETS[args.task][0]])
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 

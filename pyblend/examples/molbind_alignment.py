@@ -23,7 +23,7 @@ from torch import nn
 
 from pyblend import collate, ops
 from pyblend.chem import ATOM_FEATURE_DIMS
-from pyblend.examples.moleculenet import default_set_with_conformers
+from pyblend.examples.moleculenet import default_set_with_conformers, positive
 from pyblend.nn import RelationBiasedAttention
 
 MAX_DISTANCE = 16  # shortest-path ids 0..15; longer paths and unreachable pairs share id 16
@@ -114,16 +114,20 @@ def evaluate(graph_encoder, conformer_encoder, batches) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyblend.examples.molbind_alignment",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--molecules", type=int, default=2000, help="first N SMILES of the default set")
-    parser.add_argument("--held-out", type=int, default=400, help="molecules kept for retrieval")
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--molecules", type=positive(int), default=2000, help="first N SMILES of the default set")
+    parser.add_argument("--held-out", type=positive(int), default=400, help="molecules kept for retrieval")
+    parser.add_argument("--minutes", type=positive(float), default=3.0, help="training time budget")
+    parser.add_argument("--batch", type=positive(int), default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.held_out >= args.molecules:
+        parser.error(f"--held-out: expected fewer than --molecules ({args.molecules}), got {args.held_out}")
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
 
     graphs = default_set_with_conformers(args.molecules, args.seed)
+    if args.held_out >= len(graphs):
+        parser.error(f"--held-out: {args.held_out} leaves no training molecule of the {len(graphs)} with conformers")
     order = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     held_out = [graphs[i] for i in order[:args.held_out]]
     training = [graphs[i] for i in order[args.held_out:]]

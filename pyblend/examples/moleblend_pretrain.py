@@ -20,7 +20,9 @@ import torch
 from pyblend import collate, featurize_many
 from pyblend.chem import read_csv
 from pyblend.examples.dynamic_fusion import DATASETS
-from pyblend.examples.moleculenet import DEFAULT_DATA, default_set_with_conformers, mean_roc_auc, scaffold_split
+from pyblend.examples.moleculenet import (
+    DEFAULT_DATA, check_data, default_set_with_conformers, mean_roc_auc, positive, scaffold_split,
+)
 from pyblend.models import MoleBlend, MoleBlendConfig, MoleBlendPredictor
 
 PARTS = ("spd", "edge", "geometry", "denoise")
@@ -118,20 +120,25 @@ def finetune(model: MoleBlendPredictor, train, valid, test, epochs: int, seed: i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyblend.examples.moleblend_pretrain",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--molecules", type=int, default=1000, help="first N SMILES of the default set")
-    parser.add_argument("--held-out", type=int, default=100)
-    parser.add_argument("--minutes", type=float, default=4.0, help="pretraining time budget")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--molecules", type=positive(int), default=1000, help="first N SMILES of the default set")
+    parser.add_argument("--held-out", type=positive(int), default=100)
+    parser.add_argument("--minutes", type=positive(float), default=4.0, help="pretraining time budget")
+    parser.add_argument("--batch", type=positive(int), default=32)
     parser.add_argument("--task", default="bbbp", choices=sorted(DATASETS))
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
-    parser.add_argument("--seeds", type=int, default=2, help="fine-tuning runs per model")
+    parser.add_argument("--epochs", type=positive(int), default=10, help="fine-tuning epochs")
+    parser.add_argument("--seeds", type=positive(int), default=2, help="fine-tuning runs per model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.held_out >= args.molecules:
+        parser.error(f"--held-out: expected fewer than --molecules ({args.molecules}), got {args.held_out}")
+    check_data(parser, args.data, [DATASETS[args.task]])
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
 
     graphs = default_set_with_conformers(args.molecules, args.seed)
+    if args.held_out >= len(graphs):
+        parser.error(f"--held-out: {args.held_out} leaves no training molecule of the {len(graphs)} with conformers")
     held_out = batches(graphs[:args.held_out], 64)
     training = graphs[args.held_out:]
 

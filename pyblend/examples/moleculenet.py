@@ -2,6 +2,7 @@
 and the default molecule set with conformers."""
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -10,6 +11,33 @@ import numpy as np
 from pyblend.metrics import roc_auc
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "moleculenet")
+
+
+def positive(kind):
+    """An argparse ``type``: a number of ``kind`` (int or float) above 0, else the flag's error."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"  # argparse's "invalid ... value" for text kind() refuses
+    return parse
+
+
+def fraction_below_one(text: str) -> float:
+    """An argparse ``type``: a float in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text}")
+    return value
+
+
+def check_data(parser: argparse.ArgumentParser, folder: str, files: list[str]) -> None:
+    """Before any work: ``--data`` must hold every CSV the run will read (``parser.error`` otherwise)."""
+    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        parser.error(f"--data: {', '.join(missing)} not found in {os.path.abspath(folder)}")
 
 
 def scaffold_split(smiles: list[str]) -> dict[str, np.ndarray]:
