@@ -305,9 +305,16 @@ def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
+    """Errors caused by PYBLEND_BACKEND name it: a module's op refusing 'cpp' said only "has no 'cpp' backend"
+    to a caller who passed no backend."""
     monkeypatch.setenv("PYBLEND_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="nonsense"):
+    with pytest.raises(ValueError, match=r"backend \(from the environment variable PYBLEND_BACKEND\) must be one "
+                                         r"of .* got 'nonsense'"):
         ops.shortest_path(torch.zeros(1, 2, 2, dtype=torch.bool))
+    monkeypatch.setenv("PYBLEND_BACKEND", "cpp")
+    with pytest.raises(ValueError, match=r"gated_fusion: has no 'cpp' backend, asked for by backend \(from the "
+                                         r"environment variable PYBLEND_BACKEND\)"):
+        ops.gated_fusion(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3), torch.zeros(2, 1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -93,17 +93,19 @@ def choose_backend(op: str, requested: str | None, device: torch.device,
         candidates = {name: (reasons if name == "reference" else
                              lambda reasons=reasons: [*reasons(), *tangent_reasons])
                       for name, reasons in candidates.items()}
+    source = "backend"
     if requested is None:
         requested = os.environ.get("PYBLEND_BACKEND") or None
+        source = "backend (from the environment variable PYBLEND_BACKEND)"
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {requested!r}")
+            raise ValueError(f"{op}: {source} must be one of {BACKENDS} or None, got {requested!r}")
         if requested not in candidates:
-            raise ValueError(f"{op}: has no {requested!r} backend; "
+            raise ValueError(f"{op}: has no {requested!r} backend, asked for by {source}; "
                              f"it has {sorted(candidates)}")
         reasons = list(candidates[requested]())
         if reasons:
-            raise ValueError(f"{op}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
+            raise ValueError(f"{op}: {source} {requested!r} cannot run these inputs: " + "; ".join(reasons))
         return requested
     preference = _PREFERENCE["cuda" if device.type == "cuda" else "cpu"]
     refused = {}
