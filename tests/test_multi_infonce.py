@@ -370,6 +370,13 @@ def test_self_pairs_empty_widths_and_non_dicts_are_refused(generator):
         ops.multi_infonce({"a": a[:, :0], "b": b[:, :0]}, [("a", "b")])
     with pytest.raises(ValueError, match=r"embeddings\['c'\]: expected shape \(B, d\) with d >= 1"):
         ops.multi_infonce({"a": a, "b": b, "c": b[:, :0]}, [("a", "b")])
+    # A modality in no pair (a typo, a forgotten pair) was validated and then dropped without a word, its mask too.
+    with pytest.raises(ValueError, match=r"embeddings: modality 'c' is in no pair \(the pairs use \['a', 'b'\]\)"):
+        ops.multi_infonce({"a": a, "b": b, "c": b}, [("a", "b")], masks={"c": torch.ones(4, dtype=torch.bool)})
+    from pyblend.nn.contrastive import MultiPairContrastive
+
+    with pytest.raises(ValueError, match=r"embeddings: modality 'c' is in no pair"):
+        MultiPairContrastive([("a", "b")])({"a": a, "b": b, "c": b})
     for masks in ([torch.ones(4, dtype=torch.bool)], "a"):
         with pytest.raises(TypeError, match="masks: expected None or a dict"):
             ops.multi_infonce({"a": a, "b": b}, [("a", "b")], masks=masks)

@@ -148,6 +148,7 @@ def _mismatch_errors(rank: int) -> dict:
         "weights": dict(embeddings=leaves(4), pairs=[("a", "b"), ("b", "c")], weights=[0.5, 0.5 + rank]),
         "requires grad": dict(embeddings={name: x if rank == 0 or name == "a" else x.detach()
                                           for name, x in leaves(4).items()}, pairs=[("a", "b")]),
+        "unpaired": dict(embeddings=leaves(4), pairs=[("a", "b")]),  # c, in no pair, on both ranks
     }
     found = {}
     for case, call in cases.items():
@@ -156,7 +157,7 @@ def _mismatch_errors(rank: int) -> dict:
             found[case] = None
         except ValueError as error:
             found[case] = str(error)
-    found["after"] = ops.multi_infonce(leaves(4), [("a", "b")], backend="reference").detach()
+    found["after"] = ops.multi_infonce(leaves(4, names=("a", "b")), [("a", "b")], backend="reference").detach()
     return found
 
 
@@ -422,6 +423,13 @@ def test_ranks_that_disagree_all_raise(distributed_results, case, expected):
                                                           "must pass "), f"rank {rank}: {message}"
         assert expected.format(rank=rank) in message, f"rank {rank}: {message}"
     torch.testing.assert_close(results[0]["mismatch"]["after"], results[1]["mismatch"]["after"])
+
+
+def test_a_modality_in_no_pair_is_refused_on_every_rank(distributed_results):
+    """Refused after the ranks compare headers (which carry the unpaired names), so that all of them raise."""
+    for rank in range(WORLD):
+        message = distributed_results[2][rank]["mismatch"]["unpaired"]
+        assert message is not None and message.startswith("embeddings: modality 'c' is in no pair"), message
 
 
 def test_ddp_scale(distributed_results):

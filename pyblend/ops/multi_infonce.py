@@ -98,7 +98,8 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
     Args:
         embeddings: modality name -> ``(B, d)`` float tensor; float16, bfloat16 or float32 (float64: reference
             backend only), one dtype, one ``B`` and one device for all; ``d >= 1`` may differ between
-            modalities that are not paired together.
+            modalities that are not paired together. Every modality must be in some pair (one in none is
+            refused, not ignored).
         pairs: ``(a, b)`` names of two different modalities; each pair's two embeddings must have the same ``d``.
         weights: one float per pair, used as given. Default: ``1 / len(pairs)`` each.
         temperature: a float > 0, or a 0-dim float tensor (learnable: it gets a gradient). A tensor's value is
@@ -130,9 +131,10 @@ def multi_infonce(embeddings: Mapping[str, Tensor], pairs: Sequence[tuple[str, s
         "triton": lambda: _triton_reasons(embeddings, pairs),
         "reference": lambda: [],
     }, inputs=(embeddings, temperature))
-    if world is not None:
+    if world is not None:  # the ranks agree first on which modalities are in no pair, then all refuse them
         return _distributed(embeddings, pairs, weights, temperature, masks, normalize, chosen, gather,
                             process_group, *world)
+    _refuse_unpaired(_unpaired(embeddings, pairs), pairs)
     if chosen == "reference":
         return reference.multi_infonce(embeddings, pairs, weights=weights, temperature=temperature, masks=masks,
                                        normalize=normalize)
@@ -243,6 +245,7 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
         # No host read (torch.compile, value checks off): nothing is checked, and every used modality's mask is
         # gathered (all True where a rank passes none), so that the collectives line up whichever masks each
         # rank passes; what the header would check is trusted.
+        _refuse_unpaired(_unpaired(embeddings, pairs), pairs)
         with_mask = used
     else:
         with_mask = _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gather, used, group,
@@ -285,7 +288,8 @@ def _distributed(embeddings, pairs, weights, temperature, masks, normalize, chos
 # lines up whatever the ranks pass): what must agree for the gathers to line up and for the shares to add up to
 # one loss, and the union of the masks.
 _HEADER = ("local batch size B", "gather", "dtype", "modalities used by the pairs", "embedding widths",
-           "pairs, weights, normalize and a float temperature", "masks", "modalities requiring a gradient")
+           "pairs, weights, normalize and a float temperature", "masks", "modalities requiring a gradient",
+           "modalities in no pair")
 
 
 def _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gather, used, group, rank, size):
@@ -320,6 +324,7 @@ def _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gath
         "masks": bits(masks),
         # the autograd gather's backward is a collective for each gathered modality that requires a gradient
         "modalities requiring a gradient": bits([name for name in used if grad and embeddings[name].requires_grad]),
+        "modalities in no pair": _unpaired(embeddings, pairs),
     }
     header = torch.tensor([value if isinstance(value, int) else digest(value) for value in mine.values()],
                           dtype=torch.int64, device=first.device)
@@ -347,6 +352,7 @@ def _check_ranks(embeddings, pairs, weights, temperature, masks, normalize, gath
     if problems:
         raise ValueError(f"multi_infonce across ranks: every rank of process_group must pass the same "
                          f"{'; the same '.join(problems)}")
+    _refuse_unpaired(mine["modalities in no pair"], pairs)  # the same on every rank: all of them raise
     union = 0
     for value in columns[_HEADER.index("masks")]:
         union |= value
@@ -427,6 +433,19 @@ def check_distinct(pair) -> None:
     if pair[0] == pair[1]:
         raise ValueError(f"pairs: pair {tuple(pair)!r} pairs modality {pair[0]!r} with itself; expected two "
                          f"different modalities")
+
+
+def _unpaired(embeddings, pairs) -> list[str]:
+    paired = {name for pair in pairs for name in pair}
+    return sorted(name for name in embeddings if name not in paired)
+
+
+def _refuse_unpaired(unpaired, pairs):
+    """A modality in no pair (a typo, a forgotten pair) would otherwise be dropped without a word."""
+    if unpaired:
+        raise ValueError(f"embeddings: modality {unpaired[0]!r} is in no pair (the pairs use "
+                         f"{sorted({name for pair in pairs for name in pair})}); pass only paired modalities, or "
+                         f"add a pair for it")
 
 
 def _validate(embeddings, pairs, weights, temperature, masks, normalize):
