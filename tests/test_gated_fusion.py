@@ -557,6 +557,14 @@ def test_module_errors(generator):
          "present['graph']: modality 'graph' is not in embeddings"),
         (lambda: fusion({"smiles": torch.zeros(5, 12)}, {"smiles": torch.arange(5) != 2}), ValueError,
          "present: sample 2 of the batch has no present modality"),
+        # A seed for a generator: an AttributeError from inside the dropout in training, ignored in eval.
+        (lambda: fusion.eval()(embeddings, masks, generator=42), TypeError,
+         "generator: expected a torch.Generator or None; got 42"),
+        # fused of another dtype or device: torch's matmul error from the decoders, naming no argument.
+        (lambda: fusion.reconstruction_loss(torch.zeros(5, 8, dtype=torch.float64), embeddings, masks), TypeError,
+         "fused: expected dtype torch.float32 like the module's parameters"),
+        (lambda: fusion.reconstruction_loss(torch.zeros(5, 8, device="meta"), embeddings, masks), ValueError,
+         "fused: expected a tensor on cpu like the module's parameters"),
     ]
     for make, error, message in cases:
         with pytest.raises(error) as caught:

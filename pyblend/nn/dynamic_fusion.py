@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import (check_flag, check_linear_input, check_module_backend, check_positive_float, describe,
-                           is_int, is_real)
+from ..ops._checks import (check_flag, check_generator, check_linear_input, check_module_backend,
+                           check_positive_float, describe, is_int, is_real)
 
 __all__ = ["DynamicFusion"]
 
@@ -146,6 +146,7 @@ class DynamicFusion(nn.Module):
             ``(fused (B, dim), weights (B, M))``: the weights float32, columns in ``input_dims`` order, summing to
             1 over each sample's (kept) modalities, exactly 0 at missing or dropped ones.
         """
+        check_generator(generator)
         inputs, mask = self._inputs(embeddings, present)
         kept = self._drop(mask, generator) if self.training and self.modality_dropout > 0 else mask
         projections = {name: self.project[name](x) for name, x in inputs.items()}
@@ -175,6 +176,7 @@ class DynamicFusion(nn.Module):
         inputs, mask = self._inputs(embeddings, present)
         if fused.dim() != 2 or fused.shape != (mask.shape[0], self.dim):
             raise ValueError(f"fused: expected shape (B, dim) = ({mask.shape[0]}, {self.dim}); got {describe(fused)}")
+        check_linear_input(fused, "fused", next(iter(self.decode.values())).weight, "the module's parameters")
         compute = torch.float64 if fused.dtype == torch.float64 else torch.float32
         total = fused.new_zeros((), dtype=compute)
         count = fused.new_zeros((), dtype=compute)
