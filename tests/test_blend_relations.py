@@ -335,6 +335,12 @@ def test_relation_blender_draws_in_training_and_uses_every_channel_in_eval():
     assert torch.equal(packed, pack_pairs(every, mask))
     with pytest.raises(ValueError, match="probs"):
         RelationBlender(probs=(1, 1))
+    # A string was read digit by digit ("123" as 1, 2, 3) and bools as 0/1.
+    for probs in ("123", (True, False, False), None):
+        with pytest.raises(TypeError, match=r"probs: expected three numbers \(a tuple, list or tensor\)"):
+            RelationBlender(probs=probs)
+    with pytest.raises(TypeError, match="generator: expected a torch.Generator or None; got 1"):
+        blender.eval()(mask, generator=1)  # nothing is drawn in eval mode, and the seed was ignored
     with pytest.raises(TypeError, match="symmetric: expected a bool; got 'no'"):
         RelationBlender(symmetric="no")
 

@@ -482,6 +482,13 @@ def test_config_refuses_values_it_used_to_take():
             _config(loss_weights=value)
     with pytest.raises(ValueError, match=r"loss_weights\['spd'\]: expected a finite number >= 0; got -1"):
         _config(loss_weights={"spd": -1})
+    # Taken by the config, then refused by MoleBlend(config) naming the blender's probs / mode.
+    with pytest.raises(ValueError, match=r"blend_probs: expected three finite non-negative numbers"):
+        _config(blend_probs=(1, 1))
+    with pytest.raises(ValueError, match=r"blend_mode: expected one of \('pair', 'batch', 'molecule'\); got 'atom'"):
+        _config(blend_mode="atom")
+    with pytest.raises(TypeError, match=r"config: expected a MoleBlendConfig or None .*; got dict"):
+        MoleBlend({"layers": 1})
 
 
 def test_predictor_fine_tunes_without_the_blend_unless_asked(graphs_2d):
@@ -1042,3 +1049,9 @@ def test_checkpoint_loads_into_a_meta_model_without_reset(graphs, how):
     assert all(buffer.device.type == "cpu" for buffer in deferred.buffers())
     batch = collate(graphs)
     torch.testing.assert_close(deferred.eval()(batch), model(batch), rtol=0, atol=0)
+
+
+def test_pretrain_loss_names_a_bad_generator(graphs):
+    """A seed for a generator failed in torch.randn with "received an invalid combination of arguments"."""
+    with pytest.raises(TypeError, match="generator: expected a torch.Generator or None; got 'seed'"):
+        _model().pretrain_loss(collate(graphs), generator="seed")

@@ -59,8 +59,8 @@ from ..ops import (
     relation_attention,
     shortest_path_routes,
 )
-from ..ops._checks import FLOAT_DTYPES, INTEGER_DTYPES, check_dtype, check_flag
-from ..ops.blend_relations import EDGE, GEOMETRY, SPD
+from ..ops._checks import FLOAT_DTYPES, INTEGER_DTYPES, check_dtype, check_flag, check_generator
+from ..ops.blend_relations import EDGE, GEOMETRY, SPD, check_blend_mode, check_blend_probs
 
 __all__ = ["MoleBlend", "MoleBlendConfig", "MoleBlendPredictor", "convert_transformer_m_state_dict"]
 
@@ -114,6 +114,8 @@ class MoleBlendConfig:
             raise ValueError(f"edge_classes: expected {len(BOND_FEATURE_DIMS)} ints, each from 1 to its bond "
                              f"feature's vocabulary {BOND_FEATURE_DIMS}; got {classes!r}")
         self.edge_classes = tuple(classes)
+        check_blend_mode(self.blend_mode, "blend_mode")
+        check_blend_probs(self.blend_probs, "blend_probs")
         blend = self.atom_feature_blend
         if blend is not None:
             if (not isinstance(blend, (tuple, list)) or len(blend) != 2
@@ -436,7 +438,10 @@ class MoleBlend(nn.Module):
 
     def __init__(self, config: MoleBlendConfig | None = None):
         super().__init__()
-        config = config or MoleBlendConfig()
+        config = MoleBlendConfig() if config is None else config
+        if not isinstance(config, MoleBlendConfig):
+            raise TypeError(f"config: expected a MoleBlendConfig or None (MoleBlendConfig(**options) for a dict); "
+                            f"got {type(config).__name__}")
         self.config = config
         dim, heads = config.dim, config.heads
         self.atom_encoder = nn.Embedding(sum(ATOM_FEATURE_DIMS), dim)
@@ -791,6 +796,7 @@ class MoleBlend(nn.Module):
         not with a ``generator``, which torch.compile does not take (draw from torch's global one, or pass
         ``noise``). The compiled loss is the eager one, up to the order of the denoising mean's sum,
         except that the 3D parts of a batch without any conformer are computed (0, with zero gradients)."""
+        check_generator(generator)
         config = self.config
         relations = dataclasses.replace(relations)
         clean = relations.positions

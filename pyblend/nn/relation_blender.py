@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import check_generator
 from ..ops.blend_relations import blend_relations, every_channel, sample_blend
 
 __all__ = ["RelationBlender"]
@@ -47,6 +48,7 @@ class RelationBlender(nn.Module):
                 generator: torch.Generator | None = None, pairs: int | None = None) -> Tensor:
         """The choices, uint8 ``(B, N, N)`` (``mask (B, N)``) or ``(P,)`` (``cu_seqlens``, and ``pairs = P`` when
         known); see ``sample_blend``."""
+        check_generator(generator)  # in eval mode too, where nothing is drawn
         if self.training:
             return sample_blend(mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, probs=self.probs,
                                 mode=self.mode, symmetric=self.symmetric, has_geometry=has_geometry,

@@ -40,6 +40,7 @@ from ._checks import (
     id_range,
     is_finite,
     is_int,
+    is_real,
     one_or,
 )
 
@@ -81,10 +82,9 @@ def sample_blend(mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None
         uint8 ``(B, N, N)`` (padded) or ``(P,)`` (packed, pairs of molecule i row-major after those of the
         molecules before it): bit 0 SPD, bit 1 edge, bit 2 3D; 0 on padded pairs.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}; got {mode!r}")
+    check_blend_mode(mode)
     symmetric = check_flag(symmetric, "symmetric")
-    weights = _probabilities(probs)
+    weights = check_blend_probs(probs)
     check_generator(generator)
     mask, cu_seqlens, has_geometry = _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs)
     (batch, atoms), device = mask.shape, mask.device
@@ -295,12 +295,21 @@ def _check_spd_ids(spd_index: Tensor, choice: Tensor, rows: int) -> None:
                          f"chosen; got ids from {bounds[0]} to {bounds[1]}")
 
 
-def _probabilities(probs) -> Tensor:
+def check_blend_mode(mode, name: str = "mode") -> None:
+    if mode not in _MODES:
+        raise ValueError(f"{name}: expected one of {_MODES}; got {mode!r}")
+
+
+def check_blend_probs(probs, name: str = "probs") -> Tensor:
+    """The (SPD, edge, 3D) probabilities normalised to sum 1, float32 ``(3,)``; ``name`` is the argument's, for
+    messages. A string ("123" read as 1, 2, 3) and bools are refused."""
     # Checked on Python floats: bool() of a tensor would break a torch.compile graph at every call.
-    try:
-        values = probs.detach().flatten().tolist() if isinstance(probs, Tensor) else [float(p) for p in probs]
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"probs: expected three numbers; got {probs!r}") from None
+    if isinstance(probs, Tensor):
+        values = probs.detach().flatten().tolist()
+    elif isinstance(probs, (str, bytes)) or not isinstance(probs, (tuple, list)) or not all(map(is_real, probs)):
+        raise TypeError(f"{name}: expected three numbers (a tuple, list or tensor); got {probs!r}")
+    else:
+        values = [float(p) for p in probs]
     if len(values) != 3 or not all(is_finite(p) and p >= 0 for p in values) or sum(values) <= 0:
-        raise ValueError(f"probs: expected three finite non-negative numbers with a positive sum; got {probs!r}")
+        raise ValueError(f"{name}: expected three finite non-negative numbers with a positive sum; got {probs!r}")
     return torch.tensor([p / sum(values) for p in values], dtype=torch.float32)
