@@ -172,6 +172,9 @@ def test_graphormer_initialisation_and_repr():
         assert torch.equal(getattr(module, name).weight, linear.weight), f"{name}.weight"
         assert torch.equal(getattr(module, name).bias, linear.bias), f"{name}.bias"
     assert [name for name, _ in module.named_parameters()][::2] == [f"{name}.weight" for name in graphormer]
+    for value in ("no", None, 1):
+        with pytest.raises(TypeError, match=f"bias: expected a bool; got {value!r}"):
+            RelationBiasedAttention(48, 8, bias=value)
     text = repr(module)
     assert "embed_dim=48, num_heads=8, head_dim=6, dropout=0.1, bias=True" in text
 
@@ -218,6 +221,8 @@ def test_bias_from_relations_shapes():
     assert bias_from_relations(index.flatten(), table).shape == (2, 4)
     with pytest.raises(TypeError, match="rel_index: expected an integer tensor"):
         bias_from_relations(index.float(), table)
+    with pytest.raises(ValueError, match="rel_index: expected a tensor on meta like rel_table"):
+        bias_from_relations(index, table.to("meta"))  # was torch's indexing error, naming neither
 
 
 def test_packed_equals_padded(generator):

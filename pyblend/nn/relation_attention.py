@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._checks import as_tensor, check_linear_input, check_mask, check_same_device, is_real
+from ..ops._checks import as_tensor, check_flag, check_linear_input, check_mask, check_same_device, is_real
 
 __all__ = ["RelationBiasedAttention", "bias_from_relations", "convert_unimol_state_dict"]
 
@@ -87,6 +87,7 @@ def bias_from_relations(rel_index: Tensor, rel_table: Tensor) -> Tensor:
     if rel_index.dim() not in (1, 3) or rel_table.dim() != 2:
         raise ValueError(f"bias_from_relations: expected rel_index (B, N, N) or (P,) and rel_table (R, H); got "
                          f"rel_index {tuple(rel_index.shape)} and rel_table {tuple(rel_table.shape)}")
+    check_same_device(rel_table, "rel_table", rel_index=rel_index)
     return reference.bias_from_relations(rel_index, rel_table)
 
 
@@ -168,6 +169,7 @@ class RelationBiasedAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if not is_real(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1); got {dropout!r}")
+        bias = check_flag(bias, "bias")  # nn.Linear reads "no" as True and None as False
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
