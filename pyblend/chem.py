@@ -611,10 +611,15 @@ def _check_labels(labels, count: int) -> np.ndarray | None:
     if labels is None:
         return None
     try:
-        rows = np.array(labels, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value past float32's range is reported below, by index
+            rows = np.array(labels, dtype=np.float32)
     except (TypeError, ValueError) as error:
         raise ValueError(f"featurize_many: labels must be numeric array-like of shape (len(items), L): {error}") \
             from None
+    if np.isinf(rows).any():
+        index = tuple(int(i) for i in np.argwhere(np.isinf(rows))[0])
+        raise ValueError(f"featurize_many: labels{list(index)} is infinite in float32 (the value given: "
+                         f"{np.asarray(labels, dtype=object)[index]!r}); a label must be finite, NaN where missing")
     if rows.ndim == 1:
         rows = rows[:, None]
     if rows.ndim != 2 or rows.shape[0] != count:
@@ -778,10 +783,16 @@ def read_csv(path, smiles_column: str | None = None, label_columns: Sequence[str
         for row_number, row in enumerate(body):
             cell = row[index].strip()
             try:
-                labels[row_number, column] = _number(cell) if cell else np.nan
+                with np.errstate(over="ignore"):  # past float32's range: reported below, naming the cell
+                    value = np.float32(_number(cell)) if cell else np.nan
             except ValueError:
                 raise ValueError(f"read_csv: {path} line {lines[row_number]}, column {header[index]!r}: "
                                  f"{cell!r} is not a number") from None
+            if np.isinf(value):
+                raise ValueError(f"read_csv: {path} line {lines[row_number]}, column {header[index]!r}: "
+                                 f"{cell!r} is infinite in float32; a label must be finite (empty or NaN where "
+                                 f"missing)")
+            labels[row_number, column] = value
     return MoleculeTable(smiles=[row[smiles_index].strip() for row in body], labels=labels,
                          label_names=[header[i] for i in label_indices])
 

@@ -151,6 +151,8 @@ def collate(graphs: Sequence[MolGraph], layout: str = "padded") -> MolBatch:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if hasattr(graphs, "atom_features"):
+        raise TypeError("graphs: expected a sequence of MolGraph; got one MolGraph (pass [graph])")
     graphs = list(graphs)
     batch = len(graphs)
     # MolGraph checks its fields when built, but they can be reassigned since: each graph's are checked again,
@@ -243,7 +245,11 @@ def _positions(graphs: Sequence[MolGraph], width: int) -> dict:
 
 
 def _labels(graphs: Sequence[MolGraph]) -> Tensor | None:
-    widths = {np.asarray(g.labels).reshape(-1).shape[0] for g in graphs if getattr(g, "labels", None) is not None}
+    for index, graph in enumerate(graphs):  # checked again, as the other fields: they may be reassigned
+        labels = getattr(graph, "labels", None)
+        if labels is not None and not (type(labels) is np.ndarray and labels.dtype == _FLOAT32 and labels.ndim == 1):
+            require_array(f"graphs[{index}].labels", labels, np.float32, (None,))
+    widths = {g.labels.shape[0] for g in graphs if getattr(g, "labels", None) is not None}
     if not widths:
         return None
     if len(widths) > 1:
@@ -251,5 +257,5 @@ def _labels(graphs: Sequence[MolGraph]) -> Tensor | None:
     labels = np.full((len(graphs), widths.pop()), np.nan, dtype=np.float32)
     for b, graph in enumerate(graphs):
         if getattr(graph, "labels", None) is not None:
-            labels[b] = np.asarray(graph.labels, dtype=np.float32).reshape(-1)
+            labels[b] = graph.labels
     return torch.from_numpy(labels)

@@ -671,6 +671,11 @@ def test_featurize_many_attaches_labels():
     assert np.array_equal(graphs[1].labels, np.array([3.0, 1.5], np.float32))
     one_column, _ = featurize_many(["CCO", "CC"], labels=[0.0, 1.0], progress=False)
     assert [g.labels.tolist() for g in one_column] == [[0.0], [1.0]]
+    # Past float32's range a label became inf, with only numpy's overflow warning.
+    for bad, where in (([1e40, 2.0], r"labels\[0\] is infinite in float32 \(the value given: 1e\+40\)"),
+                       ([[1.0, 2.0], [3.0, float("inf")]], r"labels\[1, 1\] is infinite in float32")):
+        with pytest.raises(ValueError, match=where):
+            featurize_many(["CCO", "CC"], labels=bad, progress=False)
 
 
 def test_featurize_many_workers_match_in_process(nci_smiles):
@@ -886,6 +891,12 @@ def test_read_csv_refuses_ambiguous_columns_and_grouped_digits(tmp_path):
     assert read_csv(grouped).label_names == ["y"]
     with pytest.raises(ValueError, match="line 2, column 'count': '1_000' is not a number"):
         read_csv(grouped, label_columns=["count"])
+    # A value past float32's range, or "inf", became an infinite label (numpy's overflow warning at most).
+    for cell in ("1e40", "-inf"):
+        huge = tmp_path / "huge.csv"
+        huge.write_text(f"smiles,y\nCC,0\nCCO,{cell}\n")
+        with pytest.raises(ValueError, match=f"line 3, column 'y': '{cell}' is infinite in float32"):
+            read_csv(huge)
 
 
 @pytest.mark.parametrize("file, smiles_column, label_names", [

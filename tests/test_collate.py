@@ -100,6 +100,13 @@ def test_labels(graphs):
     labelled[1].labels = np.array([1.0], dtype=np.float32)
     with pytest.raises(ValueError, match="labels"):
         collate(labelled)
+    # Reassigned labels are checked again, as the other fields: a (1, 2) array was flattened without a word.
+    labelled[1].labels = np.ones((1, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"graphs\[1\].labels must be float32 of shape \(\?\), got float32 of "
+                                         r"shape \(1, 2\)"):
+        collate(labelled)
+    with pytest.raises(TypeError, match=r"graphs: expected a sequence of MolGraph; got one MolGraph"):
+        collate(labelled[0])
 
 
 @pytest.mark.parametrize("batch_layout", ["padded", "packed"])
