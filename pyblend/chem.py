@@ -567,6 +567,8 @@ def featurize_many(items: Iterable, *, errors: str = "raise", workers: int | Non
         raise TypeError(f"featurize_many: workers must be None or a positive int, got {type(workers).__name__}")
     if workers is not None and workers < 1:
         raise ValueError(f"featurize_many: workers must be None or a positive int, got {workers}")
+    if not isinstance(progress, (bool, np.bool_)):  # "no" would show the bar
+        raise TypeError(f"featurize_many: progress must be a bool, got {progress!r}")
     unknown = set(featurize_kwargs) - {"conformer", "hydrogens", "seed"}
     if unknown:
         raise TypeError(f"featurize_many: unexpected keyword argument(s) {sorted(unknown)}; "

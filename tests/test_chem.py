@@ -671,6 +671,8 @@ def test_featurize_many_attaches_labels():
     assert np.array_equal(graphs[1].labels, np.array([3.0, 1.5], np.float32))
     one_column, _ = featurize_many(["CCO", "CC"], labels=[0.0, 1.0], progress=False)
     assert [g.labels.tolist() for g in one_column] == [[0.0], [1.0]]
+    with pytest.raises(TypeError, match="featurize_many: progress must be a bool, got 'no'"):
+        featurize_many(["CCO"], progress="no")
     # Past float32's range a label became inf, with only numpy's overflow warning.
     for bad, where in (([1e40, 2.0], r"labels\[0\] is infinite in float32 \(the value given: 1e\+40\)"),
                        ([[1.0, 2.0], [3.0, float("inf")]], r"labels\[1, 1\] is infinite in float32")):
