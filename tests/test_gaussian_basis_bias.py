@@ -477,6 +477,10 @@ def test_module_inits_shapes_and_repr(generator):
     assert_close(feat, ref_feat, torch.float32, "atom_features")
     with pytest.raises(ValueError, match="pair_types: pair_type_mode='sum2' expects"):
         layer(positions, types[..., 0], mask)
+    # Inputs on another device than the module: the op's message blamed the parameters ("means: ... like
+    # positions").
+    with pytest.raises(ValueError, match="positions: expected a tensor on cpu like the module's parameters; got"):
+        layer(positions.to("meta"), types.to("meta"), mask.to("meta"))
     with pytest.raises(ValueError, match="pair_type_mode: expected one of"):
         GaussianBasisBias(4, pair_type_mode="pairs")
     # Refused at construction (they used to fail only at the first forward, or unnamed: float('x')).

@@ -19,7 +19,7 @@ import functools
 
 from torch import Tensor, nn
 
-from ..ops._checks import check_module_backend, check_positive_float
+from ..ops._checks import check_module_backend, check_positive_float, check_same_device
 from ..ops.gaussian_basis_bias import gaussian_basis_bias
 
 __all__ = ["GaussianBasisBias"]
@@ -127,6 +127,8 @@ class GaussianBasisBias(nn.Module):
             raise ValueError(f"pair_types: pair_type_mode={self.pair_type_mode!r} expects {want}; got shape "
                              f"{tuple(pair_types.shape)}")
         gbf, proj = self.gbf, self.gbf_proj
+        if isinstance(positions, Tensor):  # else the op would blame the parameters ("means: ... like positions")
+            check_same_device(gbf.means.weight, "the module's parameters", positions=positions)
         return gaussian_basis_bias(positions, pair_types, gbf.means.weight.view(-1), gbf.stds.weight.view(-1),
                                    gbf.mul.weight, gbf.bias.weight, proj.layer1.weight, proj.layer1.bias,
                                    proj.layer2.weight, proj.layer2.bias, mask=mask, cu_seqlens=cu_seqlens,
