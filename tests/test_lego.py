@@ -1017,6 +1017,16 @@ def test_survival_risk_and_errors(generator):
         survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="alpha"):
         survival_nll_loss(logits, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool), alpha=2.0)
+    # Found by a bad-input sweep: torch's device error naming no argument; a meta event_bin out of range even
+    # returned a number (no value can be read there); survival_risk of a (B,) or numpy input an IndexError or
+    # AttributeError.
+    with pytest.raises(ValueError, match="event_bin: expected a tensor on cpu like logits"):
+        survival_nll_loss(logits, torch.full((5,), 7, device="meta"), torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="target: expected a tensor on cpu like logits"):
+        classification_loss(logits, torch.zeros(5, dtype=torch.long, device="meta"))
+    for bad in (logits[:, 0], logits.numpy()):
+        with pytest.raises(ValueError, match=r"logits: expected a float tensor of shape \(B, bins\)"):
+            survival_risk(bad)
 
 
 def test_loss_targets_out_of_range_name_the_argument(generator):

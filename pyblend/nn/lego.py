@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from .._values import values_hidden
 from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_positive_float,
-                           describe, is_int, is_real)
+                           check_same_device, describe, is_int, is_real)
 from ..ops.fourier_cross_attention import fourier_cross_attention
 from ..ops.lego_merge import MERGE_METHODS, merge_eps, merge_latents, slerp
 
@@ -730,6 +730,7 @@ def _check_survival(logits: Tensor, event_bin: Tensor, censored: Tensor) -> None
             not (censored.dtype == torch.bool or censored.is_floating_point()):
         got = describe(censored) if isinstance(censored, Tensor) else type(censored).__name__
         raise ValueError(f"censored: expected a bool (or 0/1 float) tensor of shape (B,) = ({batch},); got {got}")
+    check_same_device(logits, "logits", event_bin=event_bin, censored=censored)
     # Checked here: out of range, gather raises an error naming neither argument on the CPU and a device-side
     # assert on CUDA; a float censored flag other than 0 / 1 mixes the two likelihood terms into no likelihood.
     if values_hidden(logits, event_bin, censored):
@@ -795,6 +796,9 @@ def survival_nll_loss(logits: Tensor, event_bin: Tensor, censored: Tensor, *, al
 def survival_risk(logits: Tensor) -> Tensor:
     """Risk score for the c-index: ``-sum_k S_k`` (MCAT's), higher = earlier event. ``logits (B, bins)`` ->
     ``(B,)``."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+        got = describe(logits) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected a float tensor of shape (B, bins); got {got}")
     return -torch.sigmoid(-logits.float()).cumprod(dim=1).sum(dim=1)
 
 
@@ -814,6 +818,7 @@ def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
     if not isinstance(target, Tensor) or target.shape != (batch,):
         got = describe(target) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"target: expected a tensor of shape (B,) = ({batch},); got {got}")
+    check_same_device(logits, "logits", target=target)
     checked = not values_hidden(logits, target)
     if logits.dim() == 1 or logits.shape[1] == 1:
         if target.is_complex():
