@@ -347,6 +347,7 @@ def test_errors_name_the_argument(generator):
          "temperature: expected a tensor on the CPU, as the embeddings; got"),
         (dict(weights=[1.0, 2.0]), ValueError, "weights: expected one weight per pair (1); got 2"),
         (dict(weights=["x"]), TypeError, "weights: expected finite floats"),
+        (dict(weights=[float("nan")]), ValueError, "weights: expected finite floats; got nan"),
         (dict(backend="cpp"), ValueError, "has no 'cpp' backend"),
         (dict(embeddings={"a": a.double(), "b": a.double()}, backend="triton"), ValueError,
          "float16, bfloat16 or float32"),

@@ -422,8 +422,10 @@ def pair_weights(weights, count: int) -> list[float]:
     if len(weights) != count:
         raise ValueError(f"weights: expected one weight per pair ({count}); got {len(weights)}")
     for w in weights:
-        if not is_real(w) or not is_finite(w):
+        if not is_real(w):
             raise TypeError(f"weights: expected finite floats; got {w!r}")
+        if not is_finite(w):
+            raise ValueError(f"weights: expected finite floats; got {w!r}")
     return [float(w) for w in weights]
 
 
