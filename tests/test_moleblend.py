@@ -517,7 +517,10 @@ def test_predictor_refuses_bad_heads_and_labels(graphs_2d):
     for task, labels, message in (("classification", [[2.0], [0.0]], r"labels in \[0, 1\].*from 0 to 2"),
                                   ("classification", [[-1.0], [float("nan")]], r"labels in \[0, 1\].*from -1 to -1"),
                                   ("regression", [[float("inf")], [0.5]], "finite labels")):
-        batch = collate(featurize_many(SMILES[:2], labels=labels, progress=False)[0])
+        # featurize_many refuses an infinite label itself: set on the batch, the predictor must refuse it too.
+        finite = [[0.0 if math.isinf(row[0]) else row[0]] for row in labels]
+        batch = collate(featurize_many(SMILES[:2], labels=finite, progress=False)[0])
+        batch.labels = torch.tensor(labels, dtype=torch.float32)
         with pytest.raises(ValueError, match=message):
             MoleBlendPredictor(_model(layers=1), outputs=1, task=task).loss(batch)
 
