@@ -339,6 +339,8 @@ def test_relation_blender_draws_in_training_and_uses_every_channel_in_eval():
     for probs in ("123", (True, False, False), None):
         with pytest.raises(TypeError, match=r"probs: expected three numbers \(a tuple, list or tensor\)"):
             RelationBlender(probs=probs)
+    with pytest.raises(ValueError, match=r"max_seqlen: the padded layout's width is mask.shape\[1\] = 6; got 7"):
+        blender(mask, max_seqlen=7)  # was ignored, while pairs= is refused there
     with pytest.raises(TypeError, match="generator: expected a torch.Generator or None; got 1"):
         blender.eval()(mask, generator=1)  # nothing is drawn in eval mode, and the seed was ignored
     with pytest.raises(TypeError, match="symmetric: expected a bool; got 'no'"):

@@ -151,6 +151,9 @@ def _layout(mask, cu_seqlens, max_seqlen, has_geometry, pairs) -> tuple[Tensor, 
         if pairs is not None:
             raise ValueError(f"pairs: the packed layout's P (with cu_seqlens); the padded layout (mask) takes "
                              f"none, got {pairs!r}")
+        if max_seqlen is not None and max_seqlen != mask.shape[1]:
+            raise ValueError(f"max_seqlen: the padded layout's width is mask.shape[1] = {mask.shape[1]}; got "
+                             f"{max_seqlen!r} (pass None, or cu_seqlens for the packed layout)")
     else:
         eager = not values_hidden(cu_seqlens)  # host reads would break a graph: trusted under compile
         lengths = seqlens(cu_seqlens)
