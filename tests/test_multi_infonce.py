@@ -5,6 +5,7 @@ Every check draws fresh inputs, poisons absent samples with NaN, and compares th
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -378,6 +379,12 @@ def test_self_pairs_empty_widths_and_non_dicts_are_refused(generator):
 
     with pytest.raises(ValueError, match=r"embeddings: modality 'c' is in no pair"):
         MultiPairContrastive([("a", "b")])({"a": a, "b": b, "c": b})
+    # A pair listed twice (or reversed) silently doubled its weight.
+    for pairs in ([("a", "b"), ("a", "b")], [("a", "b"), ("b", "a")]):
+        with pytest.raises(ValueError, match=re.escape(f"pairs: {pairs[1]!r} repeats ('a', 'b')")):
+            ops.multi_infonce({"a": a, "b": b}, pairs)
+        with pytest.raises(ValueError, match="repeats"):
+            MultiPairContrastive(pairs)
     for masks in ([torch.ones(4, dtype=torch.bool)], "a"):
         with pytest.raises(TypeError, match="masks: expected None or a dict"):
             ops.multi_infonce({"a": a, "b": b}, [("a", "b")], masks=masks)
@@ -759,9 +766,11 @@ def test_module_refuses_at_construction_what_would_fail_or_go_unused():
     for dim in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="projection_dim: expected the heads' output width"):
             MultiPairContrastive(pairs, projections={"a": 3}, projection_dim=dim)
-    for weights in ("ab", "a", 1.0, [None], [float("nan")], [True]):
+    for weights in ("ab", "a", 1.0, [None], [True]):
         with pytest.raises(TypeError, match="weights: expected"):
             MultiPairContrastive(pairs, weights)
+    with pytest.raises(ValueError, match="weights: expected finite floats; got nan"):
+        MultiPairContrastive(pairs, [float("nan")])
     with pytest.raises(ValueError, match="backend: expected one of"):
         MultiPairContrastive(pairs, backend="bogus")
     for name in ("normalize", "learnable_temperature"):

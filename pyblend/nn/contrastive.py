@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops._checks import (as_tensor, check_flag, check_linear_input, check_module_backend, check_positive_float,
                            check_sample_mask, describe, is_int, is_real)
-from ..ops.multi_infonce import check_distinct, pair_weights
+from ..ops.multi_infonce import check_distinct, check_unique_pairs, pair_weights
 
 __all__ = ["MultiPairContrastive"]
 
@@ -86,6 +86,7 @@ class MultiPairContrastive(nn.Module):
                 raise ValueError(f"pairs: expected (modality, modality) tuples of str; got {pair!r}")
             check_distinct(pair)
         self.pairs = [tuple(pair) for pair in pairs]
+        check_unique_pairs(self.pairs)
         # Checked here, as the op would at every forward: a bad weight should not wait for the first batch.
         self.weights = pair_weights(weights, len(self.pairs))
         check_positive_float(temperature, "temperature")

@@ -450,6 +450,18 @@ def _refuse_unpaired(unpaired, pairs):
                          f"add a pair for it")
 
 
+def check_unique_pairs(pairs) -> None:
+    """Each pair once: the loss is symmetric, so ('a', 'b') twice, or with ('b', 'a'), counts that pair twice in
+    the weighted sum (a weight says that openly)."""
+    seen = {}
+    for pair in pairs:
+        key = frozenset(pair)
+        if key in seen:
+            raise ValueError(f"pairs: {tuple(pair)!r} repeats {seen[key]!r} (the loss is symmetric); list each pair "
+                             f"once and give it a larger weight instead")
+        seen[key] = tuple(pair)
+
+
 def _validate(embeddings, pairs, weights, temperature, masks, normalize):
     if not isinstance(embeddings, Mapping) or not embeddings:
         raise TypeError(f"embeddings: expected a non-empty dict of modality name -> (B, d) tensor; "
@@ -488,6 +500,7 @@ def _validate(embeddings, pairs, weights, temperature, masks, normalize):
             raise ValueError(f"pairs: pair {tuple(pair)!r} needs one embedding dim; embeddings[{a!r}] has "
                              f"d = {embeddings[a].shape[1]} and embeddings[{b!r}] has d = {embeddings[b].shape[1]}")
     pairs = [tuple(pair) for pair in pairs]
+    check_unique_pairs(pairs)
 
     weights = pair_weights(weights, len(pairs))
 
